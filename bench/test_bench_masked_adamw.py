@@ -1,0 +1,84 @@
+"""masked_adamw / SalientAdamW against what a user would otherwise run: torch AdamW (foreach on CPU,
+fused on GPU) and bitsandbytes AdamW8bit.  One optimizer step over an SD-like set of tensors."""
+import pytest
+import torch
+
+from fasterase import ops
+from fasterase.optim import SalientAdamW
+
+# 24 tensors, 8M elements: a slice of a UNet's attention/MLP weights
+SHAPES = [(320, 320)] * 8 + [(640, 640)] * 8 + [(1280, 640)] * 8
+NUMEL = sum(a * b for a, b in SHAPES)
+HYPER = dict(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+# bytes per trained element: param r/w + grad r + two states r/w
+BYTES_FP32 = 4 * 2 + 4 + 2 * 4 * 2
+BYTES_8BIT = 4 * 2 + 4 + 2 * 1 * 2
+
+
+def params_with_grads(device, density=None):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).to(device).requires_grad_() for s in SHAPES]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-2
+    masks = None
+    if density is not None:
+        masks = {p: torch.rand(p.shape, generator=g).to(device) < density for p in params}
+    return params, masks
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", devices())
+def test_torch_adamw(measure, device):
+    params, _ = params_with_grads(device)
+    kind = dict(fused=True) if device == "cuda" else dict(foreach=True)
+    opt = torch.optim.AdamW(params, **HYPER, **kind)
+    measure(lambda: (opt.step(), sync(device)), NUMEL * BYTES_FP32, op="masked_adamw", impl=f"torch.optim.AdamW {kind}",
+            device=device, elements=NUMEL)
+
+
+@pytest.mark.parametrize("state_dtype,bytes_per", [("fp32", BYTES_FP32), ("8bit", BYTES_8BIT)])
+@pytest.mark.parametrize("device", devices())
+def test_salient_adamw_dense(measure, device, state_dtype, bytes_per):
+    params, _ = params_with_grads(device)
+    opt = SalientAdamW(params, state_dtype=state_dtype, **HYPER)
+    opt.step()
+    measure(lambda: (opt.step(), sync(device)), NUMEL * bytes_per, op="masked_adamw",
+            impl=f"SalientAdamW {state_dtype} ({ops.last_backend('masked_adamw')})", device=device, elements=NUMEL)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_salient_adamw_8bit_one_percent_mask(measure, device):
+    params, masks = params_with_grads(device, density=0.01)
+    opt = SalientAdamW(params, masks=masks, **HYPER)
+    opt.step()
+    selected = sum(int(m.sum()) for m in masks.values())
+    # the step still reads every gradient once for the global non-finite check
+    measure(lambda: (opt.step(), sync(device)), selected * BYTES_8BIT + NUMEL * 4, op="masked_adamw",
+            impl=f"SalientAdamW 8bit, 1% index mask ({ops.last_backend('masked_adamw')})", device=device,
+            elements=NUMEL)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_bitsandbytes_adamw8bit(measure, device):
+    bnb = pytest.importorskip("bitsandbytes")
+    params, _ = params_with_grads(device)
+    opt = bnb.optim.AdamW8bit(params, **HYPER)
+    opt.step()
+    measure(lambda: (opt.step(), sync(device)), NUMEL * BYTES_8BIT, op="masked_adamw", impl="bitsandbytes AdamW8bit",
+            device=device, elements=NUMEL)
+
+
+@pytest.mark.gpu
+def test_copy_bandwidth(measure):
+    src = torch.empty(1 << 26, device="cuda")
+    dst = torch.empty_like(src)
+    measure(lambda: (dst.copy_(src), torch.cuda.synchronize()), src.numel() * 8, op="copy", impl="device copy",
+            device="cuda", elements=src.numel())

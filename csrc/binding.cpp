@@ -1,0 +1,208 @@
+// fasterase._C: turns torch tensors into the raw-pointer argument structs of kernels.h and picks the
+// CPU or (when built WITH_CUDA) CUDA kernel by device. Inputs are validated in fasterase/ops; the
+// checks here only guard against calling the extension directly with unusable tensors.
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "kernels.h"
+
+#ifdef WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+namespace fasterase {
+namespace {
+
+int dtype_code(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    case at::kByte: return kU8;
+    default: TORCH_CHECK(false, "fasterase._C: unsupported dtype ", t.scalar_type());
+  }
+  return -1;
+}
+
+void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), "fasterase._C: ", name, " must be contiguous");
+  TORCH_CHECK(t.device() == like.device(), "fasterase._C: ", name, " is on another device");
+}
+
+template <typename T>
+T* ptr_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? static_cast<T*>(t->data_ptr()) : nullptr;
+}
+
+#ifdef WITH_CUDA
+void* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+
+at::Tensor pointer_table(const std::vector<at::Tensor>& ts, const at::Device& device) {
+  std::vector<int64_t> ptrs;
+  for (const auto& t : ts) ptrs.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+  return torch::tensor(ptrs, torch::kInt64).to(device);
+}
+#endif
+
+void masked_adamw(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
+                  at::Tensor step, at::Tensor found_inf, c10::optional<at::Tensor> mask_bits,
+                  c10::optional<at::Tensor> mask_idx, c10::optional<at::Tensor> absmax_m,
+                  c10::optional<at::Tensor> absmax_v, c10::optional<at::Tensor> qmap_m,
+                  c10::optional<at::Tensor> qmap_v, double lr, double beta1, double beta2, double eps,
+                  double weight_decay) {
+  for (auto* t : {&grad, &exp_avg, &exp_avg_sq, &step, &found_inf}) check(*t, param, "tensor");
+  AdamWArgs a{};
+  a.param = param.data_ptr();
+  a.grad = grad.data_ptr();
+  a.exp_avg = exp_avg.data_ptr();
+  a.exp_avg_sq = exp_avg_sq.data_ptr();
+  a.step = step.data_ptr<float>();
+  a.found_inf = found_inf.data_ptr<float>();
+  a.mask_bits = ptr_or_null<const uint8_t>(mask_bits);
+  a.mask_idx = ptr_or_null<const int32_t>(mask_idx);
+  a.absmax_m = ptr_or_null<float>(absmax_m);
+  a.absmax_v = ptr_or_null<float>(absmax_v);
+  a.qmap_m = ptr_or_null<const float>(qmap_m);
+  a.qmap_v = ptr_or_null<const float>(qmap_v);
+  a.n = param.numel();
+  a.length = exp_avg.numel();
+  a.param_dtype = dtype_code(param);
+  a.grad_dtype = dtype_code(grad);
+  a.state_dtype = dtype_code(exp_avg);
+  TORCH_CHECK(a.state_dtype != kU8 || a.length == 0 || (a.absmax_m && a.absmax_v && a.qmap_m && a.qmap_v),
+              "fasterase._C: 8-bit states need absmax and qmap tensors");
+  a.lr = lr;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  if (param.is_cuda()) {
+#ifdef WITH_CUDA
+    masked_adamw_cuda(a, stream_of(param));
+    return;
+#endif
+    TORCH_CHECK(false, "fasterase._C was built without CUDA");
+  }
+  masked_adamw_cpu(a);
+}
+
+void lowrank_update(std::vector<at::Tensor> weights, at::Tensor left, at::Tensor right) {
+  TORCH_CHECK(!weights.empty(), "fasterase._C: no weights");
+  const at::Tensor& w0 = weights[0];
+  for (const auto& w : weights) {
+    check(w, w0, "weight");
+    TORCH_CHECK(w.sizes() == w0.sizes() && w.scalar_type() == w0.scalar_type(), "fasterase._C: one shape group per call");
+  }
+  check(left, w0, "left");
+  check(right, w0, "right");
+  std::vector<void*> ptrs;
+  for (auto& w : weights) ptrs.push_back(w.data_ptr());
+  LowRankArgs a{};
+  a.num_weights = static_cast<int64_t>(weights.size());
+  a.rows = w0.size(0);
+  a.cols = w0.size(1);
+  a.k = left.size(-2);
+  a.left = left.data_ptr<float>();
+  a.right = right.data_ptr<float>();
+  a.dtype = dtype_code(w0);
+  a.per_weight = left.dim() == 3;
+  if (w0.is_cuda()) {
+#ifdef WITH_CUDA
+    at::Tensor table = pointer_table(weights, w0.device());
+    a.weights = reinterpret_cast<void* const*>(table.data_ptr<int64_t>());
+    lowrank_update_cuda(a, stream_of(w0));
+    return;
+#endif
+    TORCH_CHECK(false, "fasterase._C was built without CUDA");
+  }
+  a.weights = ptrs.data();
+  lowrank_update_cpu(a);
+}
+
+// CPU: the shared transform is applied with ATen's GEMM (BLAS), which beats any hand-written CPU
+// GEMM; the fused part of the closed form is solving T once for all layers (fasterase/ops).
+void shared_matmul(std::vector<at::Tensor> weights, at::Tensor transform, std::vector<at::Tensor> addends) {
+  TORCH_CHECK(!weights.empty(), "fasterase._C: no weights");
+  TORCH_CHECK(addends.empty() || addends.size() == weights.size(), "fasterase._C: one addend per weight");
+  const at::Tensor& w0 = weights[0];
+  if (w0.is_cuda()) {
+#ifdef WITH_CUDA
+    at::Tensor scratch = at::empty({static_cast<int64_t>(weights.size()), w0.size(0), w0.size(1)},
+                                   w0.options().dtype(at::kFloat));
+    at::Tensor table = pointer_table(weights, w0.device());
+    at::Tensor add_table = addends.empty() ? at::Tensor() : pointer_table(addends, w0.device());
+    SharedMatmulArgs a{};
+    a.weights = reinterpret_cast<void* const*>(table.data_ptr<int64_t>());
+    a.addends = addends.empty() ? nullptr : reinterpret_cast<const float* const*>(add_table.data_ptr<int64_t>());
+    a.transform = transform.data_ptr<float>();
+    a.scratch = scratch.data_ptr<float>();
+    a.num_weights = static_cast<int64_t>(weights.size());
+    a.rows = w0.size(0);
+    a.cols = w0.size(1);
+    a.dtype = dtype_code(w0);
+    shared_matmul_cuda(a, stream_of(w0));
+    return;
+#endif
+    TORCH_CHECK(false, "fasterase._C was built without CUDA");
+  }
+  for (size_t i = 0; i < weights.size(); ++i) {
+    at::Tensor out = at::mm(weights[i].to(at::kFloat), transform);
+    if (!addends.empty()) out.add_(addends[i]);
+    weights[i].copy_(out);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_noise_loss(
+    at::Tensor pred_cond, c10::optional<at::Tensor> pred_uncond, at::Tensor teacher_cond,
+    at::Tensor teacher_uncond, at::Tensor sign, at::Tensor weight, at::Tensor uncond_weight, double eta) {
+  for (auto* t : {&teacher_cond, &teacher_uncond, &sign, &weight, &uncond_weight}) check(*t, pred_cond, "tensor");
+  at::Tensor grad_c = at::empty_like(pred_cond);
+  at::Tensor grad_u = pred_uncond.has_value() ? at::empty_like(*pred_uncond) : pred_cond.new_empty({0});
+  PairedLossArgs a{};
+  a.pred_cond = pred_cond.data_ptr();
+  a.pred_uncond = pred_uncond.has_value() ? pred_uncond->data_ptr() : nullptr;
+  a.teacher_cond = teacher_cond.data_ptr();
+  a.teacher_uncond = teacher_uncond.data_ptr();
+  a.sign = sign.data_ptr<float>();
+  a.weight = weight.data_ptr<float>();
+  a.uncond_weight = uncond_weight.data_ptr<float>();
+  a.grad_cond = grad_c.data_ptr();
+  a.grad_uncond = pred_uncond.has_value() ? grad_u.data_ptr() : nullptr;
+  a.batch = pred_cond.size(0);
+  a.per_sample = a.batch ? pred_cond.numel() / a.batch : 0;
+  a.pred_dtype = dtype_code(pred_cond);
+  a.teacher_dtype = dtype_code(teacher_cond);
+  TORCH_CHECK(teacher_uncond.scalar_type() == teacher_cond.scalar_type(), "fasterase._C: teachers must share a dtype");
+  a.uncond_dtype = pred_uncond.has_value() ? dtype_code(*pred_uncond) : a.pred_dtype;
+  a.eta = static_cast<float>(eta);
+  if (pred_cond.is_cuda()) {
+#ifdef WITH_CUDA
+    at::Tensor loss = at::empty({}, pred_cond.options().dtype(at::kFloat));
+    at::Tensor partials = at::empty({a.batch * paired_noise_loss_cuda_chunks(a.per_sample)},
+                                    pred_cond.options().dtype(at::kFloat));
+    a.partials = partials.data_ptr<float>();
+    paired_noise_loss_cuda(a, loss.data_ptr<float>(), stream_of(pred_cond));
+    return {loss, grad_c, grad_u};
+#endif
+    TORCH_CHECK(false, "fasterase._C was built without CUDA");
+  }
+  const float loss = paired_noise_loss_cpu(a);
+  return {at::scalar_tensor(loss, pred_cond.options().dtype(at::kFloat)), grad_c, grad_u};
+}
+
+}  // namespace
+}  // namespace fasterase
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fasterase native kernels (C++ CPU, CUDA when built with it)";
+  m.def("masked_adamw", &fasterase::masked_adamw);
+  m.def("lowrank_update", &fasterase::lowrank_update);
+  m.def("shared_matmul", &fasterase::shared_matmul);
+  m.def("paired_noise_loss", &fasterase::paired_noise_loss);
+#ifdef WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

@@ -1,0 +1,94 @@
+// CUDA paired noise loss: one 256-thread block per (chunk, sample) writes both gradients and a
+// loss partial; a single block sums the partials in fp64 in a fixed order (deterministic).
+#include <cuda_runtime.h>
+
+#include "common.cuh"
+
+namespace fasterase {
+namespace cuda {
+namespace {
+
+constexpr int64_t kChunk = 4096;
+
+template <typename P, typename T, typename U>
+__global__ void paired_kernel(PairedLossArgs a, int64_t chunks) {
+  __shared__ float red[8];
+  const int64_t b = blockIdx.y, n = a.per_sample;
+  const int64_t e0 = blockIdx.x * kChunk, e1 = min(e0 + kChunk, n);
+  const float scale = a.sign[b] * a.eta;
+  const float two_over_n = static_cast<float>(2.0 / static_cast<double>(n));
+  const float coef_c = two_over_n * a.weight[b], coef_u = two_over_n * a.uncond_weight[b];
+  const P* pc = static_cast<const P*>(a.pred_cond) + b * n;
+  const U* pu = a.pred_uncond ? static_cast<const U*>(a.pred_uncond) + b * n : nullptr;
+  const T* tc = static_cast<const T*>(a.teacher_cond) + b * n;
+  const T* tu = static_cast<const T*>(a.teacher_uncond) + b * n;
+  P* gc = static_cast<P*>(a.grad_cond) + b * n;
+  U* gu = pu ? static_cast<U*>(a.grad_uncond) + b * n : nullptr;
+  float sum_c = 0.f, sum_u = 0.f;
+  for (int64_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
+    const float u = to_f32(tu[e]);
+    const float dc = to_f32(pc[e]) - (u + scale * (to_f32(tc[e]) - u));
+    sum_c += dc * dc;
+    gc[e] = from_f32<P>(coef_c * dc);
+    if (pu) {
+      const float du = to_f32(pu[e]) - u;
+      sum_u += du * du;
+      gu[e] = from_f32<U>(coef_u * du);
+    }
+  }
+  sum_c = block_sum(sum_c, red);
+  sum_u = block_sum(sum_u, red);
+  if (threadIdx.x == 0) a.partials[b * chunks + blockIdx.x] = a.weight[b] * sum_c + (pu ? a.uncond_weight[b] * sum_u : 0.f);
+}
+
+__global__ void finish_kernel(const float* partials, int64_t count, int64_t n, float* loss) {
+  if (threadIdx.x != 0) return;
+  double total = 0.0;
+  for (int64_t i = 0; i < count; ++i) total += partials[i];
+  *loss = static_cast<float>(total / static_cast<double>(n));
+}
+
+template <typename P, typename T, typename U>
+void launch(const PairedLossArgs& a, float* loss, cudaStream_t s) {
+  const int64_t chunks = paired_noise_loss_cuda_chunks(a.per_sample);
+  paired_kernel<P, T, U><<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(a.batch)), 256, 0, s>>>(a, chunks);
+  finish_kernel<<<1, 32, 0, s>>>(a.partials, chunks * a.batch, a.per_sample, loss);
+}
+
+template <typename P, typename T>
+void launch_u(const PairedLossArgs& a, float* loss, cudaStream_t s) {
+  switch (a.uncond_dtype) {
+    case kF32: launch<P, T, float>(a, loss, s); break;
+    case kBF16: launch<P, T, __nv_bfloat16>(a, loss, s); break;
+    default: launch<P, T, __half>(a, loss, s); break;
+  }
+}
+
+template <typename P>
+void launch_t(const PairedLossArgs& a, float* loss, cudaStream_t s) {
+  switch (a.teacher_dtype) {
+    case kF32: launch_u<P, float>(a, loss, s); break;
+    case kBF16: launch_u<P, __nv_bfloat16>(a, loss, s); break;
+    default: launch_u<P, __half>(a, loss, s); break;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+int64_t paired_noise_loss_cuda_chunks(int64_t per_sample) { return (per_sample + cuda::kChunk - 1) / cuda::kChunk; }
+
+void paired_noise_loss_cuda(const PairedLossArgs& a, float* loss, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.batch == 0 || a.per_sample == 0) {
+    cudaMemsetAsync(loss, 0, sizeof(float), s);
+    return;
+  }
+  switch (a.pred_dtype) {
+    case kF32: cuda::launch_t<float>(a, loss, s); break;
+    case kBF16: cuda::launch_t<__nv_bfloat16>(a, loss, s); break;
+    default: cuda::launch_t<__half>(a, loss, s); break;
+  }
+}
+
+}  // namespace fasterase

@@ -1,0 +1,182 @@
+"""The fasterase command line: `fasterase demo | erase | eval | methods` (also `python -m fasterase`).
+
+User mistakes end with one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: reported as one line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line too."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"expected a comma-separated list of names, got {text!r}")
+    return items
+
+
+def _settings(pairs: list[str]) -> dict:
+    """--set key=value pairs; values are read as JSON (numbers, true/false, null) or else text."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"bad --set {pair!r}: expected key=value")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _quiet_libraries() -> None:
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def cmd_methods(args) -> int:
+    from . import methods
+
+    for name, summary in methods().items():
+        print(f"{name:<6} {summary}")
+    return 0
+
+
+def cmd_erase(args) -> int:
+    from . import erase
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"--out {out} exists; choose another folder or pass --overwrite")
+    result = erase(args.model, args.concept, method=args.method, preserve=args.preserve,
+                   **_settings(args.set))
+    result.edit.save(out, overwrite=args.overwrite)
+    if args.save_pipeline:
+        result.pipeline.save_pretrained(out / "pipeline")
+    r = result.report
+    print(f"erased {', '.join(r['concepts'])} from {r['model']} with {r['method']} in {r['wall_time_s']:.1f} s; "
+          f"edit saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import models
+    from .edit import Edit
+    from .eval import evaluate, format_table
+
+    erased = args.erased
+    if args.edit:
+        edit = Edit.load(args.edit)
+        name = args.model or edit.report.get("model")
+        if not name:
+            raise UserError("this edit does not record its model; pass --model")
+        model = models.load(name)
+        edit.apply(model)
+        erased = erased or [c["name"] for c in edit.concepts]
+    elif not args.model:
+        raise UserError("give --model, --edit, or both")
+    else:
+        model = models.load(args.model)
+    report = evaluate(model, erased=erased or [], seed=args.seed, grid=args.grid)
+    if args.edit:
+        report["edit"] = str(args.edit)
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from . import erase, models
+    from .eval import evaluate, format_table, save_grid
+    from .toy import shapes
+
+    out = Path(args.out)
+    prompts = [f"a {c} {s}" for s in shapes.SHAPES for c in shapes.COLORS]
+    for name in args.models:
+        model = models.load(name)
+        before = evaluate(model, seed=args.seed, erased=["circle"])
+        before_images = model.generate(prompts, seed=args.seed)
+        result = erase(model, "circle", method=args.method, progress=True)
+        after = evaluate(model, seed=args.seed, erased=["circle"])
+        grid = save_grid(torch.cat([before_images, model.generate(prompts, seed=args.seed)]),
+                         out / f"{name}-circle-{args.method}.png", columns=len(prompts))
+        print(f"\n== {name}: erase 'circle' with {args.method} ({result.report['wall_time_s']:.1f} s) ==")
+        print("before:\n" + format_table(before))
+        print("after:\n" + format_table(after))
+        print(f"before (top) / after (bottom) grid: {grid}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="fasterase", description="Concept erasure for diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    d = sub.add_parser("demo", help="erase 'circle' from the toy pipelines; before/after table and grid")
+    d.add_argument("--models", type=_csv, default=["toy-sd", "toy-flux"], help="comma-separated toy models")
+    d.add_argument("--method", default="uce")
+    d.add_argument("--out", default="fasterase_demo", help="folder for the image grids")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(run=cmd_demo)
+
+    e = sub.add_parser("erase", help="erase concepts and save the edit")
+    e.add_argument("--model", required=True, help="toy-sd, toy-flux, or a local diffusers folder")
+    e.add_argument("--concept", action="append", required=True, help="a concept to erase (repeatable)")
+    e.add_argument("--method", required=True, help="see `fasterase methods`")
+    e.add_argument("--preserve", action="append", help="a concept to keep (repeatable)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    e.add_argument("--out", required=True, help="folder to write the edit to")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    e.add_argument("--save-pipeline", action="store_true", help="also save the edited pipeline in OUT/pipeline")
+    e.set_defaults(run=cmd_erase)
+
+    v = sub.add_parser("eval", help="detector-scored accuracies (and erasure metrics) on the toy world")
+    v.add_argument("--model", help="toy-sd, toy-flux, or a local diffusers folder")
+    v.add_argument("--edit", help="a saved edit folder to apply first (its concepts become --erased)")
+    v.add_argument("--erased", type=_csv, help="comma-separated erased concepts, e.g. circle,square")
+    v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    v.add_argument("--grid", help="write a PNG grid of sample images here")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(run=cmd_eval)
+
+    m = sub.add_parser("methods", help="list the erasure methods")
+    m.set_defaults(run=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = "fasterase"
+    try:
+        args = parser().parse_args(argv)
+        command = f"fasterase {args.command}"
+        _quiet_libraries()
+        return args.run(args)
+    except (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        print(f"{command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

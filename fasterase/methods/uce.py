@@ -1,0 +1,63 @@
+"""UCE: Unified Concept Editing (Gandikota et al., WACV 2024), a closed-form edit.
+
+Every projection that reads text is re-solved so that each erased concept's prompts give the
+outputs its guide prompts gave (the anchor's, or the empty prompt's), while the preserved
+concepts' outputs stay, under the regulariser lam |W' - W|^2 (UCE Sec. 3, erasure with
+preservation). Token positions are aligned: the prompt "a photo of a circle" is mapped, token by
+token, onto "a photo of a" followed by the guide's tokens, padding included.
+SD: every cross-attention to_k / to_v. FLUX: context_embedder and the pooled-text embedder
+(as the public UCE FLUX variant does) and, with text_kv=True, the joint blocks' add_k / add_v.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..concepts import ConceptSet
+from ..edit import Edit, fingerprint
+from ..models import Denoiser
+from ..training.closed_form import apply_right_factor, uce_right_factor
+
+
+@dataclass
+class UCEConfig:
+    lam: float = 0.5  # regulariser weight on |W' - W|^2 (UCE Sec. 3; the paper leaves it free)
+    erase_scale: float = 1.0  # weight of the erase pairs (UCE Sec. 3)
+    preserve_scale: float = 1.0  # weight of the preserved concepts (UCE Sec. 3)
+    text_kv: bool = False  # FLUX only: also edit the joint blocks' add_k_proj / add_v_proj
+
+    def __post_init__(self):
+        if self.lam < 0 or self.erase_scale <= 0 or self.preserve_scale < 0:
+            raise ValueError("UCE needs lam >= 0, erase_scale > 0 and preserve_scale >= 0")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def run(model: Denoiser, concepts: ConceptSet, cfg: UCEConfig, progress: bool = True) -> Edit:
+    projections = model.cross_attention_kv()
+    if model.kind == "flux" and not cfg.text_kv:
+        projections = projections[:2]
+    erase = [p for c in concepts for p in c.prompts()]
+    guide = [p for c in concepts for p in c.anchor_prompts()]
+    preserve = concepts.preserve_prompts(concepts.concepts[0].templates)
+    inputs = {k: model.kv_inputs(model.encode(prompts)) if prompts else None
+              for k, prompts in (("erase", erase), ("guide", guide), ("preserve", preserve))}
+    # Group the projections that read the very same inputs: they share one solve.
+    groups: dict[tuple, list] = {}
+    for p in projections:
+        x = inputs["erase"][p.name]
+        groups.setdefault((x.data_ptr(), tuple(x.shape)), []).append(p)
+    weights = {}
+    for members in groups.values():
+        name = members[0].name
+        c, g = _rows(inputs["erase"][name]), _rows(inputs["guide"][name])
+        keep = _rows(inputs["preserve"][name]) if inputs["preserve"] else c.new_zeros(0, c.shape[1])
+        r = uce_right_factor(c, g, keep, cfg.lam, cfg.erase_scale, cfg.preserve_scale)
+        new = apply_right_factor([p.module.weight for p in members], r)
+        weights.update({f"{p.name}.weight": w for p, w in zip(members, new)})
+    return Edit(method="uce", model_kind=model.kind, concepts=[c.to_dict() for c in concepts],
+                config=vars(cfg).copy(), base_fingerprint=fingerprint(model.network, list(weights)),
+                weights=weights, report={"layers": len(weights), "solves": len(groups)})

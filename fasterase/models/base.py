@@ -1,0 +1,187 @@
+"""The Denoiser protocol: one interface over SD UNets and FLUX so each method is written once.
+
+Time convention, shared by every model: ``tau`` in [0, 1] is the noise level, 1 = pure noise
+(the first, "early" denoising steps) and 0 = clean (the last, "late" steps). A split point
+t' is a tau: early steps are tau > t', late steps tau < t'.
+"""
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Cond:
+    """Text conditioning for a batch: token embeddings and, for FLUX, the pooled embedding."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def repeat(self, n: int) -> "Cond":
+        """Each row repeated n times in place (row i -> rows i*n .. i*n+n-1)."""
+        pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, 0)
+        return Cond(self.embeds.repeat_interleave(n, 0), pooled)
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        pooled = None if conds[0].pooled is None else torch.cat([c.pooled for c in conds])
+        return Cond(torch.cat([c.embeds for c in conds]), pooled)
+
+
+@dataclass
+class KVProjection:
+    """A linear layer that reads text: ``name`` in the denoiser, the module, and what feeds it."""
+
+    name: str
+    module: nn.Linear
+    feeds: str
+
+
+class Denoiser(ABC):
+    """A diffusers pipeline seen through what erasure methods need."""
+
+    kind: str  # "sd" or "flux"
+    name: str = ""  # how the user named the model (set by models.load)
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    # --- conditioning -------------------------------------------------------------------------
+    @property
+    def network(self) -> nn.Module:
+        """The trainable denoising network (UNet or transformer)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def _encode(self, prompts: list[str]) -> Cond: ...
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str]) -> Cond:
+        """Text conditioning, cached per prompt so text encoders run once per prompt."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            cond = self._encode(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = (cond.embeds[i], None if cond.pooled is None else cond.pooled[i])
+        rows = [self._cache[p] for p in prompts]
+        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
+        return Cond(torch.stack([r[0] for r in rows]), pooled)
+
+    @property
+    def uncond(self) -> Cond:
+        """The unconditional branch: the empty prompt's conditioning."""
+        return self.encode([""])
+
+    # --- network ------------------------------------------------------------------------------
+    @abstractmethod
+    def predict(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Network output (noise for SD-epsilon, v for SD-v, velocity for FLUX) at noise level tau."""
+
+    @abstractmethod
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal latents of the shape predict() takes."""
+
+    @abstractmethod
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """x_tau on the forward process from clean latents x0."""
+
+    @abstractmethod
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Clean latents -> images (N, 3, H, W) in [0, 1]."""
+
+    @abstractmethod
+    def cross_attention_kv(self) -> list[KVProjection]:
+        """Every key/value (and text-embedding) projection that reads text tokens."""
+
+    def kv_inputs(self, cond: Cond) -> dict[str, torch.Tensor]:
+        """What feeds each projection of cross_attention_kv() for this conditioning.
+
+        Found by running the network once with hooks, so projections fed through
+        time-modulated norms (FLUX joint blocks) get their real inputs (at tau = 0.5).
+        """
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [
+            p.module.register_forward_pre_hook(lambda m, a, name=p.name: seen.setdefault(name, a[0].detach()))
+            for p in self.cross_attention_kv()
+        ]
+        try:
+            with torch.no_grad():
+                n = len(cond)
+                self.predict(self.noise(n, torch.Generator().manual_seed(0)), torch.full((n,), 0.5), cond)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    # --- sampling -----------------------------------------------------------------------------
+    def sampler(self, steps: int):
+        """A fresh copy of the pipeline's scheduler, set for `steps` steps."""
+        sched = copy.deepcopy(self.pipeline.scheduler)
+        self._set_timesteps(sched, steps)
+        return sched
+
+    @abstractmethod
+    def _set_timesteps(self, sched, steps: int) -> None: ...
+
+    @abstractmethod
+    def _tau_of(self, sched, i: int) -> float:
+        """Noise level of sampler step i."""
+
+    def sampling_taus(self, steps: int) -> list[float]:
+        """The noise level of every step of a `steps`-step sampling run, first (noisiest) first."""
+        sched = self.sampler(steps)
+        return [self._tau_of(sched, i) for i in range(steps)]
+
+    def guided(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+        """Classifier-free guided prediction (one batched call for both branches)."""
+        n = len(cond)
+        both = Cond.cat([cond, self.uncond.repeat(n)])
+        c, u = self.predict(torch.cat([x, x]), torch.cat([tau, tau]), both).chunk(2)
+        return u + guidance * (c - u)
+
+    @torch.no_grad()
+    def rollout(self, cond: Cond, steps: int, until: float = 0.0, guidance: float | None = None,
+                generator: torch.Generator | None = None, x: torch.Tensor | None = None):
+        """Sample along the model's own trajectory from pure noise down to noise level `until`.
+
+        Returns (x, tau): the latents at the first sampler step whose tau <= until, and that tau
+        (tau = 0 and clean latents when the sampler runs to the end).
+        """
+        guidance = self.default_guidance if guidance is None else guidance
+        sched = self.sampler(steps)
+        x = self.noise(len(cond), generator) if x is None else x
+        for i in range(steps):
+            tau = self._tau_of(sched, i)
+            if tau <= until:
+                return x, tau
+            t = torch.full((len(cond),), tau)
+            out = self.guided(x, t, cond, guidance) if guidance != 1.0 else self.predict(x, t, cond)
+            x = sched.step(out, sched.timesteps[i], x).prev_sample
+        return x, 0.0
+
+    default_guidance: float = 3.0
+
+    @property
+    def sample_kwargs(self) -> dict:
+        """Pipeline call arguments for evaluation images of this model."""
+        return {}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], seed: int, batch_size: int = 256) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] from the diffusers pipeline itself, seeded per batch."""
+        self.pipeline.set_progress_bar_config(disable=True)
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            g = torch.Generator().manual_seed(seed + start)
+            chunk = prompts[start:start + batch_size]
+            out.append(self.pipeline(chunk, generator=g, output_type="pt", **self.sample_kwargs).images)
+        return torch.cat(out).float().clamp(0, 1)

@@ -1,0 +1,108 @@
+"""FLUX.1 (and the toy FLUX): FluxTransformer2DModel, rectified flow, velocity prediction.
+
+Latents are kept packed as the pipeline packs them: (N, tokens, 4 * latent channels).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+
+from .base import Cond, Denoiser, KVProjection
+
+
+class FluxDenoiser(Denoiser):
+    kind = "flux"
+
+    def __init__(self, pipeline, height: int | None = None, width: int | None = None):
+        super().__init__(pipeline)
+        size = pipeline.vae.config.sample_size
+        self.height, self.width = height or size, width or size
+        scale = pipeline.vae_scale_factor
+        # latent grid before packing (2x2 patches per token)
+        self.lat_h, self.lat_w = 2 * (self.height // (scale * 2)), 2 * (self.width // (scale * 2))
+        self.channels = self.network.config.in_channels // 4
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, self.lat_h // 2, self.lat_w // 2, "cpu",
+                                                              torch.float32)
+        self.max_sequence_length = min(512, pipeline.tokenizer_2.model_max_length)
+        self.guidance_embeds = bool(self.network.config.guidance_embeds)
+
+    @property
+    def network(self):
+        return self.pipeline.transformer
+
+    def _encode(self, prompts):
+        embeds, pooled, _ = self.pipeline.encode_prompt(
+            prompts, prompt_2=None, device=self.network.device, max_sequence_length=self.max_sequence_length
+        )
+        return Cond(embeds.float(), pooled.float())
+
+    def predict(self, x, tau, cond, guidance: float | None = None):
+        """Velocity at noise level tau (= sigma). A guidance-distilled FLUX (dev) takes the
+        guidance scale as an input; it defaults to default_guidance there and is unused otherwise."""
+        net = self.network
+        dev, dt = x.device, net.dtype
+        g = None
+        if self.guidance_embeds:
+            g = torch.full((len(x),), self.default_guidance if guidance is None else guidance, device=dev)
+        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=dev)
+        return net(hidden_states=x.to(dt), timestep=tau.to(dev, dt), guidance=g,
+                   pooled_projections=cond.pooled.to(dt), encoder_hidden_states=cond.embeds.to(dt),
+                   txt_ids=txt_ids, img_ids=self.img_ids.to(dev)).sample.float()
+
+    def guided(self, x, tau, cond, guidance):
+        if self.guidance_embeds:  # guidance-distilled: one pass with the scale as input
+            return self.predict(x, tau, cond, guidance)
+        return super().guided(x, tau, cond, guidance)
+
+    def noise(self, batch, generator=None):
+        n = torch.randn(batch, self.channels, self.lat_h, self.lat_w, generator=generator)
+        return FluxPipeline._pack_latents(n, batch, self.channels, self.lat_h, self.lat_w).to(self.network.device)
+
+    def add_noise(self, x0, noise, tau):
+        s = tau.view(-1, *[1] * (x0.dim() - 1)).to(x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0, noise, tau):
+        return noise - x0
+
+    def decode(self, x0):
+        vae = self.pipeline.vae
+        lat = FluxPipeline._unpack_latents(x0, self.height, self.width, self.pipeline.vae_scale_factor)
+        lat = lat / vae.config.scaling_factor + vae.config.shift_factor
+        return (vae.decode(lat.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def cross_attention_kv(self):
+        net = self.network
+        out = [
+            KVProjection("context_embedder", net.context_embedder, "T5 token embeddings"),
+            KVProjection("time_text_embed.text_embedder.linear_1", net.time_text_embed.text_embedder.linear_1,
+                         "pooled CLIP embedding"),
+        ]
+        for i, block in enumerate(net.transformer_blocks):
+            for proj in ("add_k_proj", "add_v_proj"):
+                out.append(KVProjection(f"transformer_blocks.{i}.attn.{proj}", getattr(block.attn, proj),
+                                        "modulated, normalised text stream of the joint block"))
+        return out
+
+    def _set_timesteps(self, sched, steps):
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = None
+        if sched.config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            c = sched.config
+            mu = calculate_shift((self.lat_h // 2) * (self.lat_w // 2), c.get("base_image_seq_len", 256),
+                                 c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+        sched.set_timesteps(sigmas=sigmas, mu=mu)
+
+    def _tau_of(self, sched, i):
+        return float(sched.sigmas[i])
+
+    @property
+    def sample_kwargs(self):
+        from ..toy import components
+
+        if components.is_toy(self.pipeline):
+            return components.SAMPLE_KWARGS["toy-flux"]
+        return {"height": self.height, "width": self.width}

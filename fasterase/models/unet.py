@@ -1,0 +1,75 @@
+"""Stable Diffusion 1.x / 2.x (and the toy SD): UNet2DConditionModel, epsilon or v-prediction."""
+from __future__ import annotations
+
+import torch
+
+from .base import Cond, Denoiser, KVProjection
+
+
+class UNetDenoiser(Denoiser):
+    kind = "sd"
+
+    def __init__(self, pipeline):
+        super().__init__(pipeline)
+        cfg = pipeline.scheduler.config
+        self.num_train_timesteps = cfg.num_train_timesteps
+        self.prediction_type = cfg.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}; valid: epsilon, v_prediction")
+        # alphas_cumprod of the training schedule, whichever scheduler the pipeline carries
+        self.alphas_cumprod = pipeline.scheduler.alphas_cumprod.float()
+
+    @property
+    def network(self):
+        return self.pipeline.unet
+
+    def _encode(self, prompts):
+        embeds, _ = self.pipeline.encode_prompt(prompts, self.network.device, 1, False)
+        return Cond(embeds.float())
+
+    def timestep(self, tau: torch.Tensor) -> torch.Tensor:
+        """Integer training timestep of noise level tau (t = tau * T, within [0, T-1])."""
+        return (tau * self.num_train_timesteps).round().long().clamp(0, self.num_train_timesteps - 1)
+
+    def predict(self, x, tau, cond):
+        unet = self.network
+        return unet(x.to(unet.dtype), self.timestep(tau).to(x.device), cond.embeds.to(unet.dtype)).sample.float()
+
+    def noise(self, batch, generator=None):
+        c, s = self.network.config.in_channels, self.network.config.sample_size
+        return torch.randn(batch, c, s, s, generator=generator).to(self.network.device)
+
+    def add_noise(self, x0, noise, tau):
+        a = self.alphas_cumprod.to(x0.device)[self.timestep(tau)].view(-1, *[1] * (x0.dim() - 1))
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def target(self, x0, noise, tau):
+        """The regression target of this prediction type."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self.alphas_cumprod.to(x0.device)[self.timestep(tau)].view(-1, *[1] * (x0.dim() - 1))
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+    def decode(self, x0):
+        vae = self.pipeline.vae
+        return (vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def cross_attention_kv(self):
+        out = []
+        for name, module in self.network.named_modules():
+            if name.endswith("attn2"):
+                for proj in ("to_k", "to_v"):
+                    out.append(KVProjection(f"{name}.{proj}", getattr(module, proj), "text encoder hidden states"))
+        return out
+
+    def _set_timesteps(self, sched, steps):
+        sched.set_timesteps(steps)
+
+    def _tau_of(self, sched, i):
+        return float(sched.timesteps[i]) / self.num_train_timesteps
+
+    @property
+    def sample_kwargs(self):
+        from ..toy import components
+
+        return components.SAMPLE_KWARGS["toy-sd"] if components.is_toy(self.pipeline) else {}

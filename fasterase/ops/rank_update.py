@@ -1,0 +1,229 @@
+"""Batched low-rank and closed-form edits of key/value projection matrices.
+
+Two in-place ops over a list of weights W (out x in, fp32/bf16/fp16), grouped by shape so a
+backend runs one launch per group:
+
+* ``fasterase::lowrank_update``: W += (W @ left^T) @ right for every W, with ``left`` and
+  ``right`` fp32 of shape (k, in) shared by all W or (len(weights), k, in) per weight.  Each row
+  of W only needs its own k dot products, so kernels read and write W once.
+  :func:`rank_one_update` builds left/right for TRACE eq. 1.
+* ``fasterase::shared_matmul``: W <- W @ T (+ A_W) for every W, T fp32 (in x in), fp32 addends
+  A_W (out x in), one per weight, or an empty list.
+  :func:`closed_form_update` builds T for the UCE/MACE closed form once per input width.
+
+Both compute in fp32 and round the result to W's dtype.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional, Sequence
+
+import torch
+
+from . import _dispatch
+
+_W_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_RANK = 64  # rows of left/right per call (the CUDA kernel keeps the dots in shared memory)
+
+
+@torch.library.custom_op("fasterase::lowrank_update", mutates_args=("weights",))
+def _lowrank_op(weights: list[torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> None:
+    backend = _dispatch.select("rank_one_update", weights[0].device)
+    if backend == "reference":
+        lowrank_update_reference(weights, left, right)
+    elif backend == "triton":
+        _dispatch.triton_kernels().lowrank_update(weights, left, right)
+    else:
+        _dispatch.native().lowrank_update(weights, left, right)
+
+
+@_lowrank_op.register_fake
+def _(weights, left, right):
+    return None
+
+
+@torch.library.custom_op("fasterase::shared_matmul", mutates_args=("weights",))
+def _shared_matmul_op(
+    weights: list[torch.Tensor], transform: torch.Tensor, addends: list[torch.Tensor]
+) -> None:
+    backend = _dispatch.select("closed_form_update", weights[0].device)
+    if backend == "reference":
+        shared_matmul_reference(weights, transform, addends)
+    elif backend == "triton":
+        _dispatch.triton_kernels().shared_matmul(weights, transform, addends)
+    else:
+        _dispatch.native().shared_matmul(weights, transform, addends)
+
+
+@_shared_matmul_op.register_fake
+def _(weights, transform, addends):
+    return None
+
+
+def lowrank_update_reference(weights: list[torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> None:
+    """W += (W @ left^T) @ right, in fp32, for each W (left/right shared or indexed per weight)."""
+    for i, w in enumerate(weights):
+        lw = left if left.dim() == 2 else left[i]
+        rw = right if right.dim() == 2 else right[i]
+        wf = w.double() if w.dtype == torch.float64 else w.float()  # fp64: the tests' oracle
+        w.copy_(wf + (wf @ lw.to(wf.dtype).t()) @ rw.to(wf.dtype))
+
+
+def shared_matmul_reference(weights: list[torch.Tensor], transform: torch.Tensor, addends: list[torch.Tensor]) -> None:
+    """W <- W @ T (+ addends[i] when addends is not empty), in fp32, for each W."""
+    for i, w in enumerate(weights):
+        wf = w.double() if w.dtype == torch.float64 else w.float()  # fp64: the tests' oracle
+        out = wf @ transform.to(wf.dtype)
+        w.copy_(out + addends[i].to(wf.dtype) if addends else out)
+
+
+def _validate_weights(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    weights = list(weights)
+    if not weights:
+        raise ValueError("weights is empty")
+    for i, w in enumerate(weights):
+        if not isinstance(w, torch.Tensor) or w.dim() != 2:
+            raise ValueError(f"weights[{i}] must be a 2-D tensor (out x in)")
+        if w.dtype not in _W_DTYPES:
+            raise TypeError(f"weights[{i}] has dtype {w.dtype}; valid: {', '.join(map(str, _W_DTYPES))}")
+        if not w.is_contiguous():
+            raise ValueError(f"weights[{i}] must be contiguous")
+        if w.device != weights[0].device:
+            raise ValueError(f"weights[{i}] is on {w.device}, weights[0] on {weights[0].device}")
+    return weights
+
+
+def _groups(weights: list[torch.Tensor], key) -> dict:
+    groups = defaultdict(list)
+    for i, w in enumerate(weights):
+        groups[key(w)].append(i)
+    return groups
+
+
+@torch.no_grad()
+def rank_one_update(
+    weights: Sequence[torch.Tensor],
+    e_u: torch.Tensor | Sequence[torch.Tensor],
+    e_w: torch.Tensor | Sequence[torch.Tensor],
+    eta: float = 1.0,
+) -> None:
+    """TRACE eq. 1 on every weight, in place: W += eta * sum_j (W e_u_j - W e_w_j) e_w_j^T / ||e_w_j||^2.
+
+    ``e_u``/``e_w``: (in,) or (k, in) embeddings shared by every weight of that input width, or a
+    sequence with one (in,)/(k, in) tensor per weight (e.g. FLUX, whose K/V inputs differ per
+    block).  Row j of e_w is the erased concept's token embedding, row j of e_u its replacement;
+    k > 1 gives the rank-k sum over several concepts/tokens, all read from the unedited W.
+    """
+    weights = _validate_weights(weights)
+    per_weight = not isinstance(e_u, torch.Tensor)
+    if per_weight != (not isinstance(e_w, torch.Tensor)):
+        raise TypeError("e_u and e_w must both be tensors or both be sequences (one per weight)")
+    if per_weight and (len(e_u) != len(weights) or len(e_w) != len(weights)):
+        raise ValueError(f"got {len(e_u)} e_u and {len(e_w)} e_w for {len(weights)} weights")
+
+    def factors(u: torch.Tensor, w_: torch.Tensor):
+        u2, w2 = u.float().reshape(-1, u.shape[-1]), w_.float().reshape(-1, w_.shape[-1])
+        if u2.shape != w2.shape:
+            raise ValueError(f"e_u {tuple(u.shape)} and e_w {tuple(w_.shape)} differ in shape")
+        if u2.shape[0] > MAX_RANK:
+            raise ValueError(f"at most {MAX_RANK} embedding rows per call, got {u2.shape[0]}")
+        norms = (w2 * w2).sum(dim=1, keepdim=True)
+        if not bool((norms > 0).all()):
+            raise ValueError("every e_w row needs a non-zero norm")
+        return u2 - w2, eta * w2 / norms
+
+    shared = {} if per_weight else {e_u.shape[-1]: factors(e_u, e_w)}
+    for idx in _groups(weights, lambda w: (w.shape, w.dtype)).values():
+        ws = [weights[i] for i in idx]
+        width = ws[0].shape[1]
+        if per_weight:
+            pairs = [factors(e_u[i], e_w[i]) for i in idx]
+            if any(l.shape[1] != width for l, _ in pairs) or len({l.shape[0] for l, _ in pairs}) != 1:
+                raise ValueError(f"per-weight embeddings for width {width} must all be (k, {width}) with one k")
+            left = torch.stack([l for l, _ in pairs]).to(ws[0].device)
+            right = torch.stack([r for _, r in pairs]).to(ws[0].device)
+        else:
+            if width not in shared:
+                raise ValueError(f"embeddings have width {e_u.shape[-1]}, a weight has input width {width}")
+            left, right = (t.to(ws[0].device) for t in shared[width])
+        torch.ops.fasterase.lowrank_update(ws, left.contiguous(), right.contiguous())
+
+
+def _gram(sources: torch.Tensor, lam: float, row_weights: Optional[torch.Tensor]):
+    if sources.dim() != 2:
+        raise ValueError(f"sources must be (n, in), got {tuple(sources.shape)}")
+    if lam <= 0:
+        raise ValueError(f"lam must be > 0 (it keeps the system invertible), got {lam}")
+    c = sources.double()
+    d = torch.ones(c.shape[0], dtype=torch.float64, device=c.device) if row_weights is None else row_weights.double()
+    if d.shape != (c.shape[0],):
+        raise ValueError(f"row_weights must have shape ({c.shape[0]},), got {tuple(d.shape)}")
+    eye = torch.eye(c.shape[1], dtype=torch.float64, device=c.device)
+    return c, d, eye, lam * eye + (c * d[:, None]).t() @ c
+
+
+def closed_form_transform(
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    lam: float,
+    row_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """T = (lam I + C*^T D C)(lam I + C^T D C)^-1 (fp32, in x in), solved once in fp64.
+
+    With v_i = W c*_i, the UCE/MACE update W <- (lam W + sum_i d_i v_i c_i^T)(lam I + sum_i d_i c_i c_i^T)^-1
+    equals W @ T for every layer reading the same input width; preserved concepts use c* = c.
+    """
+    if targets.shape != sources.shape:
+        raise ValueError(f"targets {tuple(targets.shape)} must match sources {tuple(sources.shape)}")
+    c, d, eye, m = _gram(sources, lam, row_weights)
+    num = lam * eye + (targets.double() * d[:, None]).t() @ c
+    # T = num @ m^-1 = (m^-1 num^T)^T since m is symmetric
+    return torch.linalg.solve(m, num.t()).t().float().contiguous()
+
+
+@torch.no_grad()
+def closed_form_update(
+    weights: Sequence[torch.Tensor],
+    sources: torch.Tensor,
+    targets: Optional[torch.Tensor] = None,
+    lam: float = 0.1,
+    row_weights: Optional[torch.Tensor] = None,
+    values: Optional[Sequence[torch.Tensor]] = None,
+) -> None:
+    """UCE/MACE closed form on every weight, in place: W <- (lam W + sum_i d_i v_i c_i^T) M^-1, M = lam I + sum_i d_i c_i c_i^T.
+
+    sources (n, in): embeddings c_i; row_weights (n,): d_i (UCE's erase/preserve scales, default 1).
+    Give exactly one of
+      targets (n, in): v_i = W c*_i from the current W (UCE: c*_i the anchor's embedding, c*_i = c_i
+        to preserve); then W <- W @ T with one T for all weights (:func:`closed_form_transform`);
+      values: one (n, out) tensor per weight, its v_i (MACE fusing per-concept LoRAs: v_i = W_i' c_i);
+        then W <- W @ (lam M^-1) + V^T (D C M^-1).
+    M is solved once (fp64) and shared by every weight; one launch per weight shape.
+    """
+    weights = _validate_weights(weights)
+    if (targets is None) == (values is None):
+        raise ValueError("give exactly one of targets (v_i = W c*_i) or values (explicit v_i per weight)")
+    if targets is not None:
+        transform = closed_form_transform(sources, targets, lam, row_weights)
+        extra = None
+    else:
+        c, d, eye, m = _gram(sources, lam, row_weights)
+        minv = torch.linalg.solve(m, eye)
+        transform = (lam * minv).float().contiguous()
+        project = ((c * d[:, None]) @ minv).float()
+        values = list(values)
+        if len(values) != len(weights):
+            raise ValueError(f"got {len(values)} values for {len(weights)} weights")
+        for i, (v, w) in enumerate(zip(values, weights)):
+            if v.shape != (c.shape[0], w.shape[0]):
+                raise ValueError(f"values[{i}] must be (n={c.shape[0]}, out={w.shape[0]}), got {tuple(v.shape)}")
+        extra = [(v.float().t() @ project.to(v.device)).contiguous() for v in values]
+    for i, w in enumerate(weights):
+        if w.shape[1] != transform.shape[0]:
+            raise ValueError(f"weights[{i}] has input width {w.shape[1]}, embeddings have {transform.shape[0]}")
+    for idx in _groups(weights, lambda w: (w.shape, w.dtype)).values():
+        ws = [weights[i] for i in idx]
+        if extra is None:
+            torch.ops.fasterase.shared_matmul(ws, transform.to(ws[0].device), [])
+        else:
+            torch.ops.fasterase.shared_matmul(ws, transform.to(ws[0].device), [extra[i] for i in idx])

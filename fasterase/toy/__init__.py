@@ -1,0 +1,1 @@
+"""The built-in toy world: shapes, tiny pipelines, detector."""

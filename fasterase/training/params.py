@@ -1,0 +1,56 @@
+"""Trainable parametrizations over a frozen base, each of which can be switched off.
+
+Switched off, the network is the original model: that is the frozen teacher of every
+fine-tuning method, so no second copy of a 12B network is ever made.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+from ..edit import ADAPTER
+
+
+def linear_names(network: torch.nn.Module, pattern: str) -> list[str]:
+    """Names of the nn.Linear modules whose full name matches the regular expression."""
+    rx = re.compile(pattern)
+    names = [n for n, m in network.named_modules() if isinstance(m, torch.nn.Linear) and rx.search(n)]
+    if not names:
+        raise ValueError(f"no linear layer of {type(network).__name__} matches {pattern!r}")
+    return names
+
+
+def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed: int) -> list[torch.nn.Parameter]:
+    """A fresh LoRA adapter (alpha = rank, so diffusers loads it with the same scale) on
+    `modules`; the base is frozen and only the LoRA factors train. Returns them."""
+    if ADAPTER in getattr(network, "peft_config", {}):
+        raise RuntimeError(f"the network already carries a {ADAPTER!r} adapter; remove that edit first")
+    network.requires_grad_(False)
+    with torch.random.fork_rng():  # LoRA init draws from the global generator
+        torch.manual_seed(init_seed)
+        network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights=True),
+                            adapter_name=ADAPTER)
+    params = [p for n, p in network.named_parameters() if f".{ADAPTER}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@contextlib.contextmanager
+def lora_off(network: torch.nn.Module):
+    """The frozen teacher: the same network with the adapter switched off."""
+    network.disable_adapters()
+    try:
+        yield
+    finally:
+        network.enable_adapters()
+
+
+def lora_state(network: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The adapter in diffusers' LoRA format (keys prefixed "unet." or "transformer.")."""
+    state = get_peft_model_state_dict(network, adapter_name=ADAPTER)
+    return {f"{prefix}.{k}": v.detach().clone() for k, v in state.items()}

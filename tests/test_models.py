@@ -1,0 +1,148 @@
+"""Both adapters: shapes, the tau convention, rollouts, the K/V list, the loader."""
+import pytest
+import torch
+
+from fasterase import models
+from fasterase.models import Cond
+
+
+@pytest.fixture(scope="module", params=["toy-sd", "toy-flux"])
+def model(request):
+    return models.load(request.param)
+
+
+def test_kind_and_name(model):
+    assert model.kind == {"toy-sd": "sd", "toy-flux": "flux"}[model.name]
+    assert isinstance(model.network, torch.nn.Module)
+
+
+def test_encode_is_cached_and_batched(model):
+    cond = model.encode(["a red circle", "a blue star", "a red circle"])
+    assert len(cond) == 3
+    assert torch.equal(cond.embeds[0], cond.embeds[2])
+    assert not torch.equal(cond.embeds[0], cond.embeds[1])
+    assert (cond.pooled is None) == (model.kind == "sd")
+    calls = []
+    hook = model.pipeline.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        model.encode(["a red circle", "a blue star"])
+    finally:
+        hook.remove()
+    assert calls == []  # served from the cache
+    assert torch.equal(model.uncond.embeds[0], model.encode("").embeds[0])
+
+
+def test_predict_shape(model):
+    x = model.noise(3, torch.Generator().manual_seed(0))
+    out = model.predict(x, torch.tensor([0.9, 0.5, 0.1]), model.encode(["a red circle"] * 3))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_tau_convention(model):
+    """tau = 1 is (almost) pure noise, tau = 0 is (almost) the clean latent."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = model.noise(4, g), model.noise(4, g)
+    hi = model.add_noise(x0, eps, torch.ones(4))
+    lo = model.add_noise(x0, eps, torch.zeros(4))
+    assert (hi - eps).abs().mean() < 0.1 * (hi - x0).abs().mean()
+    assert (lo - x0).abs().mean() < 0.1 * (lo - eps).abs().mean()
+
+
+def test_target_matches_forward_process(model):
+    """Integrating the target over tau reproduces the forward process for flow models; for
+    epsilon models the target is the noise."""
+    g = torch.Generator().manual_seed(1)
+    x0, eps = model.noise(2, g), model.noise(2, g)
+    tau = torch.tensor([0.3, 0.7])
+    tgt = model.target(x0, eps, tau)
+    if model.kind == "flux":
+        d = 1e-3
+        fd = (model.add_noise(x0, eps, tau + d) - model.add_noise(x0, eps, tau - d)) / (2 * d)
+        assert torch.allclose(tgt, fd, atol=1e-3)
+    else:
+        assert torch.equal(tgt, eps)
+
+
+def test_rollout_stops_at_until(model):
+    cond = model.encode(["a red circle"] * 2)
+    g = torch.Generator().manual_seed(0)
+    x, tau = model.rollout(cond, steps=10, until=0.5, generator=g)
+    assert x.shape == model.noise(2).shape
+    assert tau <= 0.5 and tau > 0.3  # the first sampler step at or below 0.5
+    # the same seed to the end is deterministic and further along
+    x_end, tau_end = model.rollout(cond, steps=10, until=0.0, generator=torch.Generator().manual_seed(0))
+    assert tau_end == 0.0
+    x_mid, _ = model.rollout(cond, steps=10, until=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, x_mid)
+
+
+def test_rollout_decodes_to_the_prompted_shape(model):
+    from fasterase.toy import detector
+
+    cond = model.encode(["a red square"] * 8)
+    x0, _ = model.rollout(cond, steps=20, generator=torch.Generator().manual_seed(0))
+    shapes_, colours = detector.load().classify(model.decode(x0) * 2 - 1)
+    assert shapes_.count("square") >= 6 and colours.count("red") >= 6
+
+
+def test_cross_attention_kv(model):
+    kv = model.cross_attention_kv()
+    names = [p.name for p in kv]
+    assert len(names) == len(set(names))
+    net = model.network
+    if model.kind == "sd":
+        n_attn2 = sum(1 for n, _ in net.named_modules() if n.endswith("attn2"))
+        assert n_attn2 > 0 and len(kv) == 2 * n_attn2
+        assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in names)
+    else:
+        assert names[:2] == ["context_embedder", "time_text_embed.text_embedder.linear_1"]
+        assert len(kv) == 2 + 2 * len(net.transformer_blocks)
+    modules = dict(net.named_modules())
+    for p in kv:
+        assert modules[p.name] is p.module and isinstance(p.module, torch.nn.Linear)
+    inputs = model.kv_inputs(model.encode(["a red circle", "a disk"]))
+    assert set(inputs) == set(names)
+    for p in kv:
+        assert inputs[p.name].shape[0] == 2 and inputs[p.name].shape[-1] == p.module.in_features
+    if model.kind == "sd":  # every cross-attention reads the text encoder output itself
+        emb = model.encode(["a red circle", "a disk"]).embeds
+        assert all(torch.allclose(v, emb) for v in inputs.values())
+
+
+def test_save_load_round_trip(model, tmp_path):
+    model.pipeline.save_pretrained(tmp_path)
+    again = models.load(tmp_path)
+    assert type(again) is type(model) and again.sample_kwargs == model.sample_kwargs
+    x = model.noise(1, torch.Generator().manual_seed(0))
+    t = torch.tensor([0.5])
+    assert torch.equal(model.predict(x, t, model.encode("a red star")),
+                       again.predict(x, t, again.encode("a red star")))
+    assert torch.equal(model.generate(["a red star"], seed=3), again.generate(["a red star"], seed=3))
+
+
+def test_pipeline_call_returns_an_image(model):
+    from PIL import Image
+
+    kwargs = {"num_inference_steps": 2}
+    if model.kind == "flux":  # FLUX pipelines default to 1024 px; ask for the toy's 32 px
+        kwargs.update(height=32, width=32)
+    image = model.pipeline("a red circle", **kwargs).images[0]
+    assert isinstance(image, Image.Image) and image.size == (32, 32)
+
+
+def test_loader_errors(tmp_path):
+    with pytest.raises(ValueError, match="toy-sd"):
+        models.load("toy-unknown")
+    with pytest.raises(ValueError, match="model_index.json"):
+        models.load(tmp_path)
+    with pytest.raises(TypeError, match="accepted"):
+        models.load(42)
+    with pytest.raises(TypeError, match="accepted"):
+        models.load(torch.nn.Linear(2, 2))
+
+
+def test_cond_helpers():
+    c = Cond(torch.arange(6.).view(2, 3, 1), torch.arange(2.).view(2, 1))
+    r = c.repeat(2)
+    assert r.embeds[:, 0, 0].tolist() == [0, 0, 3, 3] and r.pooled[:, 0].tolist() == [0, 0, 1, 1]
+    assert len(Cond.cat([c, r])) == 6

@@ -1,0 +1,199 @@
+"""masked_adamw: every backend against the reference (fp64 oracle tolerance), masks, 8-bit, skipping."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fasterase.kernels is first imported
+
+from fasterase import ops  # noqa: E402
+from fasterase.ops.adamw import masked_adamw_reference  # noqa: E402
+from fasterase.ops.testing import assert_close_to_reference, fast_backends  # noqa: E402
+
+SIZES = [1, 255, 256, 257, 4097, 100_000]
+TRITON_SIZES = [1, 257, 1100]  # the interpreter is slow
+MASKS = [("none", 1.0)] + [(kind, d) for kind in ("bits", "idx") for d in (0.0, 0.01, 0.5, 1.0)]
+DTYPES = [(p, s) for p in (torch.float32, torch.bfloat16) for s in (torch.float32, torch.bfloat16, torch.uint8)]
+HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+
+def make_case(n, kind, density, pdt, sdt, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    sel = torch.rand(n, generator=g) < density
+    mask = None if kind == "none" else ops.pack_mask(sel) if kind == "bits" else ops.mask_to_indices(sel)
+    length = int(sel.sum()) if kind == "idx" else n
+    case = dict(
+        param=torch.randn(n, generator=g).to(pdt),
+        grad=(torch.randn(n, generator=g) * 0.1).to(pdt),
+        step=torch.tensor([float(torch.randint(0, 10, (1,), generator=g))]),
+        mask=mask,
+    )
+    if sdt == torch.uint8:
+        case["exp_avg"] = torch.randint(0, 256, (length,), generator=g, dtype=torch.uint8)
+        case["exp_avg_sq"] = torch.randint(0, 256, (length,), generator=g, dtype=torch.uint8)
+        case["absmax"] = (torch.rand(ops.num_blocks(length), generator=g) * 0.1,
+                          torch.rand(ops.num_blocks(length), generator=g) * 0.01)
+    else:
+        case["exp_avg"] = (torch.randn(length, generator=g) * 0.05).to(sdt)
+        case["exp_avg_sq"] = (torch.rand(length, generator=g) * 0.01).to(sdt)
+        case["absmax"] = None
+    return {k: (tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device) if v is not None else None)
+            for k, v in case.items()}
+
+
+def clone(case):
+    return {k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone() if v is not None else None)
+            for k, v in case.items()}
+
+
+def run(case, backend):
+    with ops.use_backend(backend):
+        found = ops.masked_adamw(case["param"], case["grad"], case["exp_avg"], case["exp_avg_sq"], case["step"],
+                                 mask=case["mask"], absmax=case["absmax"], **HYPER)
+    assert ops.last_backend("masked_adamw") == backend
+    return found
+
+
+def oracle(case):
+    """The reference in fp64 from the same starting point (8-bit states decoded first)."""
+    c = clone(case)
+    if c["absmax"] is not None:
+        m = ops.dequantize_blockwise(c["exp_avg"], c["absmax"][0], ops.dynamic_map(True, c["param"].device))
+        v = ops.dequantize_blockwise(c["exp_avg_sq"], c["absmax"][1], ops.dynamic_map(False, c["param"].device))
+        c["exp_avg"], c["exp_avg_sq"] = m, v
+    p, g, m, v = (c[k].double() for k in ("param", "grad", "exp_avg", "exp_avg_sq"))
+    bits = c["mask"] if c["mask"] is not None and c["mask"].dtype == torch.uint8 else None
+    idx = c["mask"] if c["mask"] is not None and c["mask"].dtype == torch.int32 else None
+    masked_adamw_reference(p, g, m, v, c["step"], torch.zeros(1), bits, idx, None, None, None, None,
+                           HYPER["lr"], *HYPER["betas"], HYPER["eps"], HYPER["weight_decay"])
+    return p, m, v
+
+
+def selected_positions(case, n):
+    mask = case["mask"]
+    if mask is None:
+        return torch.ones(n, dtype=torch.bool, device=case["param"].device)
+    if mask.dtype == torch.uint8:
+        return ops.unpack_mask(mask, n)
+    sel = torch.zeros(n, dtype=torch.bool, device=mask.device)
+    sel[mask.long()] = True
+    return sel
+
+
+def check_backend(backend, n, kind, density, pdt, sdt, device="cpu"):
+    case = make_case(n, kind, density, pdt, sdt, device, seed=n * 7 + int(density * 100))
+    ref, out = clone(case), clone(case)
+    run(ref, "reference")
+    found = run(out, backend)
+    assert found.item() == 0 and out["step"].item() == case["step"].item() + 1
+    sel = selected_positions(case, n)
+    # unselected params are bit-identical
+    assert torch.equal(out["param"][~sel], case["param"][~sel])
+    p64, m64, v64 = oracle(case)
+    assert_close_to_reference(out["param"], ref["param"], p64, f"{backend} param")
+    if sdt == torch.uint8:
+        state_sel = slice(None) if kind == "idx" else sel
+        for key, a in (("exp_avg", 0), ("exp_avg_sq", 1)):
+            diff = (out[key].int() - ref[key].int()).abs()
+            assert int(diff.max()) <= 1 if diff.numel() else True, f"{key} codes differ by more than one step"
+            assert float((diff > 0).float().mean()) < 0.01 if diff.numel() else True
+            torch.testing.assert_close(out["absmax"][a], ref["absmax"][a], rtol=1e-6, atol=0)
+            if kind == "bits":
+                assert torch.equal(out[key][~sel], case[key][~sel]), f"unselected {key} codes changed"
+        del state_sel
+    else:
+        state_sel = torch.ones(out["exp_avg"].numel(), dtype=torch.bool) if kind == "idx" else sel
+        assert torch.equal(out["exp_avg"][~state_sel], case["exp_avg"][~state_sel])
+        assert torch.equal(out["exp_avg_sq"][~state_sel], case["exp_avg_sq"][~state_sel])
+        assert_close_to_reference(out["exp_avg"], ref["exp_avg"], m64, f"{backend} exp_avg")
+        assert_close_to_reference(out["exp_avg_sq"], ref["exp_avg_sq"], v64, f"{backend} exp_avg_sq")
+
+
+CPU_BACKENDS = fast_backends("cpu")
+
+
+@pytest.mark.parametrize("pdt,sdt", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("kind,density", MASKS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b == "cpp"])
+def test_cpp_matches_reference(backend, n, kind, density, pdt, sdt):
+    check_backend(backend, n, kind, density, pdt, sdt)
+
+
+@pytest.mark.parametrize("pdt,sdt", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("kind,density", [("none", 1.0), ("bits", 0.0), ("bits", 0.5), ("idx", 0.01), ("idx", 1.0)])
+@pytest.mark.parametrize("n", TRITON_SIZES)
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not installed")
+def test_triton_interpreted_matches_reference(n, kind, density, pdt, sdt):
+    check_backend("triton", n, kind, density, pdt, sdt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdt,sdt", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("kind,density", MASKS)
+@pytest.mark.parametrize("n", SIZES + [1 << 22])
+def test_gpu_backends_match_reference(n, kind, density, pdt, sdt):
+    for backend in fast_backends("cuda"):
+        check_backend(backend, n, kind, density, pdt, sdt, device="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+@pytest.mark.parametrize("sdt", [torch.float32, torch.uint8])
+def test_non_finite_gradient_skips_and_reports(backend, sdt):
+    case = make_case(1000, "bits", 0.5, torch.float32, sdt, "cpu", seed=3)
+    sel = selected_positions(case, 1000)
+    first_selected = int(sel.nonzero()[0])
+    bad = clone(case)
+    bad["grad"][first_selected] = float("nan")
+    found = run(bad, backend)
+    assert found.item() == 1
+    for key in ("param", "exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(bad[key], case[key]), f"{key} changed on a skipped step"
+    # an already-set flag (from another tensor of the same optimizer step) also skips
+    again = clone(case)
+    with ops.use_backend(backend):
+        ops.masked_adamw(again["param"], again["grad"], again["exp_avg"], again["exp_avg_sq"], again["step"],
+                         mask=again["mask"], absmax=again["absmax"], found_inf=torch.ones(1), **HYPER)
+    assert torch.equal(again["param"], case["param"])
+    # a non-finite gradient where the mask is off does not matter
+    off = clone(case)
+    off["grad"][int((~sel).nonzero()[0])] = float("inf")
+    assert run(off, backend).item() == 0 and off["step"].item() == case["step"].item() + 1
+
+
+def test_dense_fp32_matches_torch_adamw():
+    p = torch.randn(3000)
+    q = p.clone().requires_grad_()
+    opt = torch.optim.AdamW([q], lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"],
+                            weight_decay=HYPER["weight_decay"], foreach=False)
+    m, v, step = torch.zeros(3000), torch.zeros(3000), torch.zeros(1)
+    for i in range(5):
+        g = torch.randn(3000, generator=torch.Generator().manual_seed(i))
+        q.grad = g.clone()
+        opt.step()
+        ops.masked_adamw(p, g, m, v, step, **HYPER)
+    torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(grad=torch.zeros(9)), "grad has 9"),
+    (dict(exp_avg=torch.zeros(10, dtype=torch.float16)), "exp_avg has dtype"),
+    (dict(mask=torch.zeros(3, dtype=torch.uint8)), "bitmask has 3 bytes"),
+    (dict(mask=torch.zeros(3, dtype=torch.int64)), "mask has dtype"),
+    (dict(exp_avg=torch.zeros(10, dtype=torch.uint8), exp_avg_sq=torch.zeros(10, dtype=torch.uint8)), "absmax"),
+    (dict(step=torch.zeros(2)), "exactly one element"),
+])
+def test_bad_input_names_what_is_valid(bad, match):
+    args = dict(param=torch.zeros(10), grad=torch.zeros(10), exp_avg=torch.zeros(10), exp_avg_sq=torch.zeros(10),
+                step=torch.zeros(1))
+    mask = bad.pop("mask", None)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.masked_adamw(**args, mask=mask, lr=1e-3)
+
+
+def test_torch_compile_fake_impl():
+    torch.library.opcheck(torch.ops.fasterase.masked_adamw.default, (
+        torch.randn(300), torch.randn(300), torch.zeros(300), torch.zeros(300), torch.zeros(1), torch.zeros(1),
+        None, None, None, None, None, None, 1e-3, 0.9, 0.999, 1e-8, 0.0), test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,116 @@
+"""paired_noise_loss: backends against the reference, autograd, and the ANT/ESD semantics."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fasterase.kernels is first imported
+
+from fasterase import ops  # noqa: E402
+from fasterase.ops.testing import assert_close_to_reference, fast_backends  # noqa: E402
+
+CPU_BACKENDS = fast_backends("cpu")
+# (batch, per-sample shape): totals 1, 255, 256, 257, 4097 and ~1e5 elements
+SHAPES = [(1, (1,)), (1, (255,)), (2, (2, 8, 8)), (1, (257,)), (17, (241,)), (4, (4, 80, 80))]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make(batch, shape, dtype, with_uncond, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(batch, *shape, generator=g).to(device=device, dtype=dtype) for _ in range(4)]
+    sign = (torch.randint(0, 2, (batch,), generator=g) * 2 - 1).float().to(device)
+    weight = torch.rand(batch, generator=g).to(device)
+    uncond_weight = torch.rand(batch, generator=g).to(device)
+    return (t[0], t[1] if with_uncond else None, t[2], t[3], sign, weight, uncond_weight, 0.8)
+
+
+def check(backend, batch, shape, dtype, with_uncond, device="cpu"):
+    args = make(batch, shape, dtype, with_uncond, device, seed=batch * 100 + shape[-1])
+    with ops.use_backend("reference"):
+        ref = torch.ops.fasterase.paired_noise_loss(*args)
+    with ops.use_backend(backend):
+        out = torch.ops.fasterase.paired_noise_loss(*args)
+    assert ops.last_backend("paired_noise_loss") == backend
+    oracle = ops.paired_noise_loss_reference(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                                               and a.dim() > 1 else a for a in args])
+    names = ("loss", "grad_cond", "grad_uncond")
+    for name, o, r, x in zip(names, out, ref, oracle):
+        if name == "grad_uncond" and not with_uncond:
+            assert o.numel() == 0
+            continue
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert_close_to_reference(o, r, x, f"{backend} {name} {dtype}")
+
+
+@pytest.mark.parametrize("with_uncond", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,shape", SHAPES)
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fasterase._C not built")
+def test_cpp_matches_reference(batch, shape, dtype, with_uncond):
+    check("cpp", batch, shape, dtype, with_uncond)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,shape", SHAPES[:5])
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not installed")
+def test_triton_interpreted_matches_reference(batch, shape, dtype):
+    check("triton", batch, shape, dtype, with_uncond=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_uncond", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch,shape", SHAPES + [(8, (16, 128, 128))])
+def test_gpu_backends_match_reference(batch, shape, dtype, with_uncond):
+    for backend in fast_backends("cuda"):
+        check(backend, batch, shape, dtype, with_uncond, device="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_autograd_matches_eager_composite(backend):
+    """Gradients through the fused loss equal autograd through the plain formula (ANT eq. 3 weights)."""
+    g = torch.Generator().manual_seed(0)
+    pc, pu, tc, tu = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    sign = torch.tensor([1.0, -1.0])  # early sample keeps, late sample reverses
+    eta, lam1, lam2, lam3 = 1.5, 0.7, 0.2, 0.3
+    a_c, a_u = pc.float().requires_grad_(), pu.float().requires_grad_()
+    with ops.use_backend(backend):
+        loss = ops.paired_noise_loss(a_c, a_u, tc.float(), tu.float(), sign, eta,
+                                     weight=torch.tensor([1.0, lam1]), uncond_weight=torch.tensor([lam2, lam3]))
+    (3 * loss).backward()
+    b_c, b_u = pc.clone().requires_grad_(), pu.clone().requires_grad_()
+    mse = torch.nn.functional.mse_loss
+    expected = (mse(b_c[0], tu[0] + eta * (tc[0] - tu[0])) + lam1 * mse(b_c[1], tu[1] - eta * (tc[1] - tu[1]))
+                + lam2 * mse(b_u[0], tu[0]) + lam3 * mse(b_u[1], tu[1]))
+    (3 * expected).backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a_c.grad.double(), b_c.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a_u.grad.double(), b_u.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_defaults_are_mean_squared_errors():
+    g = torch.Generator().manual_seed(2)
+    pc, pu, tc, tu = (torch.randn(3, 5, generator=g) for _ in range(4))
+    loss = ops.paired_noise_loss(pc, pu, tc, tu, sign=-1.0, eta=2.0)
+    mse = torch.nn.functional.mse_loss
+    torch.testing.assert_close(loss, mse(pc, tu - 2.0 * (tc - tu)) + mse(pu, tu))
+    esd = ops.paired_noise_loss(pc, None, tc, tu, sign=-1.0, eta=2.0)  # ESD: conditional branch only
+    torch.testing.assert_close(esd, mse(pc, tu - 2.0 * (tc - tu)))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.paired_noise_loss(torch.zeros(2, 3), None, torch.zeros(2, 4), torch.zeros(2, 3), 1.0), "shape"),
+    (lambda: ops.paired_noise_loss(torch.zeros(2, 3), None, torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3)), "sign"),
+    (lambda: ops.paired_noise_loss(torch.zeros(2, 3, dtype=torch.int64), None, torch.zeros(2, 3),
+                                   torch.zeros(2, 3), 1.0), "dtype"),
+])
+def test_bad_input_is_explained(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_fake_impl():
+    args = make(2, (3, 4), torch.float32, True, "cpu", 0)
+    torch.library.opcheck(torch.ops.fasterase.paired_noise_loss.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

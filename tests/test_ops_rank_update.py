@@ -1,0 +1,165 @@
+"""rank_one_update / closed_form_update: backends against the reference, and the formulas they implement."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before fasterase.kernels is first imported
+
+from fasterase import ops  # noqa: E402
+from fasterase.ops.testing import assert_close_to_reference, fast_backends  # noqa: E402
+
+CPU_BACKENDS = fast_backends("cpu")
+WDTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (rows, cols) shape groups: sizes 1, 255, 256, 257, 4097 and ~1e5 elements
+SHAPES = [(1, 1), (15, 17), (16, 16), (1, 257), (17, 241), (320, 320)]
+TRITON_SHAPES = [(1, 1), (15, 17), (17, 241)]
+
+
+def weights_for(shape, dtype, count, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(device=device, dtype=dtype) for _ in range(count)]
+
+
+def check_lowrank(backend, shape, dtype, k, per_weight, device="cpu"):
+    count = 3
+    base = weights_for(shape, dtype, count, device, seed=shape[0] * 31 + shape[1])
+    g = torch.Generator().manual_seed(k)
+    lead = (count,) if per_weight else ()
+    left = (torch.randn(*lead, k, shape[1], generator=g) / shape[1] ** 0.5).to(device)
+    right = (torch.randn(*lead, k, shape[1], generator=g) / shape[1] ** 0.5).to(device)
+    ref = [w.clone() for w in base]
+    out = [w.clone() for w in base]
+    oracle = [w.double() for w in base]
+    ops.lowrank_update_reference(oracle, left.double(), right.double())
+    with ops.use_backend("reference"):
+        torch.ops.fasterase.lowrank_update(ref, left, right)
+    with ops.use_backend(backend):
+        torch.ops.fasterase.lowrank_update(out, left, right)
+    for o, r, x in zip(out, ref, oracle):
+        assert_close_to_reference(o, r, x, f"{backend} lowrank {shape} {dtype}")
+
+
+def check_shared_matmul(backend, shape, dtype, with_addends, device="cpu"):
+    count = 3
+    base = weights_for(shape, dtype, count, device, seed=shape[0] + 5)
+    g = torch.Generator().manual_seed(1)
+    transform = (torch.eye(shape[1]) + torch.randn(shape[1], shape[1], generator=g) / shape[1]).to(device)
+    addends = [torch.randn(shape, generator=g).to(device) for _ in range(count)] if with_addends else []
+    ref, out, oracle = [w.clone() for w in base], [w.clone() for w in base], [w.double() for w in base]
+    ops.shared_matmul_reference(oracle, transform.double(), [a.double() for a in addends])
+    with ops.use_backend("reference"):
+        torch.ops.fasterase.shared_matmul(ref, transform, addends)
+    with ops.use_backend(backend):
+        torch.ops.fasterase.shared_matmul(out, transform, addends)
+    for o, r, x in zip(out, ref, oracle):
+        assert_close_to_reference(o, r, x, f"{backend} shared_matmul {shape} {dtype}")
+
+
+@pytest.mark.parametrize("per_weight", [False, True])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("dtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fasterase._C not built")
+def test_cpp_lowrank_matches_reference(shape, dtype, k, per_weight):
+    check_lowrank("cpp", shape, dtype, k, per_weight)
+
+
+@pytest.mark.parametrize("with_addends", [False, True])
+@pytest.mark.parametrize("dtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fasterase._C not built")
+def test_cpp_shared_matmul_matches_reference(shape, dtype, with_addends):
+    check_shared_matmul("cpp", shape, dtype, with_addends)
+
+
+@pytest.mark.parametrize("dtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("shape", TRITON_SHAPES)
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not installed")
+def test_triton_interpreted_matches_reference(shape, dtype):
+    check_lowrank("triton", shape, dtype, k=3, per_weight=True)
+    check_shared_matmul("triton", shape, dtype, with_addends=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + [(1280, 768), (3072, 4096)])
+def test_gpu_backends_match_reference(shape, dtype):
+    for backend in fast_backends("cuda"):
+        for k, per_weight in ((1, False), (5, True)):
+            check_lowrank(backend, shape, dtype, k, per_weight, device="cuda")
+        check_shared_matmul(backend, shape, dtype, with_addends=True, device="cuda")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_rank_one_update_is_trace_eq1(backend):
+    """dW = eta (W e_u - W e_w) e_w^T / ||e_w||^2, all shape groups in one call, per-row sum for rank k."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=g, dtype=torch.float64).float() for s in ((8, 12), (8, 12), (5, 12), (7, 9))]
+    e_u = [torch.randn(2, w.shape[1], generator=g) for w in weights]
+    e_w = [torch.randn(2, w.shape[1], generator=g) for w in weights]
+    expected = []
+    for w, u, c in zip(weights, e_u, e_w):
+        w64, u64, c64 = w.double(), u.double(), c.double()
+        dw = sum(0.7 * torch.outer(w64 @ u64[j] - w64 @ c64[j], c64[j]) / c64[j].dot(c64[j]) for j in range(2))
+        expected.append(w64 + dw)
+    with ops.use_backend(backend):
+        ops.rank_one_update(weights, e_u, e_w, eta=0.7)
+    for w, e in zip(weights, expected):
+        torch.testing.assert_close(w.double(), e, rtol=1e-5, atol=1e-5)
+    # shared embeddings: one (in,) pair for every weight of that width
+    w = torch.randn(6, 12, generator=g)
+    u, c = torch.randn(12, generator=g), torch.randn(12, generator=g)
+    expected = w + 0.5 * torch.outer(w @ u - w @ c, c) / c.dot(c)
+    with ops.use_backend(backend):
+        ops.rank_one_update([w], u, c, eta=0.5)
+    torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_closed_form_is_uce(backend):
+    """W <- (lam W + sum d_i v_i c_i^T)(lam I + sum d_i c_i c_i^T)^-1, via targets and via explicit values."""
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(s, generator=g) for s in ((10, 16), (10, 16), (4, 16))]
+    c = torch.randn(5, 16, generator=g)
+    cs = torch.randn(5, 16, generator=g)
+    d = torch.tensor([1.0, 1.0, 0.5, 0.5, 2.0])
+    lam = 0.3
+    m = lam * torch.eye(16, dtype=torch.float64) + (c.double() * d.double()[:, None]).t() @ c.double()
+    values = [torch.randn(5, w.shape[0], generator=g) for w in weights]
+    for mode in ("targets", "values"):
+        ws = [w.clone() for w in weights]
+        expected = []
+        for i, w in enumerate(weights):
+            v = (w.double() @ cs.double().t()).t() if mode == "targets" else values[i].double()
+            num = lam * w.double() + (v * d.double()[:, None]).t() @ c.double()
+            expected.append(num @ torch.linalg.inv(m))
+        with ops.use_backend(backend):
+            if mode == "targets":
+                ops.closed_form_update(ws, c, cs, lam=lam, row_weights=d)
+            else:
+                ops.closed_form_update(ws, c, lam=lam, row_weights=d, values=values)
+        for w, e in zip(ws, expected):
+            torch.testing.assert_close(w.double(), e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.rank_one_update([torch.zeros(3)], torch.ones(3), torch.ones(3)), "2-D"),
+    (lambda: ops.rank_one_update([torch.zeros(2, 3, dtype=torch.int32)], torch.ones(3), torch.ones(3)), "dtype"),
+    (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(4), torch.ones(4)), "width"),
+    (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(3), torch.zeros(3)), "non-zero norm"),
+    (lambda: ops.closed_form_update([torch.zeros(2, 3)], torch.ones(1, 3)), "exactly one of"),
+    (lambda: ops.closed_form_update([torch.zeros(2, 3)], torch.ones(1, 3), torch.ones(1, 3), lam=0.0), "lam"),
+])
+def test_bad_input_is_explained(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+def test_fake_impls():
+    torch.library.opcheck(torch.ops.fasterase.lowrank_update.default,
+                          ([torch.randn(4, 5)], torch.randn(2, 5), torch.randn(2, 5)),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.fasterase.shared_matmul.default, ([torch.randn(4, 5)], torch.randn(5, 5), []),
+                          test_utils=("test_schema", "test_faketensor"))
