@@ -16,7 +16,7 @@ import torch
 
 from . import methods as registry
 from . import models
-from .concepts import Concept, ConceptSet, as_concepts
+from .concepts import ConceptSet, as_concepts
 from .edit import Edit
 
 
@@ -40,15 +40,16 @@ def _is_toy(model: models.Denoiser) -> bool:
 
 
 def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
-    if _is_toy(model):
-        from .toy import concepts as toy_concepts
+    """Concepts as given; in the toy world bare names get the world's templates, and the
+    other shapes are preserved unless the caller says what to preserve."""
+    if not _is_toy(model):
+        return as_concepts(concepts, preserve or ())
+    from .toy import concepts as toy_concepts
 
-        names = [c.name if isinstance(c, Concept) else c for c in
-                 ([concepts] if isinstance(concepts, (str, Concept)) else concepts or [])]
-        if preserve is None:
-            preserve = toy_concepts.preserve_for([n.strip() for n in names if isinstance(n, str)])
-        return as_concepts(concepts, preserve, default=toy_concepts.concept)
-    return as_concepts(concepts, preserve or ())
+    cs = as_concepts(concepts, default=toy_concepts.concept)
+    if preserve is None:
+        preserve = toy_concepts.preserve_for(cs.names)
+    return ConceptSet(cs.concepts, tuple([preserve] if isinstance(preserve, str) else preserve))
 
 
 def _check_tokens(model: models.Denoiser, concepts: ConceptSet) -> None:

@@ -28,7 +28,7 @@ from fasterase.toy import detector as D
 from fasterase.toy import shapes as S
 
 STAGES = ("vae", "detector", "sd", "flux")
-DEFAULT_STEPS = {"vae": 3000, "detector": 500, "sd": 8000, "flux": 9000}
+DEFAULT_STEPS = {"vae": 2000, "detector": 500, "sd": 5000, "flux": 5000}
 BATCH = {"vae": 32, "detector": 128, "sd": 32, "flux": 32}
 
 
