@@ -8,7 +8,7 @@
 #include "kernels.h"
 
 #ifdef WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace fasterase {
@@ -36,7 +36,7 @@ T* ptr_or_null(const c10::optional<at::Tensor>& t) {
 }
 
 #ifdef WITH_CUDA
-void* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
+void* stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()).stream(); }
 
 at::Tensor pointer_table(const std::vector<at::Tensor>& ts, const at::Device& device) {
   std::vector<int64_t> ptrs;

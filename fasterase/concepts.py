@@ -24,7 +24,8 @@ class Concept:
 
     name: the word(s) that prompt it. synonyms: other words for it (used to measure generality,
     and by methods only where they say so). anchor: the phrase it is mapped to ("" = the empty
-    prompt). templates: captions with one "{}" slot. type: object, celebrity, style or nudity
+    prompt). templates: captions with one "{}" slot. attributes: words that may stand before the
+    name ("red", "small"), for prompt augmentation. type: object, celebrity, style or nudity
     (selects per-type defaults in methods that have them).
     """
 
@@ -32,6 +33,7 @@ class Concept:
     synonyms: tuple[str, ...] = ()
     anchor: str = ""
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    attributes: tuple[str, ...] = ()
     type: str = "object"
 
     def __post_init__(self):
@@ -40,6 +42,7 @@ class Concept:
         object.__setattr__(self, "name", " ".join(self.name.split()))
         object.__setattr__(self, "synonyms", tuple(self.synonyms))
         object.__setattr__(self, "templates", tuple(self.templates))
+        object.__setattr__(self, "attributes", tuple(self.attributes))
         if self.type not in CONCEPT_TYPES:
             raise ValueError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
         if not self.templates:
@@ -48,20 +51,24 @@ class Concept:
             if t.count("{}") != 1:
                 raise ValueError(f"template {t!r} of concept {self.name!r} must contain exactly one '{{}}'")
 
-    def prompts(self, word: str | None = None) -> list[str]:
-        """Every template filled with the concept's name (or another word for it)."""
-        return [" ".join(t.format(word or self.name).split()) for t in self.templates]
+    def _fill(self, word: str, augment: bool) -> list[str]:
+        slots = [word] + ([f"{a} {word}" for a in self.attributes] if augment else [])
+        return [" ".join(t.format(s).split()) for s in slots for t in self.templates]
 
-    def anchor_prompts(self) -> list[str]:
-        """The same templates filled with the anchor: the guide for each of prompts()."""
-        return [" ".join(t.format(self.anchor).split()) for t in self.templates]
+    def prompts(self, augment: bool = False) -> list[str]:
+        """Every template filled with the name; with augment, also with each attribute before it."""
+        return self._fill(self.name, augment)
 
-    def synonym_prompts(self) -> list[str]:
-        return [p for s in self.synonyms for p in self.prompts(s)]
+    def anchor_prompts(self, augment: bool = False) -> list[str]:
+        """The guide of each of prompts(augment): the same caption with the anchor for the name."""
+        return self._fill(self.anchor, augment)
+
+    def synonym_prompts(self, augment: bool = False) -> list[str]:
+        return [p for s in self.synonyms for p in self._fill(s, augment)]
 
     def to_dict(self) -> dict:
         return {"name": self.name, "synonyms": list(self.synonyms), "anchor": self.anchor,
-                "templates": list(self.templates), "type": self.type}
+                "templates": list(self.templates), "attributes": list(self.attributes), "type": self.type}
 
 
 @dataclass(frozen=True)
@@ -92,8 +99,10 @@ class ConceptSet:
     def names(self) -> list[str]:
         return [c.name for c in self.concepts]
 
-    def preserve_prompts(self, templates: tuple[str, ...] = DEFAULT_TEMPLATES) -> list[str]:
-        return [" ".join(t.format(p).split()) for p in self.preserve for t in templates]
+    def preserve_prompts(self, like: Concept) -> list[str]:
+        """The preserved concepts' prompts, with the templates and augmentation of `like`."""
+        return [p for name in self.preserve for p in Concept(name, templates=like.templates,
+                                                               attributes=like.attributes).prompts(augment=True)]
 
 
 def as_concepts(concepts, preserve=(), default=None) -> ConceptSet:

@@ -139,7 +139,7 @@ def train_vae(args) -> None:
 
 def detector_batch(n: int, rng: np.random.Generator, g: torch.Generator, vae, scale: float):
     """Ground truth (half), VAE reconstructions (a quarter), and 'none' images (the rest)."""
-    images, _, s_idx, c_idx = S.sample(n, rng)
+    images, _, s_idx, c_idx = S.sample(n, rng, p_no_shape=0.0)
     x = to_tensor(images)
     n_rec, n_none = n // 4, n // 4
     with torch.no_grad():
@@ -172,7 +172,7 @@ def train_detector(args) -> None:
     run.save()
     det.eval()
     rng, g = rng_for(args.seed, "detector", 10**6)  # held out: never a training step
-    images, _, s_idx, c_idx = S.sample(2000, rng)
+    images, _, s_idx, c_idx = S.sample(2000, rng, p_no_shape=0.0)
     with torch.no_grad():
         s_logits, c_logits = det(to_tensor(images))
         recon = vae.decode(encode(vae, scale, images[:500]) / scale).sample.clamp(-1, 1)

@@ -14,7 +14,7 @@ def test_detector_accuracy_on_held_out_images():
     import numpy as np
     import torch
 
-    images, _, s_idx, c_idx = shapes.sample(1000, np.random.default_rng(12345), p_empty=0.0)
+    images, _, s_idx, c_idx = shapes.sample(1000, np.random.default_rng(12345), p_empty=0.0, p_no_shape=0.0)
     pred_s, pred_c = detector.load().classify(torch.from_numpy(images))
     assert np.mean([p == shapes.SHAPES[i] for p, i in zip(pred_s, s_idx)]) >= 0.98
     assert np.mean([p == shapes.COLORS[i] for p, i in zip(pred_c, c_idx)]) >= 0.98

@@ -2,9 +2,10 @@
 
 Every projection that reads text is re-solved so that each erased concept's prompts give the
 outputs its guide prompts gave (the anchor's, or the empty prompt's), while the preserved
-concepts' outputs stay, under the regulariser lam |W' - W|^2 (UCE Sec. 3, erasure with
-preservation). Token positions are aligned: the prompt "a photo of a circle" is mapped, token by
-token, onto "a photo of a" followed by the guide's tokens, padding included.
+concepts' outputs stay, all over the concept's augmented prompts, under the regulariser
+lam |W' - W|^2 (UCE Sec. 3, erasure with preservation). Token positions are aligned: the
+prompt "a photo of a circle" is mapped, token by token, onto "a photo of a" followed by the
+guide's tokens, padding included.
 SD: every cross-attention to_k / to_v. FLUX: context_embedder and the pooled-text embedder
 (as the public UCE FLUX variant does) and, with text_kv=True, the joint blocks' add_k / add_v.
 """
@@ -17,7 +18,7 @@ import torch
 from ..concepts import ConceptSet
 from ..edit import Edit, fingerprint
 from ..models import Denoiser
-from ..training.closed_form import apply_right_factor, uce_right_factor
+from ..training.closed_form import uce_weights
 
 
 @dataclass
@@ -28,8 +29,8 @@ class UCEConfig:
     text_kv: bool = False  # FLUX only: also edit the joint blocks' add_k_proj / add_v_proj
 
     def __post_init__(self):
-        if self.lam < 0 or self.erase_scale <= 0 or self.preserve_scale < 0:
-            raise ValueError("UCE needs lam >= 0, erase_scale > 0 and preserve_scale >= 0")
+        if self.lam <= 0 or self.erase_scale <= 0 or self.preserve_scale < 0:
+            raise ValueError("UCE needs lam > 0, erase_scale > 0 and preserve_scale >= 0")
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -40,9 +41,9 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: UCEConfig, progress: bool = 
     projections = model.cross_attention_kv()
     if model.kind == "flux" and not cfg.text_kv:
         projections = projections[:2]
-    erase = [p for c in concepts for p in c.prompts()]
-    guide = [p for c in concepts for p in c.anchor_prompts()]
-    preserve = concepts.preserve_prompts(concepts.concepts[0].templates)
+    erase = [p for c in concepts for p in c.prompts(augment=True)]
+    guide = [p for c in concepts for p in c.anchor_prompts(augment=True)]
+    preserve = concepts.preserve_prompts(concepts.concepts[0])
     inputs = {k: model.kv_inputs(model.encode(prompts)) if prompts else None
               for k, prompts in (("erase", erase), ("guide", guide), ("preserve", preserve))}
     # Group the projections that read the very same inputs: they share one solve.
@@ -55,8 +56,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: UCEConfig, progress: bool = 
         name = members[0].name
         c, g = _rows(inputs["erase"][name]), _rows(inputs["guide"][name])
         keep = _rows(inputs["preserve"][name]) if inputs["preserve"] else c.new_zeros(0, c.shape[1])
-        r = uce_right_factor(c, g, keep, cfg.lam, cfg.erase_scale, cfg.preserve_scale)
-        new = apply_right_factor([p.module.weight for p in members], r)
+        new = uce_weights([p.module.weight for p in members], c, g, keep, cfg.lam, cfg.erase_scale,
+                          cfg.preserve_scale)
         weights.update({f"{p.name}.weight": w for p, w in zip(members, new)})
     return Edit(method="uce", model_kind=model.kind, concepts=[c.to_dict() for c in concepts],
                 config=vars(cfg).copy(), base_fingerprint=fingerprint(model.network, list(weights)),

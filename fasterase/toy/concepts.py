@@ -4,17 +4,14 @@ from __future__ import annotations
 from ..concepts import Concept
 from . import shapes
 
+# The world's captions with "{color} {shape}" as one slot: "a photo of a {}".
+TEMPLATES = tuple(t.replace("{color} {shape}", "{}") for t in shapes.COLOR_TEMPLATES)
+
 
 def concept(name: str) -> Concept:
-    """A shape as a Concept: every colour x colour template, plus the colourless templates.
-
-    Synonyms are attached for evaluation (generality); methods train on prompts() only.
-    """
-    if name not in shapes.SHAPES:
-        return Concept(name, templates=tuple(t.replace("{shape}", "{}") for t in shapes.SHAPE_TEMPLATES))
-    templates = [t.replace("{shape}", "{}").replace("{color}", c) for c in shapes.COLORS for t in shapes.COLOR_TEMPLATES]
-    templates += [t.replace("{shape}", "{}") for t in shapes.SHAPE_TEMPLATES]
-    return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=tuple(templates))
+    """A toy concept: the world's templates, its colours as attributes for augmentation, and
+    (for shapes that have them) synonyms, which methods do not train on: they measure generality."""
+    return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=TEMPLATES, attributes=shapes.COLORS)
 
 
 def preserve_for(names: list[str]) -> list[str]:

@@ -101,12 +101,18 @@ def render(shapes, colors, rng: np.random.Generator) -> np.ndarray:
     return (img / 127.5 - 1.0).astype(np.float32)
 
 
-def sample(n: int, rng: np.random.Generator, p_synonym=0.25, p_no_color=0.15, p_empty=0.1):
-    """A training batch: images, captions, shape and colour indices (caption '' for dropout)."""
+def sample(n: int, rng: np.random.Generator, p_synonym=0.25, p_no_color=0.15, p_empty=0.1, p_no_shape=0.05):
+    """A training batch: images, captions, shape and colour indices.
+
+    Caption '' (dropout for classifier-free guidance) keeps its image. A caption with the shape
+    word left out ("a photo of a red") shows no shape: in this world, as in real ones, a prompt
+    that names no object gets none, so a concept mapped to the empty prompt disappears.
+    Index -1 marks a missing shape or colour.
+    """
     s_idx = rng.integers(0, len(SHAPES), n)
     c_idx = rng.integers(0, len(COLORS), n)
     caps = []
-    for s, c in zip(s_idx, c_idx):
+    for i, (s, c) in enumerate(zip(s_idx, c_idx)):
         shape, color = SHAPES[s], COLORS[c]
         word = shape
         if shape in SYNONYMS and rng.random() < p_synonym:
@@ -114,11 +120,15 @@ def sample(n: int, rng: np.random.Generator, p_synonym=0.25, p_no_color=0.15, p_
         u = rng.random()
         if u < p_empty:
             caps.append("")
-        elif u < p_empty + p_no_color:
+        elif u < p_empty + p_no_shape:
+            caps.append(caption("", color, COLOR_TEMPLATES[rng.integers(len(COLOR_TEMPLATES))]))
+            s_idx[i] = c_idx[i] = -1
+        elif u < p_empty + p_no_shape + p_no_color:
             caps.append(caption(word, None, SHAPE_TEMPLATES[rng.integers(len(SHAPE_TEMPLATES))]))
         else:
             caps.append(caption(word, color, COLOR_TEMPLATES[rng.integers(len(COLOR_TEMPLATES))]))
-    images = render([SHAPES[s] for s in s_idx], [COLORS[c] for c in c_idx], rng)
+    images = render([SHAPES[s] if s >= 0 else None for s in s_idx], [COLORS[c] if c >= 0 else None for c in c_idx],
+                    rng)
     return images, caps, s_idx, c_idx
 
 

@@ -1,0 +1,52 @@
+"""Concepts and their prompt sets."""
+import pytest
+
+from fasterase.concepts import Concept, ConceptSet, as_concepts
+from fasterase.toy import concepts as toy_concepts
+
+
+def test_prompts_and_augmentation():
+    c = Concept("circle", anchor="", templates=("a {}", "a photo of a {}"), attributes=("red", "blue"))
+    assert c.prompts() == ["a circle", "a photo of a circle"]
+    assert c.prompts(augment=True) == ["a circle", "a photo of a circle", "a red circle", "a photo of a red circle",
+                                       "a blue circle", "a photo of a blue circle"]
+    # each guide prompt is its prompt with the anchor in the concept's place
+    assert c.anchor_prompts(augment=True)[3] == "a photo of a red"
+    assert len(c.anchor_prompts(augment=True)) == len(c.prompts(augment=True))
+
+
+def test_synonym_prompts():
+    c = Concept("circle", synonyms=("disk",), templates=("a {}",))
+    assert c.synonym_prompts() == ["a disk"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"name": ""}, "non-empty"),
+    ({"name": "x", "type": "animal"}, "object, celebrity, style, nudity"),
+    ({"name": "x", "templates": ()}, "no prompt templates"),
+    ({"name": "x", "templates": ("no slot",)}, "exactly one"),
+])
+def test_bad_concepts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Concept(**kwargs)
+
+
+def test_concept_sets():
+    cs = as_concepts(["circle", Concept("square")], preserve="star")
+    assert cs.names == ["circle", "square"] and cs.preserve == ("star",)
+    with pytest.raises(ValueError, match="duplicate"):
+        as_concepts(["circle", "Circle"])
+    with pytest.raises(ValueError, match="both erased and preserved"):
+        as_concepts(["circle"], preserve=["circle"])
+    with pytest.raises(ValueError, match="empty"):
+        ConceptSet(())
+    with pytest.raises(TypeError):
+        as_concepts(None)
+
+
+def test_toy_concepts():
+    c = toy_concepts.concept("circle")
+    assert c.synonyms == ("disk",) and "red" in c.attributes
+    assert "a photo of a red circle" in c.prompts(augment=True)
+    assert "disk" not in " ".join(c.prompts(augment=True))  # synonyms are held out
+    assert toy_concepts.preserve_for(["circle", "star"]) == ["square", "triangle", "cross"]
