@@ -1,6 +1,16 @@
-"""Shared test set-up: CPU-only by default; `gpu` tests skip themselves without CUDA."""
-import pytest
+"""Shared test set-up: CPU-only by default; `gpu` tests skip themselves without CUDA.
+
+Without a GPU, Triton kernels run in its interpreter, which must be switched on before Triton is
+first imported (diffusers may import it while fasterase loads), so it is set here, first.
+"""
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -191,3 +191,12 @@ def test_uce_moves_the_concept_to_its_guide():
         assert moved < 0.5 * before
         drift = (kept.embeds @ p.module.weight.T - kept.embeds @ w.T).norm()
         assert drift < 0.2 * (kept.embeds @ w.T).norm()
+
+
+def test_esd_parameter_set_follows_concept_type():
+    from fasterase.concepts import as_concepts
+    from fasterase.methods import esd
+
+    assert esd.parameter_set(esd.ESDConfig(), as_concepts("circle")) == "esd-u"
+    assert esd.parameter_set(esd.ESDConfig(), as_concepts(Concept("van gogh", type="style"))) == "esd-x"
+    assert esd.parameter_set(esd.ESDConfig(parameters="esd-x"), as_concepts("circle")) == "esd-x"

@@ -2,11 +2,16 @@
 
 The scale path trains, for each frozen weight, one flat parameter holding only its selected
 entries (a compact delta applied over the frozen base), so ZeRO's flattening cannot break the
-saliency mask.  Single process, gloo, DS_ACCELERATOR=cpu; compared with the same training
-without DeepSpeed.
+saliency mask.  Single process, gloo, DS_ACCELERATOR=cpu, run as a subprocess (this file is also the script) so
+DeepSpeed's environment, process group and imports stay out of the test session; compared with
+the same training without DeepSpeed.
 """
 import contextlib
+import importlib.util
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -66,20 +71,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CONFIGS = [(2, "fp32"), (3, "fp32"), (2, "8bit")]
+
+
 @pytest.fixture(scope="module")
-def deepspeed_cpu():
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in dict(DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
-                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
-            mp.setenv(key, value)
-        deepspeed = pytest.importorskip("deepspeed")
-        from deepspeed.accelerator import get_accelerator
-        if get_accelerator().device_name() != "cpu":
-            pytest.skip(f"DeepSpeed picked accelerator {get_accelerator().device_name()!r}, not cpu")
-        deepspeed.init_distributed(dist_backend="gloo")
-        yield deepspeed
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+def deepspeed_deltas(tmp_path_factory):
+    """{(stage, state_dtype): trained deltas}, from one DeepSpeed subprocess."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    out = tmp_path_factory.mktemp("deepspeed") / "deltas.pt"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
 
 
 def train_deepspeed(deepspeed, stage, state_dtype):
@@ -105,19 +111,32 @@ def train_deepspeed(deepspeed, stage, state_dtype):
     return [layer.delta.detach().clone() for layer in engine.module.layers]
 
 
+def main(out_path: str) -> None:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        raise SystemExit(f"DeepSpeed picked accelerator {get_accelerator().device_name()!r}, not cpu")
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.save({config: train_deepspeed(deepspeed, *config) for config in CONFIGS}, out_path)
+    torch.distributed.destroy_process_group()
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_matches_plain_training_fp32_states(deepspeed_cpu, stage):
+def test_zero_matches_plain_training_fp32_states(deepspeed_deltas, stage):
     expected = train_plain("fp32")
-    got = train_deepspeed(deepspeed_cpu, stage, "fp32")
-    for a, b in zip(got, expected):
+    for a, b in zip(deepspeed_deltas[(stage, "fp32")], expected):
         assert a.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_zero2_8bit_states_track_plain_training(deepspeed_cpu):
+def test_zero2_8bit_states_track_plain_training(deepspeed_deltas):
     """ZeRO flattens the deltas into one partition, so 8-bit blocks straddle tensors and the
     quantisation differs: the trained deltas agree to 5% of their magnitude."""
     expected = train_plain("8bit")
-    got = train_deepspeed(deepspeed_cpu, 2, "8bit")
-    for a, b in zip(got, expected):
+    for a, b in zip(deepspeed_deltas[(2, "8bit")], expected):
         assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

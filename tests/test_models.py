@@ -113,11 +113,15 @@ def test_save_load_round_trip(model, tmp_path):
     model.pipeline.save_pretrained(tmp_path)
     again = models.load(tmp_path)
     assert type(again) is type(model) and again.sample_kwargs == model.sample_kwargs
+    a, b = model.network.state_dict(), again.network.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # weights bit-exact
+    assert torch.equal(model.encode("a red star").embeds, again.encode("a red star").embeds)
+    # outputs agree to fp32 rounding (oneDNN may order a reduction differently for new buffers)
     x = model.noise(1, torch.Generator().manual_seed(0))
     t = torch.tensor([0.5])
-    assert torch.equal(model.predict(x, t, model.encode("a red star")),
-                       again.predict(x, t, again.encode("a red star")))
-    assert torch.equal(model.generate(["a red star"], seed=3), again.generate(["a red star"], seed=3))
+    assert torch.allclose(model.predict(x, t, model.encode("a red star")),
+                          again.predict(x, t, again.encode("a red star")), atol=1e-5)
+    assert torch.allclose(model.generate(["a red star"], seed=3), again.generate(["a red star"], seed=3), atol=1e-3)
 
 
 def test_pipeline_call_returns_an_image(model):

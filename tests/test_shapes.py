@@ -43,10 +43,14 @@ def test_sample_is_deterministic_and_uses_synonyms():
     caps = " ".join(a[1])
     assert "disk" in caps and "box" in caps
     assert "" in a[1]  # caption dropout for classifier-free guidance
-    for cap, s, c in zip(*a[1:]):
-        if cap:
-            words = cap.split()
+    shape_words = set(shapes.SHAPES) | {w for ws in shapes.SYNONYMS.values() for w in ws}
+    for img, cap, s, c in zip(*a):
+        words = cap.split()
+        if s < 0:  # a caption that names no shape shows none
+            assert c < 0 and cap and not shape_words & set(words) and np.allclose(img, 1.0)
+        elif cap:
             assert shapes.SHAPES[s] in words or any(w in words for w in shapes.SYNONYMS.get(shapes.SHAPES[s], ()))
+    assert (a[2] < 0).any()
 
 
 def test_unknown_shape_is_an_error():

@@ -31,9 +31,11 @@ PARAMETER_SETS = {
 
 @dataclass
 class ESDConfig:
-    parameters: str = "esd-x"  # esd-x (attention reading text) or esd-u (the rest); ESD Sec. 4
+    # esd-x (attention reading text) or esd-u (the rest); unset, ESD Sec. 4's choice by concept
+    # type: esd-x for styles (and celebrities), esd-u for objects and nudity
+    parameters: str | None = None
     eta: float = 1.0  # negative guidance scale (ESD Sec. 3, eta = 1)
-    steps: int = 200  # ESD trains 1000 steps of full fine-tuning at lr 1e-5; a LoRA needs fewer, larger
+    steps: int = 400  # ESD trains 1000 steps of full fine-tuning at lr 1e-5; a LoRA needs fewer, larger
     lr: float = 1e-3
     rank: int = 4  # LoRA rank (alpha = rank)
     batch_size: int = 4
@@ -43,7 +45,7 @@ class ESDConfig:
     checkpoint: str | None = None  # file to checkpoint to and resume from
 
     def __post_init__(self):
-        if self.parameters not in ("esd-x", "esd-u"):
+        if self.parameters not in (None, "esd-x", "esd-u"):
             raise ValueError(f"unknown ESD parameter set {self.parameters!r}; valid: esd-x, esd-u")
         for k in ("steps", "rank", "batch_size", "sample_steps"):
             if getattr(self, k) < 1:
@@ -52,9 +54,16 @@ class ESDConfig:
             raise ValueError("ESD needs lr > 0 and eta > 0")
 
 
+def parameter_set(cfg: ESDConfig, concepts: ConceptSet) -> str:
+    if cfg.parameters:
+        return cfg.parameters
+    return "esd-x" if all(c.type in ("style", "celebrity") for c in concepts) else "esd-u"
+
+
 def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = True) -> Edit:
     net = model.network
-    modules = params.linear_names(net, PARAMETER_SETS[(model.kind, cfg.parameters)])
+    parameters = parameter_set(cfg, concepts)
+    modules = params.linear_names(net, PARAMETER_SETS[(model.kind, parameters)])
     base = fingerprint(net, [f"{m}.weight" for m in modules])
     prompts = [p for c in concepts for p in c.prompts()]
     taus = model.sampling_taus(cfg.sample_steps)
@@ -84,5 +93,6 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
         remove_adapter(net)
     return Edit(method="esd", model_kind=model.kind, concepts=[c.to_dict() for c in concepts],
                 config=vars(cfg).copy(), base_fingerprint=base, lora=lora,
-                report={"trained_modules": len(modules), "trainable_parameters": sum(p.numel() for p in trainable),
+                report={"parameters": parameters, "trained_modules": len(modules),
+                        "trainable_parameters": sum(p.numel() for p in trainable),
                         **stats})
