@@ -89,7 +89,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     cfg = _options(m, options)
     den = models.load(model)
     if copy:
-        den = models.load(copylib.deepcopy(den.pipeline))
+        copied = models.load(copylib.deepcopy(den.pipeline))
+        copied.name, den = den.name, copied
     cs = _resolve_concepts(den, concepts, preserve)
     _check_tokens(den, cs)
     start = time.perf_counter()

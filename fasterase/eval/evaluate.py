@@ -1,8 +1,6 @@
 """Toy-world evaluation: generate with fixed seeds, classify with the detector, score."""
 from __future__ import annotations
 
-import torch
-
 from ..models import Denoiser
 from ..toy import detector as toy_detector
 from ..toy import shapes

@@ -31,14 +31,14 @@ def _wrap(pipeline) -> Denoiser:
 
 def load(model) -> Denoiser:
     """The Denoiser for `model` (see module docstring); anything else is a clear error."""
+    if isinstance(model, Denoiser):
+        return model
     denoiser = _load(model)
     denoiser.name = str(model) if isinstance(model, (str, Path)) else type(denoiser.pipeline).__name__
     return denoiser
 
 
 def _load(model) -> Denoiser:
-    if isinstance(model, Denoiser):
-        return model
     if isinstance(model, (str, Path)):
         name = str(model)
         if name in TOY_NAMES:
