@@ -5,7 +5,7 @@
 
 Each stage is deterministic for --seed: the data and noise of step k come from (seed, stage, k),
 so a run resumed from its checkpoint (in --work) ends with the same weights as one that never
-stopped. The final weights are written as fp16 safetensors into fasterase/toy/weights/, and a
+stopped. The final weights are written as fp16 safetensors into --out (fasterase/toy/weights/), and a
 learning curve scored by the detector into --work/<stage>_curve.jsonl.
 """
 from __future__ import annotations
@@ -102,8 +102,8 @@ class Run:
         return self.ema or self.modules
 
 
-def load_vae() -> tuple[torch.nn.Module, float]:
-    vae = C._vae()
+def load_vae(directory: Path) -> tuple[torch.nn.Module, float]:
+    vae = C.trained_vae(directory)
     return vae, vae.config.scaling_factor
 
 
@@ -133,7 +133,7 @@ def train_vae(args) -> None:
         z = vae.encode(to_tensor(S.sample(512, rng)[0])).latent_dist.mean
         scale = 1.0 / z.std().item()
     run.log({"scaling_factor": scale, "latent_mean": z.mean().item()})
-    C.save_weights(vae, "vae", metadata={"scaling_factor": repr(scale)})
+    C.save_weights(vae, "vae", args.out, metadata={"scaling_factor": repr(scale)})
 
 
 def detector_batch(n: int, rng: np.random.Generator, g: torch.Generator, vae, scale: float):
@@ -155,7 +155,7 @@ def detector_batch(n: int, rng: np.random.Generator, g: torch.Generator, vae, sc
 
 
 def train_detector(args) -> None:
-    vae, scale = load_vae()
+    vae, scale = load_vae(args.out)
     det = D.Detector()
     run = Run(args.work, "detector", {"detector": det}, lr=2e-3, ema=None)
     bar = tqdm(range(run.step, args.steps), initial=run.step, total=args.steps, desc="detector")
@@ -181,7 +181,7 @@ def train_detector(args) -> None:
         "heldout_color_acc": (c_logits.argmax(1).numpy() == c_idx).mean().item(),
         "recon_shape_acc": (s_rec.argmax(1).numpy() == s_idx[:500]).mean().item(),
     })
-    C.save_weights(det, "detector")
+    C.save_weights(det, "detector", args.out)
 
 
 def tokens(tok, captions: list[str]) -> torch.Tensor:
@@ -212,7 +212,7 @@ def score(pipe, kind: str, det, seed: int) -> dict:
 
 
 def train_denoiser(args, kind: str) -> None:
-    vae, scale = load_vae()
+    vae, scale = load_vae(args.out)
     det = None  # loaded at the first evaluation, so the detector may still be training now
     tok = C.tokenizer()
     if kind == "sd":
@@ -262,7 +262,7 @@ def train_denoiser(args, kind: str) -> None:
         if (step + 1) % args.save_every == 0:
             run.save()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            det = det or D.load()
+            det = det or D.load(args.out)
             run.log({"minutes": round((time.time() - t0) / 60, 2), "loss": loss.item(),
                      **score(pipe, f"toy-{kind}", det, args.seed)})
     run.save()
@@ -270,7 +270,7 @@ def train_denoiser(args, kind: str) -> None:
              "flux": {"text_encoder": "flux_text_encoder", "text_encoder_2": "flux_text_encoder_2",
                       "transformer": "flux_transformer"}}[kind]
     for k, m in ema.items():
-        C.save_weights(m, names[k])
+        C.save_weights(m, names[k], args.out)
 
 
 def main() -> None:
@@ -279,7 +279,8 @@ def main() -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", type=Path, default=Path("toy_runs"))
+    p.add_argument("--work", type=Path, default=Path("toy_runs"), help="checkpoints and learning curves")
+    p.add_argument("--out", type=Path, default=C.WEIGHTS, help="where the weights are read and written")
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=1000)
     args = p.parse_args()

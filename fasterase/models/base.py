@@ -56,9 +56,9 @@ class Denoiser(ABC):
 
     # --- conditioning -------------------------------------------------------------------------
     @property
+    @abstractmethod
     def network(self) -> nn.Module:
         """The trainable denoising network (UNet or transformer)."""
-        raise NotImplementedError
 
     @abstractmethod
     def _encode(self, prompts: list[str]) -> Cond: ...

@@ -128,15 +128,15 @@ def load_weights(module: torch.nn.Module, name: str, directory: Path = WEIGHTS) 
     return module.eval().requires_grad_(False)
 
 
-def _vae() -> AutoencoderKL:
-    with safe_open(str(WEIGHTS / "vae.safetensors"), "pt") as f:
+def trained_vae(directory: Path = WEIGHTS) -> AutoencoderKL:
+    with safe_open(str(directory / "vae.safetensors"), "pt") as f:
         scale = float(f.metadata()["scaling_factor"])
-    return load_weights(vae(scale), "vae")
+    return load_weights(vae(scale), "vae", directory)
 
 
 def sd_pipeline() -> StableDiffusionPipeline:
     return StableDiffusionPipeline(
-        vae=_vae(), text_encoder=load_weights(clip_text_encoder(), "sd_text_encoder"),
+        vae=trained_vae(), text_encoder=load_weights(clip_text_encoder(), "sd_text_encoder"),
         tokenizer=tokenizer(), unet=load_weights(unet(), "sd_unet"), scheduler=sd_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
@@ -144,7 +144,7 @@ def sd_pipeline() -> StableDiffusionPipeline:
 
 def flux_pipeline() -> FluxPipeline:
     return FluxPipeline(
-        scheduler=flux_scheduler(), vae=_vae(),
+        scheduler=flux_scheduler(), vae=trained_vae(),
         text_encoder=load_weights(clip_text_encoder(), "flux_text_encoder"), tokenizer=tokenizer(),
         text_encoder_2=load_weights(t5_text_encoder(), "flux_text_encoder_2"), tokenizer_2=tokenizer(),
         transformer=load_weights(flux_transformer(), "flux_transformer"),

@@ -38,7 +38,7 @@ class Detector(nn.Module):
         return [names[i] for i in s.argmax(1).tolist()], [shapes.COLORS[i] for i in c.argmax(1).tolist()]
 
 
-def load() -> Detector:
-    from .components import load_weights
+def load(directory=None) -> Detector:
+    from .components import WEIGHTS, load_weights
 
-    return load_weights(Detector(), "detector")
+    return load_weights(Detector(), "detector", directory or WEIGHTS)
