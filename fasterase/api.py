@@ -98,9 +98,9 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
         torch.cuda.reset_peak_memory_stats()
     edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
     edit.apply(den)  # rolls itself back if it fails
-    report = {"model": den.name, "method": method, "concepts": cs.names, "preserve": list(cs.preserve), "config": vars(cfg).copy(),
-              "steps": edit.report.get("steps", 0), "wall_time_s": time.perf_counter() - start,
-              **_peak_memory_mb(), **edit.report}
+    report = {"model": den.name, "method": method, "concepts": cs.names, "preserve": list(cs.preserve),
+              "config": vars(cfg).copy(), "steps": edit.report.get("steps", 0),
+              "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(), **edit.report}
     edit.report = report
     return EraseResult(den.pipeline, den, edit, report)
 
