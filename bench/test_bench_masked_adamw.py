@@ -51,7 +51,8 @@ def test_salient_adamw_dense(measure, device, state_dtype, bytes_per):
     opt = SalientAdamW(params, state_dtype=state_dtype, **HYPER)
     opt.step()
     measure(lambda: (opt.step(), sync(device)), NUMEL * bytes_per, op="masked_adamw",
-            impl=f"SalientAdamW {state_dtype} ({ops.last_backend('masked_adamw')})", device=device, elements=NUMEL)
+            impl=f"SalientAdamW {state_dtype} ({ops.last_backend('masked_adamw_multi')})", device=device,
+            elements=NUMEL)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -62,7 +63,7 @@ def test_salient_adamw_8bit_one_percent_mask(measure, device):
     selected = sum(int(m.sum()) for m in masks.values())
     # the step still reads every gradient once for the global non-finite check
     measure(lambda: (opt.step(), sync(device)), selected * BYTES_8BIT + NUMEL * 4, op="masked_adamw",
-            impl=f"SalientAdamW 8bit, 1% index mask ({ops.last_backend('masked_adamw')})", device=device,
+            impl=f"SalientAdamW 8bit, 1% index mask ({ops.last_backend('masked_adamw_multi')})", device=device,
             elements=NUMEL)
 
 

@@ -45,13 +45,15 @@ at::Tensor pointer_table(const std::vector<at::Tensor>& ts, const at::Device& de
 }
 #endif
 
-void masked_adamw(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
-                  at::Tensor step, at::Tensor found_inf, c10::optional<at::Tensor> mask_bits,
-                  c10::optional<at::Tensor> mask_idx, c10::optional<at::Tensor> absmax_m,
-                  c10::optional<at::Tensor> absmax_v, c10::optional<at::Tensor> qmap_m,
-                  c10::optional<at::Tensor> qmap_v, double lr, double beta1, double beta2, double eps,
-                  double weight_decay) {
+AdamWArgs adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                     const at::Tensor& exp_avg_sq, const at::Tensor& step, const at::Tensor& found_inf,
+                     const c10::optional<at::Tensor>& mask_bits, const c10::optional<at::Tensor>& mask_idx,
+                     const c10::optional<at::Tensor>& absmax_m, const c10::optional<at::Tensor>& absmax_v,
+                     const c10::optional<at::Tensor>& qmap_m, const c10::optional<at::Tensor>& qmap_v, double lr,
+                     double beta1, double beta2, double eps, double weight_decay) {
   for (auto* t : {&grad, &exp_avg, &exp_avg_sq, &step, &found_inf}) check(*t, param, "tensor");
+  TORCH_CHECK(grad.numel() == param.numel(), "fasterase._C: grad and param sizes differ");
+  TORCH_CHECK(step.numel() == 1 && step.scalar_type() == at::kFloat, "fasterase._C: step must be one fp32 element");
   AdamWArgs a{};
   a.param = param.data_ptr();
   a.grad = grad.data_ptr();
@@ -77,6 +79,17 @@ void masked_adamw(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Ten
   a.beta2 = beta2;
   a.eps = eps;
   a.weight_decay = weight_decay;
+  return a;
+}
+
+void masked_adamw(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
+                  at::Tensor step, at::Tensor found_inf, c10::optional<at::Tensor> mask_bits,
+                  c10::optional<at::Tensor> mask_idx, c10::optional<at::Tensor> absmax_m,
+                  c10::optional<at::Tensor> absmax_v, c10::optional<at::Tensor> qmap_m,
+                  c10::optional<at::Tensor> qmap_v, double lr, double beta1, double beta2, double eps,
+                  double weight_decay) {
+  const AdamWArgs a = adamw_args(param, grad, exp_avg, exp_avg_sq, step, found_inf, mask_bits, mask_idx, absmax_m,
+                                 absmax_v, qmap_m, qmap_v, lr, beta1, beta2, eps, weight_decay);
   if (param.is_cuda()) {
 #ifdef WITH_CUDA
     masked_adamw_cuda(a, stream_of(param));
@@ -85,6 +98,36 @@ void masked_adamw(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Ten
     TORCH_CHECK(false, "fasterase._C was built without CUDA");
   }
   masked_adamw_cpu(a);
+}
+
+// The list form, CPU only: one check over every gradient, then one parallel update of all tensors
+// (fasterase/ops/adamw.py masked_adamw_multi). On CUDA the ops layer loops over masked_adamw instead.
+void masked_adamw_multi(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                        std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+                        std::vector<at::Tensor> steps, at::Tensor found_inf,
+                        std::vector<c10::optional<at::Tensor>> mask_bits,
+                        std::vector<c10::optional<at::Tensor>> mask_idx,
+                        std::vector<c10::optional<at::Tensor>> absmax_m,
+                        std::vector<c10::optional<at::Tensor>> absmax_v, c10::optional<at::Tensor> qmap_m,
+                        c10::optional<at::Tensor> qmap_v, std::vector<double> lrs, std::vector<double> beta1s,
+                        std::vector<double> beta2s, std::vector<double> epss, std::vector<double> weight_decays) {
+  const size_t count = params.size();
+  for (size_t size : {grads.size(), exp_avgs.size(), exp_avg_sqs.size(), steps.size(), mask_bits.size(),
+                      mask_idx.size(), absmax_m.size(), absmax_v.size(), lrs.size(), beta1s.size(), beta2s.size(),
+                      epss.size(), weight_decays.size()})
+    TORCH_CHECK(size == count, "fasterase._C: masked_adamw_multi needs one entry per tensor in every list");
+  TORCH_CHECK(found_inf.device().is_cpu() && found_inf.is_contiguous() && found_inf.numel() == 1 &&
+                  found_inf.scalar_type() == at::kFloat,
+              "fasterase._C: masked_adamw_multi runs on the CPU, with one fp32 found_inf element");
+  std::vector<AdamWArgs> args;
+  args.reserve(count);
+  for (size_t k = 0; k < count; ++k) {
+    TORCH_CHECK(params[k].device().is_cpu(), "fasterase._C: masked_adamw_multi runs on the CPU");
+    args.push_back(adamw_args(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], steps[k], found_inf, mask_bits[k],
+                              mask_idx[k], absmax_m[k], absmax_v[k], qmap_m, qmap_v, lrs[k], beta1s[k], beta2s[k],
+                              epss[k], weight_decays[k]));
+  }
+  masked_adamw_multi_cpu(args.data(), static_cast<int64_t>(count), found_inf.data_ptr<float>());
 }
 
 void lowrank_update(std::vector<at::Tensor> weights, at::Tensor left, at::Tensor right) {
@@ -197,6 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_noise_loss(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fasterase native kernels (C++ CPU, CUDA when built with it)";
   m.def("masked_adamw", &fasterase::masked_adamw);
+  m.def("masked_adamw_multi", &fasterase::masked_adamw_multi);
   m.def("lowrank_update", &fasterase::lowrank_update);
   m.def("shared_matmul", &fasterase::shared_matmul);
   m.def("paired_noise_loss", &fasterase::paired_noise_loss);

@@ -62,6 +62,9 @@ struct PairedLossArgs {
 };
 
 void masked_adamw_cpu(const AdamWArgs& a);
+// count tensors' steps with one skip decision: if *found_inf is set, or any entry of any gradient
+// (masked or not) is non-finite, only *found_inf (set to 1) is written; each AdamWArgs::found_inf is unused.
+void masked_adamw_multi_cpu(const AdamWArgs* args, int64_t count, float* found_inf);
 void lowrank_update_cpu(const LowRankArgs& a);
 float paired_noise_loss_cpu(const PairedLossArgs& a);
 

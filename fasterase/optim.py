@@ -1,4 +1,5 @@
-"""SalientAdamW: saliency-masked AdamW with 8-bit blockwise states (fused op fasterase.ops.masked_adamw).
+"""SalientAdamW: saliency-masked AdamW with 8-bit blockwise states (fused op fasterase.ops.masked_adamw,
+one call per device for all parameters: fasterase.ops.masked_adamw_multi).
 
 Only the selected entries of each parameter train; the others, and their states, are never
 written.  With index masks (the default form of a bool mask) a tensor's states hold only its
@@ -130,22 +131,31 @@ class SalientAdamW(torch.optim.Optimizer):
                 work.append((group, p))
         if not work:
             return loss
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for _, p in work:
-            by_device.setdefault(p.device, []).append(p.grad)
-        # one non-finite check over every gradient first, so a bad step is skipped everywhere
-        flags = {}
-        for device, grads in by_device.items():
-            norms = torch._foreach_norm(grads, float("inf"))
-            flags[device] = (~torch.isfinite(torch.stack(norms))).any().float().reshape(1)
-        self._found_inf = next(iter(flags.values()))
+        by_device: dict[torch.device, list] = {}
         for group, p in work:
-            state = self.state[p] if self.state[p] else self._init_state(p)
-            absmax = (state["absmax_m"], state["absmax_v"]) if "absmax_m" in state else None
-            ops.masked_adamw(
-                p.view(-1), p.grad.contiguous().view(-1), state["exp_avg"], state["exp_avg_sq"], state["step"],
-                lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                mask=self.masks.get(p), absmax=absmax, found_inf=flags[p.device])
+            by_device.setdefault(p.device, []).append((group, p))
+        # one call per device (ops.masked_adamw_multi): it checks every gradient first, so a step with
+        # a non-finite gradient anywhere on the device is skipped for all of its parameters
+        flags = []
+        for device, items in by_device.items():
+            params, grads, exp_avgs, exp_avg_sqs, steps, masks, absmax = [], [], [], [], [], [], []
+            lrs, betas, epss, decays = [], [], [], []
+            for group, p in items:
+                state = self.state[p] if self.state[p] else self._init_state(p)
+                params.append(p.view(-1))
+                grads.append(p.grad.contiguous().view(-1))
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+                masks.append(self.masks.get(p))
+                absmax.append((state["absmax_m"], state["absmax_v"]) if "absmax_m" in state else None)
+                lrs.append(group["lr"])
+                betas.append(group["betas"])
+                epss.append(group["eps"])
+                decays.append(group["weight_decay"])
+            flags.append(ops.masked_adamw_multi(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lrs, betas=betas,
+                                                eps=epss, weight_decay=decays, masks=masks, absmax=absmax))
+        self._found_inf = flags[0]
         return loss
 
     def state_bytes(self) -> int:

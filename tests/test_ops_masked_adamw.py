@@ -55,7 +55,7 @@ def run(case, backend):
     return found
 
 
-def oracle(case):
+def oracle(case, hyper=HYPER):
     """The reference in fp64 from the same starting point (8-bit states decoded first)."""
     c = clone(case)
     if c["absmax"] is not None:
@@ -66,7 +66,7 @@ def oracle(case):
     bits = c["mask"] if c["mask"] is not None and c["mask"].dtype == torch.uint8 else None
     idx = c["mask"] if c["mask"] is not None and c["mask"].dtype == torch.int32 else None
     masked_adamw_reference(p, g, m, v, c["step"], torch.zeros(1), bits, idx, None, None, None, None,
-                           HYPER["lr"], *HYPER["betas"], HYPER["eps"], HYPER["weight_decay"])
+                           hyper["lr"], *hyper["betas"], hyper["eps"], hyper["weight_decay"])
     return p, m, v
 
 
@@ -197,3 +197,177 @@ def test_torch_compile_fake_impl():
     torch.library.opcheck(torch.ops.fasterase.masked_adamw.default, (
         torch.randn(300), torch.randn(300), torch.zeros(300), torch.zeros(300), torch.zeros(1), torch.zeros(1),
         None, None, None, None, None, None, 1e-3, 0.9, 0.999, 1e-8, 0.0), test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- masked_adamw_multi: the list form (one call, one skip decision for every tensor) ----
+
+MULTI_HYPER = dict(lr=[3e-3, 1e-3, 2e-2, 5e-4, 3e-3, 1e-2], betas=[(0.9, 0.99), (0.8, 0.999), (0.9, 0.99),
+                   (0.95, 0.98), (0.9, 0.999), (0.5, 0.9)], eps=[1e-8, 1e-6, 1e-8, 1e-7, 1e-8, 1e-8],
+                   weight_decay=[0.05, 0.0, 0.1, 0.05, 0.01, 0.2])
+
+
+def multi_cases(sizes, seed, pdt=None, sdt=None):
+    """One case per size, cycling through mask kinds and (unless fixed) param/state dtypes."""
+    kinds = [("none", 1.0), ("bits", 0.5), ("idx", 0.3), ("bits", 0.0), ("idx", 1.0), ("none", 1.0)]
+    cases = []
+    for k, n in enumerate(sizes):
+        kind, density = kinds[k % len(kinds)]
+        p, s = DTYPES[(k + seed) % len(DTYPES)] if pdt is None else (pdt, sdt)
+        cases.append(make_case(n, kind, density, p, s, "cpu", seed=seed * 100 + k))
+    return cases
+
+
+def hyper_for(i):
+    return dict(lr=MULTI_HYPER["lr"][i], betas=MULTI_HYPER["betas"][i], eps=MULTI_HYPER["eps"][i],
+                weight_decay=MULTI_HYPER["weight_decay"][i])
+
+
+def run_multi(cases, backend, found_inf=None):
+    count = len(cases)
+    with ops.use_backend(backend):
+        found = ops.masked_adamw_multi(
+            [c["param"] for c in cases], [c["grad"] for c in cases], [c["exp_avg"] for c in cases],
+            [c["exp_avg_sq"] for c in cases], [c["step"] for c in cases],
+            masks=[c["mask"] for c in cases], absmax=[c["absmax"] for c in cases], found_inf=found_inf,
+            **{k: v[:count] for k, v in MULTI_HYPER.items()})
+    assert ops.last_backend("masked_adamw_multi") == backend
+    return found
+
+
+def run_single(case, backend, i):
+    with ops.use_backend(backend):
+        return ops.masked_adamw(case["param"], case["grad"], case["exp_avg"], case["exp_avg_sq"], case["step"],
+                                mask=case["mask"], absmax=case["absmax"], **hyper_for(i))
+
+
+MULTI_SIZES = [1, 255, 257, 4097, 256, 100_000]
+
+
+@pytest.mark.parametrize("seed", range(len(DTYPES)))
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_multi_equals_one_call_per_tensor(backend, seed):
+    """Every dtype and mask kind, odd sizes, per-tensor hyperparameters: the list form gives exactly
+    (bit for bit) what the same backend's per-tensor op gives, and the per-tensor op is held to the
+    reference above; the list-form reference equals the per-tensor reference exactly."""
+    sizes = [1, 255, 257, 1100] if backend == "triton" else MULTI_SIZES
+    cases = multi_cases(sizes, seed)
+    multi, single = [clone(c) for c in cases], [clone(c) for c in cases]
+    assert run_multi(multi, backend).item() == 0
+    for i, c in enumerate(single):
+        run_single(c, backend, i)
+    for i, (a, b) in enumerate(zip(multi, single)):
+        for key in ("param", "exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a[key], b[key]), (i, key)
+        if a["absmax"] is not None:
+            assert torch.equal(a["absmax"][0], b["absmax"][0]) and torch.equal(a["absmax"][1], b["absmax"][1])
+
+
+@pytest.mark.parametrize("pdt,sdt", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_multi_matches_reference(backend, pdt, sdt):
+    """Each tensor of a list-form call against the reference with the fp64-oracle tolerance; masked-out
+    params and states bit-identical."""
+    sizes = [1, 257, 1100] if backend == "triton" else [1, 255, 257, 4097, 100_000]
+    cases = multi_cases(sizes, seed=11, pdt=pdt, sdt=sdt)
+    ref, out = [clone(c) for c in cases], [clone(c) for c in cases]
+    run_multi(ref, "reference")
+    assert run_multi(out, backend).item() == 0
+    for i, (case, r, o) in enumerate(zip(cases, ref, out)):
+        n = case["param"].numel()
+        assert o["step"].item() == case["step"].item() + 1
+        sel = selected_positions(case, n)
+        assert torch.equal(o["param"][~sel], case["param"][~sel])
+        if sdt == torch.uint8:
+            for key, a in (("exp_avg", 0), ("exp_avg_sq", 1)):
+                diff = (o[key].int() - r[key].int()).abs()
+                assert diff.numel() == 0 or int(diff.max()) <= 1
+                torch.testing.assert_close(o["absmax"][a], r["absmax"][a], rtol=1e-6, atol=0)
+                if case["mask"] is not None and case["mask"].dtype == torch.uint8:
+                    assert torch.equal(o[key][~sel], case[key][~sel])
+        p64, m64, v64 = oracle(case, hyper_for(i))
+        if sdt != torch.uint8:
+            state_sel = torch.ones(o["exp_avg"].numel(), dtype=torch.bool) if (
+                case["mask"] is not None and case["mask"].dtype == torch.int32) else sel
+            for key, o64 in (("exp_avg", m64), ("exp_avg_sq", v64)):
+                assert torch.equal(o[key][~state_sel], case[key][~state_sel])
+                assert_close_to_reference(o[key], r[key], o64, f"{backend} {key} {i}")
+        assert_close_to_reference(o["param"], r["param"], p64, f"{backend} param {i}")
+
+
+@pytest.mark.parametrize("where", ["first", "last", "unselected", "preset"])
+@pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_multi_non_finite_anywhere_skips_every_tensor(backend, sdt, where):
+    """A NaN/inf in any gradient (even in a masked-out entry, even in the last tensor after good ones),
+    or a flag already set: no tensor, state or step changes, and found_inf is 1."""
+    sizes = [257, 1100, 300] if backend == "triton" else [257, 4097, 100_000, 300]
+    for pdt in (torch.float32, torch.bfloat16):
+        cases = multi_cases(sizes, seed=5, pdt=pdt, sdt=sdt)
+        cases[1]["mask"] = ops.pack_mask(torch.arange(cases[1]["param"].numel()) % 3 == 0)  # bitmask, 1/3 on
+        if sdt == torch.uint8:
+            length = cases[1]["param"].numel()
+            cases[1]["exp_avg"], cases[1]["exp_avg_sq"] = (torch.randint(0, 256, (length,), dtype=torch.uint8),
+                                                           torch.randint(0, 256, (length,), dtype=torch.uint8))
+            cases[1]["absmax"] = (torch.rand(ops.num_blocks(length)), torch.rand(ops.num_blocks(length)))
+        else:
+            cases[1]["exp_avg"] = torch.zeros(cases[1]["param"].numel(), dtype=sdt)
+            cases[1]["exp_avg_sq"] = torch.zeros(cases[1]["param"].numel(), dtype=sdt)
+            cases[1]["absmax"] = None
+        bad = [clone(c) for c in cases]
+        found_inf = None
+        if where == "first":
+            bad[0]["grad"][3] = float("nan")
+        elif where == "last":
+            bad[-1]["grad"][-1] = float("-inf")
+        elif where == "unselected":
+            bad[1]["grad"][1] = float("inf")  # entry 1 is off in the bitmask
+        else:
+            found_inf = torch.ones(1)
+        found = run_multi(bad, backend, found_inf=found_inf)
+        assert found.item() == 1
+        for i, (b, c) in enumerate(zip(bad, cases)):
+            for key in ("param", "exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(b[key], c[key]), (where, i, key)
+            if c["absmax"] is not None:
+                assert torch.equal(b["absmax"][0], c["absmax"][0]) and torch.equal(b["absmax"][1], c["absmax"][1])
+
+
+def test_multi_loop_fallback_skips_before_any_write():
+    """The per-tensor loop used by the Triton and CUDA backends, run here with the per-tensor reference:
+    a NaN in the last tensor's gradient must stop the first tensor's update too."""
+    from fasterase.ops.adamw import masked_adamw_multi_loop
+
+    cases = multi_cases([300, 400], seed=2, pdt=torch.float32, sdt=torch.float32)  # dense, then a bitmask
+    assert cases[0]["mask"] is None and cases[1]["mask"].dtype == torch.uint8
+    cases[1]["grad"][7] = float("nan")
+    bad = [clone(c) for c in cases]
+    found = torch.zeros(1)
+    masked_adamw_multi_loop(masked_adamw_reference, [c["param"] for c in bad], [c["grad"] for c in bad],
+                            [c["exp_avg"] for c in bad], [c["exp_avg_sq"] for c in bad], [c["step"] for c in bad],
+                            found, [bad[0]["mask"], bad[1]["mask"]], [None, None], [None, None], [None, None],
+                            None, None,
+                            [1e-3] * 2, [0.9] * 2, [0.99] * 2, [1e-8] * 2, [0.0] * 2)
+    assert found.item() == 1
+    for b, c in zip(bad, cases):
+        assert torch.equal(b["param"], c["param"]) and torch.equal(b["step"], c["step"])
+
+
+def test_multi_bad_input_names_what_is_valid():
+    p, z = [torch.zeros(10)], [torch.zeros(10)]
+    with pytest.raises(ValueError, match="grads has 2 entries"):
+        ops.masked_adamw_multi(p, z * 2, z, z, [torch.zeros(1)], lr=1e-3)
+    with pytest.raises(ValueError, match="lr has 2 entries"):
+        ops.masked_adamw_multi(p, z, z, z, [torch.zeros(1)], lr=[1e-3, 1e-3])
+    with pytest.raises(TypeError, match="exp_avg has dtype"):
+        ops.masked_adamw_multi(p, z, [torch.zeros(10, dtype=torch.float16)], z, [torch.zeros(1)], lr=1e-3)
+    with pytest.raises(ValueError, match="need lr >= 0"):
+        ops.masked_adamw_multi(p, z, z, z, [torch.zeros(1)], lr=-1.0)
+
+
+def test_multi_torch_compile_fake_impl():
+    n = [300, 17]
+    torch.library.opcheck(torch.ops.fasterase.masked_adamw_multi.default, (
+        [torch.randn(k) for k in n], [torch.randn(k) for k in n], [torch.zeros(k) for k in n],
+        [torch.zeros(k) for k in n], [torch.zeros(1), torch.zeros(1)], torch.zeros(1), [None, None], [None, None],
+        [None, None], [None, None], None, None, [1e-3, 1e-3], [0.9, 0.9], [0.999, 0.999], [1e-8, 1e-8], [0.0, 0.0]),
+        test_utils=("test_schema", "test_faketensor"))

@@ -1,5 +1,7 @@
 // CPU masked AdamW: a cheap vectorised non-finite check over the gradients, then one fused pass
 // (OpenMP over 256-entry blocks) that updates params and states. Semantics: fasterase/ops/adamw.py.
+// masked_adamw_multi_cpu does the same for a list of tensors in two parallel regions in all (one
+// check over every gradient, one update over chunks of every tensor), instead of two per tensor.
 //
 // Why it is shaped like this:
 // * The skip rule needs "any selected gradient non-finite" before anything is written, so the check
@@ -60,6 +62,19 @@ inline bool any_nonfinite_raw(const uint16_t* __restrict g, int64_t n) {
 #pragma omp parallel for reduction(| : bad) schedule(static)
   for (int64_t i = 0; i < n; ++i) bad |= (g[i] & 0x7f80u) == 0x7f80u;
   return bad != 0;
+}
+
+// Serial forms of the scans above, for chunks of a multi-tensor check that is parallel over chunks.
+inline int nonfinite_raw_serial(const float* __restrict g, int64_t n) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(g);
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= (u[i] & 0x7f800000u) == 0x7f800000u;
+  return bad;
+}
+inline int nonfinite_raw_serial(const uint16_t* __restrict g, int64_t n) {
+  int bad = 0;
+  for (int64_t i = 0; i < n; ++i) bad |= (g[i] & 0x7f80u) == 0x7f80u;
+  return bad;
 }
 
 template <typename G, int K>
@@ -125,15 +140,30 @@ inline void step_run_f32(const Consts& c, float* p, const float* g, const float*
   }
 }
 
+// One tensor's update, prepared once per step: its arguments, constants, code tables (8-bit) and the
+// instantiation that updates a range of its 256-entry state blocks. The update functions below are
+// serial over [b0, b1); run_jobs spreads the blocks of every job over the OpenMP threads.
+struct Job;
+using BlockFn = void (*)(const Job&, int64_t b0, int64_t b1);
+struct CodeTable;
+struct Job {
+  const AdamWArgs* a;
+  Consts c;
+  const CodeTable* tm;
+  const CodeTable* tv;
+  BlockFn run;
+  int64_t blocks;
+};
+
 template <typename P, typename G, typename S, int K>
-void update_plain(const AdamWArgs& a, const Consts& c) {
+void update_plain(const Job& job, int64_t b0, int64_t b1) {
+  const AdamWArgs& a = *job.a;
+  const Consts& c = job.c;
   P* __restrict p = static_cast<P*>(a.param);
   const G* __restrict g = static_cast<const G*>(a.grad);
   S* __restrict ms = static_cast<S*>(a.exp_avg);
   S* __restrict vs = static_cast<S*>(a.exp_avg_sq);
-  const int64_t blocks = (a.length + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const int64_t j0 = b * kBlock, j1 = std::min(j0 + kBlock, a.length);
     if constexpr (K == kDense && std::is_same_v<P, float> && std::is_same_v<G, float> && std::is_same_v<S, float>) {
       step_run_f32(c, p + j0, g + j0, ms + j0, vs + j0, ms + j0, vs + j0, j1 - j0);
@@ -224,19 +254,19 @@ inline void quantize_block(const CodeTable* tm, const CodeTable* tv, const float
 }
 
 template <typename P, typename G, int K>
-void update_8bit(const AdamWArgs& a, const Consts& c) {
+void update_8bit(const Job& job, int64_t b0, int64_t b1) {
+  const AdamWArgs& a = *job.a;
+  const Consts& c = job.c;
   P* __restrict p = static_cast<P*>(a.param);
   const G* __restrict g = static_cast<const G*>(a.grad);
   uint8_t* __restrict mq = static_cast<uint8_t*>(a.exp_avg);
   uint8_t* __restrict vq = static_cast<uint8_t*>(a.exp_avg_sq);
   const float* __restrict qm = a.qmap_m;
   const float* __restrict qv = a.qmap_v;
-  const CodeTable* tm = code_table(a.qmap_m);
-  const CodeTable* tv = code_table(a.qmap_v);
+  const CodeTable* tm = job.tm;
+  const CodeTable* tv = job.tv;
   const bool one_step = tm->steps <= 1 && tv->steps <= 1;  // an extra step is a no-op, so 1 covers 0
-  const int64_t blocks = (a.length + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(j0 + kBlock, a.length) - j0;
     float m_new[kBlock], v_new[kBlock];
     bool sel[kBlock];
@@ -290,19 +320,100 @@ void update_8bit(const AdamWArgs& a, const Consts& c) {
 }
 
 template <typename P, typename G, int K>
-void update_k(const AdamWArgs& a, const Consts& c) {
-  switch (a.state_dtype) {
-    case kF32: update_plain<P, G, float, K>(a, c); break;
-    case kBF16: update_plain<P, G, uint16_t, K>(a, c); break;
-    default: update_8bit<P, G, K>(a, c); break;
+BlockFn pick_k(int state_dtype) {
+  switch (state_dtype) {
+    case kF32: return &update_plain<P, G, float, K>;
+    case kBF16: return &update_plain<P, G, uint16_t, K>;
+    default: return &update_8bit<P, G, K>;
   }
 }
 
 template <typename P, typename G>
-void update(const AdamWArgs& a, const Consts& c) {
-  if (a.mask_idx) update_k<P, G, kIdx>(a, c);
-  else if (a.mask_bits) update_k<P, G, kBits>(a, c);
-  else update_k<P, G, kDense>(a, c);
+BlockFn pick_pg(const AdamWArgs& a) {
+  if (a.mask_idx) return pick_k<P, G, kIdx>(a.state_dtype);
+  if (a.mask_bits) return pick_k<P, G, kBits>(a.state_dtype);
+  return pick_k<P, G, kDense>(a.state_dtype);
+}
+
+// Advances the step counter and prepares the update (call only for a step that is taken).
+Job prepare(const AdamWArgs& a) {
+  *a.step += 1.f;
+  const double t = *a.step;
+  const double c1 = 1.0 - std::pow(a.beta1, t);
+  Job job{};
+  job.a = &a;
+  job.c = Consts{static_cast<float>(a.beta1), static_cast<float>(1.0 - a.beta1),
+                 static_cast<float>(a.beta2), static_cast<float>(1.0 - a.beta2),
+                 static_cast<float>(1.0 - a.lr * a.weight_decay), static_cast<float>(-a.lr / c1),
+                 static_cast<float>(std::sqrt(1.0 - std::pow(a.beta2, t))), static_cast<float>(a.eps)};
+  job.blocks = (a.length + kBlock - 1) / kBlock;
+  if (a.state_dtype == kU8 && a.length > 0) {
+    job.tm = code_table(a.qmap_m);
+    job.tv = code_table(a.qmap_v);
+  }
+  if (a.param_dtype == kF32)
+    job.run = a.grad_dtype == kF32 ? pick_pg<float, float>(a) : pick_pg<float, uint16_t>(a);
+  else
+    job.run = a.grad_dtype == kF32 ? pick_pg<uint16_t, float>(a) : pick_pg<uint16_t, uint16_t>(a);
+  return job;
+}
+
+// Work is cut into chunks of at most kChunkBlocks state blocks (never across a block, so an 8-bit
+// block's absmax stays one thread's), and the chunks of all jobs are split statically over the
+// threads: with equal-cost elements each thread gets an equal, mostly contiguous share.
+constexpr int64_t kChunkBlocks = 64;
+constexpr int64_t kSerialBelow = 1 << 15;  // entries: below this, threads cost more than they save
+
+struct Chunk {
+  int32_t job;
+  int64_t b0, b1;
+};
+
+void run_jobs(const std::vector<Job>& jobs) {
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (size_t k = 0; k < jobs.size(); ++k) {
+    total += jobs[k].a->length;
+    for (int64_t b0 = 0; b0 < jobs[k].blocks; b0 += kChunkBlocks)
+      chunks.push_back({static_cast<int32_t>(k), b0, std::min(b0 + kChunkBlocks, jobs[k].blocks)});
+  }
+  const int64_t count = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(static) if (total >= kSerialBelow && count > 1)
+  for (int64_t q = 0; q < count; ++q) {
+    const Job& job = jobs[chunks[q].job];
+    job.run(job, chunks[q].b0, chunks[q].b1);
+  }
+}
+
+// Any non-finite entry in any of the gradients (all entries, masks ignored): one parallel scan over
+// chunks of every gradient.
+constexpr int64_t kCheckChunk = 1 << 16;
+
+bool any_nonfinite_all(const AdamWArgs* args, int64_t count) {
+  struct Span {
+    const void* g;
+    int64_t n;
+    bool bf16;
+  };
+  std::vector<Span> spans;
+  int64_t total = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const AdamWArgs& a = args[k];
+    const int64_t size = a.grad_dtype == kF32 ? 4 : 2;
+    total += a.n;
+    for (int64_t i0 = 0; i0 < a.n; i0 += kCheckChunk)
+      spans.push_back({static_cast<const char*>(a.grad) + i0 * size, std::min(kCheckChunk, a.n - i0),
+                       a.grad_dtype != kF32});
+  }
+  const int64_t n_spans = static_cast<int64_t>(spans.size());
+  int bad = 0;
+#pragma omp parallel for reduction(| : bad) schedule(static) if (total >= kSerialBelow && n_spans > 1)
+  for (int64_t q = 0; q < n_spans; ++q) {
+    const Span& s = spans[q];
+    bad |= s.bf16 ? nonfinite_raw_serial(static_cast<const uint16_t*>(s.g), s.n)
+                  : nonfinite_raw_serial(static_cast<const float*>(s.g), s.n);
+  }
+  return bad != 0;
 }
 
 }  // namespace
@@ -316,18 +427,20 @@ void masked_adamw_cpu(const AdamWArgs& a) {
     *a.found_inf = 1.f;
     return;
   }
-  *a.step += 1.f;
-  const double t = *a.step;
-  const double c1 = 1.0 - std::pow(a.beta1, t);
-  const Consts c{static_cast<float>(a.beta1), static_cast<float>(1.0 - a.beta1),
-                 static_cast<float>(a.beta2), static_cast<float>(1.0 - a.beta2),
-                 static_cast<float>(1.0 - a.lr * a.weight_decay), static_cast<float>(-a.lr / c1),
-                 static_cast<float>(std::sqrt(1.0 - std::pow(a.beta2, t))), static_cast<float>(a.eps)};
-  if (a.param_dtype == kF32) {
-    if (a.grad_dtype == kF32) update<float, float>(a, c); else update<float, uint16_t>(a, c);
-  } else {
-    if (a.grad_dtype == kF32) update<uint16_t, float>(a, c); else update<uint16_t, uint16_t>(a, c);
+  run_jobs({prepare(a)});
+}
+
+void masked_adamw_multi_cpu(const AdamWArgs* args, int64_t count, float* found_inf) {
+  using namespace cpu;
+  if (*found_inf != 0.f) return;
+  if (any_nonfinite_all(args, count)) {
+    *found_inf = 1.f;
+    return;
   }
+  std::vector<Job> jobs;
+  jobs.reserve(count);
+  for (int64_t k = 0; k < count; ++k) jobs.push_back(prepare(args[k]));
+  run_jobs(jobs);
 }
 
 }  // namespace fasterase
