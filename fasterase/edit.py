@@ -1,8 +1,10 @@
 """Edit: a weight change with its metadata, applied to, saved from and loaded into a model.
 
-Two kinds of change, either or both:
-- `weights`: the new values of some network parameters (closed-form and masked edits). Stored
-  whole, not as differences, so apply -> save -> load -> apply is bit-exact.
+Three kinds of change, any of them together:
+- `weights`: the new values of some network parameters (closed-form edits). Stored whole, not
+  as differences, so apply -> save -> load -> apply is bit-exact.
+- `entries`: new values of selected entries only (masked fine-tunes): {name: (int32 indices into
+  the flattened parameter, values)}, so an edit of a few entries of a large model stays small.
 - `lora`: a LoRA adapter in diffusers' format (keys "unet." / "transformer."), saved as
   pytorch_lora_weights.safetensors beside the edit so `pipe.load_lora_weights(DIR)` loads it.
 
@@ -30,6 +32,7 @@ EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER = "fasterase"
 FORMAT = 1
+INDICES, VALUES = ":indices", ":values"  # keys of `entries` in edit.safetensors
 
 
 def _base_param(network: torch.nn.Module, name: str) -> torch.Tensor:
@@ -80,6 +83,7 @@ class Edit:
     config: dict
     base_fingerprint: str
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     lora: dict[str, torch.Tensor] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     version: str = ""
@@ -90,10 +94,11 @@ class Edit:
 
             self.version = __version__
         self._undo: dict[str, torch.Tensor] = {}
+        self._undo_entries: dict[str, torch.Tensor] = {}
 
     # --- what it touches ------------------------------------------------------------------------
     def touched(self) -> list[str]:
-        return sorted(set(self.weights) | set(lora_base_names(self.lora)))
+        return sorted(set(self.weights) | set(self.entries) | set(lora_base_names(self.lora)))
 
     @property
     def metadata(self) -> dict:
@@ -114,6 +119,13 @@ class Edit:
             if p.shape != value.shape:
                 raise ValueError(f"this edit's {name!r} has shape {tuple(value.shape)}, "
                                  f"the model's has {tuple(p.shape)}")
+        for name, (idx, values) in self.entries.items():
+            try:
+                p = _base_param(net, name)
+            except AttributeError:
+                raise ValueError(f"this edit changes {name!r}, which the model does not have") from None
+            if idx.shape != values.shape or idx.dim() != 1 or (idx.numel() and int(idx.max()) >= p.numel()):
+                raise ValueError(f"this edit's entries of {name!r} do not fit its {p.numel()} elements")
         try:
             fp = fingerprint(net, self.touched())
         except AttributeError as exc:
@@ -132,6 +144,10 @@ class Edit:
                 p = net.get_parameter(name)
                 self._undo[name] = p.detach().clone()
                 p.copy_(value.to(p.dtype))
+            for name, (idx, values) in self.entries.items():
+                flat = net.get_parameter(name).view(-1)
+                self._undo_entries[name] = flat[idx.long()].clone()
+                flat.index_copy_(0, idx.long(), values.to(flat.dtype))
             if self.lora:
                 model.pipeline.load_lora_weights({k: v.clone() for k, v in self.lora.items()}, adapter_name=ADAPTER)
         except Exception:
@@ -144,7 +160,10 @@ class Edit:
         net = model.network
         for name, value in self._undo.items():
             net.get_parameter(name).copy_(value)
+        for name, value in self._undo_entries.items():
+            net.get_parameter(name).view(-1).index_copy_(0, self.entries[name][0].long(), value)
         self._undo.clear()
+        self._undo_entries.clear()
         if self.lora:
             remove_adapter(net)
 
@@ -158,6 +177,9 @@ class Edit:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             weights = {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}
+            for name, (idx, values) in self.entries.items():
+                weights[f"{name}{INDICES}"] = idx.detach().cpu().to(torch.int32).contiguous()
+                weights[f"{name}{VALUES}"] = values.detach().cpu().contiguous()
             save_file(weights, str(tmp / EDIT_FILE), metadata={"fasterase": json.dumps(self.metadata)})
             if self.lora:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.lora.items()}, str(tmp / LORA_FILE))
@@ -183,6 +205,9 @@ class Edit:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{file} is edit format {meta.get('format')}, this fasterase reads format {FORMAT}")
         lora = load_file(str(path / LORA_FILE)) if meta["has_lora"] else {}
+        weights = load_file(str(file))
+        entries = {k[:-len(INDICES)]: (weights.pop(k), weights.pop(k[:-len(INDICES)] + VALUES))
+                   for k in list(weights) if k.endswith(INDICES)}
         return cls(method=meta["method"], model_kind=meta["model_kind"], concepts=meta["concepts"],
-                   config=meta["config"], base_fingerprint=meta["base_fingerprint"], weights=load_file(str(file)),
-                   lora=lora, report=meta.get("report", {}), version=meta["fasterase_version"])
+                   config=meta["config"], base_fingerprint=meta["base_fingerprint"], weights=weights,
+                   entries=entries, lora=lora, report=meta.get("report", {}), version=meta["fasterase_version"])

@@ -4,11 +4,14 @@ Without a GPU, Triton kernels run in its interpreter, which must be switched on 
 first imported (diffusers may import it while fasterase loads), so it is set here, first.
 """
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# saliency maps and other caches of the run stay out of the user's ~/.cache
+os.environ["FASTERASE_CACHE"] = tempfile.mkdtemp(prefix="fasterase-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from . import esd, uce
+from . import ant, esd, uce
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ REGISTRY = {
         Method("uce", "UCE: closed-form edit of the text key/value projections (no training)", uce.UCEConfig, uce.run),
         Method("esd", "ESD: LoRA fine-tuning with negative guidance on the model's own trajectory",
                esd.ESDConfig, esd.run),
+        Method("ant", "ANT: trajectory-aware loss, training only the concept's saliency map; several concepts: "
+               "per-concept LoRAs fused in closed form", ant.ANTConfig, ant.run),
     )
 }
 

@@ -149,6 +149,25 @@ class Denoiser(ABC):
         return u + guidance * (c - u)
 
     @torch.no_grad()
+    def trajectory(self, cond: Cond, steps: int, at: list[int], guidance: float | None = None,
+                   generator: torch.Generator | None = None, x: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The latents entering sampler steps `at` (indices in [0, steps]; `steps` = the clean end)
+        of one sampling run on the model's own trajectory, from pure noise (or `x`)."""
+        if not at or min(at) < 0 or max(at) > steps:
+            raise ValueError(f"trajectory steps must lie in [0, {steps}], got {at}")
+        guidance = self.default_guidance if guidance is None else guidance
+        sched = self.sampler(steps)
+        x = self.noise(len(cond), generator) if x is None else x
+        seen = {}
+        for i in range(max(at) + 1):
+            seen[i] = x
+            if i == max(at):
+                break
+            t = torch.full((len(cond),), self._tau_of(sched, i))
+            out = self.guided(x, t, cond, guidance) if guidance != 1.0 else self.predict(x, t, cond)
+            x = sched.step(out, sched.timesteps[i], x).prev_sample
+        return [seen[i] for i in at]
+
     def rollout(self, cond: Cond, steps: int, until: float = 0.0, guidance: float | None = None,
                 generator: torch.Generator | None = None, x: torch.Tensor | None = None):
         """Sample along the model's own trajectory from pure noise down to noise level `until`.
@@ -156,17 +175,10 @@ class Denoiser(ABC):
         Returns (x, tau): the latents at the first sampler step whose tau <= until, and that tau
         (tau = 0 and clean latents when the sampler runs to the end).
         """
-        guidance = self.default_guidance if guidance is None else guidance
-        sched = self.sampler(steps)
-        x = self.noise(len(cond), generator) if x is None else x
-        for i in range(steps):
-            tau = self._tau_of(sched, i)
-            if tau <= until:
-                return x, tau
-            t = torch.full((len(cond),), tau)
-            out = self.guided(x, t, cond, guidance) if guidance != 1.0 else self.predict(x, t, cond)
-            x = sched.step(out, sched.timesteps[i], x).prev_sample
-        return x, 0.0
+        taus = self.sampling_taus(steps)
+        stop = next((i for i, tau in enumerate(taus) if tau <= until), steps)
+        (x,) = self.trajectory(cond, steps, [stop], guidance, generator, x)
+        return x, (taus[stop] if stop < steps else 0.0)
 
     default_guidance: float = 3.0
 

@@ -36,3 +36,33 @@ def uce_weights(weights: list[torch.Tensor], erase_in: torch.Tensor, guide_in: t
     new = [w.detach().float().clone() for w in weights]
     ops.closed_form_update(new, sources, targets, lam=lam, row_weights=row_weights.to(sources.device))
     return [v.to(w.dtype) for v, w in zip(new, weights)]
+
+
+@torch.no_grad()
+def fuse_lora_deltas(weight: torch.Tensor, erase_in: list[torch.Tensor], deltas: list[torch.Tensor],
+                     preserve_in: torch.Tensor | None, beta: float, lam: float) -> torch.Tensor:
+    """MACE / ANT eq. (7): the W* minimising
+
+        sum_i |W* E_i - (W + dW_i) E_i|^2 + beta |W* P - W P|^2 + lam |W* - W|^2
+
+    for one projection W (out x in): erase_in[i] (n_i, in) are concept i's token inputs, deltas[i]
+    its LoRA change (out x in), preserve_in (m, in) the prior-preservation tokens. Returns W*
+    in W's dtype; W itself is left as it is.
+    """
+    if len(erase_in) != len(deltas) or not deltas:
+        raise ValueError(f"need one LoRA change per concept's inputs; got {len(deltas)} and {len(erase_in)}")
+    w = weight.detach().float()
+    for d in deltas:
+        if d.shape != w.shape:
+            raise ValueError(f"a LoRA change has shape {tuple(d.shape)}, the weight {tuple(w.shape)}")
+    sources = [e.float() for e in erase_in]
+    values = [e @ (w + d.float()).t() for e, d in zip(sources, deltas)]
+    scales = [torch.ones(len(e)) for e in sources]
+    if preserve_in is not None and len(preserve_in):
+        sources.append(preserve_in.float())
+        values.append(preserve_in.float() @ w.t())
+        scales.append(torch.full((len(preserve_in),), float(beta)))
+    new = w.clone()
+    ops.closed_form_update([new], torch.cat(sources), lam=lam, row_weights=torch.cat(scales).to(w.device),
+                           values=[torch.cat(values)])
+    return new.to(weight.dtype)

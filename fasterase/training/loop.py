@@ -18,8 +18,9 @@ class NonFiniteLoss(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A generator seeded by (seed, *keys): independent streams for every step or draw."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
 
 
 def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[torch.nn.Parameter],

@@ -14,3 +14,24 @@ def negative_guidance_loss(pred: torch.Tensor, teacher_cond: torch.Tensor, teach
                            eta: float) -> torch.Tensor:
     """ESD: mean squared error to teacher(empty) - eta * (teacher(concept) - teacher(empty))."""
     return ops.paired_noise_loss(pred, None, teacher_cond.detach(), teacher_uncond.detach(), sign=-1.0, eta=eta)
+
+
+def trajectory_aware_loss(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, teacher_cond: torch.Tensor,
+                          teacher_uncond: torch.Tensor, early: torch.Tensor, eta: float, lambda1: float,
+                          lambda2: float, lambda3: float) -> torch.Tensor:
+    """ANT eq. (3) over a batch of samples, each at an early (tau > t') or a late (tau < t') step.
+
+    Early samples: |pred_c - sg[u* + eta (c* - u*)]|^2 + lambda2 |pred_u - sg[u*]|^2 (preserve).
+    Late samples:  lambda1 |pred_c - sg[u* - eta (c* - u*)]|^2 + lambda3 |pred_u - sg[u*]|^2 (erase,
+    condition direction reversed). Each expectation is the mean over its own samples; both
+    unconditional predictions carry gradient. early: bool (B,).
+    """
+    early = early.to(device=pred_cond.device, dtype=torch.bool)
+    n_early, n_late = int(early.sum()), int((~early).sum())
+    e = early.float()
+    count = e * max(n_early, 1) + (1 - e) * max(n_late, 1)
+    sign = 2 * e - 1
+    weight = (e + (1 - e) * lambda1) / count
+    uncond_weight = (e * lambda2 + (1 - e) * lambda3) / count
+    return ops.paired_noise_loss(pred_cond, pred_uncond, teacher_cond.detach(), teacher_uncond.detach(), sign=sign,
+                                 eta=eta, weight=weight, uncond_weight=uncond_weight)

@@ -54,3 +54,53 @@ def lora_state(network: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]
     """The adapter in diffusers' LoRA format (keys prefixed "unet." or "transformer.")."""
     state = get_peft_model_state_dict(network, adapter_name=ADAPTER)
     return {f"{prefix}.{k}": v.detach().clone() for k, v in state.items()}
+
+
+class MaskedChange:
+    """A fine-tune of selected entries of some parameters, in place, that can be switched off.
+
+    Only the base values of the selected entries are kept (|M*| numbers, not a model copy), so
+    `off()` gives the frozen teacher by swapping them in, and `restore()` puts the network back
+    bit-identical. masks: {parameter name: sorted int32 indices into the flattened parameter}.
+    """
+
+    def __init__(self, network: torch.nn.Module, masks: dict[str, torch.Tensor]):
+        self.params = {n: network.get_parameter(n) for n, idx in masks.items() if idx.numel()}
+        self.indices = {n: masks[n].to(self.params[n].device).long() for n in self.params}
+        self.base = {n: p.detach().view(-1)[self.indices[n]].clone() for n, p in self.params.items()}
+        network.requires_grad_(False)
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    @torch.no_grad()
+    def _put(self, values: dict[str, torch.Tensor]) -> None:
+        for n, p in self.params.items():
+            p.view(-1).index_copy_(0, self.indices[n], values[n])
+
+    def current(self) -> dict[str, torch.Tensor]:
+        """The trained values of the selected entries."""
+        return {n: p.detach().view(-1)[self.indices[n]].clone() for n, p in self.params.items()}
+
+    @contextlib.contextmanager
+    def off(self):
+        """The frozen teacher: the selected entries at their base values, for the block's duration."""
+        trained = self.current()
+        self._put(self.base)
+        try:
+            yield
+        finally:
+            self._put(trained)
+
+    def restore(self) -> None:
+        """Put the base values back: the network is bit-identical to how it came."""
+        self._put(self.base)
+        for p in self.params.values():
+            p.requires_grad_(False)
+
+
+@torch.no_grad()
+def lora_delta(network: torch.nn.Module, module: str) -> torch.Tensor:
+    """The weight change scale * B @ A that the adapter adds to `module` (out x in, fp32)."""
+    layer = network.get_submodule(module)
+    a, b = layer.lora_A[ADAPTER].weight.float(), layer.lora_B[ADAPTER].weight.float()
+    return layer.scaling[ADAPTER] * (b @ a)

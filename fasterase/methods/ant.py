@@ -1,0 +1,297 @@
+"""ANT: trajectory-aware erasure ("Set You Straight", Sec. 3).
+
+Loss (eq. 3), on x_t from the edited model's own sampling trajectory, one early step t1 > t'
+and one late step t2 < t' per training step (t' a noise level: 1 = pure noise):
+  early: edited(x_t1, c) -> sg[u* + eta (c* - u*)]   keep the conditional field where structure forms
+  late:  edited(x_t2, c) -> sg[u* - eta (c* - u*)]   (lambda1) reverse the condition direction
+  both:  edited(x_t, "") -> sg[u*]                   (lambda2 early, lambda3 late) keep the unconditional
+where c*, u* are the frozen model's conditional / empty-prompt predictions (noise for SD,
+velocity for FLUX). The frozen model is the same network with the change switched off.
+
+One concept: only the entries of the concept saliency map M* train (Sec. 3.3: gradient maps
+over prompts x seeds, each thresholded, intersected; cached), with SalientAdamW, so every other
+weight stays bit-identical. Several concepts (Sec. 3.4): one LoRA per concept on the projections
+that read text, trained with the same loss, then all fused into those projections by the
+closed form of eq. (7), which also keeps a prior-preservation set of prompts where it was.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from ..concepts import Concept, ConceptSet
+from ..edit import Edit, fingerprint, remove_adapter
+from ..models import Cond, Denoiser
+from ..optim import SalientAdamW
+from ..training import loop, params, saliency
+from ..training.closed_form import fuse_lora_deltas
+from ..training.losses import trajectory_aware_loss
+
+# Table 6 of the paper (SD1.4 sampled with 50 DDIM steps, so its t' = 43 is the noise level 0.86).
+# It has no row for objects; that row is ours, chosen on the toy world (README, "ANT").
+DEFAULTS = {
+    "nudity": dict(lr=5e-4, steps=250, lambda1=1.0, lambda2=0.5, lambda3=0.5, t_split=43 / 50),
+    "celebrity": dict(lr=5e-4, steps=400, lambda1=0.4, lambda2=0.5, lambda3=0.2, t_split=40 / 50),
+    "style": dict(lr=5e-4, steps=400, lambda1=0.4, lambda2=0.5, lambda3=0.2, t_split=47 / 50),
+    "object": dict(lr=5e-4, steps=250, lambda1=1.0, lambda2=0.5, lambda3=0.5, t_split=43 / 50),
+}
+PER_TYPE = tuple(DEFAULTS["object"])
+
+
+@dataclass
+class ANTConfig:
+    # Unset (None): Table 6's value for the concept's type (see DEFAULTS).
+    t_split: float | None = None  # t' as a noise level in (0, 1): early steps tau > t' are preserved
+    lambda1: float | None = None  # weight of the late erase term
+    lambda2: float | None = None  # weight of the early unconditional term
+    lambda3: float | None = None  # weight of the late unconditional term
+    lr: float | None = None
+    steps: int | None = None  # training steps (per concept's LoRA with several concepts)
+    eta: float = 1.0  # guidance scale of the targets (the paper leaves it free; ESD uses 1)
+    split: bool = True  # False: the erase term on every step, no early terms (ablation)
+    batch_size: int = 4  # prompts per step, all at the same t1 and t2
+    sample_steps: int = 20  # sampler steps of the rollouts that give x_t
+    guidance: float = 3.0  # classifier-free guidance of those rollouts
+    saliency: bool = True  # one concept: train only M*; False trains the whole network (ablation)
+    saliency_threshold: float = 1.0  # gamma: salient where |grad| >= gamma * RMS of that map's grads
+    saliency_prompts: int = 10  # N_c augmented prompts ...
+    saliency_seeds: int = 5  # ... x N_s seeds: the gradient maps intersected into M*
+    rank: int = 4  # several concepts: LoRA rank per concept
+    preserve_scale: float = 1.0  # several concepts: beta of eq. (7), weight of the preserved prompts
+    lam: float = 0.1  # several concepts: regulariser |W* - W|^2 that keeps eq. (7) well posed
+    seed: int = 0
+    checkpoint: str | None = None  # file to checkpoint to and resume from (one per concept with several)
+
+    def __post_init__(self):
+        if self.t_split is not None and not 0.0 < self.t_split < 1.0:
+            raise ValueError(f"t_split (t') must be a noise level strictly between 0 (clean) and 1 (pure noise), "
+                             f"got {self.t_split}; the paper's t' = 43 of 50 DDIM steps is 0.86")
+        for k in ("lambda1", "lambda2", "lambda3"):
+            v = getattr(self, k)
+            if v is not None and v < 0:
+                raise ValueError(f"ANT option {k} must be >= 0, got {v}")
+        for k in ("steps", "batch_size", "sample_steps", "saliency_prompts", "saliency_seeds", "rank"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ValueError(f"ANT option {k} must be >= 1, got {v}")
+        if (self.lr is not None and self.lr <= 0) or self.eta <= 0:
+            raise ValueError("ANT needs lr > 0 and eta > 0")
+        if self.saliency_threshold <= 0:
+            raise ValueError(f"saliency_threshold must be > 0 (a multiple of each gradient map's RMS), "
+                             f"got {self.saliency_threshold}")
+        if self.lam <= 0 or self.preserve_scale < 0:
+            raise ValueError("ANT needs lam > 0 and preserve_scale >= 0")
+
+    def resolved(self, concept: Concept) -> dict:
+        """The per-type settings for this concept: the user's where given, else Table 6's."""
+        return {k: DEFAULTS[concept.type][k] if getattr(self, k) is None else getattr(self, k) for k in PER_TYPE}
+
+
+def split_steps(model: Denoiser, t_split: float, steps: int, split: bool = True) -> tuple[list[int], list[int]]:
+    """Sampler step indices before t' (tau > t', early) and after it (tau <= t', late; eq. 2).
+    Without the split every step is a late (erase) step."""
+    taus = model.sampling_taus(steps)
+    if not split:
+        return [], list(range(steps))
+    early = [i for i, tau in enumerate(taus) if tau > t_split]
+    late = [i for i, tau in enumerate(taus) if tau <= t_split]
+    if not early or not late:
+        raise ValueError(f"t_split={t_split:g} leaves no sampler step on one side: with sample_steps={steps} the "
+                         f"noise levels run from {taus[0]:.3g} down to {taus[-1]:.3g}; choose t_split in between")
+    return early, late
+
+
+def ant_loss(model: Denoiser, cond: Cond, points: list[tuple[torch.Tensor, float, bool]], hp: dict, eta: float,
+             teacher) -> torch.Tensor:
+    """Eq. (3) for one batch of prompts at each of `points` (x_t, tau, early?); `teacher()` is a
+    context in which the network is the frozen original."""
+    b = len(cond)
+    x = torch.cat([p[0] for p in points])
+    tau = torch.cat([torch.full((b,), p[1]) for p in points])
+    early = torch.cat([torch.full((b,), p[2]) for p in points])
+    n = len(x)
+    both = Cond.cat([Cond.cat([cond] * len(points)), model.uncond.repeat(n)])
+    xx, tt = torch.cat([x, x]), torch.cat([tau, tau])
+    with torch.no_grad(), teacher():
+        teacher_cond, teacher_uncond = model.predict(xx, tt, both).chunk(2)
+    pred_cond, pred_uncond = model.predict(xx, tt, both).chunk(2)
+    return trajectory_aware_loss(pred_cond, pred_uncond, teacher_cond, teacher_uncond, early, eta,
+                                 hp["lambda1"], hp["lambda2"], hp["lambda3"])
+
+
+def trajectory_loss(model: Denoiser, hp: dict, cfg: ANTConfig, teacher):
+    """loss(cond, generator): eq. (3) with one t1 and one t2 drawn for the batch, and x_t1, x_t2
+    from one sampling run of the edited model from the generator's noise."""
+    early, late = split_steps(model, hp["t_split"], cfg.sample_steps, cfg.split)
+    taus = model.sampling_taus(cfg.sample_steps)
+
+    def loss(cond: Cond, g: torch.Generator) -> torch.Tensor:
+        at = ([early[int(torch.randint(len(early), (1,), generator=g))]] if early else [])
+        at.append(late[int(torch.randint(len(late), (1,), generator=g))])
+        xs = model.trajectory(cond, cfg.sample_steps, at, cfg.guidance, g)
+        points = [(x, taus[i], i in early) for x, i in zip(xs, at)]
+        return ant_loss(model, cond, points, hp, cfg.eta, teacher)
+
+    return loss
+
+
+def _training_loss(model: Denoiser, prompts: list[str], hp: dict, cfg: ANTConfig, teacher):
+    """loss_fn(step, generator) of the training loop: batch_size prompts drawn from `prompts`."""
+    loss = trajectory_loss(model, hp, cfg, teacher)
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
+        pick = torch.randint(len(prompts), (cfg.batch_size,), generator=g).tolist()
+        return loss(model.encode([prompts[i] for i in pick]), g)
+
+    return loss_fn
+
+
+# --- one concept: saliency map + masked training ---------------------------------------------------
+
+def _saliency_key(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig) -> str:
+    net = model.network
+    settings = {k: getattr(cfg, k) for k in ("eta", "split", "sample_steps", "guidance", "saliency_threshold",
+                                             "saliency_prompts", "saliency_seeds", "seed")}
+    loss = {k: hp[k] for k in ("t_split", "lambda1", "lambda2", "lambda3")}
+    key = {"model": fingerprint(net, [n for n, _ in net.named_parameters()]), "concept": concept.to_dict(),
+           "loss": loss, "settings": settings}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig,
+                     progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """M* (Sec. 3.3) over every floating-point parameter of the network: {name: int32 indices}, and
+    a report. Cached by model weights, concept and settings."""
+    net = model.network
+    key = _saliency_key(model, concept, hp, cfg)
+    path = saliency.cache_dir() / f"{key}.safetensors"
+    if path.is_file():
+        mask, meta = saliency.load_mask(path)
+        return mask, {**meta, "saliency_cached": True}
+    prompts = concept.prompts(augment=True)
+    order = torch.randperm(len(prompts), generator=loop.step_generator(cfg.seed, 1)).tolist()
+    chosen = [prompts[i] for i in order[:cfg.saliency_prompts]]
+    names = [n for n, p in net.named_parameters() if p.is_floating_point()]
+    tensors = [net.get_parameter(n) for n in names]
+    was = [p.requires_grad for p in tensors]
+    loss = trajectory_loss(model, hp, cfg, teacher=contextlib.nullcontext)  # the network is the frozen model
+    score = saliency.SaliencyScore()
+    start = time.perf_counter()
+    maps = [(i, j) for i in range(len(chosen)) for j in range(cfg.saliency_seeds)]
+    try:
+        for p in tensors:
+            p.requires_grad_(True)
+        for i, j in tqdm(maps, desc=f"saliency {concept.name}", disable=not progress, leave=False):
+            # seed s_j: the same noise, t1 and t2 for every prompt
+            value = loss(model.encode([chosen[i]]), loop.step_generator(cfg.seed, 2, j))
+            grads = torch.autograd.grad(value, tensors)
+            score.add(dict(zip(names, grads)))
+    finally:
+        for p, w in zip(tensors, was):
+            p.requires_grad_(w)
+    mask = saliency.check_not_empty(score, cfg.saliency_threshold, "saliency_threshold")
+    meta = {"saliency_key": key, "saliency_maps": score.maps, "saliency_prompts": len(chosen),
+            "saliency_selected": saliency.selected(mask), "saliency_candidates": score.total,
+            "saliency_tensors": len(mask), "saliency_time_s": round(time.perf_counter() - start, 2)}
+    saliency.save_mask(path, mask, meta)
+    return mask, {**meta, "saliency_cached": False}
+
+
+def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -> Edit:
+    net = model.network
+    hp = cfg.resolved(concept)
+    prompts = concept.prompts(augment=True)
+    model.encode(prompts + [""])
+    split_steps(model, hp["t_split"], cfg.sample_steps, cfg.split)  # t' checked before any work
+    if cfg.saliency:
+        mask, report = concept_saliency(model, concept, hp, cfg, progress)
+    else:
+        mask = {n: torch.arange(p.numel(), dtype=torch.int32) for n, p in net.named_parameters()
+                if p.is_floating_point()}
+        report = {}
+    change = params.MaskedChange(net, mask)
+    trainable = list(change.params.values())
+    masks = {change.params[n]: change.indices[n].to(torch.int32) for n in change.params} if cfg.saliency else None
+    optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0, masks=masks)
+    loss_fn = _training_loss(model, prompts, hp, cfg, teacher=change.off)
+    net.train()
+    try:
+        stats = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed, cfg.checkpoint,
+                           progress=progress, desc=f"ant {concept.name}")
+        values = change.current()
+    finally:  # the model leaves as it came; the caller applies the returned Edit
+        net.eval()
+        change.restore()
+    base = fingerprint(net, list(change.params))
+    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.params}
+    return Edit(method="ant", model_kind=model.kind, concepts=[concept.to_dict()], config=asdict(cfg),
+                base_fingerprint=base, entries=entries,
+                report={**report, **{f"resolved_{k}": v for k, v in hp.items()},
+                        "trained_entries": sum(i.numel() for i in change.indices.values()),
+                        "trained_tensors": len(change.params), **stats})
+
+
+# --- several concepts: one LoRA each, fused in closed form (eq. 7) --------------------------------
+
+def _fusion_projections(model: Denoiser):
+    """The projections fused by eq. (7): those whose input is the text encoding itself, so that
+    fusing one does not change what feeds another (SD: every attn2 to_k / to_v; FLUX:
+    context_embedder and the pooled-text embedder)."""
+    projections = model.cross_attention_kv()
+    return projections[:2] if model.kind == "flux" else projections
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool) -> Edit:
+    net = model.network
+    projections = _fusion_projections(model)
+    modules = [p.name for p in projections]
+    deltas, stats = [], {}
+    for k, concept in enumerate(concepts):
+        hp = cfg.resolved(concept)
+        prompts = concept.prompts(augment=True)
+        model.encode(prompts + [""])
+        split_steps(model, hp["t_split"], cfg.sample_steps, cfg.split)
+        trainable = params.add_lora(net, modules, cfg.rank, cfg.seed + k)
+        optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], weight_decay=0.0)
+        loss_fn = _training_loss(model, prompts, hp, cfg, teacher=lambda: params.lora_off(net))
+        checkpoint = f"{cfg.checkpoint}.{k}" if cfg.checkpoint else None
+        net.train()
+        try:
+            stats[concept.name] = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed + k, checkpoint,
+                                             progress=progress, desc=f"ant {concept.name} ({k + 1}/{len(concepts)})")
+            deltas.append({m: params.lora_delta(net, m) for m in modules})
+        finally:
+            net.eval()
+            remove_adapter(net)
+    # eq. (7): W* e = (W + dW_i) e on concept i's tokens, W* e = W e on the preserved prompts' tokens
+    erase_in = [model.kv_inputs(model.encode(c.prompts(augment=True))) for c in concepts]
+    preserve = concepts.preserve_prompts(concepts.concepts[0])
+    keep_in = model.kv_inputs(model.encode(preserve)) if preserve else None
+    weights = {}
+    for p in projections:
+        keep = _rows(keep_in[p.name]) if keep_in is not None else None
+        new = fuse_lora_deltas(p.module.weight, [_rows(x[p.name]) for x in erase_in], [d[p.name] for d in deltas],
+                               keep, cfg.preserve_scale, cfg.lam)
+        weights[f"{p.name}.weight"] = new
+    return Edit(method="ant", model_kind=model.kind, concepts=[c.to_dict() for c in concepts], config=asdict(cfg),
+                base_fingerprint=fingerprint(net, list(weights)), weights=weights,
+                report={"fused_layers": len(weights), "preserve_prompts": len(preserve),
+                        "steps": sum(s["steps"] for s in stats.values()),
+                        "last_loss": {k: s["last_loss"] for k, s in stats.items()}})
+
+
+def run(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool = True) -> Edit:
+    if len(concepts) == 1:
+        return _single(model, concepts.concepts[0], cfg, progress)
+    return _multi(model, concepts, cfg, progress)
+

@@ -1,0 +1,126 @@
+"""Concept saliency maps (ANT Sec. 3.3): which parameters a fine-tune may touch.
+
+One gradient map g per (prompt, seed). An entry is salient in a map when |g| >= gamma * rms(g),
+rms over all candidate parameters of that map, so gamma means the same on any model and loss
+scale, and the largest gradients are the ones kept (eq. 4). M* is the intersection over all
+maps (eq. 5). "Salient in every map" is "min over maps of |g| / rms(g) >= gamma", so one running
+minimum per entry gives M* for any gamma, and the gamma that keeps a given number of entries
+when a chosen gamma keeps none. M* is stored as sorted int32 indices per parameter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class EmptySaliencyMap(ValueError):
+    """The threshold selects no parameter in every map."""
+
+
+class SaliencyScore:
+    """Running elementwise minimum over gradient maps of |g| / rms(g)."""
+
+    def __init__(self):
+        self.score: dict[str, torch.Tensor] = {}
+        self.maps = 0
+
+    @torch.no_grad()
+    def add(self, grads: dict[str, torch.Tensor]) -> None:
+        if self.score and grads.keys() != self.score.keys():
+            raise ValueError("every gradient map must cover the same parameters")
+        total = sum(g.numel() for g in grads.values())
+        rms = (sum(g.float().square().sum() for g in grads.values()) / max(total, 1)).sqrt()
+        if not torch.isfinite(rms):
+            raise FloatingPointError("a gradient map is not finite; check the model and the loss")
+        if rms == 0:
+            raise ValueError("a gradient map is all zeros: the loss does not depend on these parameters")
+        for name, g in grads.items():
+            r = g.detach().float().abs() / rms
+            self.score[name] = r if name not in self.score else torch.minimum(self.score[name], r)
+        self.maps += 1
+
+    @property
+    def total(self) -> int:
+        return sum(s.numel() for s in self.score.values())
+
+    def mask(self, gamma: float) -> dict[str, torch.Tensor]:
+        """M*: {name: sorted int32 indices of the entries salient in every map} (non-empty only)."""
+        out = {}
+        for name, s in self.score.items():
+            idx = torch.nonzero(s.reshape(-1) >= gamma).reshape(-1).to(torch.int32)
+            if idx.numel():
+                out[name] = idx
+        return out
+
+    def threshold_keeping(self, k: int) -> float:
+        """The largest gamma whose M* has at least k entries (the k-th largest score)."""
+        return kth_largest(list(self.score.values()), k)
+
+
+def kth_largest(tensors: list[torch.Tensor], k: int) -> float:
+    """The k-th largest value over non-negative fp32 tensors, exactly, without concatenating them.
+
+    Non-negative floats order like their bit patterns as integers, so a binary search over the
+    31-bit patterns with one counting pass each finds it.
+    """
+    total = sum(t.numel() for t in tensors)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in [1, {total}], got {k}")
+    lo, hi = 0, 0x7F800000  # +0.0 .. +inf as int32 bit patterns
+    while lo < hi:  # largest bit pattern v with count(x >= v) >= k
+        mid = (lo + hi + 1) // 2
+        v = torch.tensor(mid, dtype=torch.int32).view(torch.float32).item()
+        if sum(int((t >= v).sum()) for t in tensors) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return torch.tensor(lo, dtype=torch.int32).view(torch.float32).item()
+
+
+def selected(mask: dict[str, torch.Tensor]) -> int:
+    return sum(idx.numel() for idx in mask.values())
+
+
+def check_not_empty(score: SaliencyScore, gamma: float, option: str) -> dict[str, torch.Tensor]:
+    """M* for gamma, or an EmptySaliencyMap that says which gamma would keep something."""
+    mask = score.mask(gamma)
+    if mask:
+        return mask
+    top = score.threshold_keeping(1)
+    keep = max(1, score.total // 1000)
+    raise EmptySaliencyMap(
+        f"{option}={gamma:g} leaves the saliency map M* empty: no parameter's gradient reaches {gamma:g} x its "
+        f"map's RMS in all {score.maps} maps. The largest value that keeps any is {top:.4g}; "
+        f"{option}={score.threshold_keeping(keep):.4g} keeps about 0.1% ({keep} of {score.total}).")
+
+
+def cache_dir() -> Path:
+    """Where saliency maps are cached: $FASTERASE_CACHE, else ~/.cache/fasterase."""
+    root = os.environ.get("FASTERASE_CACHE") or Path.home() / ".cache" / "fasterase"
+    return Path(root) / "saliency"
+
+
+def save_mask(path: Path, mask: dict[str, torch.Tensor], meta: dict) -> None:
+    """M* as int32 indices in safetensors, written to a temporary file and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in mask.items()}, tmp,
+                  metadata={"fasterase_saliency": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_mask(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("fasterase_saliency", "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
