@@ -258,12 +258,13 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
     net = model.network
     projections = _fusion_projections(model)
     modules = [p.name for p in projections]
+    for concept in concepts:  # every concept's t' checked before any training
+        split_steps(model, cfg.resolved(concept)["t_split"], cfg.sample_steps, cfg.split)
     deltas, stats = [], {}
     for k, concept in enumerate(concepts):
         hp = cfg.resolved(concept)
         prompts = concept.prompts(augment=True)
         model.encode(prompts + [""])
-        split_steps(model, hp["t_split"], cfg.sample_steps, cfg.split)
         trainable = params.add_lora(net, modules, cfg.rank, cfg.seed + k)
         optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], weight_decay=0.0)
         loss_fn = _training_loss(model, prompts, hp, cfg, teacher=lambda: params.lora_off(net))

@@ -158,9 +158,10 @@ class Denoiser(ABC):
         guidance = self.default_guidance if guidance is None else guidance
         sched = self.sampler(steps)
         x = self.noise(len(cond), generator) if x is None else x
-        seen = {}
+        wanted, seen = set(at), {}
         for i in range(max(at) + 1):
-            seen[i] = x
+            if i in wanted:
+                seen[i] = x
             if i == max(at):
                 break
             t = torch.full((len(cond),), self._tau_of(sched, i))
