@@ -158,11 +158,11 @@ class Denoiser(ABC):
         guidance = self.default_guidance if guidance is None else guidance
         sched = self.sampler(steps)
         x = self.noise(len(cond), generator) if x is None else x
-        wanted, seen = set(at), {}
-        for i in range(max(at) + 1):
-            if i in wanted:
+        last, seen = max(at), {}
+        for i in range(last + 1):
+            if i in at:
                 seen[i] = x
-            if i == max(at):
+            if i == last:
                 break
             t = torch.full((len(cond),), self._tau_of(sched, i))
             out = self.guided(x, t, cond, guidance) if guidance != 1.0 else self.predict(x, t, cond)
