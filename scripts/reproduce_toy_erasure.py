@@ -37,8 +37,9 @@ def main() -> None:
     concepts = args.concepts.split(",")
     sets = [a for s in args.set for a in ("--set", s)]
     if not args.no_header:
-        print("| model | method | options | concepts | method wall time (s) | Acc_e | Acc_g | Acc_s (original) | H |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| model | method | options | concepts | method wall time (s) | Acc_e | Acc_g | Acc_s (original) | H "
+              "| Col_s (original) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         base = json.loads(cli("eval", "--model", model, "--erased", args.concepts, "--json"))
         for method in args.methods.split(","):
@@ -50,7 +51,8 @@ def main() -> None:
             (out / "eval.json").write_text(json.dumps(r, indent=2))
             g = "-" if r["acc_g"] is None else f"{r['acc_g']:.3f}"
             print(f"| {model} | {method} | {args.label or 'defaults'} | {'+'.join(concepts)} | {wall:.0f} | "
-                  f"{r['acc_e']:.3f} | {g} | {r['acc_s']:.3f} ({base['acc_s']:.3f}) | {r['H']:.3f} |", flush=True)
+                  f"{r['acc_e']:.3f} | {g} | {r['acc_s']:.3f} ({base['acc_s']:.3f}) | {r['H']:.3f} | "
+                  f"{r['color_s']:.3f} ({base['color_s']:.3f}) |", flush=True)
 
 
 if __name__ == "__main__":

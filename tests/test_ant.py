@@ -207,6 +207,21 @@ def test_only_salient_entries_change(name):
     assert all(torch.equal(before[k], v) for k, v in state(model).items())
 
 
+@pytest.mark.parametrize("names", [["circle"], ["circle", "square"]])
+def test_trains_on_the_concepts_own_prompts_and_augments_only_the_saliency_maps(names, monkeypatch):
+    model = models.load("toy-sd")
+    concepts = [Concept(n, attributes=("red", "blue")) for n in names]
+    encoded, trained = [], []
+    encode, make = model.encode, ant._training_loss
+    monkeypatch.setattr(model, "encode", lambda prompts: encoded.extend(prompts) or encode(prompts))
+    monkeypatch.setattr(ant, "_training_loss", lambda m, prompts, *a, **k: trained.append(prompts) or make(m, prompts, *a, **k))
+    cfg = ant.ANTConfig(**{**FAST, "saliency_prompts": 6})
+    ant.run(model, fasterase.concepts.as_concepts(concepts), cfg, progress=False)
+    assert trained == [c.prompts() for c in concepts]
+    if len(concepts) == 1:  # M* came from augmented prompts ("a photo of a red circle")
+        assert set(encoded) & (set(concepts[0].prompts(augment=True)) - set(concepts[0].prompts()))
+
+
 def test_saliency_map_is_cached(tmp_path):
     model = models.load("toy-sd")
     cs = fasterase.concepts.as_concepts([Concept("circle")])

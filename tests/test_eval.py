@@ -43,4 +43,6 @@ def test_cli_eval_json_with_erased(capsys):
     assert report["erased"] == ["circle"]
     # nothing was erased: the original model still draws circles
     assert report["acc_e"] >= 0.9 and report["acc_s"] >= 0.9
+    kept = [s for s in shapes.SHAPES if s != "circle"]
+    assert report["color_s"] == pytest.approx(sum(report["concepts"][s]["acc_color"] for s in kept) / len(kept))
     assert 0.0 <= report["H"] <= 0.2

@@ -1,6 +1,8 @@
 """Toy-world evaluation: generate with fixed seeds, classify with the detector, score."""
 from __future__ import annotations
 
+from statistics import mean
+
 from ..models import Denoiser
 from ..toy import detector as toy_detector
 from ..toy import shapes
@@ -18,7 +20,8 @@ def prompt_set(shape_word: str) -> list[tuple[str, str]]:
 def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: int = 2,
              grid: str | None = None) -> dict:
     """Per-shape accuracy on its prompts, its synonym prompts, and colour accuracy; with
-    `erased`, also Acc_e, Acc_g, Acc_s and H. Each prompt is sampled `repeats` times."""
+    `erased`, also Acc_e, Acc_g, Acc_s, H and Col_s (colour accuracy of the other shapes: an edit
+    can keep their shape and still lose their colour). Each prompt is sampled `repeats` times."""
     erased = list(erased)
     bad = [e for e in erased if e not in shapes.SHAPES]
     if bad:
@@ -44,6 +47,7 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
     report = {"model": model.name or model.kind, "images": len(items), "seed": seed, "concepts": per}
     if erased:
         report.update(erasure_metrics(per, erased))
+        report["color_s"] = mean(per[s]["acc_color"] for s in per if s not in erased)
     if grid:
         # one row per shape (and synonym), first repeat: colour x template
         per_row = len(shapes.COLORS) * len(TEMPLATES)
@@ -62,5 +66,6 @@ def format_table(report: dict) -> str:
         lines.append(f"{name:<10} {r['acc']:>6.3f} {syn:>9} {r['acc_color']:>7.3f}{mark}")
     if "acc_e" in report:
         g = "-" if report["acc_g"] is None else f"{report['acc_g']:.3f}"
-        lines.append(f"Acc_e {report['acc_e']:.3f}  Acc_g {g}  Acc_s {report['acc_s']:.3f}  H {report['H']:.3f}")
+        lines.append(f"Acc_e {report['acc_e']:.3f}  Acc_g {g}  Acc_s {report['acc_s']:.3f}  H {report['H']:.3f}  "
+                     f"Col_s {report['color_s']:.3f}")
     return "\n".join(lines)

@@ -13,6 +13,11 @@ over prompts x seeds, each thresholded, intersected; cached), with SalientAdamW,
 weight stays bit-identical. Several concepts (Sec. 3.4): one LoRA per concept on the projections
 that read text, trained with the same loss, then all fused into those projections by the
 closed form of eq. (7), which also keeps a prior-preservation set of prompts where it was.
+
+Training prompts are the concept's own ("a photo of a circle"); the augmented ones ("a photo of
+a red circle") only pick M*, as in the paper (Fig. 5). Reversing the condition direction of an
+augmented prompt also reverses its attribute, which every other concept shares: trained on them,
+ANT lost the colour of every toy shape (README, "ANT").
 """
 from __future__ import annotations
 
@@ -209,7 +214,7 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
 def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -> Edit:
     net = model.network
     hp = cfg.resolved(concept)
-    prompts = concept.prompts(augment=True)
+    prompts = concept.prompts()
     model.encode(prompts + [""])
     split_steps(model, hp["t_split"], cfg.sample_steps, cfg.split)  # t' checked before any work
     if cfg.saliency:
@@ -263,7 +268,7 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
     deltas, stats = [], {}
     for k, concept in enumerate(concepts):
         hp = cfg.resolved(concept)
-        prompts = concept.prompts(augment=True)
+        prompts = concept.prompts()
         model.encode(prompts + [""])
         trainable = params.add_lora(net, modules, cfg.rank, cfg.seed + k)
         optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], weight_decay=0.0)
