@@ -214,7 +214,8 @@ def test_trains_on_the_concepts_own_prompts_and_augments_only_the_saliency_maps(
     encoded, trained = [], []
     encode, make = model.encode, ant._training_loss
     monkeypatch.setattr(model, "encode", lambda prompts: encoded.extend(prompts) or encode(prompts))
-    monkeypatch.setattr(ant, "_training_loss", lambda m, prompts, *a, **k: trained.append(prompts) or make(m, prompts, *a, **k))
+    monkeypatch.setattr(ant, "_training_loss",
+                        lambda m, prompts, *a, **k: trained.append(prompts) or make(m, prompts, *a, **k))
     cfg = ant.ANTConfig(**{**FAST, "saliency_prompts": 6})
     ant.run(model, fasterase.concepts.as_concepts(concepts), cfg, progress=False)
     assert trained == [c.prompts() for c in concepts]
