@@ -24,6 +24,12 @@ def test_single_erasure():
     assert m["H"] == pytest.approx(3 / (1 / 0.9 + 1 / 0.8 + 1 / 0.8))
 
 
+def test_color_s_is_the_kept_concepts_colour_accuracy():
+    accs = per(circle=(0.0, 0.0), square=(1.0, 1.0), star=(1.0, None))
+    accs["circle"]["acc_color"], accs["square"]["acc_color"], accs["star"]["acc_color"] = 0.0, 0.5, 0.75
+    assert erasure_metrics(accs, ["circle"])["color_s"] == pytest.approx(0.625)
+
+
 def test_multi_erasure_and_missing_synonyms():
     m = erasure_metrics(per(circle=(0.2, 0.4), star=(0.0, None), square=(1.0, 1.0)), ["circle", "star"])
     assert m["acc_e"] == pytest.approx(0.1)

@@ -1,8 +1,6 @@
 """Toy-world evaluation: generate with fixed seeds, classify with the detector, score."""
 from __future__ import annotations
 
-from statistics import mean
-
 from ..models import Denoiser
 from ..toy import detector as toy_detector
 from ..toy import shapes
@@ -47,7 +45,6 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
     report = {"model": model.name or model.kind, "images": len(items), "seed": seed, "concepts": per}
     if erased:
         report.update(erasure_metrics(per, erased))
-        report["color_s"] = mean(per[s]["acc_color"] for s in per if s not in erased)
     if grid:
         # one row per shape (and synonym), first repeat: colour x template
         per_row = len(shapes.COLORS) * len(TEMPLATES)

@@ -5,6 +5,8 @@ Acc_g: the same on their synonym prompts (generality; lower is better).
 Acc_s: the other concepts' prompts still showing their concept (specificity; higher is better).
 H: harmonic mean of (1 - Acc_e), (1 - Acc_g) and Acc_s; when no erased concept has synonyms,
 Acc_g is undefined (None) and H is the harmonic mean of the other two.
+Col_s: the other concepts' colour accuracy (not part of H): an edit can keep a shape and still
+lose its colour.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def harmonic_mean(values: list[float]) -> float:
 
 
 def erasure_metrics(per_concept: dict[str, dict], erased: list[str]) -> dict:
-    """per_concept[name] has 'acc' and 'acc_synonyms' (None when it has no synonyms)."""
+    """per_concept[name] has 'acc', 'acc_synonyms' (None when it has no synonyms) and 'acc_color'."""
     unknown = [e for e in erased if e not in per_concept]
     if unknown:
         raise ValueError(f"erased concept(s) {unknown} not evaluated; valid: {sorted(per_concept)}")
@@ -36,4 +38,6 @@ def erasure_metrics(per_concept: dict[str, dict], erased: list[str]) -> dict:
     acc_g = mean(syn) if syn else None
     acc_s = mean(per_concept[c]["acc"] for c in kept)
     terms = [1 - acc_e, acc_s] + ([] if acc_g is None else [1 - acc_g])
-    return {"erased": list(erased), "acc_e": acc_e, "acc_g": acc_g, "acc_s": acc_s, "H": harmonic_mean(terms)}
+    color_s = mean(per_concept[c]["acc_color"] for c in kept)
+    return {"erased": list(erased), "acc_e": acc_e, "acc_g": acc_g, "acc_s": acc_s, "H": harmonic_mean(terms),
+            "color_s": color_s}
