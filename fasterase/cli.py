@@ -93,7 +93,7 @@ def cmd_eval(args) -> int:
         raise UserError("give --model, --edit, or both")
     else:
         model = models.load(args.model)
-    report = evaluate(model, erased=erased or [], seed=args.seed, grid=args.grid)
+    report = evaluate(model, erased=erased or [], seed=args.seed, repeats=args.repeats, grid=args.grid)
     if args.edit:
         report["edit"] = str(args.edit)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
@@ -153,6 +153,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.add_argument("--grid", help="write a PNG grid of sample images here")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--repeats", type=int, default=2,
+                   help="samples per prompt (2: 32 images per shape); more gives a less noisy rate")
     v.set_defaults(run=cmd_eval)
 
     m = sub.add_parser("methods", help="list the erasure methods")

@@ -33,6 +33,7 @@ def one_line_error(code, err, *needles):
     (["eval"], ["--model"]),
     (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "circle"]),
     (["eval", "--edit", "no/such/folder"], ["not a fasterase edit"]),
+    (["eval", "--model", "toy-sd", "--repeats", "0"], ["repeats", ">= 1"]),
     (["frobnicate"], ["invalid choice"]),
 ])
 def test_user_errors(capsys, tmp_path, monkeypatch, argv, needles):

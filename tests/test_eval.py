@@ -37,8 +37,9 @@ def test_toy_pipelines_know_every_concept(name, tmp_path):
 
 
 def test_cli_eval_json_with_erased(capsys):
-    assert main(["eval", "--model", "toy-flux", "--erased", "circle", "--json"]) == 0
+    assert main(["eval", "--model", "toy-flux", "--erased", "circle", "--json", "--repeats", "1"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["repeats"] == 1 and report["images"] == 112  # half of the default 224
     assert set(report["concepts"]) == set(shapes.SHAPES)
     assert report["erased"] == ["circle"]
     # nothing was erased: the original model still draws circles

@@ -20,6 +20,8 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
     """Per-shape accuracy on its prompts, its synonym prompts, and colour accuracy; with
     `erased`, also Acc_e, Acc_g, Acc_s, H and Col_s (colour accuracy of the other shapes: an edit
     can keep their shape and still lose their colour). Each prompt is sampled `repeats` times."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats (samples per prompt) must be an integer >= 1, got {repeats!r}")
     erased = list(erased)
     bad = [e for e in erased if e not in shapes.SHAPES]
     if bad:
@@ -42,7 +44,8 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
             "acc_synonyms": sum(pred_shape[i] == s for i in syn) / len(syn) if syn else None,
             "acc_color": sum(pred_color[i] == items[i][2] for i in plain) / len(plain),
         }
-    report = {"model": model.name or model.kind, "images": len(items), "seed": seed, "concepts": per}
+    report = {"model": model.name or model.kind, "images": len(items), "seed": seed, "repeats": repeats,
+              "concepts": per}
     if erased:
         report.update(erasure_metrics(per, erased))
     if grid:
