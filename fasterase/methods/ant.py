@@ -17,7 +17,7 @@ closed form of eq. (7), which also keeps a prior-preservation set of prompts whe
 Training prompts are the concept's own ("a photo of a circle"); the augmented ones ("a photo of
 a red circle") only pick M*, as in the paper (Fig. 5). Reversing the condition direction of an
 augmented prompt also reverses its attribute, which every other concept shares: trained on them,
-ANT lost the colour of every toy shape (README, "ANT").
+ANT lost the colour of every toy shape (README, "Erasing circle").
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from ..training.losses import trajectory_aware_loss
 
 # Table 6 of the paper (SD1.4 sampled with 50 DDIM steps, so its t' = 43 is the noise level 0.86).
 # It has no row for objects; ours is the nudity row (the paper's single-concept task) with twice the
-# steps and lr: it meets the bar on toy-flux, on toy-sd only for some seeds (README, "ANT").
+# steps and lr: it meets the bar on toy-flux, on toy-sd only for some seeds (README, "Erasing circle").
 DEFAULTS = {
     "nudity": dict(lr=5e-4, steps=250, lambda1=1.0, lambda2=0.5, lambda3=0.5, t_split=43 / 50),
     "celebrity": dict(lr=5e-4, steps=400, lambda1=0.4, lambda2=0.5, lambda3=0.2, t_split=40 / 50),
@@ -66,7 +66,7 @@ class ANTConfig:
     guidance: float = 3.0  # classifier-free guidance of those rollouts
     saliency: bool = True  # one concept: train only M*; False trains the whole network (ablation)
     # gamma: salient where |grad| >= gamma * RMS of that map's grads. 0.02 keeps ~11% of toy-sd and
-    # ~15% of toy-flux after 50 maps; 1.0 kept 0.03% of toy-sd, too few to erase (README, "ANT").
+    # ~15% of toy-flux after 50 maps; 1.0 kept 0.03% of toy-sd, too few to erase (README, "ANT ablation").
     saliency_threshold: float = 0.02
     saliency_prompts: int = 10  # N_c augmented prompts ...
     saliency_seeds: int = 5  # ... x N_s seeds: the gradient maps intersected into M*
