@@ -20,7 +20,7 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
     """Per-shape accuracy on its prompts, its synonym prompts, and colour accuracy; with
     `erased`, also Acc_e, Acc_g, Acc_s, H and Col_s (colour accuracy of the other shapes: an edit
     can keep their shape and still lose their colour). Each prompt is sampled `repeats` times."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats (samples per prompt) must be an integer >= 1, got {repeats!r}")
     erased = list(erased)
     bad = [e for e in erased if e not in shapes.SHAPES]
