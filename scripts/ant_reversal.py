@@ -18,7 +18,6 @@ import torch
 
 from fasterase import models
 from fasterase.eval.evaluate import prompt_set
-from fasterase.models.base import Cond
 from fasterase.toy import detector, shapes
 
 
@@ -27,14 +26,11 @@ def reversed_guidance_sample(model, prompts: list[str], t_split: float, guidance
                              seed: int) -> torch.Tensor:
     """Images in [0, 1]: guidance w above t', the condition direction reversed (-w) at and below it."""
     cond = model.encode(prompts)
-    both = Cond.cat([cond, model.uncond.repeat(len(prompts))])
     sched = model.sampler(steps)
     x = model.noise(len(prompts), torch.Generator().manual_seed(seed))
     for i, tau in enumerate(model.sampling_taus(steps)):
-        t = torch.full((len(prompts),), tau)
-        c, u = model.predict(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
         w = guidance if tau > t_split else -guidance
-        x = sched.step(u + w * (c - u), sched.timesteps[i], x).prev_sample
+        x = sched.step(model.guided(x, torch.full((len(prompts),), tau), cond, w), sched.timesteps[i], x).prev_sample
     return model.decode(x)
 
 
