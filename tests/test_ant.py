@@ -355,6 +355,6 @@ def test_per_type_defaults_follow_table_6():
     assert cfg.resolved(Concept("x", type="celebrity"))["t_split"] == 0.8
     assert cfg.resolved(Concept("x", type="style"))["t_split"] == 0.94
     assert ant.ANTConfig(lambda1=0.3).resolved(Concept("x", type="style"))["lambda1"] == 0.3
-    # objects (no Table 6 row): the nudity row with twice the steps and lr and a heavier late uncond term
-    assert cfg.resolved(Concept("x", type="object")) == dict(lr=1e-3, steps=500, lambda1=1.0, lambda2=0.5,
-                                                             lambda3=2.0, t_split=0.86)
+    # objects (no Table 6 row): the nudity row with four times the steps and a heavier late uncond term
+    assert cfg.resolved(Concept("x", type="object")) == dict(lr=5e-4, steps=1000, lambda1=1.0, lambda2=0.5,
+                                                             lambda3=3.0, t_split=0.86)
