@@ -5,6 +5,7 @@ import torch
 
 from fasterase import ops
 from fasterase.optim import SalientAdamW
+from op_testing import bench_backends
 
 # 24 tensors, 8M elements: a slice of a UNet's attention/MLP weights
 SHAPES = [(320, 320)] * 8 + [(640, 640)] * 8 + [(1280, 640)] * 8
@@ -45,26 +46,28 @@ def test_torch_adamw(measure, device):
 
 
 @pytest.mark.parametrize("state_dtype,bytes_per", [("fp32", BYTES_FP32), ("8bit", BYTES_8BIT)])
-@pytest.mark.parametrize("device", devices())
-def test_salient_adamw_dense(measure, device, state_dtype, bytes_per):
+@pytest.mark.parametrize("device,backend", bench_backends())
+def test_salient_adamw_dense(measure, device, backend, state_dtype, bytes_per):
     params, _ = params_with_grads(device)
     opt = SalientAdamW(params, state_dtype=state_dtype, **HYPER)
-    opt.step()
-    measure(lambda: (opt.step(), sync(device)), NUMEL * bytes_per, op="masked_adamw",
-            impl=f"SalientAdamW {state_dtype} ({ops.last_backend('masked_adamw_multi')})", device=device,
-            elements=NUMEL)
+    with ops.use_backend(backend):
+        opt.step()
+        measure(lambda: (opt.step(), sync(device)), NUMEL * bytes_per, op="masked_adamw",
+                impl=f"SalientAdamW {state_dtype} ({ops.last_backend('masked_adamw_multi')})", device=device,
+                elements=NUMEL)
 
 
-@pytest.mark.parametrize("device", devices())
-def test_salient_adamw_8bit_one_percent_mask(measure, device):
+@pytest.mark.parametrize("device,backend", bench_backends())
+def test_salient_adamw_8bit_one_percent_mask(measure, device, backend):
     params, masks = params_with_grads(device, density=0.01)
     opt = SalientAdamW(params, masks=masks, **HYPER)
-    opt.step()
     selected = sum(int(m.sum()) for m in masks.values())
-    # the step still reads every gradient once for the global non-finite check
-    measure(lambda: (opt.step(), sync(device)), selected * BYTES_8BIT + NUMEL * 4, op="masked_adamw",
-            impl=f"SalientAdamW 8bit, 1% index mask ({ops.last_backend('masked_adamw_multi')})", device=device,
-            elements=NUMEL)
+    with ops.use_backend(backend):
+        opt.step()
+        # the step still reads every gradient once for the global non-finite check
+        measure(lambda: (opt.step(), sync(device)), selected * BYTES_8BIT + NUMEL * 4, op="masked_adamw",
+                impl=f"SalientAdamW 8bit, 1% index mask ({ops.last_backend('masked_adamw_multi')})", device=device,
+                elements=NUMEL)
 
 
 @pytest.mark.parametrize("device", devices())

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fasterase import ops
+from op_testing import bench_backends
 
 BATCH, SHAPE = 8, (64, 64, 64)  # FLUX-like: 4096 latent tokens x 64 channels per sample
 NUMEL = BATCH * 64 * 64 * 64
@@ -44,13 +45,14 @@ def test_eager_composite(measure, device):
             device=device, elements=NUMEL)
 
 
-@pytest.mark.parametrize("device", devices())
-def test_fused(measure, device):
+@pytest.mark.parametrize("device,backend", bench_backends())
+def test_fused(measure, device, backend):
     args = inputs(device)
 
     def fused(pc, pu, tc, tu, sign, weight):
         return ops.paired_noise_loss(pc, pu, tc, tu, sign, 1.0, weight=weight, uncond_weight=weight)
 
-    step(fused, args, device)
-    measure(lambda: step(fused, args, device), BYTES, op="paired_noise_loss",
-            impl=f"fused ({ops.last_backend('paired_noise_loss')})", device=device, elements=NUMEL)
+    with ops.use_backend(backend):
+        step(fused, args, device)
+        measure(lambda: step(fused, args, device), BYTES, op="paired_noise_loss",
+                impl=f"fused ({ops.last_backend('paired_noise_loss')})", device=device, elements=NUMEL)

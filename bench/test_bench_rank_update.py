@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fasterase import ops
+from op_testing import bench_backends
 
 # SD1.5 cross-attention to_k/to_v: 16 attention blocks x 2, input width 768
 OUTS = [320] * 10 + [640] * 10 + [1280] * 12
@@ -58,14 +59,14 @@ def test_closed_form_per_module_loop(measure, device):
             op="closed_form", impl="per-module loop + torch.inverse", device=device, elements=sum(w.numel() for w in weights))
 
 
-@pytest.mark.parametrize("device", devices())
-def test_closed_form_shared_inverse(measure, device):
+@pytest.mark.parametrize("device,backend", bench_backends())
+def test_closed_form_shared_inverse(measure, device, backend):
     weights, c, cs = setup(device)
-    backend = ops.available_backends(device)[0]
-    measure(lambda: (ops.closed_form_update(weights, c, cs, lam=LAM), sync(device)), weight_bytes(weights), rounds=3,
-            setup=restorer(weights),
-            op="closed_form", impl=f"closed_form_update ({backend})", device=device,
-            elements=sum(w.numel() for w in weights))
+    with ops.use_backend(backend):
+        measure(lambda: (ops.closed_form_update(weights, c, cs, lam=LAM), sync(device)), weight_bytes(weights),
+                rounds=3, setup=restorer(weights), op="closed_form",
+                impl=f"closed_form_update ({backend or ops.default_backend(device)})", device=device,
+                elements=sum(w.numel() for w in weights))
 
 
 def per_module_rank_one(weights, e_u, e_w, eta=0.5):
@@ -81,11 +82,11 @@ def test_rank_one_per_module_loop(measure, device):
             op="rank_one_update", impl="per-module loop", device=device, elements=sum(w.numel() for w in weights))
 
 
-@pytest.mark.parametrize("device", devices())
-def test_rank_one_batched(measure, device):
+@pytest.mark.parametrize("device,backend", bench_backends())
+def test_rank_one_batched(measure, device, backend):
     weights, c, cs = setup(device)
-    backend = ops.available_backends(device)[0]
-    measure(lambda: (ops.rank_one_update(weights, c[0], cs[0], eta=0.5), sync(device)), weight_bytes(weights),
-            setup=restorer(weights),
-            op="rank_one_update", impl=f"rank_one_update ({backend})", device=device,
-            elements=sum(w.numel() for w in weights))
+    with ops.use_backend(backend):
+        measure(lambda: (ops.rank_one_update(weights, c[0], cs[0], eta=0.5), sync(device)), weight_bytes(weights),
+                setup=restorer(weights), op="rank_one_update",
+                impl=f"rank_one_update ({backend or ops.default_backend(device)})", device=device,
+                elements=sum(w.numel() for w in weights))

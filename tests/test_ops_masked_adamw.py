@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 from fasterase import ops  # noqa: E402
 from fasterase.ops.adamw import masked_adamw_reference  # noqa: E402
-from fasterase.ops.testing import assert_close_to_reference, fast_backends  # noqa: E402
+from op_testing import GPU_BACKENDS, assert_close_to_reference, fast_backends, require_built  # noqa: E402
 
 SIZES = [1, 255, 256, 257, 4097, 100_000]
 TRITON_SIZES = [1, 257, 1100]  # the interpreter is slow
@@ -133,9 +133,10 @@ def test_triton_interpreted_matches_reference(n, kind, density, pdt, sdt):
 @pytest.mark.parametrize("pdt,sdt", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("kind,density", MASKS)
 @pytest.mark.parametrize("n", SIZES + [1 << 22])
-def test_gpu_backends_match_reference(n, kind, density, pdt, sdt):
-    for backend in fast_backends("cuda"):
-        check_backend(backend, n, kind, density, pdt, sdt, device="cuda")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_match_reference(backend, n, kind, density, pdt, sdt):
+    require_built(backend)
+    check_backend(backend, n, kind, density, pdt, sdt, device="cuda")
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before fasterase.kernels is first imported
 
 from fasterase import ops  # noqa: E402
-from fasterase.ops.testing import assert_close_to_reference, fast_backends  # noqa: E402
+from op_testing import GPU_BACKENDS, assert_close_to_reference, fast_backends, require_built  # noqa: E402
 
 CPU_BACKENDS = fast_backends("cpu")
 # (batch, per-sample shape): totals 1, 255, 256, 257, 4097 and ~1e5 elements
@@ -62,9 +62,10 @@ def test_triton_interpreted_matches_reference(batch, shape, dtype):
 @pytest.mark.parametrize("with_uncond", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch,shape", SHAPES + [(8, (16, 128, 128))])
-def test_gpu_backends_match_reference(batch, shape, dtype, with_uncond):
-    for backend in fast_backends("cuda"):
-        check(backend, batch, shape, dtype, with_uncond, device="cuda")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_match_reference(backend, batch, shape, dtype, with_uncond):
+    require_built(backend)
+    check(backend, batch, shape, dtype, with_uncond, device="cuda")
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before fasterase.kernels is first imported
 
 from fasterase import ops  # noqa: E402
-from fasterase.ops.testing import assert_close_to_reference, fast_backends  # noqa: E402
+from op_testing import GPU_BACKENDS, assert_close_to_reference, fast_backends, require_built  # noqa: E402
 
 CPU_BACKENDS = fast_backends("cpu")
 WDTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -85,11 +85,12 @@ def test_triton_interpreted_matches_reference(shape, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", WDTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES + [(1280, 768), (3072, 4096)])
-def test_gpu_backends_match_reference(shape, dtype):
-    for backend in fast_backends("cuda"):
-        for k, per_weight in ((1, False), (5, True)):
-            check_lowrank(backend, shape, dtype, k, per_weight, device="cuda")
-        check_shared_matmul(backend, shape, dtype, with_addends=True, device="cuda")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_match_reference(backend, shape, dtype):
+    require_built(backend)
+    for k, per_weight in ((1, False), (5, True)):
+        check_lowrank(backend, shape, dtype, k, per_weight, device="cuda")
+    check_shared_matmul(backend, shape, dtype, with_addends=True, device="cuda")
 
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)

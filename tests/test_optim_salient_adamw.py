@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fasterase import ops
-from fasterase.ops.testing import fast_backends
 from fasterase.optim import SalientAdamW
+from op_testing import fast_backends
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
 

@@ -1,8 +1,11 @@
 """Backend selection for the fused ops.
 
 Backends, fastest first: ``cuda`` (fasterase._C built with CUDA), ``triton`` (fasterase.kernels),
-``cpp`` (fasterase._C CPU kernels) and ``reference`` (pure torch, the specification).  The
-environment variable FASTERASE_BACKEND or the :func:`use_backend` context forces one; a forced
+``cpp`` (fasterase._C CPU kernels) and ``reference`` (pure torch, the specification).  The automatic
+choice takes only a backend listed in :data:`VERIFIED` for the device type, one that has passed its
+op tests on that kind of device, and the reference otherwise: a kernel that has never run on a GPU is
+not trusted with a user's training run.  The environment variable FASTERASE_BACKEND or the
+:func:`use_backend` context forces one (this is how an unverified backend is opted into); a forced
 backend that cannot run on the tensors' device is an error rather than a silent fallback, so a
 benchmark or test never measures something other than what it asked for.
 """
@@ -17,8 +20,14 @@ import warnings
 
 import torch
 
+from ..errors import UserError
+
 BACKENDS = ("cuda", "triton", "cpp", "reference")
 ENV_VAR = "FASTERASE_BACKEND"
+# Per device type, the backends that have passed the op tests on that kind of device (tests/test_ops_*.py;
+# on a GPU `pytest -m gpu`).  Add a backend here only after it has.  No GPU has run the CUDA or Triton
+# kernels yet, so on "cuda" the automatic choice is the reference.
+VERIFIED: dict[str, tuple[str, ...]] = {"cpu": ("cpp",), "cuda": ()}
 
 _state = threading.local()
 _last: dict[str, str] = {}
@@ -66,17 +75,25 @@ def _runs_on(backend: str, device: torch.device) -> bool:
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends that can run on ``device``, fastest first (Triton on CPU only under TRITON_INTERPRET=1,
-    for tests: automatic selection never picks the interpreter)."""
+    for tests); the automatic choice is :func:`default_backend`."""
     device = torch.device(device)
     order = ("cuda", "triton", "cpp", "reference") if device.type == "cuda" else ("cpp", "triton", "reference")
     return [b for b in order if _runs_on(b, device)]
+
+
+def default_backend(device: torch.device | str) -> str:
+    """The automatic choice on ``device``: the fastest backend that runs there and is verified for its
+    device type (:data:`VERIFIED`), else the reference."""
+    device = torch.device(device)
+    verified = VERIFIED.get(device.type, ())
+    return next((b for b in available_backends(device) if b in verified), "reference")
 
 
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` or FASTERASE_BACKEND, if any."""
     name = getattr(_state, "forced", None) or os.environ.get(ENV_VAR) or None
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={name!r} is not a backend; valid: {', '.join(BACKENDS)}")
+        raise UserError(f"{ENV_VAR}={name!r} is not a backend; valid: {', '.join(BACKENDS)}")
     return name
 
 
@@ -85,13 +102,13 @@ def select(op: str, device: torch.device) -> str:
     forced = forced_backend()
     if forced is not None:
         if not _runs_on(forced, device):
-            raise RuntimeError(
+            raise UserError(
                 f"backend {forced!r} cannot run {op} on {device.type}; available: "
                 f"{', '.join(available_backends(device))}"
             )
         choice = forced
-    else:  # the Triton interpreter is for tests only: never chosen automatically
-        choice = next(b for b in available_backends(device) if b != "triton" or device.type == "cuda")
+    else:
+        choice = default_backend(device)
     _last[op] = choice
     return choice
 
@@ -105,7 +122,7 @@ def last_backend(op: str) -> str | None:
 def use_backend(name: str | None):
     """Force ``name`` for ops called in this thread inside the block (None: automatic choice)."""
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     previous = getattr(_state, "forced", None)
     _state.forced = name
     try:
