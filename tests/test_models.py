@@ -1,8 +1,13 @@
 """Both adapters: shapes, the tau convention, rollouts, the K/V list, the loader."""
+import ast
+from pathlib import Path
+
 import pytest
 import torch
+from diffusers import EulerDiscreteScheduler
 
 from fasterase import models
+from fasterase.errors import UserError
 from fasterase.models import Cond
 
 
@@ -135,14 +140,66 @@ def test_pipeline_call_returns_an_image(model):
 
 
 def test_loader_errors(tmp_path):
-    with pytest.raises(ValueError, match="toy-sd"):
+    with pytest.raises(UserError, match="toy-sd"):
         models.load("toy-unknown")
-    with pytest.raises(ValueError, match="model_index.json"):
+    with pytest.raises(UserError, match="model_index.json"):
         models.load(tmp_path)
-    with pytest.raises(TypeError, match="accepted"):
+    with pytest.raises(UserError, match="supported: Stable Diffusion"):
         models.load(42)
-    with pytest.raises(TypeError, match="accepted"):
+    with pytest.raises(UserError, match="supported: Stable Diffusion"):
         models.load(torch.nn.Linear(2, 2))
+
+
+def test_rollouts_do_not_depend_on_the_shipped_scheduler():
+    """An SD checkpoint shipped with an Euler scheduler rolls out as with DDIM: the sampler is built
+    from the scheduler's config, so x_t stays in the parametrization add_noise and predict use."""
+    ddim = models.load("toy-sd")
+    pipe = models.load("toy-sd").pipeline
+    # "leading" spacing: Euler's own sampling then visits DDIM's timesteps
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading")
+    euler = models.load(pipe)
+    prompts = ["a red circle", "a blue square"]
+    cond = ddim.encode(prompts)
+    assert euler.sampling_taus(10) == ddim.sampling_taus(10)
+    for until in (0.5, 0.0):  # the same sampler on the same network and noise: bit-identical
+        a, tau_a = ddim.rollout(cond, 10, until=until, generator=torch.Generator().manual_seed(0))
+        b, tau_b = euler.rollout(cond, 10, until=until, generator=torch.Generator().manual_seed(0))
+        assert tau_a == tau_b and torch.equal(a, b)
+    # and it is the model's own distribution: Euler (with init_noise_sigma and scale_model_input,
+    # through the pipeline) is the same ODE step in the sigma parametrization, except that it ends
+    # at sigma 0 where DDIM stops at alphas_cumprod[0] (set_alpha_to_one=False): a last-step offset
+    # of sqrt(1 - alphas_cumprod[0]) = 0.029 times the predicted noise, 2.3% of the latents here.
+    # Sampling with the Euler scheduler on unscaled latents (the old rollout) is 81% off.
+    pipe.set_progress_bar_config(disable=True)
+    noise = ddim.noise(2, torch.Generator().manual_seed(0))
+    own = pipe(prompts, latents=noise, num_inference_steps=10, guidance_scale=3.0, output_type="latent").images
+    assert (b - own).norm() / own.norm() < 0.05
+
+
+def test_no_model_module_imports_the_toy_world():
+    """models/ sits below the toy world: the toy pipelines plug into the loader from above."""
+    for path in (Path(models.__file__).parent).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n in ("..toy", "fasterase.toy", "toy") or n.startswith(("..toy.", "fasterase.toy."))
+                           for n in names), f"{path.name} imports the toy world: {names}"
+
+
+def test_registered_names_load_with_their_sample_kwargs(monkeypatch):
+    from fasterase.toy import components
+
+    monkeypatch.setattr(models, "BUILTINS", dict(models.BUILTINS))
+    models.register("my-sd", components.sd_pipeline, {"num_inference_steps": 3},
+                    lambda p: p.scheduler.config.get("steps_offset") == 1)
+    model = models.load("my-sd")
+    assert model.name == "my-sd" and model.sample_kwargs == {"num_inference_steps": 3}
+    with pytest.raises(UserError, match="toy-sd, toy-flux, my-sd"):
+        models.load("my-flux")
 
 
 def test_cond_helpers():

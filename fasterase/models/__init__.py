@@ -1,36 +1,121 @@
 """Model adapters: the only place that knows model internals.
 
-`load(model)` accepts a diffusers pipeline, a local diffusers folder, or the built-in names
-"toy-sd" / "toy-flux", and returns the Denoiser for it.
+`load(model)` accepts a diffusers pipeline, a local diffusers folder, or a registered name, and
+returns the Denoiser for it. What no adapter handles (SDXL, inpainting, img2img, ...) is refused
+from the pipeline's class and configs, before any weights load. Names are registered from above
+(`register`; the toy world registers "toy-sd" and "toy-flux"), so models/ imports nothing of it.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+from ..errors import UserError
 from .base import Cond, Denoiser, KVProjection
 from .flux import FluxDenoiser
 from .unet import UNetDenoiser
 
-TOY_NAMES = ("toy-sd", "toy-flux")
-ACCEPTED = ("a diffusers StableDiffusionPipeline or FluxPipeline (or any pipeline with a "
-            "UNet2DConditionModel or FluxTransformer2DModel), a local diffusers folder, "
-            "or one of " + ", ".join(TOY_NAMES))
+__all__ = ["Cond", "Denoiser", "KVProjection", "FluxDenoiser", "UNetDenoiser", "load", "register", "BUILTINS"]
 
-__all__ = ["Cond", "Denoiser", "KVProjection", "FluxDenoiser", "UNetDenoiser", "load", "TOY_NAMES"]
+# pipeline class -> (its network's component name, the network class it must be, the adapter)
+ADAPTERS = {"StableDiffusionPipeline": ("unet", "UNet2DConditionModel", UNetDenoiser),
+            "FluxPipeline": ("transformer", "FluxTransformer2DModel", FluxDenoiser)}
+SUPPORTED = ("Stable Diffusion 1.x / 2.x text-to-image (StableDiffusionPipeline, epsilon or v-prediction) "
+             "and FLUX.1 text-to-image (FluxPipeline)")
 
 
-def _wrap(pipeline) -> Denoiser:
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+@dataclass(frozen=True)
+class Builtin:
+    """A pipeline known by name: how to build it, and the call arguments its images need."""
 
-    if isinstance(getattr(pipeline, "transformer", None), FluxTransformer2DModel):
-        return FluxDenoiser(pipeline)
-    if isinstance(getattr(pipeline, "unet", None), UNet2DConditionModel) and hasattr(pipeline, "encode_prompt"):
-        return UNetDenoiser(pipeline)
-    raise TypeError(f"unsupported pipeline {type(pipeline).__name__}; accepted: {ACCEPTED}")
+    build: Callable[[], object]
+    sample_kwargs: dict
+    owns: Callable[[object], bool]  # recognises the pipeline and its saved copies
+
+
+BUILTINS: dict[str, Builtin] = {}
+
+
+def register(name: str, build: Callable[[], object], sample_kwargs: dict, owns: Callable[[object], bool]) -> None:
+    """Make `name` loadable; pipelines `owns` recognises are sampled with `sample_kwargs`."""
+    BUILTINS[name] = Builtin(build, dict(sample_kwargs), owns)
+
+
+def _accepted() -> str:
+    names = f", or one of {', '.join(BUILTINS)}" if BUILTINS else ""
+    return f"supported: {SUPPORTED}, as a pipeline or a local diffusers folder{names}"
+
+
+def _refusal(pipeline_class: str, parts: dict[str, tuple[str, dict]]) -> str | None:
+    """Why no adapter handles a pipeline of this class with these parts (component name ->
+    (class name, config)), or None when one does."""
+    if pipeline_class not in ADAPTERS:
+        return f"{pipeline_class} is not a text-to-image pipeline fasterase handles"
+    net_name, net_class, _ = ADAPTERS[pipeline_class]
+    got, net = parts.get(net_name, (None, {}))
+    if got != net_class:
+        return f"{pipeline_class} with {net_name} {got}: the adapter needs a {net_class}"
+    latent = parts.get("vae", (None, {}))[1].get("latent_channels", 4)
+    if net_name == "unet":
+        for key in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type"):
+            if net.get(key) is not None:  # SDXL's "text_time" and other extra conditioning
+                return f"the UNet needs extra conditioning ({key}={net[key]!r}; SDXL-style or other)"
+        if net.get("in_channels") != latent or net.get("out_channels") != latent:
+            return (f"the UNet takes {net.get('in_channels')} input channels and gives {net.get('out_channels')}, "
+                    f"not the VAE's {latent} latent channels (an inpainting or image-conditioned UNet)")
+        sched_class, sched = parts.get("scheduler", (None, {}))
+        if "beta_schedule" not in sched:
+            return f"scheduler {sched_class} has no beta schedule (SD needs a DDPM-family scheduler)"
+        if sched.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+            return f"prediction_type {sched['prediction_type']!r} (valid: epsilon, v_prediction)"
+    else:
+        packed = 4 * latent  # FLUX packs 2x2 latent patches into one token
+        if net.get("in_channels") != packed or (net.get("out_channels") or packed) != packed:
+            return (f"the transformer takes {net.get('in_channels')} input channels, not the {packed} of "
+                    f"packed latents (a Fill-style or image-conditioned transformer)")
+    return None
+
+
+def _check(pipeline_class: str, parts: dict[str, tuple[str, dict]]) -> None:
+    reason = _refusal(pipeline_class, parts)
+    if reason:
+        raise UserError(f"unsupported pipeline: {reason}; {_accepted()}")
+
+
+def _parts(pipeline) -> dict[str, tuple[str, dict]]:
+    return {name: (type(c).__name__, dict(c.config)) for name, c in pipeline.components.items()
+            if isinstance(getattr(c, "config", None), dict)}
+
+
+def _folder_parts(path: Path) -> tuple[str, dict[str, tuple[str, dict]]]:
+    """The pipeline class and parts a diffusers folder declares, read from its JSON files only."""
+    index = json.loads((path / "model_index.json").read_text())
+    parts = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2:
+            continue
+        config = next((path / name / f for f in ("config.json", "scheduler_config.json")
+                       if (path / name / f).is_file()), None)
+        parts[name] = (spec[1], json.loads(config.read_text()) if config else {})
+    return index.get("_class_name", "an unnamed pipeline"), parts
+
+
+def _wrap(pipeline, owner: Builtin | None = None) -> Denoiser:
+    """The adapter for a checked pipeline, with the sample kwargs of the name it was loaded by or,
+    failing that, of the registered name that recognises it."""
+    cls = type(pipeline).__name__
+    _check(cls, _parts(pipeline))
+    den = ADAPTERS[cls][2](pipeline)
+    owner = owner or next((b for b in BUILTINS.values() if b.owns(pipeline)), None)
+    if owner:
+        den.sample_kwargs = dict(owner.sample_kwargs)
+    return den
 
 
 def load(model) -> Denoiser:
-    """The Denoiser for `model` (see module docstring); anything else is a clear error."""
+    """The Denoiser for `model` (see module docstring); anything else is a UserError."""
     if isinstance(model, Denoiser):
         return model
     denoiser = _load(model)
@@ -41,17 +126,16 @@ def load(model) -> Denoiser:
 def _load(model) -> Denoiser:
     if isinstance(model, (str, Path)):
         name = str(model)
-        if name in TOY_NAMES:
-            from ..toy import components
-
-            return _wrap(components.sd_pipeline() if name == "toy-sd" else components.flux_pipeline())
+        if name in BUILTINS:
+            return _wrap(BUILTINS[name].build(), BUILTINS[name])
         path = Path(name).expanduser()
         if not (path / "model_index.json").is_file():
-            raise ValueError(f"model {name!r} is neither a built-in name nor a local diffusers folder "
-                             f"(no model_index.json there); accepted: {ACCEPTED}")
+            raise UserError(f"model {name!r} is neither a built-in name nor a local diffusers folder "
+                            f"(no model_index.json there); {_accepted()}")
+        _check(*_folder_parts(path))
         from diffusers import DiffusionPipeline
 
         return _wrap(DiffusionPipeline.from_pretrained(str(path)))
     if hasattr(model, "components") and hasattr(model, "scheduler"):
         return _wrap(model)
-    raise TypeError(f"model of type {type(model).__name__} is not accepted; accepted: {ACCEPTED}")
+    raise UserError(f"model of type {type(model).__name__} is not accepted; {_accepted()}")

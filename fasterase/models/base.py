@@ -6,12 +6,13 @@ t' is a tau: early steps are tau > t', late steps tau < t'.
 """
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from ..errors import UserError
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Denoiser(ABC):
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
+        # pipeline call arguments for evaluation images (a registered pipeline brings its own)
+        self.sample_kwargs: dict = {}
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     # --- conditioning -------------------------------------------------------------------------
@@ -80,6 +83,28 @@ class Denoiser(ABC):
     def uncond(self) -> Cond:
         """The unconditional branch: the empty prompt's conditioning."""
         return self.encode([""])
+
+    @property
+    def text_tokenizer(self):
+        """The tokenizer of the token embeddings that encode() returns."""
+        return self.pipeline.tokenizer
+
+    def word_rows(self, prompts: list[str], words: list[str]) -> list[list[int]]:
+        """For each prompt, the rows of encode(prompts).embeds that hold one of `words`: where the
+        word's token ids (tokenized alone) run in the prompt's ids as the text encoder reads them."""
+        tok = self.text_tokenizer
+        length = self.encode(prompts).embeds.shape[1]
+        ids = tok(prompts, truncation=True, max_length=length).input_ids
+        runs = [tok(w, add_special_tokens=False).input_ids for w in words]
+        out = []
+        for prompt, seq in zip(prompts, ids):
+            rows = sorted({i + k for run in runs if run for i in range(len(seq) - len(run) + 1)
+                           if seq[i:i + len(run)] == run for k in range(len(run))})
+            if not rows:
+                raise UserError(f"none of {words} is among the first {length} tokens of the prompt {prompt!r}; "
+                                f"a concept's prompts must contain its name")
+            out.append(rows)
+        return out
 
     # --- network ------------------------------------------------------------------------------
     @abstractmethod
@@ -123,14 +148,11 @@ class Denoiser(ABC):
         return seen
 
     # --- sampling -----------------------------------------------------------------------------
-    def sampler(self, steps: int):
-        """A fresh copy of the pipeline's scheduler, set for `steps` steps."""
-        sched = copy.deepcopy(self.pipeline.scheduler)
-        self._set_timesteps(sched, steps)
-        return sched
-
     @abstractmethod
-    def _set_timesteps(self, sched, steps: int) -> None: ...
+    def sampler(self, steps: int):
+        """A fresh sampler set for `steps` steps, built from the pipeline scheduler's config: DDIM
+        for SD, flow-matching Euler for FLUX. Its latents are the x_t that add_noise and predict
+        use, whichever scheduler the pipeline ships (Euler, LMS and DPM work on scaled latents)."""
 
     @abstractmethod
     def _tau_of(self, sched, i: int) -> float:
@@ -182,11 +204,6 @@ class Denoiser(ABC):
         return x, (taus[stop] if stop < steps else 0.0)
 
     default_guidance: float = 3.0
-
-    @property
-    def sample_kwargs(self) -> dict:
-        """Pipeline call arguments for evaluation images of this model."""
-        return {}
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, batch_size: int = 256) -> torch.Tensor:

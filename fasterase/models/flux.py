@@ -1,4 +1,4 @@
-"""FLUX.1 (and the toy FLUX): FluxTransformer2DModel, rectified flow, velocity prediction.
+"""FLUX.1 text-to-image (and the toy FLUX): FluxTransformer2DModel, rectified flow, velocity prediction.
 
 Latents are kept packed as the pipeline packs them: (N, tokens, 4 * latent channels).
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from .base import Cond, Denoiser, KVProjection
 
@@ -26,10 +26,15 @@ class FluxDenoiser(Denoiser):
                                                               torch.float32)
         self.max_sequence_length = min(512, pipeline.tokenizer_2.model_max_length)
         self.guidance_embeds = bool(self.network.config.guidance_embeds)
+        self.sample_kwargs = {"height": self.height, "width": self.width}  # FLUX.1 defaults to 1024 px
 
     @property
     def network(self):
         return self.pipeline.transformer
+
+    @property
+    def text_tokenizer(self):
+        return self.pipeline.tokenizer_2  # T5's: the token embeddings; CLIP gives only the pooled one
 
     def _encode(self, prompts):
         embeds, pooled, _ = self.pipeline.encode_prompt(
@@ -85,7 +90,8 @@ class FluxDenoiser(Denoiser):
                                         "modulated, normalised text stream of the joint block"))
         return out
 
-    def _set_timesteps(self, sched, steps):
+    def sampler(self, steps):
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)
         sigmas = np.linspace(1.0, 1 / steps, steps)
         mu = None
         if sched.config.get("use_dynamic_shifting", False):
@@ -95,14 +101,7 @@ class FluxDenoiser(Denoiser):
             mu = calculate_shift((self.lat_h // 2) * (self.lat_w // 2), c.get("base_image_seq_len", 256),
                                  c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
         sched.set_timesteps(sigmas=sigmas, mu=mu)
+        return sched
 
     def _tau_of(self, sched, i):
         return float(sched.sigmas[i])
-
-    @property
-    def sample_kwargs(self):
-        from ..toy import components
-
-        if components.is_toy(self.pipeline):
-            return components.SAMPLE_KWARGS["toy-flux"]
-        return {"height": self.height, "width": self.width}

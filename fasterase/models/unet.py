@@ -1,7 +1,9 @@
-"""Stable Diffusion 1.x / 2.x (and the toy SD): UNet2DConditionModel, epsilon or v-prediction."""
+"""Stable Diffusion 1.x / 2.x text-to-image (and the toy SD): UNet2DConditionModel, epsilon or
+v-prediction. Rollouts use DDIM on the pipeline scheduler's training schedule."""
 from __future__ import annotations
 
 import torch
+from diffusers import DDIMScheduler
 
 from .base import Cond, Denoiser, KVProjection
 
@@ -13,11 +15,9 @@ class UNetDenoiser(Denoiser):
         super().__init__(pipeline)
         cfg = pipeline.scheduler.config
         self.num_train_timesteps = cfg.num_train_timesteps
-        self.prediction_type = cfg.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}; valid: epsilon, v_prediction")
+        self.prediction_type = cfg.get("prediction_type", "epsilon")  # models.load refuses the others
         # alphas_cumprod of the training schedule, whichever scheduler the pipeline carries
-        self.alphas_cumprod = pipeline.scheduler.alphas_cumprod.float()
+        self.alphas_cumprod = self.sampler(1).alphas_cumprod.float()
 
     @property
     def network(self):
@@ -62,14 +62,11 @@ class UNetDenoiser(Denoiser):
                     out.append(KVProjection(f"{name}.{proj}", getattr(module, proj), "text encoder hidden states"))
         return out
 
-    def _set_timesteps(self, sched, steps):
+    def sampler(self, steps):
+        # clip_sample is for pixel-space models; SD pipelines switch it off (absent from Euler configs)
+        sched = DDIMScheduler.from_config(self.pipeline.scheduler.config, clip_sample=False)
         sched.set_timesteps(steps)
+        return sched
 
     def _tau_of(self, sched, i):
         return float(sched.timesteps[i]) / self.num_train_timesteps
-
-    @property
-    def sample_kwargs(self):
-        from ..toy import components
-
-        return components.SAMPLE_KWARGS["toy-sd"] if components.is_toy(self.pipeline) else {}

@@ -1,0 +1,110 @@
+"""The loader refuses what no adapter handles (SDXL, inpainting, img2img, FLUX Fill / Kontext)
+before any work, naming what is supported; built from tiny random-initialised diffusers parts."""
+import pytest
+from diffusers import (
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxFillPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+
+from fasterase import models
+from fasterase.errors import UserError
+from fasterase.toy import components as C
+
+SUPPORTED = "supported: Stable Diffusion 1.x / 2.x text-to-image"
+
+
+def unet(**overrides):
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               block_out_channels=(16, 32), cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
+    return UNet2DConditionModel(**{**cfg, **overrides})
+
+
+def sd(cls=StableDiffusionPipeline, **parts):
+    kwargs = dict(vae=C.vae(), text_encoder=C.clip_text_encoder(), tokenizer=C.tokenizer(), unet=unet(),
+                  scheduler=C.sd_scheduler(), safety_checker=None, feature_extractor=None,
+                  requires_safety_checker=False)
+    return cls(**{**kwargs, **parts})
+
+
+def transformer(**overrides):
+    cfg = dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+               num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=64, axes_dims_rope=(2, 2, 4))
+    return FluxTransformer2DModel(**{**cfg, **overrides})
+
+
+def flux(cls=FluxPipeline, **parts):
+    kwargs = dict(scheduler=C.flux_scheduler(), vae=C.vae(), text_encoder=C.clip_text_encoder(),
+                  tokenizer=C.tokenizer(), text_encoder_2=C.t5_text_encoder(), tokenizer_2=C.tokenizer(),
+                  transformer=transformer())
+    return cls(**{**kwargs, **parts})
+
+
+def sdxl_unet():
+    # addition_embed_type "text_time": SDXL's size/crop and pooled-text conditioning
+    return unet(addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=6 * 8 + 64)
+
+
+def sdxl():
+    return StableDiffusionXLPipeline(vae=C.vae(), text_encoder=C.clip_text_encoder(),
+                                     text_encoder_2=C.clip_text_encoder(), tokenizer=C.tokenizer(),
+                                     tokenizer_2=C.tokenizer(), unet=sdxl_unet(), scheduler=C.sd_scheduler())
+
+
+CASES = {
+    "sdxl pipeline": (sdxl, "StableDiffusionXLPipeline"),
+    "sdxl unet": (lambda: sd(unet=sdxl_unet()), "addition_embed_type='text_time'"),
+    "inpainting pipeline": (lambda: sd(StableDiffusionInpaintPipeline, unet=unet(in_channels=9)),
+                            "StableDiffusionInpaintPipeline"),
+    "inpainting unet": (lambda: sd(unet=unet(in_channels=9)), "9 input channels"),
+    "img2img pipeline": (lambda: sd(StableDiffusionImg2ImgPipeline), "StableDiffusionImg2ImgPipeline"),
+    "sd with a flow scheduler": (lambda: sd(scheduler=FlowMatchEulerDiscreteScheduler()), "no beta schedule"),
+    "sd sample prediction": (lambda: sd(scheduler=C.sd_scheduler().from_config(C.sd_scheduler().config,
+                                                                                prediction_type="sample")),
+                             "prediction_type 'sample'"),
+    "flux fill transformer": (lambda: flux(transformer=transformer(in_channels=48, out_channels=16)),
+                              "48 input channels"),
+    "flux fill pipeline": (lambda: flux(FluxFillPipeline), "FluxFillPipeline"),
+    "flux kontext pipeline": (lambda: flux(FluxKontextPipeline, image_encoder=None, feature_extractor=None),
+                              "FluxKontextPipeline"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_unsupported_pipeline_is_refused(case):
+    build, reason = CASES[case]
+    with pytest.raises(UserError, match="unsupported pipeline") as err:
+        models.load(build())
+    assert reason in str(err.value) and SUPPORTED in str(err.value) and "FLUX.1 text-to-image" in str(err.value)
+
+
+@pytest.mark.parametrize("case", ["sdxl pipeline", "inpainting unet", "flux fill transformer"])
+def test_unsupported_folder_is_refused_before_loading(case, tmp_path, monkeypatch):
+    build, reason = CASES[case]
+    build().save_pretrained(tmp_path)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the refusal")
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", no_loading)
+    with pytest.raises(UserError, match="unsupported pipeline") as err:
+        models.load(tmp_path)
+    assert reason in str(err.value) and SUPPORTED in str(err.value)
+
+
+def test_supported_tiny_pipelines_load():
+    assert isinstance(models.load(sd()), models.UNetDenoiser)
+    v = sd(scheduler=C.sd_scheduler().from_config(C.sd_scheduler().config, prediction_type="v_prediction"))
+    assert models.load(v).prediction_type == "v_prediction"
+    assert isinstance(models.load(flux()), models.FluxDenoiser)
