@@ -8,9 +8,15 @@ Three kinds of change, any of them together:
 - `lora`: a LoRA adapter in diffusers' format (keys "unet." / "transformer."), saved as
   pytorch_lora_weights.safetensors beside the edit so `pipe.load_lora_weights(DIR)` loads it.
 
-On disk an edit is a folder: edit.safetensors (the weights, the metadata as JSON in the header)
-and, for LoRA edits, pytorch_lora_weights.safetensors. Folders are written under a temporary
-name and renamed, so a failed save leaves nothing half-written.
+Applied, edits stack: a LoRA edit is an adapter of its own, named by its content, beside the active
+ones; a weights or entries edit applies where the weights it changes still hold the values it was
+made for. An edit the model already carries, or one made for other values of its weights, is
+refused and changes nothing (Edit.apply).
+
+On disk an edit is a folder: edit.safetensors (the weights, the metadata as JSON in the header),
+for LoRA edits pytorch_lora_weights.safetensors, and with save(pipeline=...) the edited pipeline
+in pipeline/. Folders are written under a temporary name and renamed, so a failed save leaves
+nothing half-written and removes nothing. Only a folder that holds an edit is ever replaced.
 """
 from __future__ import annotations
 
@@ -19,18 +25,23 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import models
+from .errors import UserError
 from .models import Denoiser
 
 EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
-ADAPTER = "fasterase"
+PIPELINE_DIR = "pipeline"
+ADAPTER = "fasterase"  # the adapter a method trains; an applied edit's adapter is named by its content
 FORMAT = 1
 INDICES, VALUES = ":indices", ":values"  # keys of `entries` in edit.safetensors
 
@@ -63,16 +74,90 @@ def lora_base_names(lora: dict[str, torch.Tensor]) -> list[str]:
     return sorted(names)
 
 
-def remove_adapter(network: torch.nn.Module) -> None:
-    """Take fasterase's LoRA adapter off; with no other adapter left, the LoRA layers are
-    unwrapped too, so the network's modules and state_dict keys are the original ones."""
+def remove_adapter(network: torch.nn.Module, name: str = ADAPTER) -> None:
+    """Take one LoRA adapter off; the adapters active with it stay active, and with no adapter
+    left the LoRA layers are unwrapped too, so the modules and state_dict keys are the original ones."""
     adapters = getattr(network, "peft_config", {})
-    if ADAPTER not in adapters:
-        return
-    if len(adapters) == 1:
-        network.unload_lora()
-    else:
-        network.delete_adapters(ADAPTER)
+    if name in adapters:
+        active = [a for a in network.active_adapters() if a != name]
+        if len(adapters) > 1:
+            network.delete_adapters(name)
+            if active:
+                network.set_adapter(active)
+            return
+    if not any(a != name for a in adapters) and any(isinstance(m, BaseTunerLayer) for m in network.modules()):
+        network.unload_lora()  # also after a load that failed half-way
+
+
+def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str | os.PathLike | None = None) -> Path:
+    """The resolved folder an edit may be written to: a new path, or with overwrite an empty folder
+    or one that holds a fasterase edit, never the folder of `model` (a path) or one containing it."""
+    path = Path(path).expanduser().resolve()
+    if not path.exists():
+        return path
+    if not overwrite:
+        raise UserError(f"{path} exists; choose another folder or pass overwrite=True (--overwrite) to replace "
+                        "the edit in it")
+    if model is not None and Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser().resolve()
+        if folder == path:
+            raise UserError(f"{path} is the model's own folder; write the edit elsewhere")
+        if path in folder.parents:
+            raise UserError(f"{path} contains the model's folder {folder}; write the edit elsewhere")
+    if path.is_dir() and not any(path.iterdir()):
+        return path
+    if not is_edit_folder(path):
+        raise UserError(f"{path} does not hold a fasterase edit and is not empty; only an edit folder is replaced: "
+                        "choose a new or empty folder")
+    return path
+
+
+def is_edit_folder(path: Path) -> bool:
+    """A folder with an edit.safetensors carrying fasterase metadata and nothing an edit does not write."""
+    if not path.is_dir() or not (path / EDIT_FILE).is_file():
+        return False
+    if any(p.name not in (EDIT_FILE, LORA_FILE, PIPELINE_DIR) for p in path.iterdir()):
+        return False
+    try:
+        with safe_open(str(path / EDIT_FILE), "pt") as f:
+            return "fasterase" in (f.metadata() or {})
+    except Exception:  # not a safetensors file: not ours
+        return False
+
+
+@torch.no_grad()
+def _fused_weight(layer: BaseTunerLayer) -> torch.Tensor:
+    """The layer's weight with its active LoRA adapters added, as it computes now, on the CPU."""
+    base = layer.get_base_layer().weight
+    w = base.detach().to("cpu", torch.float32, copy=True)
+    if not layer.merged and not layer.disable_adapters:
+        for a in layer.active_adapters:
+            if a in layer.lora_A:
+                w += layer.get_delta_weight(a).to("cpu", torch.float32)
+    return w.to(base.dtype)
+
+
+def save_pipeline(model, path: str | os.PathLike) -> None:
+    """Save the pipeline as it draws now, with its LoRA adapters fused into plain weights, so
+    diffusers loads it with no LoRA and no unused keys. The pipeline in memory is not changed:
+    while it is saved, its network's state_dict gives the fused weights instead, made on the CPU
+    (a copy of the LoRA-targeted weights there, none on the accelerator)."""
+    model = models.load(model)
+    layers = {n: m for n, m in model.network.named_modules() if isinstance(m, BaseTunerLayer)}
+
+    def fuse(module, state, prefix, local_metadata):
+        for name, layer in layers.items():
+            for key in layer.state_dict():
+                value = state.pop(f"{prefix}{name}.{key}")
+                if key.startswith("base_layer."):
+                    state[f"{prefix}{name}.{key[len('base_layer.'):]}"] = value
+            state[f"{prefix}{name}.weight"] = _fused_weight(layer)
+
+    handle = model.network.register_state_dict_post_hook(fuse)
+    try:
+        model.pipeline.save_pretrained(str(path))
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -93,12 +178,22 @@ class Edit:
             from . import __version__
 
             self.version = __version__
-        self._undo: dict[str, torch.Tensor] = {}
-        self._undo_entries: dict[str, torch.Tensor] = {}
+        # per network the edit is applied to: the base values of its weights and entries, for remove()
+        self._undo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # --- what it touches ------------------------------------------------------------------------
     def touched(self) -> list[str]:
         return sorted(set(self.weights) | set(self.entries) | set(lora_base_names(self.lora)))
+
+    @property
+    def adapter(self) -> str:
+        """The name of the LoRA adapter this edit applies: from its content, so that different edits
+        stack and the same edit is recognised on a model that carries it."""
+        h = hashlib.sha256()
+        for key in sorted(self.lora):
+            h.update(key.encode())
+            h.update(self.lora[key].detach().float().cpu().contiguous().numpy().tobytes())
+        return f"{ADAPTER}_{h.hexdigest()[:12]}"
 
     @property
     def metadata(self) -> dict:
@@ -106,75 +201,108 @@ class Edit:
                 "concepts": self.concepts, "config": self.config, "base_fingerprint": self.base_fingerprint,
                 "has_lora": bool(self.lora), "report": self.report, "fasterase_version": self.version}
 
+    def _holds_values(self, net: torch.nn.Module) -> bool:
+        """Whether the network's weights and entries already hold this edit's values."""
+        if not self.weights and not self.entries:
+            return False
+        for name, value in self.weights.items():
+            p = net.get_parameter(name)
+            if not torch.equal(p.detach(), value.to(p.device, p.dtype)):
+                return False
+        for name, (idx, values) in self.entries.items():
+            flat = net.get_parameter(name).detach().view(-1)
+            if not torch.equal(flat[idx.to(flat.device).long()], values.to(flat.device, flat.dtype)):
+                return False
+        return True
+
     def check_fits(self, model: Denoiser) -> None:
-        """Raise ValueError unless this edit was made for `model`'s base weights."""
+        """Raise UserError unless this edit was made for `model`'s base weights and is not on it already."""
         if model.kind != self.model_kind:
-            raise ValueError(f"this edit is for a {self.model_kind} model, not a {model.kind} model")
+            raise UserError(f"this edit is for a {self.model_kind} model, not a {model.kind} model")
         net = model.network
+        if self.lora and self.adapter in getattr(net, "peft_config", {}):
+            raise UserError(f"this edit is already applied to the model (LoRA adapter {self.adapter!r}); "
+                            "applying it twice is refused")
         for name, value in self.weights.items():
             try:
                 p = _base_param(net, name)
             except AttributeError:
-                raise ValueError(f"this edit changes {name!r}, which the model does not have") from None
+                raise UserError(f"this edit changes {name!r}, which the model does not have") from None
             if p.shape != value.shape:
-                raise ValueError(f"this edit's {name!r} has shape {tuple(value.shape)}, "
-                                 f"the model's has {tuple(p.shape)}")
+                raise UserError(f"this edit's {name!r} has shape {tuple(value.shape)}, "
+                                f"the model's has {tuple(p.shape)}")
         for name, (idx, values) in self.entries.items():
             try:
                 p = _base_param(net, name)
             except AttributeError:
-                raise ValueError(f"this edit changes {name!r}, which the model does not have") from None
+                raise UserError(f"this edit changes {name!r}, which the model does not have") from None
             if idx.shape != values.shape or idx.dim() != 1 or (idx.numel() and int(idx.max()) >= p.numel()):
-                raise ValueError(f"this edit's entries of {name!r} do not fit its {p.numel()} elements")
+                raise UserError(f"this edit's entries of {name!r} do not fit its {p.numel()} elements")
         try:
             fp = fingerprint(net, self.touched())
         except AttributeError as exc:
-            raise ValueError(f"this edit does not fit the model: {exc}") from None
+            raise UserError(f"this edit does not fit the model: {exc}") from None
         if fp != self.base_fingerprint:
-            raise ValueError("this edit was made for a different base model (the weights it edits differ)")
+            if self._holds_values(net):
+                raise UserError("this edit is already applied to the model (its weights hold the edit's values); "
+                                "applying it twice is refused")
+            raise UserError("this edit was made for a different base model (the weights it edits differ)")
 
     # --- apply / remove -------------------------------------------------------------------------
     @torch.no_grad()
     def apply(self, model: Denoiser) -> None:
-        """Put the change into the model's network (the base values are kept for remove())."""
+        """Put the change into the model's network (the base values are kept for remove()).
+
+        Edits stack: a LoRA edit adds its own adapter (named by its content) beside the active ones,
+        and a weights or entries edit applies where the weights it changes are still those it was
+        made for. Applying an edit the model already carries, or one made for other values of the
+        weights it changes (e.g. over another edit of the same weights), is refused (UserError). A
+        refused or failed apply changes nothing: the rollback removes only what this apply added.
+        """
         self.check_fits(model)
         net = model.network
+        weights, entries = {}, {}
+        self._undo[net] = (weights, entries)
         try:
             for name, value in self.weights.items():
                 p = net.get_parameter(name)
-                self._undo[name] = p.detach().clone()
+                weights[name] = p.detach().clone()
                 p.copy_(value.to(p.dtype))
             for name, (idx, values) in self.entries.items():
                 flat = net.get_parameter(name).view(-1)
-                self._undo_entries[name] = flat[idx.long()].clone()
+                entries[name] = flat[idx.long()].clone()
                 flat.index_copy_(0, idx.long(), values.to(flat.dtype))
             if self.lora:
-                model.pipeline.load_lora_weights({k: v.clone() for k, v in self.lora.items()}, adapter_name=ADAPTER)
+                active = net.active_adapters() if getattr(net, "peft_config", {}) else []
+                model.pipeline.load_lora_weights({k: v.clone() for k, v in self.lora.items()},
+                                                 adapter_name=self.adapter)
+                net.set_adapter(active + [self.adapter])  # loading activates only the new adapter
         except Exception:
             self.remove(model)
             raise
 
     @torch.no_grad()
     def remove(self, model: Denoiser) -> None:
-        """Undo apply(): the base weights come back bit-identical."""
+        """Undo apply(): the base weights come back bit-identical; other edits' adapters stay."""
         net = model.network
-        for name, value in self._undo.items():
+        weights, entries = self._undo.pop(net, ({}, {}))
+        for name, value in weights.items():
             net.get_parameter(name).copy_(value)
-        for name, value in self._undo_entries.items():
+        for name, value in entries.items():
             net.get_parameter(name).view(-1).index_copy_(0, self.entries[name][0].long(), value)
-        self._undo.clear()
-        self._undo_entries.clear()
         if self.lora:
-            remove_adapter(net)
+            remove_adapter(net, self.adapter)
 
     # --- files ----------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the edit folder atomically (refusing an existing path unless overwrite)."""
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; choose another path or pass overwrite=True")
+    def save(self, path: str | os.PathLike, overwrite: bool = False, pipeline=None) -> Path:
+        """Write the edit folder atomically; with `pipeline` (the edited pipeline or Denoiser) also
+        the pipeline as it draws, LoRA fused (save_pipeline), in pipeline/. An existing path is
+        replaced only with overwrite and only if it holds an edit (target_folder), and only once
+        the new folder is complete: a save that fails leaves it as it was."""
+        path = target_folder(path, overwrite, model=self.report.get("model"))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        old = tmp.with_name(tmp.name + ".old")
         try:
             weights = {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}
             for name, (idx, values) in self.entries.items():
@@ -183,12 +311,17 @@ class Edit:
             save_file(weights, str(tmp / EDIT_FILE), metadata={"fasterase": json.dumps(self.metadata)})
             if self.lora:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.lora.items()}, str(tmp / LORA_FILE))
+            if pipeline is not None:
+                save_pipeline(pipeline, tmp / PIPELINE_DIR)
             if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                os.replace(path, old)
             os.replace(tmp, path)
         except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        shutil.rmtree(old, ignore_errors=True)
         return path
 
     @classmethod
@@ -196,14 +329,14 @@ class Edit:
         path = Path(path)
         file = path / EDIT_FILE
         if not file.is_file():
-            raise FileNotFoundError(f"{path} is not a fasterase edit (no {EDIT_FILE} in it)")
+            raise UserError(f"{path} is not a fasterase edit (no {EDIT_FILE} in it)")
         with safe_open(str(file), "pt") as f:
             header = f.metadata() or {}
         if "fasterase" not in header:
-            raise ValueError(f"{file} has no fasterase metadata")
+            raise UserError(f"{file} has no fasterase metadata")
         meta = json.loads(header["fasterase"])
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{file} is edit format {meta.get('format')}, this fasterase reads format {FORMAT}")
+            raise UserError(f"{file} is edit format {meta.get('format')}, this fasterase reads format {FORMAT}")
         lora = load_file(str(path / LORA_FILE)) if meta["has_lora"] else {}
         weights = load_file(str(file))
         entries = {k[:-len(INDICES)]: (weights.pop(k), weights.pop(k[:-len(INDICES)] + VALUES))

@@ -135,7 +135,15 @@ class SalientAdamW(torch.optim.Optimizer):
         for group, p in work:
             by_device.setdefault(p.device, []).append((group, p))
         # one call per device (ops.masked_adamw_multi): it checks every gradient first, so a step with
-        # a non-finite gradient anywhere on the device is skipped for all of its parameters
+        # a non-finite gradient anywhere on the device is skipped for all of its parameters; over
+        # several devices one flag, set from every device's gradients first, skips it on all of them
+        shared = None
+        if len(by_device) > 1:
+            first = next(iter(by_device))
+            shared = torch.zeros(1, dtype=torch.float32, device=first)
+            for items in by_device.values():
+                bad = torch.stack([(~torch.isfinite(p.grad)).any() for _, p in items]).any()
+                shared.masked_fill_(bad.to(first), 1.0)
         flags = []
         for device, items in by_device.items():
             params, grads, exp_avgs, exp_avg_sqs, steps, masks, absmax = [], [], [], [], [], [], []
@@ -154,8 +162,9 @@ class SalientAdamW(torch.optim.Optimizer):
                 epss.append(group["eps"])
                 decays.append(group["weight_decay"])
             flags.append(ops.masked_adamw_multi(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lrs, betas=betas,
-                                                eps=epss, weight_decay=decays, masks=masks, absmax=absmax))
-        self._found_inf = flags[0]
+                                                eps=epss, weight_decay=decays, masks=masks, absmax=absmax,
+                                                found_inf=None if shared is None else shared.to(device, copy=True)))
+        self._found_inf = flags[0] if shared is None else shared
         return loss
 
     def state_bytes(self) -> int:

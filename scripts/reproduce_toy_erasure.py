@@ -48,7 +48,8 @@ def main() -> None:
                 *sets, "--out", str(out), "--overwrite")
             wall = Edit.load(out).report["wall_time_s"]  # the method itself, without start-up
             r = json.loads(cli("eval", "--edit", str(out), "--json"))
-            (out / "eval.json").write_text(json.dumps(r, indent=2))
+            # beside the edit folder: --overwrite replaces only a folder that holds nothing but an edit
+            out.with_name(out.name + ".eval.json").write_text(json.dumps(r, indent=2))
             g = "-" if r["acc_g"] is None else f"{r['acc_g']:.3f}"
             print(f"| {model} | {method} | {args.label or 'defaults'} | {'+'.join(concepts)} | {wall:.0f} | "
                   f"{r['acc_e']:.3f} | {g} | {r['acc_s']:.3f} ({base['acc_s']:.3f}) | {r['H']:.3f} | "

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fasterase.errors import UserError
 from fasterase.training import loop
 
 
@@ -55,7 +56,7 @@ def test_checkpoint_of_another_run(tmp_path):
     w, o = make()
     loop.train(loss_fn(w), [w], o, 5, seed=1, checkpoint=ckpt, checkpoint_every=5, progress=False)
     w, o = make()
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(UserError, match=r"another run: its seed \(1 there, 2 here\); steps \(5 there, 10 here"):
         loop.train(loss_fn(w), [w], o, 10, seed=2, checkpoint=ckpt, progress=False)
 
 
@@ -69,3 +70,140 @@ def test_non_finite_loss_stops():
     with pytest.raises(loop.NonFiniteLoss, match="non-finite loss"):
         loop.train(f, [w], o, 5, seed=0, progress=False)
     assert torch.equal(w, before)
+
+
+def ident(**change):
+    cfg = {"lr": 1e-3, "steps": 10, "seed": 1, "checkpoint": "a.ckpt", "max_skipped_steps": 10, **change}
+    return loop.identity("esd", [{"name": "circle"}], cfg, "f00d")
+
+
+def test_checkpoint_records_the_run_identity(tmp_path):
+    """Another concept, learning rate or base model is refused by name; the checkpoint path and the
+    skip limit are not part of the identity."""
+    ckpt = tmp_path / "run.ckpt"
+    w, o = make()
+    loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=ident())
+    for other, name in [(loop.identity("esd", [{"name": "square"}], ident()["config"], "f00d"), "run.concepts"),
+                        (ident(lr=5e-4), r"run.config.lr \(0.001 there, 0.0005 here"),
+                        (loop.identity("esd", [{"name": "circle"}], ident()["config"], "beef"), "run.base_fingerprint"),
+                        (loop.identity("ant", [{"name": "circle"}], ident()["config"], "f00d"), "run.method")]:
+        w, o = make()
+        with pytest.raises(UserError, match=f"another run: its {name}"):
+            loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=other)
+    w, o = make()
+    loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False,
+               run=ident(checkpoint="elsewhere.ckpt", max_skipped_steps=0))
+
+
+def test_finished_checkpoint_gives_its_result_without_training(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    w, o = make()
+    first = loop.train(loss_fn(w), [w], o, 12, seed=1, checkpoint=ckpt, checkpoint_every=5, progress=False,
+                       run=ident())
+    assert torch.load(ckpt, weights_only=False)["finished"]
+
+    def never(step, g):
+        raise AssertionError("a finished run trained again")
+
+    w2, o2 = make()
+    again = loop.train(never, [w2], o2, 12, seed=1, checkpoint=ckpt, progress=False, run=ident())
+    assert again == first and torch.equal(w2, w)
+    assert o2.state_dict()["state"][0]["step"] == o.state_dict()["state"][0]["step"]
+
+
+def nan_grads_at(steps_with_nan, w, base):
+    """loss_fn with a finite loss whose gradient is NaN at the given steps (the optimizer would skip
+    or write NaN)."""
+    def f(step, g):
+        loss = base(step, g)
+        if step in steps_with_nan:
+            def once(grad):
+                handle.remove()
+                return grad * float("nan")
+            handle = w.register_hook(once)
+        return loss
+    return f
+
+
+def make_two(optimizer):
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(6)) for _ in range(2)]
+    if optimizer == "salient":
+        from fasterase.optim import SalientAdamW
+        return ws, SalientAdamW(ws, lr=0.05, weight_decay=0.0)
+    return ws, torch.optim.AdamW(ws, lr=0.05, weight_decay=0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "salient"])
+def test_non_finite_gradients_skip_the_step_and_are_counted(optimizer):
+    """Plain AdamW wrote NaN into the weights and SalientAdamW skipped silently; both now skip,
+    the report counts it, and past the limit training stops. The NaN is in the second parameter's
+    gradient only."""
+    ws, o = make_two(optimizer)
+
+    def base(step, g):
+        x = torch.randn(6, generator=g)
+        return sum(((w - x) ** 2).sum() for w in ws)
+
+    stats = loop.train(nan_grads_at({3, 7}, ws[1], base), ws, o, 10, seed=0, progress=False, max_skipped_steps=2)
+    assert stats["skipped_steps"] == 2 and stats["steps"] == 10
+    assert all(torch.isfinite(w).all() for w in ws)
+    ws, o = make_two(optimizer)
+    with pytest.raises(loop.NonFiniteGradients, match="2 of 8 steps skipped, more than max_skipped_steps=1"):
+        loop.train(nan_grads_at({3, 7}, ws[1], base), ws, o, 10, seed=0, progress=False, max_skipped_steps=1)
+
+
+def test_skipped_steps_survive_resume(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    w, o = make()
+    full = loop.train(nan_grads_at({2}, w, loss_fn(w)), [w], o, 10, seed=1, progress=False, max_skipped_steps=5)
+    w, o = make()
+    base = nan_grads_at({2}, w, loss_fn(w))
+
+    def interrupted(step, g):
+        if step == 6:
+            raise KeyboardInterrupt
+        return base(step, g)
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(interrupted, [w], o, 10, seed=1, checkpoint=ckpt, progress=False, max_skipped_steps=5)
+    w2, o2 = make()
+    resumed = loop.train(loss_fn(w2), [w2], o2, 10, seed=1, checkpoint=ckpt, progress=False, max_skipped_steps=5)
+    assert resumed["skipped_steps"] == full["skipped_steps"] == 1
+
+
+@pytest.mark.gpu
+def test_skip_covers_every_device():
+    """Parameters on the CPU and the GPU: a NaN gradient on the GPU skips the step on both, for the
+    loop and for SalientAdamW's own flag."""
+    from fasterase.optim import SalientAdamW
+
+    ws = [torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(300, device="cuda"))]
+    before = [w.detach().clone() for w in ws]
+    ws[0].grad = torch.ones(300)
+    ws[1].grad = torch.ones(300, device="cuda")
+    assert loop.grads_finite(ws)
+    ws[1].grad[5] = float("nan")
+    assert not loop.grads_finite(ws)
+    o = SalientAdamW(ws, lr=0.1)
+    o.step()
+    assert o.last_step_skipped
+    assert all(torch.equal(w, b) for w, b in zip(ws, before))
+    ws[1].grad[5] = 1.0
+    o.step()
+    assert not o.last_step_skipped and not any(torch.equal(w, b) for w, b in zip(ws, before))
+
+
+def test_esd_checkpoint_belongs_to_its_run(tmp_path):
+    """Rerunning with the same checkpoint for another concept continued the old run (and a finished
+    one gave the old result under the new name); now it is refused, and the same run gets its result."""
+    import fasterase
+
+    fast = {"steps": 2, "batch_size": 1, "sample_steps": 2, "checkpoint": str(tmp_path / "esd.ckpt")}
+    first = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **fast).edit
+    with pytest.raises(UserError, match="run.concepts"):
+        fasterase.erase("toy-sd", "square", method="esd", progress=False, **fast)
+    with pytest.raises(UserError, match="run.config.lr"):
+        fasterase.erase("toy-sd", "circle", method="esd", progress=False, lr=5e-4, **fast)
+    again = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **fast).edit
+    assert first.lora.keys() == again.lora.keys() and all(torch.equal(first.lora[k], again.lora[k]) for k in first.lora)

@@ -1,10 +1,13 @@
-"""The one training loop: per-step seeds, progress bar, checkpoint/resume, non-finite guard.
+"""The one training loop: per-step seeds, progress bar, checkpoint/resume, non-finite guards.
 
 Step k draws all its randomness from a generator seeded by (seed, k), so a run stopped and
-resumed from its checkpoint ends with the same weights as one that never stopped.
+resumed from its checkpoint ends with the same weights as one that never stopped. A checkpoint
+records the run's identity (method, concepts, config, base-weights fingerprint), so it is only
+ever resumed by the same run.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Callable
@@ -13,9 +16,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import UserError
+
+# Options that do not change what a run trains, so not part of its identity.
+NOT_IDENTITY = ("checkpoint", "max_skipped_steps")
+
 
 class NonFiniteLoss(FloatingPointError):
     """Training produced a NaN or infinite loss."""
+
+
+class NonFiniteGradients(FloatingPointError):
+    """More optimizer steps than allowed were skipped for NaN or infinite gradients."""
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
@@ -23,35 +35,75 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
 
 
+def identity(method: str, concepts, config, base_fingerprint: str) -> dict:
+    """What makes a run this run: a checkpoint of any other is refused. concepts: Concepts or
+    their dicts; config: the method's config (its checkpoint path and skip limit left out)."""
+    config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return {"method": method, "concepts": [c if isinstance(c, dict) else c.to_dict() for c in concepts],
+            "config": {k: v for k, v in config.items() if k not in NOT_IDENTITY},
+            "base_fingerprint": base_fingerprint}
+
+
+def _differences(saved, current, name: str = "") -> list[str]:
+    """What differs between two nested dicts: dotted names, with the saved and the current value."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [d for k in sorted(set(saved) | set(current), key=str)
+                for d in _differences(saved.get(k), current.get(k), f"{name}.{k}" if name else str(k))]
+    short = [r if len(r) <= 40 else r[:37] + "..." for r in (repr(saved), repr(current))]
+    return [] if saved == current else [f"{name} ({short[0]} there, {short[1]} here)"]
+
+
+def grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    """Whether every gradient is finite, on every device (one reduction per device)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            flags.setdefault(p.grad.device, []).append(torch.isfinite(p.grad).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
 def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[torch.nn.Parameter],
           optimizer: torch.optim.Optimizer, steps: int, seed: int, checkpoint: str | os.PathLike | None = None,
-          checkpoint_every: int = 50, progress: bool = True, desc: str = "erase") -> dict:
-    """Run `steps` optimizer steps of loss_fn(step, generator); returns {'steps', 'last_loss'}.
+          checkpoint_every: int = 50, progress: bool = True, desc: str = "erase", run: dict | None = None,
+          max_skipped_steps: int = 0) -> dict:
+    """Run `steps` optimizer steps of loss_fn(step, generator); returns {'steps', 'last_loss',
+    'skipped_steps'}.
 
-    With `checkpoint`, the trainable values and optimizer state are saved there every
-    `checkpoint_every` steps and when interrupted (KeyboardInterrupt), and a run finding one
-    resumes from it.
+    A step whose gradients are not all finite is skipped (nothing changes, whatever the optimizer)
+    and counted; past `max_skipped_steps` skipped steps training stops (NonFiniteGradients), as it
+    does on a non-finite loss (NonFiniteLoss).
+
+    With `checkpoint`, the trainable values, optimizer state and `run` (the run's identity, see
+    identity()) are saved there every `checkpoint_every` steps, when interrupted (KeyboardInterrupt)
+    and, marked finished, at the end. A run finding one resumes from it if it is the same run (else
+    UserError naming what differs); a finished one gives its values and result without training.
     """
-    start = 0
+    if max_skipped_steps < 0:
+        raise UserError(f"max_skipped_steps must be >= 0, got {max_skipped_steps}")
+    start, skipped, loss_value = 0, 0, float("nan")
     ckpt = Path(checkpoint) if checkpoint else None
+    this = {"run": run, "seed": seed, "steps": steps, "parameters": [tuple(p.shape) for p in params]}
     if ckpt and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if len(state["params"]) != len(params) or state["seed"] != seed:
-            raise ValueError(f"checkpoint {ckpt} belongs to another run (different parameters or seed)")
+        differ = _differences({k: state.get(k) for k in this}, this)
+        if differ:
+            raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} differ from this "
+                            "run's; use another checkpoint file, or delete this one to start afresh")
         with torch.no_grad():
             for p, v in zip(params, state["params"]):
                 p.copy_(v)
         optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, skipped, loss_value = state["step"], state["skipped_steps"], state["last_loss"]
+        if state["finished"]:
+            return {"steps": steps, "last_loss": loss_value, "skipped_steps": skipped}
 
-    def save(step: int) -> None:
+    def save(step: int, finished: bool = False) -> None:
         if ckpt:
             tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({"params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                        "step": step, "seed": seed}, tmp)
+            torch.save({**this, "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
+                        "step": step, "skipped_steps": skipped, "last_loss": loss_value, "finished": finished}, tmp)
             os.replace(tmp, ckpt)
 
-    loss_value = float("nan")
     done = start
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress, leave=False)
     try:
@@ -62,15 +114,24 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
                                     "Lower the learning rate or check the inputs.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            if grads_finite(params):
+                optimizer.step()
+            else:
+                skipped += 1
+                if skipped > max_skipped_steps:
+                    raise NonFiniteGradients(
+                        f"non-finite gradients at step {step}: {skipped} of {step + 1} steps skipped, more than "
+                        f"max_skipped_steps={max_skipped_steps}; stopping. Lower the learning rate or check the "
+                        "inputs.")
             done = step + 1
             loss_value = loss.item()
-            bar.set_postfix(loss=f"{loss_value:.4g}")
-            if done % checkpoint_every == 0:
+            bar.set_postfix(loss=f"{loss_value:.4g}", skipped=skipped)
+            if done % checkpoint_every == 0 and done < steps:
                 save(done)
     except KeyboardInterrupt:
         save(done)
         raise
     finally:
         bar.close()
-    return {"steps": steps, "last_loss": loss_value}
+    save(done, finished=True)
+    return {"steps": steps, "last_loss": loss_value, "skipped_steps": skipped}

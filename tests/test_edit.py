@@ -1,0 +1,184 @@
+"""Edits on models and on disk: applying (twice, stacked, rolled back), the overwrite rule, and
+saving the edited pipeline with its LoRA fused."""
+import os
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+import fasterase
+from fasterase import models
+from fasterase.cli import main
+from fasterase.edit import Edit, fingerprint
+from fasterase.errors import UserError
+
+FAST_ESD = {"steps": 2, "batch_size": 1, "sample_steps": 2}
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in models.load(model).network.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def prediction(model, prompt="a red circle"):
+    model = models.load(model)
+    x = model.noise(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.predict(x, torch.tensor([0.8, 0.3]), model.encode([prompt] * 2))
+
+
+def files(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+# --- apply: twice, stacked, rolled back ---------------------------------------------------------
+
+def test_applying_a_lora_edit_twice_is_refused_and_keeps_the_first(tmp_path):
+    """diffusers refused the adapter name and the rollback deleted the adapter that was there."""
+    result = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
+    before, expected = state(result.model), prediction(result.model)
+    with pytest.raises(UserError, match="already applied"):
+        result.edit.apply(result.model)
+    assert same(state(result.model), before) and torch.equal(prediction(result.model), expected)
+    with pytest.raises(UserError, match="already applied"):  # the same edit from disk, too
+        Edit.load(result.edit.save(tmp_path / "e")).apply(result.model)
+    assert same(state(result.model), before)
+
+
+def test_applying_a_weights_or_entries_edit_twice_is_refused():
+    model = models.load("toy-sd")
+    uce = fasterase.erase(model, "circle", method="uce", progress=False).edit
+    before = state(model)
+    with pytest.raises(UserError, match="already applied"):
+        uce.apply(model)
+    assert same(state(model), before)
+    name = "conv_in.weight"
+    idx = torch.tensor([0, 5, 7], dtype=torch.int32)
+    entries = Edit(method="ant", model_kind="sd", concepts=[], config={}, base_fingerprint=fingerprint(
+        model.network, [name]), entries={name: (idx, torch.ones(3))})
+    entries.apply(model)  # stacks: it changes other weights than the UCE edit
+    before = state(model)
+    with pytest.raises(UserError, match="already applied"):
+        entries.apply(model)
+    assert same(state(model), before)
+    entries.remove(model)
+    uce.remove(model)
+    assert same(state(model), state("toy-sd"))
+
+
+def test_different_lora_edits_stack_and_come_off_one_by_one():
+    model = models.load("toy-sd")
+    base = state(model)
+    first = fasterase.erase(model, "circle", method="esd", progress=False, **FAST_ESD).edit
+    only_first = prediction(model)
+    second = fasterase.erase(model, "square", method="esd", progress=False, seed=1, **FAST_ESD).edit
+    net = model.network
+    assert first.adapter != second.adapter
+    assert set(net.active_adapters()) == {first.adapter, second.adapter}  # the first was switched off
+    assert not torch.allclose(prediction(model), only_first)
+    second.remove(model)
+    assert net.active_adapters() == [first.adapter] and torch.allclose(prediction(model), only_first, atol=1e-6)
+    first.remove(model)
+    assert same(state(model), base)
+
+
+def test_a_failed_lora_apply_removes_only_what_it_added(monkeypatch):
+    model = models.load("toy-flux")
+    first = fasterase.erase(model, "circle", method="esd", progress=False, **FAST_ESD).edit
+    expected = prediction(model)
+    broken = fasterase.erase("toy-flux", "square", method="esd", progress=False, **FAST_ESD).edit
+    broken.lora = {"transformer.x.lora_A.weight": torch.zeros(1)}
+    monkeypatch.setattr(Edit, "check_fits", lambda self, m: None)
+    with pytest.raises(Exception):
+        broken.apply(model)
+    assert list(model.network.peft_config) == [first.adapter] and model.network.active_adapters() == [first.adapter]
+    assert torch.equal(prediction(model), expected)
+
+
+# --- saving: the overwrite rule, failures, the pipeline ------------------------------------------
+
+def erase_cli(capsys, model, out, *extra):
+    code = main(["erase", "--model", str(model), "--concept", "circle", "--method", "uce", "--out", str(out),
+                 *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    folder = tmp_path / "models" / "sd"
+    models.load("toy-sd").pipeline.save_pretrained(folder)
+    return folder
+
+
+def test_overwrite_never_replaces_a_model_or_other_folder(capsys, tmp_path, model_folder, monkeypatch):
+    """--overwrite removed whatever --out named; now only an edit folder is replaced, and the check
+    comes before training."""
+    monkeypatch.setattr(fasterase, "erase", lambda *a, **k: pytest.fail("trained before checking --out"))
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("keep me")
+    snapshot = {p: files(p) for p in (model_folder, other)}
+    for out, needle in [(model_folder, "model's own folder"), (model_folder.parent, "contains the model's folder"),
+                        (other, "does not hold a fasterase edit"), (tmp_path / "notes" / "a.txt", "does not hold")]:
+        code, err = erase_cli(capsys, model_folder, out, "--overwrite")
+        assert code == 2 and needle in err, err
+    assert {p: files(p) for p in snapshot} == snapshot
+    code, err = erase_cli(capsys, model_folder, other)
+    assert code == 2 and "exists" in err and "--overwrite" in err
+
+
+def test_the_model_inside_an_edit_folder_is_protected(capsys, tmp_path):
+    out = tmp_path / "edit"
+    code, err = erase_cli(capsys, "toy-sd", out, "--save-pipeline")
+    assert code == 0, err
+    snapshot = files(out)
+    code, err = erase_cli(capsys, out / "pipeline", out, "--overwrite")
+    assert code == 2 and "contains the model's folder" in err
+    assert files(out) == snapshot
+    result = fasterase.erase(str(out / "pipeline"), "square", method="uce", progress=False)
+    with pytest.raises(UserError, match="contains the model's folder"):  # the API's save too
+        result.edit.save(out, overwrite=True)
+    assert files(out) == snapshot
+
+
+def test_a_failed_overwrite_keeps_the_old_edit(tmp_path, monkeypatch):
+    """The old edit was deleted before the new one was in place; a failure then lost both."""
+    old = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit
+    path = old.save(tmp_path / "e")
+    new = fasterase.erase("toy-sd", "square", method="uce", progress=False).edit
+    real = os.replace
+
+    def replace(src, dst):  # the step that puts the new folder in place fails
+        if str(dst) == str(path) and not str(src).endswith(".old"):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(path, overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["e"] and Edit.load(path).concepts == old.concepts
+    new.save(path, overwrite=True)
+    assert Edit.load(path).concepts == new.concepts and sorted(os.listdir(tmp_path)) == ["e"]
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_saved_pipeline_holds_the_fused_lora(name, tmp_path):
+    """The saved pipeline loads with plain diffusers, with no unused or missing keys, and draws what
+    the edited pipeline in memory draws; the pipeline in memory is not changed by saving."""
+    result = fasterase.erase(name, "circle", method="esd", progress=False, **FAST_ESD)
+    before = state(result.model)
+    path = result.edit.save(tmp_path / "e", pipeline=result.model)
+    assert same(state(result.model), before)
+    sub = "unet" if name == "toy-sd" else "transformer"
+    _, info = type(result.model.network).from_pretrained(str(path / "pipeline" / sub), output_loading_info=True)
+    assert not any(info.values()), info
+    loaded = models.load(DiffusionPipeline.from_pretrained(str(path / "pipeline")))
+    edited = prediction(result.model)
+    assert torch.allclose(prediction(loaded), edited, atol=1e-5)
+    assert (prediction(name) - edited).abs().max() > 1e-3  # the edit is in it
+    images = result.model.generate(["a red circle", "a blue square"], seed=0)
+    assert torch.allclose(loaded.generate(["a red circle", "a blue square"], seed=0), images, atol=1e-4)
