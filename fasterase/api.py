@@ -1,23 +1,29 @@
 """erase() and load(): the thin public API.
 
 erase resolves the model to a Denoiser, the concepts to a ConceptSet and the method to the
-registry, runs it, applies the Edit (in place unless copy=True) and reports what it did. A
-failure leaves the user's model as it was.
+registry, checks what was asked (option types, options that cannot act on this run, prompts the
+tokenizers cannot hold) before any work, runs it, applies the Edit (in place unless copy=True)
+and reports what it did. An edit that changes nothing is an error, never a result. A failure
+leaves the user's model as it was.
 """
 from __future__ import annotations
 
 import copy as copylib
 import dataclasses
+import math
 import resource
 import time
+import typing
 from dataclasses import dataclass
 
 import torch
 
 from . import methods as registry
 from . import models
+from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.load
 from .concepts import ConceptSet, as_concepts
 from .edit import Edit
+from .errors import UserError
 
 
 @dataclass
@@ -40,33 +46,95 @@ def _is_toy(model: models.Denoiser) -> bool:
 
 
 def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
-    """Concepts as given; in the toy world bare names get the world's templates, and the
-    other shapes are preserved unless the caller says what to preserve."""
+    """Concepts as given; in the toy world bare names get the world's templates, and the shapes
+    no erased concept names are preserved unless the caller says what to preserve."""
     if not _is_toy(model):
         return as_concepts(concepts, preserve or ())
     from .toy import concepts as toy_concepts
 
     cs = as_concepts(concepts, default=toy_concepts.concept)
-    if preserve is None:
-        preserve = toy_concepts.preserve_for(cs.names)
-    return ConceptSet(cs.concepts, tuple([preserve] if isinstance(preserve, str) else preserve))
+    return as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names) if preserve is None else preserve)
 
 
-def _check_tokens(model: models.Denoiser, concepts: ConceptSet) -> None:
-    """A concept whose words the tokenizer does not know cannot be erased: say so."""
+def _token_limits(model: models.Denoiser) -> list[tuple[object, int, str]]:
+    """(tokenizer, tokens it holds, what) for each text encoder the model reads: CLIP's
+    model_max_length (77 with its start and end tokens; FLUX's pooled embedding too) and FLUX's T5
+    at the Denoiser's max_sequence_length."""
+    p = model.pipeline
+    limits = [(p.tokenizer, p.tokenizer.model_max_length, "CLIP tokenizer (with its start and end tokens)")]
+    if model.kind == "flux":
+        limits.append((p.tokenizer_2, model.max_sequence_length, "T5 tokenizer (max_sequence_length)"))
+    return limits
+
+
+def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
+    """Every prompt a method may train on must reach the model whole: a concept whose words the
+    tokenizer does not know, or a prompt truncated at the tokenizer's limit, cannot be erased."""
     tok = model.pipeline.tokenizer
     for c in concepts:
         ids = tok(c.name, add_special_tokens=False).input_ids
         if not ids or (tok.unk_token_id is not None and all(i == tok.unk_token_id for i in ids)):
-            raise ValueError(f"concept {c.name!r} tokenizes to nothing this model's tokenizer knows")
+            raise UserError(f"concept {c.name!r} tokenizes to nothing this model's tokenizer knows")
+    for c in concepts:
+        prompts = c.prompts(augment=True) + c.anchor_prompts(augment=True) + concepts.preserve_prompts(c)
+        for tokenizer, limit, what in _token_limits(model):
+            for prompt, ids in zip(prompts, tokenizer(prompts).input_ids):
+                if len(ids) > limit:
+                    raise UserError(f"prompt {prompt!r} of concept {c.name!r} is {len(ids)} tokens, and this model's "
+                                    f"{what} holds {limit}: truncated, it would lose the concept. Shorten the "
+                                    f"concept's name, templates or attributes")
+
+
+# Which values each option type accepts (a bool is no number, a number is finite).
+_ACCEPTS = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    str: ("text", lambda v: isinstance(v, str)),
+    type(None): ("null (unset)", lambda v: v is None),
+}
 
 
 def _options(method: registry.Method, options: dict):
     valid = [f.name for f in dataclasses.fields(method.config)]
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for method {method.name!r}; valid: {', '.join(valid)}")
+        raise UserError(f"unknown option(s) {unknown} for method {method.name!r}; valid: {', '.join(valid)}")
+    hints = typing.get_type_hints(method.config)
+    for name, value in options.items():
+        kinds = typing.get_args(hints[name]) or (hints[name],)
+        if not any(_ACCEPTS[k][1](value) for k in kinds):
+            raise UserError(f"option {name!r} of method {method.name!r} must be "
+                            f"{' or '.join(_ACCEPTS[k][0] for k in kinds)}, got {value!r}")
     return method.config(**options)
+
+
+def _check_idle(method: registry.Method, cfg, given: set[str], model: models.Denoiser, concepts: ConceptSet) -> None:
+    """An option the user set that cannot act on this run is an error, not silently ignored."""
+    idle = method.idle_options(cfg, given, model, concepts)
+    if idle:
+        raise UserError(f"{method.name} with {len(concepts)} concept(s) on this {model.kind} model cannot use "
+                        f"what was set: {'; '.join(idle)}")
+
+
+@torch.no_grad()
+def _changes_nothing(edit: Edit, net: torch.nn.Module) -> bool:
+    """True when applying `edit` would leave every weight as it is: whole weights equal to the
+    base, selected entries equal to theirs, every LoRA product B A zero."""
+    for name, value in edit.weights.items():
+        p = net.get_parameter(name)
+        if not torch.equal(value.to(p), p):
+            return False
+    for name, (idx, values) in edit.entries.items():
+        flat = net.get_parameter(name).reshape(-1)
+        if not torch.equal(values.to(flat), flat[idx.long()]):
+            return False
+    for key, a in edit.lora.items():
+        if ".lora_A." in key:
+            b = edit.lora[key.replace(".lora_A.", ".lora_B.")]
+            if (b.float().flatten(1) @ a.float().flatten(1)).any():
+                return False
+    return True
 
 
 def _peak_memory_mb() -> dict:
@@ -80,8 +148,9 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     """Erase `concepts` from `model` with `method`.
 
     model: a diffusers pipeline, a local diffusers folder, or "toy-sd" / "toy-flux".
-    concepts: a string, a Concept, or a list of them. preserve: concept names to keep drawable
-    (the toy world preserves its other shapes by default). options: the method's config fields
+    concepts: a string, a Concept, or a list of them; commas in a string separate concepts
+    ("circle, square" is two). preserve: concept names to keep drawable, named the same way (the
+    toy world preserves the shapes no erased concept names by default). options: the method's config fields
     (see fasterase.methods() and each method's config). copy=True edits a copy and leaves the
     given pipeline untouched; otherwise it is edited in place.
     """
@@ -92,11 +161,15 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
         copied = models.load(copylib.deepcopy(den.pipeline))
         copied.name, den = den.name, copied
     cs = _resolve_concepts(den, concepts, preserve)
-    _check_tokens(den, cs)
+    _check_idle(m, cfg, set(options) | ({"preserve"} if preserve is not None else set()), den, cs)
+    _check_prompts(den, cs)
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
+    if _changes_nothing(edit, den.network):
+        raise UserError(f"{method} changed no weight of the model for {', '.join(cs.names)}: nothing was erased, "
+                        f"and the model is as it was (check the concepts' prompts and the method's options)")
     edit.apply(den)  # rolls itself back if it fails
     report = {"model": den.name, "method": method, "concepts": cs.names, "preserve": list(cs.preserve),
               "config": vars(cfg).copy(), "steps": edit.report.get("steps", 0),

@@ -1,6 +1,7 @@
 """The fasterase command line: `fasterase demo | erase | eval | methods` (also `python -m fasterase`).
 
-User mistakes end with one line on stderr and exit status 2, never a traceback.
+A UserError (bad input) ends with one line on stderr and exit status 2; a non-finite loss with one
+line and exit 1; anything else is a bug and keeps its traceback (exit 1).
 """
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit 2."""
+from .errors import UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -24,7 +23,7 @@ class Parser(argparse.ArgumentParser):
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise UserError(f"expected a comma-separated list of names, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
     return items
 
 
@@ -60,15 +59,12 @@ def cmd_methods(args) -> int:
 
 def cmd_erase(args) -> int:
     from . import erase
+    from .edit import target_folder
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"--out {out} exists; choose another folder or pass --overwrite")
+    out = target_folder(args.out, args.overwrite, model=args.model)  # refused before any training
     result = erase(args.model, args.concept, method=args.method, preserve=args.preserve,
                    **_settings(args.set))
-    result.edit.save(out, overwrite=args.overwrite)
-    if args.save_pipeline:
-        result.pipeline.save_pretrained(out / "pipeline")
+    result.edit.save(out, overwrite=args.overwrite, pipeline=result.model if args.save_pipeline else None)
     r = result.report
     print(f"erased {', '.join(r['concepts'])} from {r['model']} with {r['method']} in {r['wall_time_s']:.1f} s; "
           f"edit saved to {out}")
@@ -77,26 +73,42 @@ def cmd_erase(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import models
+    from .concepts import split_names
     from .edit import Edit
-    from .eval import evaluate, format_table
+    from .eval import evaluate, format_table, sample_grid
+    from .toy import components
+    from .toy.concepts import shapes_named
 
-    erased = args.erased
-    if args.edit:
-        edit = Edit.load(args.edit)
-        name = args.model or edit.report.get("model")
-        if not name:
-            raise UserError("this edit does not record its model; pass --model")
-        model = models.load(name)
-        edit.apply(model)
-        erased = erased or [c["name"] for c in edit.concepts]
-    elif not args.model:
+    if not args.model and not args.edit:
         raise UserError("give --model, --edit, or both")
+    erased = [n for text in args.erased or () for n in split_names(text)]
+    edit = Edit.load(args.edit) if args.edit else None
+    name = args.model or edit.report.get("model")
+    if not name:
+        raise UserError("this edit does not record its model; pass --model")
+    model = models.load(name)
+    toy = components.is_toy(model.pipeline)
+    if edit:
+        edit.apply(model)
+        if toy and not erased:  # scored by the toy shapes its concepts name ("red circle": the circle)
+            erased = [c["name"] for c in edit.concepts if shapes_named(c["name"])]
+    if toy or erased or not args.grid:  # evaluate refuses a model outside the toy world before any work
+        repeats = 2 if args.repeats is None else args.repeats
+        report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid)
+    elif args.repeats is not None:
+        raise UserError("--repeats sets how often each prompt is scored; outside the toy world nothing is "
+                        "scored and the grid shows each prompt once")
     else:
-        model = models.load(args.model)
-    report = evaluate(model, erased=erased or [], seed=args.seed, repeats=args.repeats, grid=args.grid)
-    if args.edit:
+        report = sample_grid(model, args.grid, seed=args.seed)
+    if edit:
         report["edit"] = str(args.edit)
-    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif "concepts" in report:
+        print(format_table(report))
+    else:
+        print(f"{report['images']} sample images of {report['model']} (no scores outside the toy world): "
+              f"{report['grid']}")
     return 0
 
 
@@ -137,24 +149,32 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("erase", help="erase concepts and save the edit")
     e.add_argument("--model", required=True, help="toy-sd, toy-flux, or a local diffusers folder")
-    e.add_argument("--concept", action="append", required=True, help="a concept to erase (repeatable)")
+    e.add_argument("--concept", action="append", required=True,
+                   help="concepts to erase; commas separate several (\"circle, square\"), as does repeating the option")
     e.add_argument("--method", required=True, help="see `fasterase methods`")
-    e.add_argument("--preserve", action="append", help="a concept to keep (repeatable)")
+    e.add_argument("--preserve", action="append", help="concepts to keep, named like --concept")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     e.add_argument("--out", required=True, help="folder to write the edit to")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    e.add_argument("--save-pipeline", action="store_true", help="also save the edited pipeline in OUT/pipeline")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that holds an edit (never a model's or any other folder)")
+    e.add_argument("--save-pipeline", action="store_true",
+                   help="also save the edited pipeline, LoRA fused into its weights, in OUT/pipeline")
     e.set_defaults(run=cmd_erase)
 
-    v = sub.add_parser("eval", help="detector-scored accuracies (and erasure metrics) on the toy world")
+    v = sub.add_parser("eval", help="detector-scored accuracies (and erasure metrics) on the toy world; "
+                                    "a sample grid for any model")
     v.add_argument("--model", help="toy-sd, toy-flux, or a local diffusers folder")
-    v.add_argument("--edit", help="a saved edit folder to apply first (its concepts become --erased)")
-    v.add_argument("--erased", type=_csv, help="comma-separated erased concepts, e.g. circle,square")
+    v.add_argument("--edit", help="a saved edit folder to apply first (the toy shapes its concepts name "
+                                  "become --erased)")
+    v.add_argument("--erased", action="append",
+                   help="erased concepts, scored by the toy shapes they name; commas separate several "
+                        "(\"circle, square\"), as does repeating the option")
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    v.add_argument("--grid", help="write a PNG grid of sample images here")
+    v.add_argument("--grid", help="write a PNG grid of sample images here (alone: the only output for a model "
+                                  "outside the toy world, which has no detector)")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--repeats", type=int, default=2,
-                   help="samples per prompt (2: 32 images per shape); more gives a less noisy rate")
+    v.add_argument("--repeats", type=int,
+                   help="samples per prompt (default 2: 32 images per shape); more gives a less noisy rate")
     v.set_defaults(run=cmd_eval)
 
     m = sub.add_parser("methods", help="list the erasure methods")
@@ -169,10 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         command = f"fasterase {args.command}"
         _quiet_libraries()
         return args.run(args)
-    except (UserError, ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except UserError as exc:
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
-    except FloatingPointError as exc:
+    except FloatingPointError as exc:  # a non-finite loss: what happened, not a bug in the code
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

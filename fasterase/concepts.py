@@ -1,10 +1,14 @@
 """What to erase: concepts, their prompt sets and augmentation.
 
 Every prompt a method trains on or an evaluation scores comes from here, never from a method.
+One rule names several concepts everywhere (erase, eval, the API): commas separate them, so
+"circle, square" is two concepts, and a concept's name never holds a comma.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .errors import UserError
 
 # Generic caption templates for a concept with no templates of its own.
 DEFAULT_TEMPLATES = (
@@ -38,18 +42,21 @@ class Concept:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"a concept needs a non-empty name, got {self.name!r}")
+            raise UserError(f"a concept needs a non-empty name, got {self.name!r}")
+        if "," in self.name:
+            raise UserError(f"concept name {self.name!r} holds a comma; commas separate concepts "
+                            f"(\"circle, square\" is two): give each concept on its own")
         object.__setattr__(self, "name", " ".join(self.name.split()))
         object.__setattr__(self, "synonyms", tuple(self.synonyms))
         object.__setattr__(self, "templates", tuple(self.templates))
         object.__setattr__(self, "attributes", tuple(self.attributes))
         if self.type not in CONCEPT_TYPES:
-            raise ValueError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
+            raise UserError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
         if not self.templates:
-            raise ValueError(f"concept {self.name!r} has no prompt templates")
+            raise UserError(f"concept {self.name!r} has no prompt templates")
         for t in self.templates:
             if t.count("{}") != 1:
-                raise ValueError(f"template {t!r} of concept {self.name!r} must contain exactly one '{{}}'")
+                raise UserError(f"template {t!r} of concept {self.name!r} must contain exactly one '{{}}'")
 
     def _fill(self, word: str, augment: bool) -> list[str]:
         slots = [word] + ([f"{a} {word}" for a in self.attributes] if augment else [])
@@ -73,21 +80,23 @@ class Concept:
 
 @dataclass(frozen=True)
 class ConceptSet:
-    """The concepts of one erasure (at least one, names unique) and what to preserve."""
+    """The concepts of one erasure (at least one, names unique) and what to preserve (never a concept
+    that an erased one names: "circle" with "red circle" erased, whose prompts are the erase prompts)."""
 
     concepts: tuple[Concept, ...]
     preserve: tuple[str, ...] = field(default=())
 
     def __post_init__(self):
         if not self.concepts:
-            raise ValueError("the concept list is empty; give at least one concept to erase")
+            raise UserError("the concept list is empty; give at least one concept to erase")
         names = [c.name.lower() for c in self.concepts]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ValueError(f"duplicate concept(s) {dup}; each concept may appear once")
-        clash = sorted(set(names) & {p.lower() for p in self.preserve})
+            raise UserError(f"duplicate concept(s) {dup}; each concept may appear once")
+        erased = [set(n.split()) for n in names]
+        clash = sorted(p for p in self.preserve if any(set(p.lower().split()) <= words for words in erased))
         if clash:
-            raise ValueError(f"concept(s) {clash} are both erased and preserved")
+            raise UserError(f"concept(s) {clash} are both erased and preserved (an erased concept names them)")
 
     def __iter__(self):
         return iter(self.concepts)
@@ -105,28 +114,38 @@ class ConceptSet:
                                                                attributes=like.attributes).prompts(augment=True)]
 
 
+def split_names(text: str) -> list[str]:
+    """The concept names in one string: commas separate them ("circle, square" is two)."""
+    names = [" ".join(n.split()) for n in text.split(",")]
+    if not all(names):
+        raise UserError(f"a concept name is empty in {text!r}; give the word(s) that prompt each concept, "
+                        f"several separated by commas (\"circle, square\")")
+    return names
+
+
+def _names(items, what: str, kinds: tuple = (str,)) -> list:
+    """`items` alone or in a list, each of `kinds`; strings split on commas."""
+    valid = " or ".join(k.__name__ for k in kinds)
+    if isinstance(items, kinds):
+        items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise UserError(f"{what} must be a {valid} or a list of them; got {type(items).__name__}")
+    out = []
+    for item in items:
+        if not isinstance(item, kinds):
+            raise UserError(f"each of the {what} must be a {valid}, got {type(item).__name__}")
+        out += split_names(item) if isinstance(item, str) else [item]
+    return out
+
+
 def as_concepts(concepts, preserve=(), default=None) -> ConceptSet:
-    """A ConceptSet from a string, a Concept, or a list of either.
+    """A ConceptSet from a string, a Concept, or a list of either; strings split on commas.
 
     `default(name)` turns a bare name into a Concept (the toy world gives its own templates);
     without it a name gets DEFAULT_TEMPLATES.
     """
-    if isinstance(concepts, (str, Concept)):
-        concepts = [concepts]
     if isinstance(concepts, ConceptSet):
         return concepts
-    if not isinstance(concepts, (list, tuple)):
-        raise TypeError(f"concepts must be a string, a Concept, or a list of them; got {type(concepts).__name__}")
-    out = []
-    for c in concepts:
-        if isinstance(c, Concept):
-            out.append(c)
-        elif isinstance(c, str):
-            if not c.strip():
-                raise ValueError("a concept name is empty; give the word(s) that prompt the concept")
-            out.append(default(c.strip()) if default else Concept(c))
-        else:
-            raise TypeError(f"a concept must be a string or a Concept, got {type(c).__name__}")
-    if isinstance(preserve, str):
-        preserve = [preserve]
-    return ConceptSet(tuple(out), tuple(preserve))
+    out = [c if isinstance(c, Concept) else default(c) if default else Concept(c)
+           for c in _names(concepts, "concepts", (str, Concept))]
+    return ConceptSet(tuple(out), tuple(_names(preserve, "preserved concepts")))

@@ -7,6 +7,8 @@ import torch
 import fasterase
 from fasterase import Concept, models
 from fasterase.edit import Edit
+from fasterase.errors import UserError
+from fasterase.errors import UserError
 
 MODELS = ["toy-sd", "toy-flux"]
 FAST_ESD = {"steps": 2, "batch_size": 2, "sample_steps": 4}
@@ -47,7 +49,7 @@ def test_erase_in_place_and_report(name, method, options):
         changed = {k for k in before if not torch.equal(before[k], after[k])}
         assert changed and changed <= set(result.edit.weights)
     else:  # a LoRA adapter over untouched base weights
-        assert "fasterase" in models.load(pipe).network.peft_config
+        assert result.edit.adapter in models.load(pipe).network.peft_config
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -80,7 +82,7 @@ def test_concept_validation():
         fasterase.erase("toy-sd", "zebra", method="uce")
     with pytest.raises(ValueError, match="duplicate"):
         fasterase.erase("toy-sd", ["circle", "circle"], method="uce")
-    with pytest.raises(TypeError, match="concept"):
+    with pytest.raises(UserError, match="concept"):
         fasterase.erase("toy-sd", 3, method="uce")
     with pytest.raises(ValueError, match="type"):
         Concept("circle", type="animal")
@@ -165,7 +167,7 @@ def test_atomic_save(tmp_path, monkeypatch):
     assert len(calls) == 2 and os.listdir(tmp_path) == []
     monkeypatch.setattr(edit_mod, "save_file", real)
     edit.save(tmp_path / "edit")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(UserError, match="exists"):
         edit.save(tmp_path / "edit")
     edit.save(tmp_path / "edit", overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["edit"]
@@ -200,3 +202,102 @@ def test_esd_parameter_set_follows_concept_type():
     assert esd.parameter_set(esd.ESDConfig(), as_concepts("circle")) == "esd-u"
     assert esd.parameter_set(esd.ESDConfig(), as_concepts(Concept("van gogh", type="style"))) == "esd-x"
     assert esd.parameter_set(esd.ESDConfig(parameters="esd-x"), as_concepts("circle")) == "esd-x"
+
+
+def _no_run(monkeypatch, method):
+    """Make `method`'s run fail loudly: an error raised instead comes before any work."""
+    import dataclasses
+
+    from fasterase.methods import REGISTRY
+
+    def run(*a, **k):
+        raise AssertionError(f"{method} ran")
+
+    monkeypatch.setitem(REGISTRY, method, dataclasses.replace(REGISTRY[method], run=run))
+
+
+@pytest.mark.parametrize("method,options,needle", [
+    ("esd", {"steps": "400"}, "'steps' of method 'esd' must be an integer, got '400'"),
+    ("esd", {"steps": 4.0}, "must be an integer"),
+    ("esd", {"lr": True}, "must be a number"),
+    ("esd", {"lr": float("nan")}, "must be a number"),
+    ("esd", {"parameters": 1}, "must be text or null"),
+    ("ant", {"split": 0}, "must be true or false"),
+])
+def test_option_types(monkeypatch, method, options, needle):
+    _no_run(monkeypatch, method)
+    with pytest.raises(UserError, match=needle):
+        fasterase.erase("toy-sd", "circle", method=method, **options)
+
+
+@pytest.mark.parametrize("model,concepts,method,options,needle", [
+    ("toy-sd", "circle", "ant", {"rank": 8, "lam": 0.2}, "rank: one concept.*lam: one concept"),
+    ("toy-sd", "circle", "ant", {"preserve_scale": 2.0}, "preserve_scale: one concept"),
+    ("toy-sd", "circle", "ant", {"preserve": "star"}, "preserve: one concept"),
+    ("toy-sd", "circle", "ant", {"saliency": False, "saliency_seeds": 2}, "saliency_seeds: saliency=False"),
+    ("toy-sd", "circle, square", "ant", {"saliency_threshold": 0.1}, "saliency_threshold: several concepts"),
+    ("toy-sd", "circle, square", "ant", {"saliency": True}, "saliency: several concepts"),
+    ("toy-sd", "circle, square", "ant", {"preserve": [], "preserve_scale": 2.0}, "none are preserved"),
+    ("toy-sd", "circle", "ant", {"split": False, "t_split": 0.5, "lambda2": 1.0}, "t_split: split=False.*lambda2"),
+    ("toy-sd", "circle", "uce", {"text_kv": True}, "text_kv: .*SD model"),
+    ("toy-flux", "circle", "uce", {"preserve": [], "preserve_scale": 2.0}, "none are preserved"),
+    ("toy-sd", "circle", "esd", {"preserve": "star"}, "preserve: ESD has no preservation term"),
+])
+def test_an_option_that_cannot_act_is_an_error(monkeypatch, model, concepts, method, options, needle):
+    _no_run(monkeypatch, method)
+    with pytest.raises(UserError, match=needle):
+        fasterase.erase(model, concepts, method=method, **options)
+
+
+def test_options_that_act_are_accepted(monkeypatch):
+    """The same options where they act: no error before the method runs."""
+    _no_run(monkeypatch, "ant")
+    with pytest.raises(AssertionError, match="ran"):
+        fasterase.erase("toy-sd", "circle, square", method="ant", rank=8, lam=0.2, preserve="star")
+    with pytest.raises(AssertionError, match="ran"):
+        fasterase.erase("toy-sd", "circle", method="ant", saliency_seeds=2, split=False, lambda3=1.0)
+    _no_run(monkeypatch, "uce")
+    with pytest.raises(AssertionError, match="ran"):
+        fasterase.erase("toy-flux", "circle", method="uce", text_kv=True, preserve_scale=2.0)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_a_prompt_past_the_tokenizer_limit_is_refused(monkeypatch, name):
+    _no_run(monkeypatch, "esd")
+    long = Concept("circle", templates=("a photo of a {} on a white background next to a red square on a white floor",))
+    with pytest.raises(UserError, match=r"is 20 tokens, and this model's CLIP tokenizer .* holds 16"):
+        fasterase.erase(name, long, method="esd")
+
+
+def test_flux_t5_limit_is_the_denoisers_max_sequence_length(monkeypatch):
+    _no_run(monkeypatch, "uce")
+    model = models.load("toy-flux")
+    model.max_sequence_length = 8
+    concept = Concept("circle", templates=("a drawing of a {} on a white background",))  # 11 tokens in both
+    with pytest.raises(UserError, match=r"is 11 tokens, and this model's T5 tokenizer \(max_sequence_length\) holds 8"):
+        fasterase.erase(model, concept, method="uce")
+    model.max_sequence_length = 11
+    with pytest.raises(AssertionError, match="ran"):
+        fasterase.erase(model, concept, method="uce")
+
+
+def test_an_edit_that_changes_nothing_is_an_error(monkeypatch):
+    from fasterase.methods import esd, uce
+
+    pipe = models.load("toy-sd").pipeline
+    before = params(pipe)
+    monkeypatch.setattr(uce, "uce_weights", lambda weights, *a: [w.detach().clone() for w in weights])
+    with pytest.raises(UserError, match="uce changed no weight of the model for circle: nothing was erased"):
+        fasterase.erase(pipe, "circle", method="uce", progress=False)
+    # ESD whose loss has no gradient: its LoRA stays zero (B starts at zero)
+    monkeypatch.setattr(esd, "negative_guidance_loss", lambda pred, *a: pred.sum() * 0.0)
+    with pytest.raises(UserError, match="esd changed no weight"):
+        fasterase.erase(pipe, "circle", method="esd", progress=False, **FAST_ESD)
+    assert same(params(pipe), before) and not getattr(pipe.unet, "peft_config", None)
+
+
+def test_red_circle_preserves_the_other_shapes_only():
+    """The default preserve set never holds a shape an erased concept names."""
+    result = fasterase.erase("toy-flux", "red circle", method="uce", progress=False)
+    assert result.report["concepts"] == ["red circle"]
+    assert result.report["preserve"] == ["square", "triangle", "cross", "star"]

@@ -1,9 +1,13 @@
-"""The command line: success paths and every user-error path (one line, exit 2)."""
+"""The command line: success paths, every user-error path (one line, exit 2), and bugs (traceback)."""
 import json
 
 import pytest
+import torch
 
+import fasterase
 from fasterase.cli import main
+from fasterase.edit import Edit
+from fasterase.training.loop import NonFiniteLoss
 
 
 def run(capsys, *argv):
@@ -25,13 +29,25 @@ def one_line_error(code, err, *needles):
     (["erase", "--model", "toy-nope", "--concept", "circle", "--method", "uce", "--out", "X"], ["toy-sd"]),
     (["erase", "--model", "toy-sd", "--concept", "", "--method", "uce", "--out", "X"], ["empty"]),
     (["erase", "--model", "toy-sd", "--concept", "zebra", "--method", "uce", "--out", "X"], ["tokenizes to nothing"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle,", "--method", "uce", "--out", "X"], ["empty", "commas"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "steps=abc", "--out", "X"],
+     ["steps", "an integer", "abc"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "lr=NaN", "--out", "X"],
+     ["lr", "a number"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "ant", "--set", "rank=8", "--out", "X"],
+     ["cannot use", "rank", "one concept"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--preserve", "star", "--out", "X"],
+     ["cannot use", "preserve"]),
+    (["erase", "--model", "toy-sd", "--concept", "red circle", "--preserve", "circle", "--method", "uce", "--out", "X"],
+     ["both erased and preserved", "circle"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "uce", "--set", "lam", "--out", "X"],
      ["bad --set", "key=value"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "uce", "--set", "gamma=1", "--out", "X"],
      ["unknown option", "lam"]),
     (["erase", "--model", "toy-sd", "--method", "uce", "--out", "X"], ["--concept"]),
     (["eval"], ["--model"]),
-    (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "circle"]),
+    (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "names no toy shape", "circle"]),
+    (["eval", "--model", "toy-sd", "--erased", "circle,"], ["empty"]),
     (["eval", "--edit", "no/such/folder"], ["not a fasterase edit"]),
     (["eval", "--model", "toy-sd", "--repeats", "0"], ["repeats", ">= 1"]),
     (["frobnicate"], ["invalid choice"]),
@@ -70,3 +86,54 @@ def test_erase_then_eval_edit(capsys, tmp_path):
 def test_methods(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0 and "uce" in out and "esd" in out
+
+
+@pytest.mark.parametrize("bug", [ValueError("a bug"), TypeError("a bug"), KeyError("a bug")])
+def test_bugs_keep_their_traceback(monkeypatch, bug):
+    """Only a UserError is a one-line exit 2: the project's own ValueError / TypeError propagates
+    (Python prints its traceback, exit 1)."""
+    def broken():
+        raise bug
+
+    monkeypatch.setattr(fasterase, "methods", broken)
+    with pytest.raises(type(bug), match="a bug"):
+        main(["methods"])
+
+
+def test_non_finite_loss_is_one_line_exit_1(capsys, monkeypatch):
+    def diverged():
+        raise NonFiniteLoss("non-finite loss (nan) at step 3; stopping")
+
+    monkeypatch.setattr(fasterase, "methods", diverged)
+    code, _, err = run(capsys, "methods")
+    assert code == 1 and err.strip() == "fasterase methods: error: non-finite loss (nan) at step 3; stopping"
+
+
+def test_several_concepts_one_rule(capsys, tmp_path):
+    """Commas separate concepts in erase and eval alike, and so does repeating the option; eval
+    --edit scores every concept of the edit."""
+    for argv, out in ((["--concept", "circle, square"], "a"), (["--concept", "circle", "--concept", "square"], "b")):
+        code, _, err = run(capsys, "erase", "--model", "toy-sd", *argv, "--method", "uce", "--out", str(tmp_path / out))
+        assert code == 0, err
+    a, b = (Edit.load(tmp_path / out) for out in "ab")
+    assert [c["name"] for c in a.concepts] == [c["name"] for c in b.concepts] == ["circle", "square"]
+    assert a.report["preserve"] == ["triangle", "cross", "star"]
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    code, stdout, err = run(capsys, "eval", "--edit", str(tmp_path / "a"), "--json", "--repeats", "1")
+    assert code == 0, err
+    assert json.loads(stdout)["erased"] == ["circle", "square"]
+
+
+def test_red_circle_is_erased_and_scored(capsys, tmp_path):
+    """A concept naming a shape with other words: the default preserve set leaves that shape out
+    (its prompts are the erase prompts), and eval scores the edit by the shape it names."""
+    code, _, err = run(capsys, "erase", "--model", "toy-sd", "--concept", "red circle", "--method", "uce",
+                       "--out", str(tmp_path / "e"))
+    assert code == 0, err
+    edit = Edit.load(tmp_path / "e")
+    assert edit.report["preserve"] == ["square", "triangle", "cross", "star"]
+    code, stdout, err = run(capsys, "eval", "--edit", str(tmp_path / "e"), "--json", "--repeats", "1")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["erased"] == ["circle"] and report["acc_s"] >= 0.9
+    assert report["concepts"]["circle"]["acc"] < 0.9  # the red circles are gone

@@ -2,6 +2,7 @@
 import pytest
 
 from fasterase.concepts import Concept, ConceptSet, as_concepts
+from fasterase.errors import UserError
 from fasterase.toy import concepts as toy_concepts
 
 
@@ -25,9 +26,10 @@ def test_synonym_prompts():
     ({"name": "x", "type": "animal"}, "object, celebrity, style, nudity"),
     ({"name": "x", "templates": ()}, "no prompt templates"),
     ({"name": "x", "templates": ("no slot",)}, "exactly one"),
+    ({"name": "circle, square"}, "commas separate concepts"),
 ])
 def test_bad_concepts(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UserError, match=match):
         Concept(**kwargs)
 
 
@@ -40,8 +42,28 @@ def test_concept_sets():
         as_concepts(["circle"], preserve=["circle"])
     with pytest.raises(ValueError, match="empty"):
         ConceptSet(())
-    with pytest.raises(TypeError):
+    with pytest.raises(UserError, match="a list"):
         as_concepts(None)
+    with pytest.raises(UserError, match="str or Concept"):
+        as_concepts(["circle", 3])
+    with pytest.raises(UserError, match="preserved concepts"):
+        as_concepts("circle", preserve=[Concept("star")])
+
+
+def test_commas_separate_concepts():
+    """One rule everywhere: a string with commas is several concepts, in a list too, and in preserve."""
+    cs = as_concepts(["circle,  square", "star"], preserve="cross ,triangle")
+    assert cs.names == ["circle", "square", "star"] and cs.preserve == ("cross", "triangle")
+    assert as_concepts("circle, square").names == as_concepts(["circle", "square"]).names
+    for bad in ("circle,", ",", "circle,,square"):
+        with pytest.raises(UserError, match="empty"):
+            as_concepts(bad)
+
+
+def test_a_preserved_concept_is_never_one_an_erased_concept_names():
+    with pytest.raises(UserError, match="both erased and preserved"):
+        as_concepts("red circle", preserve="circle")
+    assert as_concepts("circle", preserve="red circle").preserve == ("red circle",)
 
 
 def test_toy_concepts():
@@ -50,3 +72,11 @@ def test_toy_concepts():
     assert "a photo of a red circle" in c.prompts(augment=True)
     assert "disk" not in " ".join(c.prompts(augment=True))  # synonyms are held out
     assert toy_concepts.preserve_for(["circle", "star"]) == ["square", "triangle", "cross"]
+
+
+def test_toy_shapes_named_and_default_preserve():
+    assert toy_concepts.shapes_named("red circle") == ["circle"]
+    assert toy_concepts.shapes_named("Disk") == ["circle"] and toy_concepts.shapes_named("red") == []
+    assert toy_concepts.shapes_named("box star") == ["square", "star"]
+    assert toy_concepts.preserve_for(["red circle"]) == ["square", "triangle", "cross", "star"]
+    assert toy_concepts.preserve_for(["disk", "red"]) == ["square", "triangle", "cross", "star"]

@@ -1,4 +1,5 @@
 """The evaluation on the shipped toy pipelines: they really know the concepts."""
+import importlib
 import json
 
 import pytest
@@ -6,8 +7,11 @@ from PIL import Image
 
 from fasterase import models
 from fasterase.cli import main
+from fasterase.errors import UserError
 from fasterase.eval import evaluate, format_table
 from fasterase.toy import detector, shapes
+
+evaluate_module = importlib.import_module("fasterase.eval.evaluate")  # the package exports its function
 
 
 def test_detector_accuracy_on_held_out_images():
@@ -47,3 +51,66 @@ def test_cli_eval_json_with_erased(capsys):
     kept = [s for s in shapes.SHAPES if s != "circle"]
     assert report["color_s"] == pytest.approx(sum(report["concepts"][s]["acc_color"] for s in kept) / len(kept))
     assert 0.0 <= report["H"] <= 0.2
+
+
+def _not_toy():
+    """toy-sd with one more word in its tokenizer: a model of another world, cheap to run."""
+    model = models.load("toy-sd")
+    model.pipeline.tokenizer.add_tokens(["zebra"])
+    return model
+
+
+def _no_images(monkeypatch, model):
+    def generate(*a, **k):
+        raise AssertionError("images were drawn")
+
+    monkeypatch.setattr(model, "generate", generate)
+
+
+def test_scores_outside_the_toy_world_are_refused_before_any_work(monkeypatch):
+    model = _not_toy()
+    _no_images(monkeypatch, model)
+    with pytest.raises(UserError, match="only the toy world .* has one.*--grid"):
+        evaluate(model)
+
+
+def test_erased_concepts_are_scored_by_the_shapes_they_name(monkeypatch):
+    model = models.load("toy-sd")
+    _no_images(monkeypatch, model)
+    assert evaluate_module.erased_shapes(["red circle", "disk", "box"]) == ["circle", "square"]
+    with pytest.raises(UserError, match="'red' names no toy shape.*circle.*disk"):
+        evaluate(model, erased=["red"])
+    with pytest.raises(UserError, match="repeats"):
+        evaluate(model, repeats=True)
+
+
+def test_batches_shrink_with_the_image_size():
+    from types import SimpleNamespace
+
+    def model(side):
+        return SimpleNamespace(pipeline=SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(sample_size=side))))
+
+    assert [evaluate_module._batch_size(model(s)) for s in (32, 512, 768, 1024, 2048)] == [256, 4, 1, 1, 1]
+
+
+def test_cli_eval_outside_the_toy_world(capsys, tmp_path, monkeypatch):
+    """A local folder of another world: a grid alone works, in batches; scores are refused up front."""
+    folder = tmp_path / "sd"
+    _not_toy().pipeline.save_pretrained(folder)
+    batches = []
+    real = models.Denoiser.generate
+
+    def generate(self, prompts, seed, batch_size=256):
+        batches.append(batch_size)
+        return real(self, prompts, seed, batch_size)
+
+    monkeypatch.setattr(models.Denoiser, "generate", generate)
+    assert main(["eval", "--model", str(folder), "--grid", str(tmp_path / "g.png")]) == 0
+    assert "112 sample images" in capsys.readouterr().out and batches == [256]
+    assert Image.open(tmp_path / "g.png").size == (16 * 34 * 4, 7 * 34 * 4)  # a row per shape or synonym
+    for argv in ([], ["--erased", "circle", "--grid", str(tmp_path / "h.png")], ["--json"],
+                 ["--grid", str(tmp_path / "h.png"), "--repeats", "4"]):
+        assert main(["eval", "--model", str(folder), *argv]) == 2
+        err = capsys.readouterr().err
+        assert "toy world" in err and "Traceback" not in err
+    assert batches == [256] and not (tmp_path / "h.png").exists()

@@ -49,5 +49,10 @@ def test_errors():
         erasure_metrics(per(circle=(0.0, 0.0)), ["hexagon"])
     with pytest.raises(ValueError):
         erasure_metrics(per(circle=(0.0, 0.0)), [])
-    with pytest.raises(ValueError):
-        erasure_metrics(per(circle=(0.0, 0.0)), ["circle"])
+
+
+def test_every_concept_erased():
+    """Erasing every concept is an edit erase can make: Acc_s and Col_s are undefined, H has the rest."""
+    m = erasure_metrics(per(circle=(0.25, 0.5)), ["circle"])
+    assert m["acc_s"] is None and m["color_s"] is None
+    assert m["H"] == pytest.approx(harmonic_mean([0.75, 0.5]))

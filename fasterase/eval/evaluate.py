@@ -1,13 +1,23 @@
-"""Toy-world evaluation: generate with fixed seeds, classify with the detector, score."""
+"""Toy-world evaluation: generate with fixed seeds, classify with the detector, score.
+
+Scoring needs a detector of the model's world, and only the toy world has one: a model from
+anywhere else is refused before any image is drawn, and can have a grid of samples instead.
+"""
 from __future__ import annotations
 
+from ..errors import UserError
 from ..models import Denoiser
+from ..toy import components
 from ..toy import detector as toy_detector
 from ..toy import shapes
+from ..toy.concepts import shapes_named
 from .grid import save_grid
 from .metrics import erasure_metrics
 
 TEMPLATES = shapes.COLOR_TEMPLATES[:4]
+ROW = len(shapes.COLORS) * len(TEMPLATES)  # grid columns: one row per shape or synonym
+# Pixels generated in one pipeline call: 256 toy images (32x32), 4 at 512x512, 1 at 1024x1024.
+BATCH_PIXELS = 2**20
 
 
 def prompt_set(shape_word: str) -> list[tuple[str, str]]:
@@ -15,24 +25,50 @@ def prompt_set(shape_word: str) -> list[tuple[str, str]]:
     return [(t.format(color=c, shape=shape_word), c) for c in shapes.COLORS for t in TEMPLATES]
 
 
-def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: int = 2,
-             grid: str | None = None) -> dict:
-    """Per-shape accuracy on its prompts, its synonym prompts, and colour accuracy; with
-    `erased`, also Acc_e, Acc_g, Acc_s, H and Col_s (colour accuracy of the other shapes: an edit
-    can keep their shape and still lose their colour). Each prompt is sampled `repeats` times."""
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats (samples per prompt) must be an integer >= 1, got {repeats!r}")
-    erased = list(erased)
-    bad = [e for e in erased if e not in shapes.SHAPES]
-    if bad:
-        raise ValueError(f"unknown erased concept(s) {bad}; the toy world's concepts are: {', '.join(shapes.SHAPES)}")
-    items = []  # (prompt, shape, colour, is_synonym)
+def _items() -> list[tuple[str, str, str, bool]]:
+    """(prompt, shape, colour, is_synonym) for every shape and synonym: one sample each."""
+    items = []
     for s in shapes.SHAPES:
         items += [(p, s, c, False) for p, c in prompt_set(s)]
         for w in shapes.SYNONYMS.get(s, ()):
             items += [(p, s, c, True) for p, c in prompt_set(w)]
-    items = items * repeats
-    images = model.generate([p for p, *_ in items], seed=seed)
+    return items
+
+
+def _batch_size(model: Denoiser) -> int:
+    """Images per pipeline call, fewer the larger the model's images (the VAE's sample size)."""
+    side = model.pipeline.vae.config.sample_size
+    return max(1, min(256, BATCH_PIXELS // (side * side)))
+
+
+def erased_shapes(erased: list[str]) -> list[str]:
+    """The toy shapes erased concepts name ("red circle" and "disk" name the circle), each once."""
+    out = []
+    for name in erased:
+        named = shapes_named(name)
+        if not named:
+            raise UserError(f"erased concept {name!r} names no toy shape, and the detector scores shapes: "
+                            f"name one of {', '.join(shapes.SHAPES)} (or a synonym: "
+                            f"{', '.join(w for ws in shapes.SYNONYMS.values() for w in ws)})")
+        out += [s for s in named if s not in out]
+    return out
+
+
+def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: int = 2,
+             grid: str | None = None) -> dict:
+    """Per-shape accuracy on its prompts, its synonym prompts, and colour accuracy; with
+    `erased` (concepts, scored by the toy shapes they name), also Acc_e, Acc_g, Acc_s, H and Col_s
+    (colour accuracy of the other shapes: an edit can keep their shape and still lose their colour).
+    Each prompt is sampled `repeats` times."""
+    if not components.is_toy(model.pipeline):
+        raise UserError(f"scores need a detector of the model's world, and only the toy world (toy-sd, toy-flux "
+                        f"and their saved copies) has one; {model.name or model.kind} is not of it. A grid of "
+                        f"samples needs none: `fasterase eval --grid FILE` without --erased")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise UserError(f"repeats (samples per prompt) must be an integer >= 1, got {repeats!r}")
+    erased = erased_shapes(list(erased))
+    items = _items() * repeats
+    images = model.generate([p for p, *_ in items], seed=seed, batch_size=_batch_size(model))
     det = toy_detector.load()
     pred_shape, pred_color = det.classify(images * 2 - 1)
     per = {}
@@ -48,12 +84,18 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
               "concepts": per}
     if erased:
         report.update(erasure_metrics(per, erased))
-    if grid:
-        # one row per shape (and synonym), first repeat: colour x template
-        per_row = len(shapes.COLORS) * len(TEMPLATES)
-        save_grid(images[: len(items) // repeats], grid, columns=per_row)
+    if grid:  # first repeat: colour x template
+        save_grid(images[: len(items) // repeats], grid, columns=ROW)
         report["grid"] = str(grid)
     return report
+
+
+def sample_grid(model: Denoiser, path, seed: int = 0) -> dict:
+    """Every evaluation prompt once, as a PNG grid (one row per shape or synonym), for a model of
+    any world: no scores. Batches shrink with the image size."""
+    prompts = [p for p, *_ in _items()]
+    save_grid(model.generate(prompts, seed=seed, batch_size=_batch_size(model)), path, columns=ROW)
+    return {"model": model.name or model.kind, "images": len(prompts), "seed": seed, "grid": str(path)}
 
 
 def format_table(report: dict) -> str:
@@ -65,7 +107,6 @@ def format_table(report: dict) -> str:
         mark = " (erased)" if name in report.get("erased", ()) else ""
         lines.append(f"{name:<10} {r['acc']:>6.3f} {syn:>9} {r['acc_color']:>7.3f}{mark}")
     if "acc_e" in report:
-        g = "-" if report["acc_g"] is None else f"{report['acc_g']:.3f}"
-        lines.append(f"Acc_e {report['acc_e']:.3f}  Acc_g {g}  Acc_s {report['acc_s']:.3f}  H {report['H']:.3f}  "
-                     f"Col_s {report['color_s']:.3f}")
+        g, s, c = ("-" if report[k] is None else f"{report[k]:.3f}" for k in ("acc_g", "acc_s", "color_s"))
+        lines.append(f"Acc_e {report['acc_e']:.3f}  Acc_g {g}  Acc_s {s}  H {report['H']:.3f}  Col_s {c}")
     return "\n".join(lines)

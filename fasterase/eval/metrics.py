@@ -4,7 +4,8 @@ Acc_e: erased concepts' own prompts still showing the concept (lower is better).
 Acc_g: the same on their synonym prompts (generality; lower is better).
 Acc_s: the other concepts' prompts still showing their concept (specificity; higher is better).
 H: harmonic mean of (1 - Acc_e), (1 - Acc_g) and Acc_s; when no erased concept has synonyms,
-Acc_g is undefined (None) and H is the harmonic mean of the other two.
+Acc_g is undefined (None), and when every concept is erased so are Acc_s and Col_s: H is the
+harmonic mean of the terms that are defined.
 Col_s: the other concepts' colour accuracy (not part of H): an edit can keep a shape and still
 lose its colour.
 """
@@ -31,13 +32,11 @@ def erasure_metrics(per_concept: dict[str, dict], erased: list[str]) -> dict:
     if not erased:
         raise ValueError("erasure metrics need at least one erased concept")
     kept = [c for c in per_concept if c not in erased]
-    if not kept:
-        raise ValueError("erasure metrics need at least one concept that is not erased")
     acc_e = mean(per_concept[c]["acc"] for c in erased)
     syn = [per_concept[c]["acc_synonyms"] for c in erased if per_concept[c]["acc_synonyms"] is not None]
     acc_g = mean(syn) if syn else None
-    acc_s = mean(per_concept[c]["acc"] for c in kept)
-    terms = [1 - acc_e, acc_s] + ([] if acc_g is None else [1 - acc_g])
-    color_s = mean(per_concept[c]["acc_color"] for c in kept)
+    acc_s = mean(per_concept[c]["acc"] for c in kept) if kept else None
+    terms = [t for t in (1 - acc_e, acc_s, None if acc_g is None else 1 - acc_g) if t is not None]
+    color_s = mean(per_concept[c]["acc_color"] for c in kept) if kept else None
     return {"erased": list(erased), "acc_e": acc_e, "acc_g": acc_g, "acc_s": acc_s, "H": harmonic_mean(terms),
             "color_s": color_s}

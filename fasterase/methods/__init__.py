@@ -1,13 +1,15 @@
-"""The method registry: name -> (one-line summary, config dataclass, run function).
+"""The method registry: name -> (one-line summary, config dataclass, run function, idle options).
 
 Each method is `run(model: Denoiser, concepts: ConceptSet, cfg, progress) -> Edit` and leaves the
-model as it found it; the caller applies the Edit.
+model as it found it; the caller applies the Edit. `idle_options(cfg, given, model, concepts)`
+names the options the user set that cannot act on that run (an error, before any work).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import UserError
 from . import ant, esd, uce
 
 
@@ -17,21 +19,23 @@ class Method:
     summary: str
     config: type
     run: Callable
+    idle_options: Callable
 
 
 REGISTRY = {
     m.name: m
     for m in (
-        Method("uce", "UCE: closed-form edit of the text key/value projections (no training)", uce.UCEConfig, uce.run),
+        Method("uce", "UCE: closed-form edit of the text key/value projections (no training)", uce.UCEConfig, uce.run,
+               uce.idle_options),
         Method("esd", "ESD: LoRA fine-tuning with negative guidance on the model's own trajectory",
-               esd.ESDConfig, esd.run),
+               esd.ESDConfig, esd.run, esd.idle_options),
         Method("ant", "ANT: trajectory-aware loss, training only the concept's saliency map; several concepts: "
-               "per-concept LoRAs fused in closed form", ant.ANTConfig, ant.run),
+               "per-concept LoRAs fused in closed form", ant.ANTConfig, ant.run, ant.idle_options),
     )
 }
 
 
 def get(name: str) -> Method:
     if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(REGISTRY)}")
+        raise UserError(f"unknown method {name!r}; valid: {', '.join(REGISTRY)}")
     return REGISTRY[name]

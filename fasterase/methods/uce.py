@@ -17,6 +17,7 @@ import torch
 
 from ..concepts import ConceptSet
 from ..edit import Edit, fingerprint
+from ..errors import UserError
 from ..models import Denoiser
 from ..training.closed_form import uce_weights
 
@@ -30,7 +31,17 @@ class UCEConfig:
 
     def __post_init__(self):
         if self.lam <= 0 or self.erase_scale <= 0 or self.preserve_scale < 0:
-            raise ValueError("UCE needs lam > 0, erase_scale > 0 and preserve_scale >= 0")
+            raise UserError("UCE needs lam > 0, erase_scale > 0 and preserve_scale >= 0")
+
+
+def idle_options(cfg: UCEConfig, given: set[str], model: Denoiser, concepts: ConceptSet) -> list[str]:
+    """The options the user set (`given`) that cannot act on this run, each with why."""
+    idle = []
+    if "text_kv" in given and model.kind != "flux":
+        idle.append("text_kv: it selects FLUX's joint-block add_k_proj / add_v_proj, and this is an SD model")
+    if "preserve_scale" in given and not concepts.preserve:
+        idle.append("preserve_scale: it weighs the preserved concepts, and none are preserved")
+    return idle
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

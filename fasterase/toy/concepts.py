@@ -14,6 +14,14 @@ def concept(name: str) -> Concept:
     return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=TEMPLATES, attributes=shapes.COLORS)
 
 
+def shapes_named(name: str) -> list[str]:
+    """The toy shapes a concept name names, by shape word or synonym: "red circle" and "disk" name
+    the circle, "red" none. What eval scores an erased concept by."""
+    words = name.lower().split()
+    return [s for s in shapes.SHAPES if any(w in words for w in (s, *shapes.SYNONYMS.get(s, ())))]
+
+
 def preserve_for(names: list[str]) -> list[str]:
-    """The toy shapes that are not erased: what erasure must leave drawable."""
-    return [s for s in shapes.SHAPES if s not in names]
+    """The toy shapes that no erased concept names: what erasure must leave drawable."""
+    named = {s for n in names for s in shapes_named(n)}
+    return [s for s in shapes.SHAPES if s not in named]

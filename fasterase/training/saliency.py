@@ -18,9 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import UserError
 
-class EmptySaliencyMap(ValueError):
-    """The threshold selects no parameter in every map."""
+
+class EmptySaliencyMap(UserError):
+    """The user's threshold selects no parameter in every map; the message says which would."""
 
 
 class SaliencyScore:
