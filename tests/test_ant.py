@@ -9,8 +9,9 @@ from fasterase import models
 from fasterase.cli import main
 from fasterase.concepts import Concept
 from fasterase.edit import Edit
+from fasterase.errors import UserError
 from fasterase.methods import ant
-from fasterase.training import params, saliency
+from fasterase.training import params, saliency, sampling
 from fasterase.training.closed_form import fuse_lora_deltas
 from fasterase.training.losses import trajectory_aware_loss
 
@@ -59,13 +60,9 @@ def test_loss_matches_eq3_and_its_gradients(b, n):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_split_direction(name):
-    """Early (high noise) steps keep the condition direction, late steps reverse it."""
+    """Early (high noise) points keep the condition direction, late points reverse it."""
     model = models.load(name)
-    early, late = ant.split_steps(model, 0.5, 10)
-    taus = model.sampling_taus(10)
-    assert taus[0] > 0.9  # step 0 is the noisiest: "early" is sigma / t near 1 for both models
-    assert early and late and max(early) < min(late)
-    assert all(taus[i] > 0.5 for i in early) and all(taus[i] <= 0.5 for i in late)
+    assert model.sampling_taus(10)[0] > 0.9  # step 0 is the noisiest: "early" is sigma / t near 1 for both
     cond = model.encode(["a red circle"] * 2)
     x = model.noise(2, torch.Generator().manual_seed(0))
     hp = {"lambda1": 0.7, "lambda2": 0.5, "lambda3": 0.5}
@@ -95,6 +92,63 @@ def test_each_step_draws_one_early_and_one_late_point(name, monkeypatch):
     seen.clear()
     without(model.encode(["a circle"]), torch.Generator().manual_seed(0))
     assert len(seen[0]) == 1 and seen[0][0][2] is False
+
+
+def test_taus_are_drawn_uniformly_from_each_interval():
+    """Eq. (3): t1 ~ U(t', 1], t2 ~ U(0, t'], continuously, not from a sampler grid."""
+    g = torch.Generator().manual_seed(0)
+    draws = [ant.draw_taus(0.86, True, g) for _ in range(4000)]
+    assert all(e1 and not e2 for (_, e1), (_, e2) in draws)
+    for k, (lo, hi) in enumerate([(0.86, 1.0), (0.0, 0.86)]):
+        taus = torch.tensor([d[k][0] for d in draws], dtype=torch.float64)
+        assert lo < taus.min() and taus.max() <= hi and len(set(taus.tolist())) == len(taus)
+        assert taus.min() < lo + 0.01 * (hi - lo) and taus.max() > hi - 0.01 * (hi - lo)  # the whole interval
+        counts = torch.histc(taus, bins=10, min=lo, max=hi)
+        assert counts.min() > 0.8 * len(taus) / 10  # uniform
+    alone = [ant.draw_taus(0.86, False, g) for _ in range(1000)]
+    assert all(len(d) == 1 and not d[0][1] and 0 < d[0][0] <= 1 for d in alone)
+    assert min(d[0][0] for d in alone) < 0.05 and max(d[0][0] for d in alone) > 0.95
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_x_t_is_at_the_drawn_tau(name):
+    """States between grid steps are the grid state moved by one DDIM (SD) / Euler (FLUX) step;
+    on a grid step they are the trajectory's own."""
+    model = models.load(name)
+    cond = model.encode(["a red circle", "a blue circle"])
+    grid = model.sampling_taus(10)
+    tau = (grid[3] + grid[4]) / 2 + 0.01
+    on, between = sampling.states(model, cond, 10, [grid[5], tau], 3.0, torch.Generator().manual_seed(1))
+    x5, x3 = model.trajectory(cond, 10, [5, 3], 3.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(on, x5, rtol=0, atol=1e-5)
+    s = torch.full((2,), grid[3])
+    with torch.no_grad():
+        out = model.guided(x3, s, cond, 3.0)
+    if name == "toy-flux":  # Euler along the velocity
+        expect = x3 + (tau - grid[3]) * out
+    else:  # DDIM (eta 0) along the predicted noise
+        a = model.alphas_cumprod
+        a_s, a_t = a[round(grid[3] * 1000)], a[round(tau * 1000)]
+        x0 = (x3 - (1 - a_s).sqrt() * out) / a_s.sqrt()
+        expect = a_t.sqrt() * x0 + (1 - a_t).sqrt() * out
+    torch.testing.assert_close(between, expect, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_loss_gets_x_t_at_the_drawn_taus(name, monkeypatch):
+    model = models.load(name)
+    seen = []
+    monkeypatch.setattr(ant, "ant_loss", lambda m, cond, points, *a: seen.append(points) or torch.zeros(()))
+    cfg = ant.ANTConfig(sample_steps=6)
+    hp = cfg.resolved(Concept("circle"))
+    cond = model.encode(["a circle", "a photo of a circle"])
+    ant.trajectory_loss(model, hp, cfg, torch.no_grad)(cond, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    drawn = ant.draw_taus(hp["t_split"], True, g)
+    xs = sampling.states(model, cond, 6, [t for t, _ in drawn], cfg.guidance, g)
+    assert [(tau, early) for _, tau, early in seen[0]] == drawn
+    assert all(torch.equal(x, p[0]) for x, p in zip(xs, seen[0]))
+    assert not {t for t, _ in drawn} & set(model.sampling_taus(6))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -168,6 +222,7 @@ def test_empty_mask_says_what_would_work():
         score.add({"w": torch.randn(5000, generator=g)})
     with pytest.raises(saliency.EmptySaliencyMap, match="empty") as err:
         saliency.check_not_empty(score, 50.0, "saliency_threshold")
+    assert isinstance(err.value, UserError)  # the user's threshold: one line, exit 2
     suggested = float(str(err.value).split("saliency_threshold=")[-1].split(" ")[0])
     assert 1 <= saliency.selected(saliency.check_not_empty(score, suggested, "saliency_threshold")) <= 10
 
@@ -301,6 +356,50 @@ def test_two_concepts_fuse_into_the_text_projections(name, tmp_path):
     assert all(torch.equal(back.weights[k], edit.weights[k]) for k in edit.weights)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_word_rows_are_the_words_tokens(name):
+    model = models.load(name)
+    prompts = ["a photo of a red circle", "circle", "a circle beside a square"]
+    rows = model.word_rows(prompts, ["circle"])
+    ids = model.text_tokenizer(prompts).input_ids
+    tokens = [model.text_tokenizer.convert_ids_to_tokens(i) for i in ids]
+    assert [[t[r] for r in rs] for t, rs in zip(tokens, rows)] == [["circle"]] * 3
+    assert rows == [[6], [1], [2]]  # after <s>: the toy tokenizers of both models are word-level
+    assert model.word_rows(["a red circle beside a blue square"], ["square", "circle"]) == [[3, 7]]
+    with pytest.raises(UserError, match="none of \\['circle'\\].*'a square'"):
+        model.word_rows(["a square"], ["circle"])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fusion_solves_over_the_concept_words_rows(name, monkeypatch):
+    """Eq. (7)'s e^f are the erased word's token rows of each augmented prompt, e^p the preserved
+    words' rows; the pooled-text embedder (FLUX) reads one row per prompt."""
+    model = models.load(name)
+    concepts = fasterase.concepts.as_concepts([Concept("circle", attributes=("red", "blue")), Concept("square")],
+                                              preserve=["triangle"])
+    calls = {}
+    real = ant.fuse_lora_deltas
+    monkeypatch.setattr(ant, "fuse_lora_deltas", lambda w, erase, deltas, keep, *a: calls.setdefault(
+        len(calls), (erase, keep)) and real(w, erase, deltas, keep, *a))
+    ant.run(model, concepts, ant.ANTConfig(steps=1, batch_size=1, sample_steps=4), progress=False)
+    erase, keep = calls[0]  # the first fused projection: SD's first attn2.to_k, FLUX's context_embedder
+    projection = ant._fusion_projections(model)[0]
+    for concept, rows in zip(concepts, erase):
+        prompts = concept.prompts(augment=True)
+        inputs = model.kv_inputs(model.encode(prompts))[projection.name]
+        where = model.word_rows(prompts, [concept.name])
+        assert all(len(r) == 1 for r in where) and len(rows) == len(prompts)
+        torch.testing.assert_close(rows, torch.stack([inputs[i, r[0]] for i, r in enumerate(where)]))
+    preserve = concepts.preserve_prompts(concepts.concepts[0])
+    inputs = model.kv_inputs(model.encode(preserve))[projection.name]
+    torch.testing.assert_close(keep, torch.stack([inputs[i, r[0]] for i, r in
+                                                  enumerate(model.word_rows(preserve, ["triangle"]))]))
+    if name == "toy-flux":  # the pooled-text embedder: one row per prompt
+        pooled_erase, pooled_keep = calls[1]
+        assert [len(r) for r in pooled_erase] == [len(c.prompts(augment=True)) for c in concepts]
+        assert len(pooled_keep) == len(preserve)
+
+
 # --- the API and the command line --------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
@@ -323,7 +422,6 @@ def test_cli_erase_ant_saves_and_loads(name, tmp_path, capsys):
     ({"t_split": 0.0}, "strictly between 0"),
     ({"t_split": 1.0}, "strictly between 0"),
     ({"t_split": 1.5}, "strictly between 0"),
-    ({"t_split": 0.99, "sample_steps": 6}, "choose t_split in between"),
     ({"saliency_threshold": 0}, "must be > 0"),
     ({"lambda1": -1}, "lambda1"),
     ({"steps": 0}, "steps"),

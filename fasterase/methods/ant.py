@@ -1,7 +1,9 @@
 """ANT: trajectory-aware erasure ("Set You Straight", Sec. 3).
 
-Loss (eq. 3), on x_t from the edited model's own sampling trajectory, one early step t1 > t'
-and one late step t2 < t' per training step (t' a noise level: 1 = pure noise):
+Loss (eq. 3), on x_t from the edited model's own sampling trajectory, at t1 ~ U(t', 1] (early)
+and t2 ~ U(0, t'] (late) drawn per training step (t' a noise level: 1 = pure noise). The taus are
+drawn continuously, as eq. (3) says, not from the sampler's grid: x_t comes from the grid step
+just above each and is moved to it by one DDIM / Euler step (training.sampling).
   early: edited(x_t1, c) -> sg[u* + eta (c* - u*)]   keep the conditional field where structure forms
   late:  edited(x_t2, c) -> sg[u* - eta (c* - u*)]   (lambda1) reverse the condition direction
   both:  edited(x_t, "") -> sg[u*]                   (lambda2 early, lambda3 late) keep the unconditional
@@ -12,7 +14,9 @@ One concept: only the entries of the concept saliency map M* train (Sec. 3.3: gr
 over prompts x seeds, each thresholded, intersected; cached), with SalientAdamW, so every other
 weight stays bit-identical. Several concepts (Sec. 3.4): one LoRA per concept on the projections
 that read text, trained with the same loss, then all fused into those projections by the
-closed form of eq. (7), which also keeps a prior-preservation set of prompts where it was.
+closed form of eq. (7) over the concept words' token rows (and the preserved concepts' words'
+rows as prior preservation), as the paper and MACE do: the begin token, template words and padding
+are shared by every prompt, and fitting them too gave identical rows conflicting targets.
 
 Training prompts are the concept's own ("a photo of a circle"); the augmented ones ("a photo of
 a red circle") only pick M*, as in the paper (Fig. 5). Reversing the condition direction of an
@@ -32,9 +36,10 @@ from tqdm import tqdm
 
 from ..concepts import Concept, ConceptSet
 from ..edit import Edit, fingerprint, remove_adapter
+from ..errors import UserError
 from ..models import Cond, Denoiser
 from ..optim import SalientAdamW
-from ..training import loop, params, saliency
+from ..training import loop, params, saliency, sampling
 from ..training.closed_form import fuse_lora_deltas
 from ..training.losses import trajectory_aware_loss
 
@@ -65,7 +70,7 @@ class ANTConfig:
     eta: float = 1.0  # guidance scale of the targets (the paper leaves it free; ESD uses 1)
     split: bool = True  # False: the erase term on every step, no early terms (ablation)
     batch_size: int = 4  # prompts per step, all at the same t1 and t2
-    sample_steps: int = 20  # sampler steps of the rollouts that give x_t
+    sample_steps: int = 20  # sampler steps of the rollouts that give x_t (moved to each drawn tau)
     guidance: float = 3.0  # classifier-free guidance of those rollouts
     saliency: bool = True  # one concept: train only M*; False trains the whole network (ablation)
     # gamma: salient where |grad| >= gamma * RMS of that map's grads. 0.02 keeps ~11% of toy-sd and
@@ -78,44 +83,61 @@ class ANTConfig:
     lam: float = 0.1  # several concepts: regulariser |W* - W|^2 that keeps eq. (7) well posed
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from (one per concept with several)
+    max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
 
     def __post_init__(self):
         if self.t_split is not None and not 0.0 < self.t_split < 1.0:
-            raise ValueError(f"t_split (t') must be a noise level strictly between 0 (clean) and 1 (pure noise), "
+            raise UserError(f"t_split (t') must be a noise level strictly between 0 (clean) and 1 (pure noise), "
                              f"got {self.t_split}; the paper's t' = 43 of 50 DDIM steps is 0.86")
         for k in ("lambda1", "lambda2", "lambda3"):
             v = getattr(self, k)
             if v is not None and v < 0:
-                raise ValueError(f"ANT option {k} must be >= 0, got {v}")
+                raise UserError(f"ANT option {k} must be >= 0, got {v}")
         for k in ("steps", "batch_size", "sample_steps", "saliency_prompts", "saliency_seeds", "rank"):
             v = getattr(self, k)
             if v is not None and v < 1:
-                raise ValueError(f"ANT option {k} must be >= 1, got {v}")
+                raise UserError(f"ANT option {k} must be >= 1, got {v}")
         if (self.lr is not None and self.lr <= 0) or self.eta <= 0:
-            raise ValueError("ANT needs lr > 0 and eta > 0")
+            raise UserError("ANT needs lr > 0 and eta > 0")
         if self.saliency_threshold <= 0:
-            raise ValueError(f"saliency_threshold must be > 0 (a multiple of each gradient map's RMS), "
+            raise UserError(f"saliency_threshold must be > 0 (a multiple of each gradient map's RMS), "
                              f"got {self.saliency_threshold}")
         if self.lam <= 0 or self.preserve_scale < 0:
-            raise ValueError("ANT needs lam > 0 and preserve_scale >= 0")
+            raise UserError("ANT needs lam > 0 and preserve_scale >= 0")
+        if self.max_skipped_steps < 0:
+            raise UserError(f"ANT option max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
 
     def resolved(self, concept: Concept) -> dict:
         """The per-type settings for this concept: the user's where given, else Table 6's."""
         return {k: DEFAULTS[concept.type][k] if getattr(self, k) is None else getattr(self, k) for k in PER_TYPE}
 
 
-def split_steps(model: Denoiser, t_split: float, steps: int, split: bool = True) -> tuple[list[int], list[int]]:
-    """Sampler step indices before t' (tau > t', early) and after it (tau <= t', late; eq. 2).
-    Without the split every step is a late (erase) step."""
-    taus = model.sampling_taus(steps)
+def idle_options(cfg: ANTConfig, given: set[str], model: Denoiser, concepts: ConceptSet) -> list[str]:
+    """The options the user set (`given`) that cannot act on this run, each with why."""
+    idle = []
+    if len(concepts) == 1:
+        idle += [f"{k}: one concept trains its saliency map M*, not LoRAs fused by eq. (7) (several concepts)"
+                 for k in ("rank", "preserve_scale", "lam", "preserve") if k in given]
+        if not cfg.saliency:
+            idle += [f"{k}: saliency=False trains the whole network, without M*"
+                     for k in ("saliency_threshold", "saliency_prompts", "saliency_seeds") if k in given]
+    else:
+        idle += [f"{k}: several concepts train one LoRA each, without a saliency map (one concept)"
+                 for k in ("saliency", "saliency_threshold", "saliency_prompts", "saliency_seeds") if k in given]
+        if "preserve_scale" in given and not concepts.preserve:
+            idle.append("preserve_scale: it weighs the preserved concepts, and none are preserved")
+    if not cfg.split:
+        idle += [f"{k}: split=False has no early steps" for k in ("t_split", "lambda2") if k in given]
+    return idle
+
+
+def draw_taus(t_split: float, split: bool, g: torch.Generator) -> list[tuple[float, bool]]:
+    """Eq. (3)'s noise levels with whether each is early: t1 ~ U(t', 1] and t2 ~ U(0, t'];
+    without the split one tau ~ U(0, 1], a late (erase) step."""
+    u1, u2 = (1.0 - torch.rand(2, generator=g, dtype=torch.float64)).tolist()  # both in (0, 1]
     if not split:
-        return [], list(range(steps))
-    early = [i for i, tau in enumerate(taus) if tau > t_split]
-    late = [i for i, tau in enumerate(taus) if tau <= t_split]
-    if not early or not late:
-        raise ValueError(f"t_split={t_split:g} leaves no sampler step on one side: with sample_steps={steps} the "
-                         f"noise levels run from {taus[0]:.3g} down to {taus[-1]:.3g}; choose t_split in between")
-    return early, late
+        return [(u1, False)]
+    return [(t_split + (1.0 - t_split) * u1, True), (t_split * u2, False)]
 
 
 def ant_loss(model: Denoiser, cond: Cond, points: list[tuple[torch.Tensor, float, bool]], hp: dict, eta: float,
@@ -137,16 +159,13 @@ def ant_loss(model: Denoiser, cond: Cond, points: list[tuple[torch.Tensor, float
 
 
 def trajectory_loss(model: Denoiser, hp: dict, cfg: ANTConfig, teacher):
-    """loss(cond, generator): eq. (3) with one t1 and one t2 drawn for the batch, and x_t1, x_t2
-    from one sampling run of the edited model from the generator's noise."""
-    early, late = split_steps(model, hp["t_split"], cfg.sample_steps, cfg.split)
-    taus = model.sampling_taus(cfg.sample_steps)
+    """loss(cond, generator): eq. (3) at one t1 and one t2 drawn for the batch (draw_taus), with
+    x_t1, x_t2 from one sampling run of the edited model from the generator's noise."""
 
     def loss(cond: Cond, g: torch.Generator) -> torch.Tensor:
-        at = ([early[int(torch.randint(len(early), (1,), generator=g))]] if early else [])
-        at.append(late[int(torch.randint(len(late), (1,), generator=g))])
-        xs = model.trajectory(cond, cfg.sample_steps, at, cfg.guidance, g)
-        points = [(x, taus[i], i in early) for x, i in zip(xs, at)]
+        drawn = draw_taus(hp["t_split"], cfg.split, g)
+        xs = sampling.states(model, cond, cfg.sample_steps, [tau for tau, _ in drawn], cfg.guidance, g)
+        points = [(x, tau, early) for x, (tau, early) in zip(xs, drawn)]
         return ant_loss(model, cond, points, hp, cfg.eta, teacher)
 
     return loss
@@ -171,7 +190,7 @@ def _saliency_key(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig) -
                                              "saliency_prompts", "saliency_seeds", "seed")}
     loss = {k: hp[k] for k in ("t_split", "lambda1", "lambda2", "lambda3")}
     key = {"model": fingerprint(net, [n for n, _ in net.named_parameters()]), "concept": concept.to_dict(),
-           "loss": loss, "settings": settings}
+           "loss": loss, "settings": settings, "taus": "U(t', 1], U(0, t']"}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -219,7 +238,6 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
     hp = cfg.resolved(concept)
     prompts = concept.prompts()
     model.encode(prompts + [""])
-    split_steps(model, hp["t_split"], cfg.sample_steps, cfg.split)  # t' checked before any work
     if cfg.saliency:
         mask, report = concept_saliency(model, concept, hp, cfg, progress)
     else:
@@ -227,6 +245,7 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
                 if p.is_floating_point()}
         report = {}
     change = params.MaskedChange(net, mask)
+    base = fingerprint(net, list(change.params))
     trainable = list(change.params.values())
     masks = {change.params[n]: change.indices[n].to(torch.int32) for n in change.params} if cfg.saliency else None
     optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0, masks=masks)
@@ -234,12 +253,12 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
     net.train()
     try:
         stats = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed, cfg.checkpoint,
-                           progress=progress, desc=f"ant {concept.name}")
+                           progress=progress, desc=f"ant {concept.name}",
+                           run=loop.identity("ant", [concept], cfg, base), max_skipped_steps=cfg.max_skipped_steps)
         values = change.current()
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()
         change.restore()
-    base = fingerprint(net, list(change.params))
     entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.params}
     return Edit(method="ant", model_kind=model.kind, concepts=[concept.to_dict()], config=asdict(cfg),
                 base_fingerprint=base, entries=entries,
@@ -258,16 +277,21 @@ def _fusion_projections(model: Denoiser):
     return projections[:2] if model.kind == "flux" else projections
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1]).float()
+def _word_rows(model: Denoiser, prompts: list[str], words: list[str]) -> dict[str, torch.Tensor]:
+    """Eq. (7)'s embeddings: what feeds each fused projection on the tokens of `words` in each
+    prompt. The pooled-text embedder reads one row per prompt, the prompt's pooled embedding,
+    which is then the row of the prompt's concept."""
+    inputs = model.kv_inputs(model.encode(prompts))
+    rows = model.word_rows(prompts, words)
+    return {name: (x if x.dim() == 2 else torch.cat([x[i, r] for i, r in enumerate(rows)])).float()
+            for name, x in inputs.items()}
 
 
 def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool) -> Edit:
     net = model.network
     projections = _fusion_projections(model)
     modules = [p.name for p in projections]
-    for concept in concepts:  # every concept's t' checked before any training
-        split_steps(model, cfg.resolved(concept)["t_split"], cfg.sample_steps, cfg.split)
+    base = fingerprint(net, [f"{m}.weight" for m in modules])
     deltas, stats = [], {}
     for k, concept in enumerate(concepts):
         hp = cfg.resolved(concept)
@@ -280,25 +304,28 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
         net.train()
         try:
             stats[concept.name] = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed + k, checkpoint,
-                                             progress=progress, desc=f"ant {concept.name} ({k + 1}/{len(concepts)})")
+                                             progress=progress, desc=f"ant {concept.name} ({k + 1}/{len(concepts)})",
+                                             run=loop.identity("ant", concepts, cfg, base),
+                                             max_skipped_steps=cfg.max_skipped_steps)
             deltas.append({m: params.lora_delta(net, m) for m in modules})
         finally:
             net.eval()
             remove_adapter(net)
-    # eq. (7): W* e = (W + dW_i) e on concept i's tokens, W* e = W e on the preserved prompts' tokens
-    erase_in = [model.kv_inputs(model.encode(c.prompts(augment=True))) for c in concepts]
+    # eq. (7): W* e = (W + dW_i) e on concept i's word tokens, W* e = W e on the preserved words' tokens
+    erase_in = [_word_rows(model, c.prompts(augment=True), [c.name]) for c in concepts]
     preserve = concepts.preserve_prompts(concepts.concepts[0])
-    keep_in = model.kv_inputs(model.encode(preserve)) if preserve else None
+    keep_in = _word_rows(model, preserve, list(concepts.preserve)) if preserve else None
     weights = {}
     for p in projections:
-        keep = _rows(keep_in[p.name]) if keep_in is not None else None
-        new = fuse_lora_deltas(p.module.weight, [_rows(x[p.name]) for x in erase_in], [d[p.name] for d in deltas],
+        keep = keep_in[p.name] if keep_in is not None else None
+        new = fuse_lora_deltas(p.module.weight, [x[p.name] for x in erase_in], [d[p.name] for d in deltas],
                                keep, cfg.preserve_scale, cfg.lam)
         weights[f"{p.name}.weight"] = new
     return Edit(method="ant", model_kind=model.kind, concepts=[c.to_dict() for c in concepts], config=asdict(cfg),
                 base_fingerprint=fingerprint(net, list(weights)), weights=weights,
                 report={"fused_layers": len(weights), "preserve_prompts": len(preserve),
                         "steps": sum(s["steps"] for s in stats.values()),
+                        "skipped_steps": sum(s["skipped_steps"] for s in stats.values()),
                         "last_loss": {k: s["last_loss"] for k, s in stats.items()}})
 
 

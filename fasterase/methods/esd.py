@@ -3,8 +3,25 @@
 On x_t from the edited model's own sampling trajectory for a concept prompt, the edited
 prediction for the concept is pushed to teacher(empty) - eta * (teacher(concept) - teacher(empty)).
 The change is a LoRA over the frozen network, so the teacher is the same network with the
-adapter switched off. esd-x trains the attention that reads text, esd-u the rest (ESD Sec. 4:
-esd-x for styles, esd-u for objects and nudity).
+adapter switched off.
+
+Parameter sets (ESD Sec. 4: esd-x for styles, esd-u for objects and nudity) partition the
+network's weight layers, convolutions included (LoRA covers nn.Linear and nn.Conv2d, so
+diffusers' load_lora_weights loads every one):
+  esd-x  cross-attention: SD's attn2 to_q / to_k / to_v / to_out.0 in every transformer block;
+         FLUX's joint blocks' attention (to_q / to_k / to_v / to_out.0 and add_q_proj / add_k_proj /
+         add_v_proj / to_add_out). The joint blocks are where text and image tokens meet through
+         weights of their own; a single block projects the concatenated stream with one set of
+         weights, text and image alike, as SD's self-attention does, so it belongs to esd-u.
+  esd-u  every other linear and convolution layer (SD: self-attention, feed-forward, proj_in /
+         proj_out, resnets, time embedding, conv_in / conv_out; FLUX: the feed-forwards, the single
+         blocks, the embedders, the modulations). ESD's code also leaves out the time embedding and
+         the output layer; the paper's set, "everything but cross-attention", is the one here.
+Norm scales and biases do not train (a LoRA cannot hold them).
+
+Time: ESD's code draws a step of a 50-step DDIM grid and feeds the network a timestep jittered
+within that step, with x_t still at the grid step. Here tau ~ U(0, 1] and x_t is moved from the
+sampler step just above tau to tau itself (training.sampling), so x_t and tau agree.
 """
 from __future__ import annotations
 
@@ -14,24 +31,28 @@ import torch
 
 from ..concepts import ConceptSet
 from ..edit import Edit, fingerprint, remove_adapter
+from ..errors import UserError
 from ..models import Denoiser
-from ..training import loop, params
+from ..training import loop, params, sampling
 from ..training.losses import negative_guidance_loss
 
-# Which linear layers each parameter set trains, per model kind.
-PARAMETER_SETS = {
-    ("sd", "esd-x"): r"attn2\.(to_q|to_k|to_v|to_out\.0)$",
-    ("sd", "esd-u"): r"^(?!.*attn2\.).*(attn1\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|proj_in|proj_out)$",
-    ("flux", "esd-x"): r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
-                       r"|to_add_out)$",
-    ("flux", "esd-u"): r"(transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+"
-                       r"\.(proj_mlp|proj_out))$",
+# Cross-attention, whole layer names: esd-x is these layers, esd-u every other linear and conv layer.
+CROSS_ATTENTION = {
+    "sd": r"(?:(?:down|up)_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn2"
+          r"\.(?:to_q|to_k|to_v|to_out\.0)",
+    "flux": r"transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+            r"|to_add_out)",
 }
+
+
+def parameter_modules(network: torch.nn.Module, kind: str, parameters: str) -> list[str]:
+    """The layers a parameter set trains: esd-x the cross-attention, esd-u all the others."""
+    return params.layer_names(network, CROSS_ATTENTION[kind], exclude=parameters == "esd-u")
 
 
 @dataclass
 class ESDConfig:
-    # esd-x (attention reading text) or esd-u (the rest); unset, ESD Sec. 4's choice by concept
+    # esd-x (cross-attention) or esd-u (every other layer); unset, ESD Sec. 4's choice by concept
     # type: esd-x for styles (and celebrities), esd-u for objects and nudity
     parameters: str | None = None
     eta: float = 1.0  # negative guidance scale (ESD Sec. 3, eta = 1)
@@ -39,19 +60,27 @@ class ESDConfig:
     lr: float = 1e-3
     rank: int = 4  # LoRA rank (alpha = rank)
     batch_size: int = 4
-    sample_steps: int = 20  # sampler steps of the rollouts that give x_t (ESD: 50 DDIM steps)
+    sample_steps: int = 20  # sampler steps of the rollouts that give x_t, moved to tau (ESD: 50 DDIM steps)
     guidance: float = 3.0  # classifier-free guidance of those rollouts (ESD: 3)
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from
+    max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
 
     def __post_init__(self):
         if self.parameters not in (None, "esd-x", "esd-u"):
-            raise ValueError(f"unknown ESD parameter set {self.parameters!r}; valid: esd-x, esd-u")
+            raise UserError(f"unknown ESD parameter set {self.parameters!r}; valid: esd-x, esd-u")
         for k in ("steps", "rank", "batch_size", "sample_steps"):
             if getattr(self, k) < 1:
-                raise ValueError(f"ESD option {k} must be >= 1, got {getattr(self, k)}")
+                raise UserError(f"ESD option {k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0 or self.eta <= 0:
-            raise ValueError("ESD needs lr > 0 and eta > 0")
+            raise UserError("ESD needs lr > 0 and eta > 0")
+        if self.max_skipped_steps < 0:
+            raise UserError(f"ESD option max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+
+
+def idle_options(cfg: ESDConfig, given: set[str], model: Denoiser, concepts: ConceptSet) -> list[str]:
+    """The options the user set (`given`) that cannot act on this run, each with why."""
+    return ["preserve: ESD has no preservation term"] if "preserve" in given else []
 
 
 def parameter_set(cfg: ESDConfig, concepts: ConceptSet) -> str:
@@ -63,10 +92,9 @@ def parameter_set(cfg: ESDConfig, concepts: ConceptSet) -> str:
 def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = True) -> Edit:
     net = model.network
     parameters = parameter_set(cfg, concepts)
-    modules = params.linear_names(net, PARAMETER_SETS[(model.kind, parameters)])
+    modules = parameter_modules(net, model.kind, parameters)
     base = fingerprint(net, [f"{m}.weight" for m in modules])
     prompts = [p for c in concepts for p in c.prompts()]
-    taus = model.sampling_taus(cfg.sample_steps)
     model.encode(prompts + [""])  # fill the prompt cache once
     trainable = params.add_lora(net, modules, cfg.rank, cfg.seed)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
@@ -74,8 +102,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
     def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=g).tolist()
         cond = model.encode([prompts[i] for i in pick])
-        stop = taus[int(torch.randint(cfg.sample_steps, (1,), generator=g))]
-        x, tau = model.rollout(cond, cfg.sample_steps, until=stop, guidance=cfg.guidance, generator=g)
+        tau = 1.0 - float(torch.rand((), generator=g, dtype=torch.float64))  # U(0, 1]
+        (x,) = sampling.states(model, cond, cfg.sample_steps, [tau], cfg.guidance, g)
         t = torch.full((cfg.batch_size,), tau)
         with torch.no_grad(), params.lora_off(net):
             both = model.predict(torch.cat([x, x]), torch.cat([t, t]),
@@ -86,7 +114,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
     net.train()
     try:
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint,
-                           progress=progress, desc=f"esd {','.join(concepts.names)}")
+                           progress=progress, desc=f"esd {','.join(concepts.names)}",
+                           run=loop.identity("esd", concepts, cfg, base), max_skipped_steps=cfg.max_skipped_steps)
         lora = params.lora_state(net, "unet" if model.kind == "sd" else "transformer")
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()

@@ -10,17 +10,27 @@ import re
 
 import torch
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from ..edit import ADAPTER
 
 
-def linear_names(network: torch.nn.Module, pattern: str) -> list[str]:
-    """Names of the nn.Linear modules whose full name matches the regular expression."""
+# The layers a LoRA can cover (peft, and diffusers' load_lora_weights): every weight layer of SD
+# UNets and FLUX transformers is one of these.
+LORA_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def layer_names(network: torch.nn.Module, pattern: str, exclude: bool = False) -> list[str]:
+    """Names of the linear and convolution layers whose whole name matches the regular expression
+    (anchored: a name that merely contains a match does not count); with exclude, the others."""
     rx = re.compile(pattern)
-    names = [n for n, m in network.named_modules() if isinstance(m, torch.nn.Linear) and rx.search(n)]
+    wrapped = {n for n, m in network.named_modules() if isinstance(m, BaseTunerLayer)}  # by an applied LoRA edit
+    names = [n for n, m in network.named_modules()
+             if (isinstance(m, LORA_LAYERS) or n in wrapped) and bool(rx.fullmatch(n)) != exclude
+             and not any(n.startswith(f"{w}.") for w in wrapped)]  # not the LoRA layers' own parts
     if not names:
-        raise ValueError(f"no linear layer of {type(network).__name__} matches {pattern!r}")
+        raise ValueError(f"no layer of {type(network).__name__} {'is outside' if exclude else 'matches'} {pattern!r}")
     return names
 
 
@@ -29,11 +39,14 @@ def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed:
     `modules`; the base is frozen and only the LoRA factors train. Returns them."""
     if ADAPTER in getattr(network, "peft_config", {}):
         raise RuntimeError(f"the network already carries a {ADAPTER!r} adapter; remove that edit first")
-    network.requires_grad_(False)
+    active = network.active_adapters() if getattr(network, "peft_config", {}) else []
     with torch.random.fork_rng():  # LoRA init draws from the global generator
         torch.manual_seed(init_seed)
         network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights=True),
                             adapter_name=ADAPTER)
+    if active:  # adding activates only the new adapter: the applied edits' adapters stay on
+        network.set_adapter(active + [ADAPTER])
+    network.requires_grad_(False)
     params = [p for n, p in network.named_parameters() if f".{ADAPTER}." in n]
     for p in params:
         p.requires_grad_(True)

@@ -1,0 +1,44 @@
+"""x_t at any noise level on the model's own sampling trajectory.
+
+ESD's and ANT's losses are expectations over t drawn uniformly from an interval, so x_t is needed
+at the drawn noise level, not only at the sampler's few grid steps. The sampler runs to the grid
+step at or just above tau (noisier; the first step for a tau above it), and one deterministic
+step along the same guided prediction moves x to tau: DDIM for SD, Euler for FLUX, the steps the
+rollouts themselves take, so it costs one guided prediction and a tau on the grid gives the
+grid's x.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..models import Cond, Denoiser
+
+
+def move(model: Denoiser, x: torch.Tensor, out: torch.Tensor, tau: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
+    """The latents at noise levels `to` that a deterministic step from x (at noise levels tau) along
+    the prediction `out` reaches: x = a x0 + b n and out = c x0 + d n (add_noise and target are
+    linear in the clean latents x0 and the noise n), solved for x0 and n and noised again at `to`."""
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    a, b = model.add_noise(one, zero, tau), model.add_noise(zero, one, tau)
+    c, d = model.target(one, zero, tau), model.target(zero, one, tau)
+    det = a * d - b * c
+    x0, n = (d * x - b * out) / det, (a * out - c * x) / det
+    return model.add_noise(x0, n, to)
+
+
+@torch.no_grad()
+def states(model: Denoiser, cond: Cond, steps: int, taus: list[float], guidance: float | None = None,
+           generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """The latents at each noise level of `taus` on one `steps`-step sampling run from the
+    generator's noise (guided by `guidance`, the model's default if None)."""
+    guidance = model.default_guidance if guidance is None else guidance
+    grid = model.sampling_taus(steps)
+    at = [max([i for i, s in enumerate(grid) if s >= tau], default=0) for tau in taus]
+    xs = model.trajectory(cond, steps, at, guidance, generator)
+    n = len(cond)
+    x = torch.cat(xs)
+    s = torch.cat([torch.full((n,), grid[i]) for i in at])
+    to = torch.cat([torch.full((n,), float(tau)) for tau in taus])
+    c = Cond.cat([cond] * len(taus))
+    out = model.guided(x, s, c, guidance) if guidance != 1.0 else model.predict(x, s, c)
+    return list(move(model, x, out, s, to).chunk(len(taus)))

@@ -1,0 +1,84 @@
+"""ESD's parameter sets (esd-x: cross-attention, esd-u: every other layer) and its noise levels."""
+import pytest
+import torch
+from torch import nn
+
+import fasterase
+from fasterase import models
+from fasterase.methods import esd
+from fasterase.training import params
+
+FAST_ESD = {"steps": 2, "batch_size": 2, "sample_steps": 4}
+# (esd-x, esd-u) layer counts; toy-sd: 7 transformer blocks x attn2's 4, toy-flux: 2 joint blocks x 8
+COUNTS = {"toy-sd": (28, 91), "toy-flux": (16, 32)}
+
+
+def tree(names):
+    """A module whose linear layers have exactly these dotted names."""
+    root = nn.Module()
+    for name in names:
+        *path, leaf = name.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, nn.Module())
+            m = getattr(m, part)
+        m.add_module(leaf, nn.Linear(2, 2))
+    return root
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_sets_partition_the_layers(name):
+    model = models.load(name)
+    net = model.network
+    layers = {n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    x = esd.parameter_modules(net, model.kind, "esd-x")
+    u = esd.parameter_modules(net, model.kind, "esd-u")
+    assert (len(x), len(u)) == COUNTS[name]
+    assert set(x) | set(u) == layers and not set(x) & set(u)
+    if model.kind == "sd":
+        assert all(".attn2." in n for n in x) and not any(".attn2." in n for n in u)
+        convs = {n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+        assert convs and convs <= set(u)  # conv_in/out, resnets, proj_in/out (Conv2d in SD1.x)
+    else:
+        assert all(n.startswith("transformer_blocks.") and ".attn." in n for n in x)
+        assert {n for n in layers if n.startswith("single_transformer_blocks.")} <= set(u)
+
+
+def test_patterns_are_anchored():
+    block = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    net = tree([f"{block}.to_k", f"{block}.to_k_extra", f"wrapper.{block}.to_v", "mid_block.resnets.0.attn2_to_k"])
+    assert esd.parameter_modules(net, "sd", "esd-x") == [f"{block}.to_k"]
+    flux = tree(["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_q",
+                 "transformer_blocks.0.attn.to_qkv", "x.transformer_blocks.0.attn.add_k_proj"])
+    assert esd.parameter_modules(flux, "flux", "esd-x") == ["transformer_blocks.0.attn.to_q"]
+    assert len(esd.parameter_modules(flux, "flux", "esd-u")) == 3
+    with pytest.raises(ValueError, match="no layer"):
+        params.layer_names(flux, r"attn")  # a substring is not a match
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_esd_u_edit_loads_in_plain_diffusers_and_draws_the_same_images(name, tmp_path):
+    result = fasterase.erase(name, "circle", method="esd", progress=False, **FAST_ESD)
+    assert result.edit.report["parameters"] == "esd-u"
+    assert result.edit.report["trained_modules"] == COUNTS[name][1]
+    if name == "toy-sd":  # the convolutions carry LoRA factors too
+        assert any("conv1.lora_A" in k for k in result.edit.lora)
+    result.edit.save(tmp_path / "edit")
+    pipe = models.load(name).pipeline
+    pipe.load_lora_weights(str(tmp_path / "edit"))  # plain diffusers, no fasterase involved
+    prompts = ["a red circle", "a blue square"]
+    plain, applied = models.load(pipe).generate(prompts, seed=0), result.model.generate(prompts, seed=0)
+    torch.testing.assert_close(plain, applied, rtol=0, atol=1e-5)  # toy-flux differs by float rounding (5e-7)
+
+
+def test_noise_levels_are_drawn_continuously(monkeypatch):
+    seen = []
+    real = esd.sampling.states
+    monkeypatch.setattr(esd.sampling, "states",
+                        lambda m, c, steps, taus, *a: seen.extend(taus) or real(m, c, steps, taus, *a))
+    model = models.load("toy-sd")
+    fasterase.erase(model.pipeline, "circle", method="esd", progress=False, **{**FAST_ESD, "steps": 6})
+    grid = model.sampling_taus(FAST_ESD["sample_steps"])
+    assert len(seen) == 6 and len(set(seen)) == 6 and all(0 < t <= 1 for t in seen)
+    assert not set(seen) & set(grid)  # not the sampler's grid
