@@ -82,3 +82,33 @@ def test_noise_levels_are_drawn_continuously(monkeypatch):
     grid = model.sampling_taus(FAST_ESD["sample_steps"])
     assert len(seen) == 6 and len(set(seen)) == 6 and all(0 < t <= 1 for t in seen)
     assert not set(seen) & set(grid)  # not the sampler's grid
+
+
+def test_teacher_keeps_edits_applied_before():
+    """Erasing on top of an applied LoRA edit: the teacher is the network as it came (the earlier
+    edit on), and only the adapter being trained is switched off; gradient flags come back."""
+    from peft import LoraConfig
+
+    model = models.load("toy-sd")
+    net = model.network
+    modules = esd.parameter_modules(net, model.kind, "esd-x")
+    net.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=modules, init_lora_weights=False),
+                    adapter_name="earlier")
+    x = model.noise(1, torch.Generator().manual_seed(0))
+    tau, cond = torch.full((1,), 0.5), model.encode(["a red circle"])
+    with torch.no_grad():
+        before = model.predict(x, tau, cond)
+        net.disable_adapters()
+        base = model.predict(x, tau, cond)
+        net.enable_adapters()
+    assert not torch.allclose(before, base)  # the earlier edit changes the output
+    trainable = params.add_lora(net, modules, rank=2, init_seed=0)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(0.1)  # the new adapter is no longer zero
+        assert not torch.allclose(model.predict(x, tau, cond), before)
+        with params.lora_off(net):
+            teacher = model.predict(x, tau, cond)
+    torch.testing.assert_close(teacher, before)
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {
+        n for n, p in net.named_parameters() if f".{params.ADAPTER}." in n}

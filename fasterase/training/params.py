@@ -55,12 +55,24 @@ def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed:
 
 @contextlib.contextmanager
 def lora_off(network: torch.nn.Module):
-    """The frozen teacher: the same network with the adapter switched off."""
-    network.disable_adapters()
+    """The frozen teacher: the network as it came, i.e. with only the adapter being trained switched
+    off. Edits applied before stay on, so erasing on top of an edit keeps that edit in the teacher."""
+    active = network.active_adapters()
+    others = [a for a in active if a != ADAPTER]
+    grads = {p: p.requires_grad for p in network.parameters()}  # peft's set_adapter resets them
+    if others:
+        network.set_adapter(others)
+    else:
+        network.disable_adapters()
     try:
         yield
     finally:
-        network.enable_adapters()
+        if others:
+            network.set_adapter(active)
+        else:
+            network.enable_adapters()
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
 
 
 def lora_state(network: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
