@@ -15,6 +15,7 @@ import resource
 import time
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,8 +23,9 @@ from . import methods as registry
 from . import models
 from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.load
 from .concepts import ConceptSet, as_concepts
-from .edit import Edit
+from .edit import Edit, check_no_merged_lora
 from .errors import UserError
+from .training import loop
 
 
 @dataclass
@@ -53,6 +55,7 @@ def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
     from .toy import concepts as toy_concepts
 
     cs = as_concepts(concepts, default=toy_concepts.concept)
+    toy_concepts.check_erasable(cs.names)
     return as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names) if preserve is None else preserve)
 
 
@@ -68,13 +71,19 @@ def _token_limits(model: models.Denoiser) -> list[tuple[object, int, str]]:
 
 
 def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
-    """Every prompt a method may train on must reach the model whole: a concept whose words the
-    tokenizer does not know, or a prompt truncated at the tokenizer's limit, cannot be erased."""
-    tok = model.pipeline.tokenizer
-    for c in concepts:
-        ids = tok(c.name, add_special_tokens=False).input_ids
-        if not ids or (tok.unk_token_id is not None and all(i == tok.unk_token_id for i in ids)):
-            raise UserError(f"concept {c.name!r} tokenizes to nothing this model's tokenizer knows")
+    """Every prompt a method may train on must reach the model whole: a concept or preserved name
+    with a word the tokenizer does not know (it would train as the unknown token), or a prompt
+    truncated at the tokenizer's limit, cannot be erased."""
+    names = [("concept", c.name) for c in concepts] + [("preserved concept", n) for n in concepts.preserve]
+    for tokenizer, _, what in _token_limits(model):
+        unk = tokenizer.unk_token_id
+        for kind, name in names:
+            unknown = [w for w in name.split() if not (ids := tokenizer(w, add_special_tokens=False).input_ids)
+                       or unk in ids]
+            if unknown:
+                raise UserError(f"{kind} {name!r}: the word(s) {', '.join(map(repr, unknown))} tokenize to nothing "
+                                f"this model's {what.split(' (')[0]} knows (each would be its unknown token); "
+                                f"name what the model was trained on")
     for c in concepts:
         prompts = c.prompts(augment=True) + c.anchor_prompts(augment=True) + concepts.preserve_prompts(c)
         for tokenizer, limit, what in _token_limits(model):
@@ -137,6 +146,19 @@ def _changes_nothing(edit: Edit, net: torch.nn.Module) -> bool:
     return True
 
 
+def _model_record(den: models.Denoiser) -> str:
+    """The model as the edit's report names it, for `eval --edit` and the overwrite rule: a built-in
+    name, else the local folder the pipeline came from, absolute (so it is found from anywhere),
+    else the pipeline's class, which names no model to load."""
+    if den.name in models.BUILTINS:
+        return den.name
+    config = den.pipeline.config
+    for name in (den.name, config.get("_name_or_path"), getattr(den.pipeline, "name_or_path", None)):
+        if name and (Path(name).expanduser() / "model_index.json").is_file():
+            return str(Path(name).expanduser().resolve())
+    return den.name
+
+
 def _peak_memory_mb() -> dict:
     if torch.cuda.is_available():
         return {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20}
@@ -156,10 +178,13 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     """
     m = registry.get(method)
     cfg = _options(m, options)
+    if getattr(cfg, "checkpoint", None) is not None:
+        loop.check_checkpoint(cfg.checkpoint)  # a bad path, or a file that is not a checkpoint, before any work
     den = models.load(model)
     if copy:
         copied = models.load(copylib.deepcopy(den.pipeline))
         copied.name, den = den.name, copied
+    check_no_merged_lora(den.network)
     cs = _resolve_concepts(den, concepts, preserve)
     _check_idle(m, cfg, set(options) | ({"preserve"} if preserve is not None else set()), den, cs)
     _check_prompts(den, cs)
@@ -171,7 +196,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
         raise UserError(f"{method} changed no weight of the model for {', '.join(cs.names)}: nothing was erased, "
                         f"and the model is as it was (check the concepts' prompts and the method's options)")
     edit.apply(den)  # rolls itself back if it fails
-    report = {"model": den.name, "method": method, "concepts": cs.names, "preserve": list(cs.preserve),
+    report = {"model": _model_record(den), "method": method, "concepts": cs.names, "preserve": list(cs.preserve),
               "config": vars(cfg).copy(), "steps": edit.report.get("steps", 0),
               "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(), **edit.report}
     edit.report = report

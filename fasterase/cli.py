@@ -62,8 +62,13 @@ def cmd_erase(args) -> int:
     from .edit import target_folder
 
     out = target_folder(args.out, args.overwrite, model=args.model)  # refused before any training
-    result = erase(args.model, args.concept, method=args.method, preserve=args.preserve,
-                   **_settings(args.set))
+    settings = _settings(args.set)
+    checkpoint = settings.get("checkpoint")
+    if isinstance(checkpoint, str) and checkpoint.strip():
+        ckpt = Path(checkpoint).expanduser().resolve()
+        if ckpt == out or out in ckpt.parents:
+            raise UserError(f"checkpoint {ckpt} is inside --out {out}, which the edit replaces; keep it elsewhere")
+    result = erase(args.model, args.concept, method=args.method, preserve=args.preserve, **settings)
     result.edit.save(out, overwrite=args.overwrite, pipeline=result.model if args.save_pipeline else None)
     r = result.report
     print(f"erased {', '.join(r['concepts'])} from {r['model']} with {r['method']} in {r['wall_time_s']:.1f} s; "
@@ -75,17 +80,26 @@ def cmd_eval(args) -> int:
     from . import models
     from .concepts import split_names
     from .edit import Edit
-    from .eval import evaluate, format_table, sample_grid
+    from .eval import check_grid_path, evaluate, format_table, sample_grid
+    from .eval.evaluate import outside_toy
     from .toy import components
     from .toy.concepts import shapes_named
 
     if not args.model and not args.edit:
         raise UserError("give --model, --edit, or both")
     erased = [n for text in args.erased or () for n in split_names(text)]
+    if args.grid:
+        check_grid_path(args.grid)  # before any model loads or image is drawn
     edit = Edit.load(args.edit) if args.edit else None
     name = args.model or edit.report.get("model")
-    if not name:
+    if not name or name in models.ADAPTERS:  # edits of a pipeline object record only its class
         raise UserError("this edit does not record its model; pass --model")
+    if not components.is_toy_source(name):  # from its name or configs: refused before any weights load
+        if erased or not args.grid:
+            raise outside_toy(name)
+        if args.repeats is not None:
+            raise UserError("--repeats sets how often each prompt is scored; outside the toy world nothing is "
+                            "scored and the grid shows each prompt once")
     model = models.load(name)
     toy = components.is_toy(model.pipeline)
     if edit:
@@ -95,9 +109,6 @@ def cmd_eval(args) -> int:
     if toy or erased or not args.grid:  # evaluate refuses a model outside the toy world before any work
         repeats = 2 if args.repeats is None else args.repeats
         report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid)
-    elif args.repeats is not None:
-        raise UserError("--repeats sets how often each prompt is scored; outside the toy world nothing is "
-                        "scored and the grid shows each prompt once")
     else:
         report = sample_grid(model, args.grid, seed=args.seed)
     if edit:
@@ -115,11 +126,21 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     import torch
 
-    from . import erase, models
-    from .eval import evaluate, format_table, save_grid
-    from .toy import shapes
+    from . import erase, methods, models
+    from .eval import check_grid_path, evaluate, format_table, save_grid
+    from .toy import components, shapes
 
-    out = Path(args.out)
+    if args.method not in methods():  # what was asked is checked before the "before" evaluation
+        raise UserError(f"unknown method {args.method!r}; valid: {', '.join(methods())}")
+    not_toy = [name for name in args.models if not components.is_toy_source(name)]
+    if not_toy:
+        raise UserError(f"the demo scores its edits in the toy world, and {', '.join(not_toy)} is not of it; "
+                        f"valid: {', '.join(components.SAMPLE_KWARGS)} (or a saved copy of one)")
+    out = Path(args.out).expanduser()
+    if (out.exists() and not out.is_dir()) or not out.parent.is_dir():
+        raise UserError(f"--out {out} must be a folder (new or existing) in an existing folder")
+    out.mkdir(exist_ok=True)
+    grids = {name: check_grid_path(out / f"{Path(name).name}-circle-{args.method}.png") for name in args.models}
     prompts = [f"a {c} {s}" for s in shapes.SHAPES for c in shapes.COLORS]
     for name in args.models:
         model = models.load(name)
@@ -128,7 +149,7 @@ def cmd_demo(args) -> int:
         result = erase(model, "circle", method=args.method, progress=True)
         after = evaluate(model, seed=args.seed, erased=["circle"])
         grid = save_grid(torch.cat([before_images, model.generate(prompts, seed=args.seed)]),
-                         out / f"{name}-circle-{args.method}.png", columns=len(prompts))
+                         grids[name], columns=len(prompts))
         print(f"\n== {name}: erase 'circle' with {args.method} ({result.report['wall_time_s']:.1f} s) ==")
         print("before:\n" + format_table(before))
         print("after:\n" + format_table(after))

@@ -81,7 +81,8 @@ class Concept:
 @dataclass(frozen=True)
 class ConceptSet:
     """The concepts of one erasure (at least one, names unique) and what to preserve (never a concept
-    that an erased one names: "circle" with "red circle" erased, whose prompts are the erase prompts)."""
+    that an erased one names: "circle" with "red circle" erased, whose prompts are the erase prompts;
+    nor one that holds an erased concept: "red circle" with "circle" erased, which it would keep)."""
 
     concepts: tuple[Concept, ...]
     preserve: tuple[str, ...] = field(default=())
@@ -94,9 +95,12 @@ class ConceptSet:
         if dup:
             raise UserError(f"duplicate concept(s) {dup}; each concept may appear once")
         erased = [set(n.split()) for n in names]
-        clash = sorted(p for p in self.preserve if any(set(p.lower().split()) <= words for words in erased))
+        # "circle" with "red circle" erased is one of its prompts; "red circle" with "circle" erased holds it
+        kept = {p: set(p.lower().split()) for p in self.preserve}
+        clash = sorted(p for p, words in kept.items() if any(words <= e or e <= words for e in erased))
         if clash:
-            raise UserError(f"concept(s) {clash} are both erased and preserved (an erased concept names them)")
+            raise UserError(f"concept(s) {clash} are both erased and preserved (an erased concept names them, "
+                            f"or they contain an erased concept's words)")
 
     def __iter__(self):
         return iter(self.concepts)

@@ -11,7 +11,8 @@ Three kinds of change, any of them together:
 Applied, edits stack: a LoRA edit is an adapter of its own, named by its content, beside the active
 ones; a weights or entries edit applies where the weights it changes still hold the values it was
 made for. An edit the model already carries, or one made for other values of its weights, is
-refused and changes nothing (Edit.apply).
+refused and changes nothing (Edit.apply); the network lists the edits it carries (applied_edits),
+so the refusal names the one in the way.
 
 On disk an edit is a folder: edit.safetensors (the weights, the metadata as JSON in the header),
 for LoRA edits pytorch_lora_weights.safetensors, and with save(pipeline=...) the edited pipeline
@@ -44,6 +45,8 @@ PIPELINE_DIR = "pipeline"
 ADAPTER = "fasterase"  # the adapter a method trains; an applied edit's adapter is named by its content
 FORMAT = 1
 INDICES, VALUES = ":indices", ":values"  # keys of `entries` in edit.safetensors
+APPLIED = "_fasterase_applied"  # network attribute: the edits applied to it here
+FUSED = "_fasterase_edits"  # network config key: the edits fused into a saved pipeline's weights
 
 
 def _base_param(network: torch.nn.Module, name: str) -> torch.Tensor:
@@ -89,11 +92,29 @@ def remove_adapter(network: torch.nn.Module, name: str = ADAPTER) -> None:
         network.unload_lora()  # also after a load that failed half-way
 
 
+def applied_edits(network: torch.nn.Module) -> list[dict]:
+    """The fasterase edits the network carries ({method, concepts, touched}): those applied to it here,
+    and those fused into the weights of the pipeline it was loaded from (save_pipeline records them)."""
+    return list(getattr(network, "config", {}).get(FUSED, [])) + list(getattr(network, APPLIED, []))
+
+
+def check_no_merged_lora(network: torch.nn.Module) -> None:
+    """Refuse a network with LoRA layers fused but still wrapped (fuse_lora without unload_lora_weights):
+    peft unmerges them as soon as an adapter is set, which would change the user's pipeline."""
+    if any(isinstance(m, BaseTunerLayer) and m.merged for m in network.modules()):
+        raise UserError("the pipeline has fused LoRA layers that are still wrapped (fuse_lora() without "
+                        "unload_lora_weights()); call pipe.unload_lora_weights() after fuse_lora() to keep the "
+                        "fused weights, or pipe.unfuse_lora() to go back to the adapter, then erase or apply the edit")
+
+
 def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str | os.PathLike | None = None) -> Path:
     """The resolved folder an edit may be written to: a new path, or with overwrite an empty folder
     or one that holds a fasterase edit, never the folder of `model` (a path) or one containing it."""
     path = Path(path).expanduser().resolve()
     if not path.exists():
+        above = next(p for p in path.parents if p.exists())
+        if not above.is_dir():
+            raise UserError(f"{path} cannot be a folder: {above} is a file; choose another folder")
         return path
     if not overwrite:
         raise UserError(f"{path} exists; choose another folder or pass overwrite=True (--overwrite) to replace "
@@ -158,6 +179,10 @@ def save_pipeline(model, path: str | os.PathLike) -> None:
         model.pipeline.save_pretrained(str(path))
     finally:
         handle.remove()
+    component = next(n for n, c in model.pipeline.components.items() if c is model.network)
+    config = Path(path) / component / "config.json"  # the fused edits, named for a later refusal
+    config.write_text(json.dumps({**json.loads(config.read_text()), FUSED: applied_edits(model.network)},
+                                 indent=2, sort_keys=True) + "\n")
 
 
 @dataclass
@@ -246,6 +271,15 @@ class Edit:
             if self._holds_values(net):
                 raise UserError("this edit is already applied to the model (its weights hold the edit's values); "
                                 "applying it twice is refused")
+            mine = set(self.touched())
+            others = [e for e in applied_edits(net) if mine & set(e["touched"])]
+            if self._record() in others:
+                raise UserError("this edit is already in the model's weights (applied, or fused into the saved "
+                                "pipeline the model was loaded from); applying it twice is refused")
+            if others:
+                named = "; ".join(f"{e['method']} of {', '.join(e['concepts'])}" for e in others)
+                raise UserError(f"another edit already changed these weights ({named}); remove it first, or apply "
+                                "this edit to the model it was made for")
             raise UserError("this edit was made for a different base model (the weights it edits differ)")
 
     # --- apply / remove -------------------------------------------------------------------------
@@ -259,6 +293,7 @@ class Edit:
         weights it changes (e.g. over another edit of the same weights), is refused (UserError). A
         refused or failed apply changes nothing: the rollback removes only what this apply added.
         """
+        check_no_merged_lora(model.network)
         self.check_fits(model)
         net = model.network
         weights, entries = {}, {}
@@ -280,11 +315,22 @@ class Edit:
         except Exception:
             self.remove(model)
             raise
+        setattr(net, APPLIED, getattr(net, APPLIED, []) + [self._record()])
+
+    def _record(self) -> dict:
+        """How applied_edits() names this edit on a network that carries it."""
+        return {"method": self.method, "concepts": [c["name"] for c in self.concepts], "touched": self.touched()}
 
     @torch.no_grad()
     def remove(self, model: Denoiser) -> None:
-        """Undo apply(): the base weights come back bit-identical; other edits' adapters stay."""
+        """Undo apply(): the base weights come back bit-identical; other edits' adapters stay. A weights
+        or entries edit is removed only by the Edit object that applied it, which kept the base values
+        (one loaded from disk has none to put back)."""
         net = model.network
+        if (self.weights or self.entries) and net not in self._undo:
+            raise UserError("this Edit object did not apply the edit to this model (or removed it already), so it "
+                            "holds no base values to put back; remove it with the Edit object that applied it, "
+                            "or load the model afresh")
         weights, entries = self._undo.pop(net, ({}, {}))
         for name, value in weights.items():
             net.get_parameter(name).copy_(value)
@@ -292,6 +338,8 @@ class Edit:
             net.get_parameter(name).view(-1).index_copy_(0, self.entries[name][0].long(), value)
         if self.lora:
             remove_adapter(net, self.adapter)
+        record = self._record()
+        setattr(net, APPLIED, [e for e in getattr(net, APPLIED, []) if e != record])
 
     # --- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False, pipeline=None) -> Path:
@@ -302,6 +350,9 @@ class Edit:
         path = target_folder(path, overwrite, model=self.report.get("model"))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the saved folder follows the umask like its files
         old = tmp.with_name(tmp.name + ".old")
         try:
             weights = {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}

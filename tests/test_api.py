@@ -78,7 +78,7 @@ def test_concept_validation():
         fasterase.erase("toy-sd", [], method="uce")
     with pytest.raises(ValueError, match="empty"):
         fasterase.erase("toy-sd", "  ", method="uce")
-    with pytest.raises(ValueError, match="tokenizes to nothing"):
+    with pytest.raises(ValueError, match="'zebra'.*name no toy shape"):
         fasterase.erase("toy-sd", "zebra", method="uce")
     with pytest.raises(ValueError, match="duplicate"):
         fasterase.erase("toy-sd", ["circle", "circle"], method="uce")
@@ -301,3 +301,44 @@ def test_red_circle_preserves_the_other_shapes_only():
     result = fasterase.erase("toy-flux", "red circle", method="uce", progress=False)
     assert result.report["concepts"] == ["red circle"]
     assert result.report["preserve"] == ["square", "triangle", "cross", "star"]
+
+
+def _no_lora(monkeypatch):
+    from fasterase.training import params as training_params
+
+    def add_lora(*a, **k):
+        raise AssertionError("a LoRA was added")
+
+    monkeypatch.setattr(training_params, "add_lora", add_lora)
+
+
+@pytest.mark.parametrize("model,concepts,method,rank,needle", [
+    ("toy-sd", "circle", "esd", 100000, r"rank=100000 exceeds .* at most 128 \(time_embedding"),
+    ("toy-sd", "circle", "esd", 129, "rank=129 exceeds"),
+    ("toy-flux", "circle", "esd", 129, "rank=129 exceeds .* at most 128"),
+    ("toy-sd", "circle, square", "ant", 65, "rank=65 exceeds .* at most 64"),
+])
+def test_a_lora_rank_past_its_layers_is_refused_before_training(monkeypatch, model, concepts, method, rank, needle):
+    _no_lora(monkeypatch)
+    with pytest.raises(UserError, match=needle):
+        fasterase.erase(model, concepts, method=method, rank=rank, progress=False)
+
+
+def test_a_lora_rank_its_layers_hold_trains(monkeypatch):
+    _no_lora(monkeypatch)
+    with pytest.raises(AssertionError, match="a LoRA was added"):
+        fasterase.erase("toy-sd", "circle", method="esd", rank=8, progress=False)  # conv_out has 4 channels
+
+
+@pytest.mark.parametrize("concepts,preserve,needle", [
+    ("circle xyzzy", None, r"concept 'circle xyzzy': the word\(s\) 'xyzzy' tokenize to nothing"),
+    ("circle", "xyzzy", r"preserved concept 'xyzzy': the word\(s\) 'xyzzy' tokenize to nothing"),
+    ("circle", "red circle", r"\['red circle'\] are both erased and preserved"),
+    ("red", None, r"\['red'\] name no toy shape.*circle, square, triangle, cross, star.*disk"),
+    ("circle, blue", None, r"\['blue'\] name no toy shape"),
+])
+@pytest.mark.parametrize("model", MODELS)
+def test_concepts_that_cannot_act_are_refused(monkeypatch, model, concepts, preserve, needle):
+    _no_run(monkeypatch, "uce")
+    with pytest.raises(UserError, match=needle):
+        fasterase.erase(model, concepts, method="uce", preserve=preserve)

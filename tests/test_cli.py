@@ -28,7 +28,17 @@ def one_line_error(code, err, *needles):
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "nope", "--out", "X"], ["unknown method", "uce"]),
     (["erase", "--model", "toy-nope", "--concept", "circle", "--method", "uce", "--out", "X"], ["toy-sd"]),
     (["erase", "--model", "toy-sd", "--concept", "", "--method", "uce", "--out", "X"], ["empty"]),
-    (["erase", "--model", "toy-sd", "--concept", "zebra", "--method", "uce", "--out", "X"], ["tokenizes to nothing"]),
+    (["erase", "--model", "toy-sd", "--concept", "zebra", "--method", "uce", "--out", "X"], ["name no toy shape"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle xyzzy", "--method", "uce", "--out", "X"],
+     ["'xyzzy' tokenize to nothing"]),
+    (["erase", "--model", "toy-sd", "--concept", "red", "--method", "uce", "--out", "X"],
+     ["name no toy shape", "circle, square"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--preserve", "red circle", "--method", "uce", "--out",
+      "X"], ["both erased and preserved", "red circle"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "seed=-1", "--out", "X"],
+     ["seed must be >= 0"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "rank=100000", "--set",
+      "steps=1", "--out", "X"], ["rank=100000 exceeds", "at most 128"]),
     (["erase", "--model", "toy-sd", "--concept", "circle,", "--method", "uce", "--out", "X"], ["empty", "commas"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "steps=abc", "--out", "X"],
      ["steps", "an integer", "abc"]),
@@ -137,3 +147,49 @@ def test_red_circle_is_erased_and_scored(capsys, tmp_path):
     report = json.loads(stdout)
     assert report["erased"] == ["circle"] and report["acc_s"] >= 0.9
     assert report["concepts"]["circle"]["acc"] < 0.9  # the red circles are gone
+
+
+def _must_not(monkeypatch, target, name, what):
+    def fail(*a, **k):
+        raise AssertionError(what)
+
+    monkeypatch.setattr(target, name, fail)
+
+
+def test_demo_checks_what_was_asked_before_any_work(capsys, tmp_path, monkeypatch):
+    from fasterase import eval as eval_module
+    from fasterase import models
+
+    _must_not(monkeypatch, eval_module, "evaluate", "evaluated before the refusal")
+    _must_not(monkeypatch, models, "load", "a model loaded before the refusal")
+    code, _, err = run(capsys, "demo", "--method", "nope", "--out", str(tmp_path / "d"))
+    one_line_error(code, err, "unknown method 'nope'", "uce, esd, ant")
+    code, _, err = run(capsys, "demo", "--models", "toy-sd,my-sd", "--out", str(tmp_path / "d"))
+    one_line_error(code, err, "my-sd is not of it", "toy-sd, toy-flux")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--json"], "only the toy world"),
+    (["--grid", "g.png", "--repeats", "3"], "--repeats sets how often"),
+    (["--grid", "g.png", "--erased", "circle"], "only the toy world"),
+])
+def test_eval_refuses_a_model_outside_the_toy_world_before_loading_it(capsys, tmp_path, monkeypatch, extra, needle):
+    from fasterase import models
+
+    folder = tmp_path / "sd"
+    (folder / "vae").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                         "vae": ["diffusers", "AutoencoderKL"]}))
+    (folder / "vae" / "config.json").write_text(json.dumps({"sample_size": 512}))
+    _must_not(monkeypatch, models, "load", "the model loaded before the refusal")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "eval", "--model", str(folder), *extra)
+    one_line_error(code, err, needle)
+
+
+def test_a_saved_toy_pipeline_is_known_before_loading(tmp_path):
+    from fasterase.toy import components
+
+    components.sd_pipeline().save_pretrained(tmp_path / "toy")
+    assert components.is_toy_source(str(tmp_path / "toy")) and components.is_toy_source("toy-flux")
+    assert not components.is_toy_source(str(tmp_path)) and not components.is_toy_source("toy-nope")

@@ -63,7 +63,6 @@ def test_commas_separate_concepts():
 def test_a_preserved_concept_is_never_one_an_erased_concept_names():
     with pytest.raises(UserError, match="both erased and preserved"):
         as_concepts("red circle", preserve="circle")
-    assert as_concepts("circle", preserve="red circle").preserve == ("red circle",)
 
 
 def test_toy_concepts():
@@ -80,3 +79,17 @@ def test_toy_shapes_named_and_default_preserve():
     assert toy_concepts.shapes_named("box star") == ["square", "star"]
     assert toy_concepts.preserve_for(["red circle"]) == ["square", "triangle", "cross", "star"]
     assert toy_concepts.preserve_for(["disk", "red"]) == ["square", "triangle", "cross", "star"]
+
+
+def test_a_preserved_concept_never_holds_an_erased_one():
+    with pytest.raises(UserError, match=r"\['red circle'\] are both erased and preserved"):
+        as_concepts("circle", ["red circle", "square"])
+    with pytest.raises(UserError, match=r"\['Circle Disk'\] are both"):
+        as_concepts("disk circle", "Circle Disk")
+    assert as_concepts("red circle", "blue square").preserve == ("blue square",)
+
+
+def test_the_toy_world_erases_its_shapes():
+    toy_concepts.check_erasable(["circle", "red circle", "disk", "box"])
+    with pytest.raises(UserError, match=r"\['red', 'small'\] name no toy shape.*circle, square"):
+        toy_concepts.check_erasable(["red", "circle", "small"])

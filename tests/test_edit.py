@@ -182,3 +182,110 @@ def test_saved_pipeline_holds_the_fused_lora(name, tmp_path):
     assert (prediction(name) - edited).abs().max() > 1e-3  # the edit is in it
     images = result.model.generate(["a red circle", "a blue square"], seed=0)
     assert torch.allclose(loaded.generate(["a red circle", "a blue square"], seed=0), images, atol=1e-4)
+
+
+# --- the model an edit records; the folders it may be written to ---------------------------------
+
+def test_an_edit_records_the_folder_its_pipeline_came_from(tmp_path):
+    """report["model"] was the class name, so saving over the folder holding the model deleted it."""
+    first = fasterase.erase("toy-sd", "circle", method="uce", progress=False)
+    folder = first.edit.save(tmp_path / "e", pipeline=first.model)
+    snapshot = files(folder)
+    pipe = DiffusionPipeline.from_pretrained(str(folder / "pipeline"))
+    result = fasterase.erase(pipe, "square", method="uce", progress=False)
+    assert result.report["model"] == str(folder / "pipeline")
+    with pytest.raises(UserError, match="contains the model's folder"):
+        result.edit.save(folder, overwrite=True)
+    assert files(folder) == snapshot
+
+
+def test_a_relative_model_is_recorded_absolute(capsys, tmp_path, model_folder, monkeypatch):
+    monkeypatch.chdir(model_folder.parent)
+    code, err = erase_cli(capsys, "sd", tmp_path / "e")
+    assert code == 0, err
+    assert Edit.load(tmp_path / "e").report["model"] == str(model_folder)
+
+
+def test_eval_of_an_edit_that_records_no_model(capsys, tmp_path):
+    result = fasterase.erase(models.load("toy-sd").pipeline, "circle", method="uce", progress=False)
+    result.edit.report["model"] = "StableDiffusionPipeline"  # a pipeline built in memory has no folder
+    result.edit.save(tmp_path / "e")
+    assert main(["eval", "--edit", str(tmp_path / "e")]) == 2
+    assert "this edit does not record its model; pass --model" in capsys.readouterr().err
+
+
+def test_out_below_a_file_is_refused_before_training(capsys, tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("a file")
+    monkeypatch.setattr(fasterase, "erase", lambda *a, **k: pytest.fail("trained before checking --out"))
+    code, err = erase_cli(capsys, "toy-sd", tmp_path / "f" / "e")
+    assert code == 2 and "is a file" in err
+    code, err = erase_cli(capsys, "toy-sd", tmp_path / "f" / "a" / "e")
+    assert code == 2 and "is a file" in err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_edit_folder_follows_the_umask(tmp_path, umask):
+    """mkdtemp's 0700 became the edit folder's mode."""
+    edit = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit
+    old = os.umask(umask)
+    try:
+        path = edit.save(tmp_path / "e")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+# --- remove, stacking refusals, a user's fused LoRA ----------------------------------------------
+
+def test_an_edit_loaded_from_disk_cannot_remove_weights_it_did_not_apply(tmp_path):
+    """remove() returned silently with the weights still edited; a LoRA edit is removed by name."""
+    model = models.load("toy-sd")
+    uce = fasterase.erase(model, "circle", method="uce", progress=False).edit
+    edited = state(model)
+    with pytest.raises(UserError, match="did not apply"):
+        Edit.load(uce.save(tmp_path / "u")).remove(model)
+    assert same(state(model), edited)
+    uce.remove(model)
+    with pytest.raises(UserError, match="removed it already"):
+        uce.remove(model)
+    result = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
+    Edit.load(result.edit.save(tmp_path / "l")).remove(result.model)
+    assert same(state(result.model), state("toy-sd"))
+
+
+def test_stacking_refusals_name_the_edit_in_the_way(tmp_path):
+    """UCE over UCE and an edit over its own saved pipeline said "made for a different base model"."""
+    model = models.load("toy-sd")
+    first = fasterase.erase(model, "circle", method="uce", progress=False).edit
+    second = fasterase.erase("toy-sd", "square", method="uce", progress=False).edit
+    before = state(model)
+    with pytest.raises(UserError, match=r"another edit already changed these weights \(uce of circle\)"):
+        second.apply(model)
+    assert same(state(model), before)
+    first.remove(model)
+    second.apply(model)  # with the first removed, it fits
+    result = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
+    path = result.edit.save(tmp_path / "e", pipeline=result.model)
+    with pytest.raises(UserError, match="already in the model's weights"):
+        Edit.load(path).apply(models.load(str(path / "pipeline")))
+    other = models.load("toy-sd")
+    with torch.no_grad():
+        other.network.get_parameter(next(iter(second.weights))).add_(1.0)
+    with pytest.raises(UserError, match="different base model"):  # no edit explains it
+        second.apply(other)
+
+
+def test_a_fused_user_lora_is_refused_and_left_fused(tmp_path):
+    """peft unmerged the user's fused LoRA, trained, then refused the edit: the pipeline was changed."""
+    lora = fasterase.erase("toy-sd", "square", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "l")
+    pipe = models.load("toy-sd").pipeline
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora()
+    before, expected = state(pipe), prediction(pipe)
+    with pytest.raises(UserError, match="fused LoRA layers that are still wrapped"):
+        fasterase.erase(pipe, "circle", method="esd", progress=False, **FAST_ESD)
+    with pytest.raises(UserError, match="fused LoRA layers"):
+        Edit.load(lora).apply(models.load(pipe))
+    layers = [m for m in pipe.unet.modules() if hasattr(m, "merged")]
+    assert layers and all(m.merged for m in layers)
+    assert same(state(pipe), before) and torch.equal(prediction(pipe), expected)

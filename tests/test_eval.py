@@ -114,3 +114,34 @@ def test_cli_eval_outside_the_toy_world(capsys, tmp_path, monkeypatch):
         err = capsys.readouterr().err
         assert "toy world" in err and "Traceback" not in err
     assert batches == [256] and not (tmp_path / "h.png").exists()
+
+
+def test_grid_paths_are_checked_before_any_sampling(capsys, tmp_path, monkeypatch):
+    """`eval --grid` replaced any file (model_index.json too) after sampling; now only a .png path in
+    an existing folder, new or a PNG, and it is checked first; `demo --out` too."""
+    import torch
+
+    from fasterase.eval import save_grid
+
+    monkeypatch.setattr(models, "load", lambda m: pytest.fail("loaded a model before checking the grid path"))
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "notes.png").write_text("not a png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "file").write_text("a file")
+    for path, needle in [("model_index.json", "must be a .png"), ("notes.png", "not a PNG"),
+                         ("folder.png", "is a folder"), ("missing/g.png", "does not exist"),
+                         ("file/g.png", "does not exist")]:
+        assert main(["eval", "--model", "toy-sd", "--grid", str(tmp_path / path)]) == 2
+        assert needle in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+    assert "must be a folder" in capsys.readouterr().err
+    assert (tmp_path / "model_index.json").read_text() == "{}" and (tmp_path / "notes.png").read_text() == "not a png"
+    grid = tmp_path / "g.png"
+    save_grid(torch.rand(2, 3, 4, 4), grid, columns=2)
+    save_grid(torch.rand(2, 3, 4, 4), grid, columns=2)  # a PNG is replaced
+    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_grid(torch.rand(2, 3, 4, 4), grid, columns=2)
+    assert Image.open(grid).size == (2 * 6 * 4, 6 * 4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.png", "g.png", "model_index.json",
+                                                         "notes.png"]  # no temporary file left

@@ -108,3 +108,19 @@ def test_supported_tiny_pipelines_load():
     v = sd(scheduler=C.sd_scheduler().from_config(C.sd_scheduler().config, prediction_type="v_prediction"))
     assert models.load(v).prediction_type == "v_prediction"
     assert isinstance(models.load(flux()), models.FluxDenoiser)
+
+
+@pytest.mark.parametrize("breakage,needle", [
+    (lambda d: (d / "model_index.json").write_text("{not json"), r"unreadable .*model_index.json"),
+    (lambda d: (d / "model_index.json").write_text("[1, 2]"), r"unreadable .*model_index.json: it holds a JSON list"),
+    (lambda d: (d / "unet" / "config.json").unlink(), r"declares a unet \(UNet2DConditionModel\) but has no "
+                                                      r"unet/config.json"),
+    (lambda d: (d / "unet" / "config.json").write_text("{"), r"unreadable .*unet/config.json"),
+    (lambda d: (d / "scheduler" / "scheduler_config.json").unlink(), "has no scheduler/scheduler_config.json"),
+])
+def test_a_broken_folder_is_refused_by_what_is_broken(breakage, needle, tmp_path, monkeypatch):
+    sd().save_pretrained(tmp_path)
+    breakage(tmp_path)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(UserError, match=needle):
+        models.load(tmp_path)

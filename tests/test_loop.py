@@ -207,3 +207,69 @@ def test_esd_checkpoint_belongs_to_its_run(tmp_path):
         fasterase.erase("toy-sd", "circle", method="esd", progress=False, lr=5e-4, **fast)
     again = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **fast).edit
     assert first.lora.keys() == again.lora.keys() and all(torch.equal(first.lora[k], again.lora[k]) for k in first.lora)
+
+
+class _Payload:
+    """Unpickling it would run code: it writes a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoint_path_mistakes_are_refused_before_any_work(tmp_path, monkeypatch):
+    """A missing folder failed after training, a folder was an IsADirectoryError, an empty path meant
+    no checkpoint, an edit file was called another run's checkpoint to delete, and any pickle was
+    unpickled."""
+    import fasterase
+    from fasterase import models
+
+    monkeypatch.setattr(models, "load", lambda m: pytest.fail("loaded the model before checking the checkpoint"))
+    edit = tmp_path / "edit.safetensors"
+    edit.write_bytes(b"not a checkpoint")
+    marker = tmp_path / "ran"
+    torch.save({"x": _Payload(marker)}, tmp_path / "evil.pt")
+    for path, needle in [("", "checkpoint"), ("  ", "checkpoint"), (str(tmp_path), "is a folder"),
+                         (str(tmp_path / "nope" / "a.pt"), "does not exist"),
+                         (str(edit / "a.pt"), "does not exist"),
+                         (str(edit), "not a fasterase training checkpoint"),
+                         (str(tmp_path / "evil.pt"), "not a fasterase training checkpoint")]:
+        with pytest.raises(UserError, match=needle) as info:
+            fasterase.erase("toy-sd", "circle", method="esd", checkpoint=path)
+        assert "delete" not in str(info.value)
+    assert not marker.exists() and edit.read_bytes() == b"not a checkpoint"
+
+
+def test_a_checkpoint_inside_out_is_refused_before_training(capsys, tmp_path, monkeypatch):
+    import fasterase
+    from fasterase.cli import main
+
+    monkeypatch.setattr(fasterase, "erase", lambda *a, **k: pytest.fail("trained before checking the checkpoint"))
+    out = tmp_path / "e"
+    code = main(["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--out", str(out),
+                 "--set", f"checkpoint={out / 'c.pt'}"])
+    assert code == 2 and "inside --out" in capsys.readouterr().err
+
+
+def test_another_run_names_steps_and_seed_once(tmp_path):
+    ckpt = tmp_path / "run.ckpt"
+    w, o = make()
+    loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=ident())
+    w, o = make()
+    with pytest.raises(UserError) as info:
+        loop.train(loss_fn(w), [w], o, 12, seed=2, checkpoint=ckpt, progress=False, run=ident(steps=12, seed=2))
+    message = str(info.value)
+    assert "run.config.steps (10 there, 12 here)" in message and "run.config.seed (1 there, 2 here)" in message
+    assert message.count("steps (") == 1 and message.count("seed (") == 1, message
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "salient"])
+def test_checkpoints_load_as_plain_tensors(tmp_path, optimizer):
+    ckpt = tmp_path / "run.ckpt"
+    ws, o = make_two(optimizer)
+    loop.train(loss_fn(ws[0]), ws, o, 3, seed=1, checkpoint=ckpt, progress=False, run=ident())
+    assert torch.load(ckpt, weights_only=True)["finished"]
+    ws, o = make_two(optimizer)
+    loop.train(loss_fn(ws[0]), ws, o, 3, seed=1, checkpoint=ckpt, progress=False, run=ident())

@@ -11,7 +11,7 @@ from ..toy import components
 from ..toy import detector as toy_detector
 from ..toy import shapes
 from ..toy.concepts import shapes_named
-from .grid import save_grid
+from .grid import check_grid_path, save_grid
 from .metrics import erasure_metrics
 
 TEMPLATES = shapes.COLOR_TEMPLATES[:4]
@@ -54,6 +54,13 @@ def erased_shapes(erased: list[str]) -> list[str]:
     return out
 
 
+def outside_toy(name: str) -> UserError:
+    """Why a model outside the toy world gets no scores (eval says it before loading one)."""
+    return UserError(f"scores need a detector of the model's world, and only the toy world (toy-sd, toy-flux and "
+                     f"their saved copies) has one; {name} is not of it. A grid of samples needs none: "
+                     f"`fasterase eval --grid FILE` without --erased or --repeats")
+
+
 def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: int = 2,
              grid: str | None = None) -> dict:
     """Per-shape accuracy on its prompts, its synonym prompts, and colour accuracy; with
@@ -61,11 +68,11 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
     (colour accuracy of the other shapes: an edit can keep their shape and still lose their colour).
     Each prompt is sampled `repeats` times."""
     if not components.is_toy(model.pipeline):
-        raise UserError(f"scores need a detector of the model's world, and only the toy world (toy-sd, toy-flux "
-                        f"and their saved copies) has one; {model.name or model.kind} is not of it. A grid of "
-                        f"samples needs none: `fasterase eval --grid FILE` without --erased")
+        raise outside_toy(model.name or model.kind)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise UserError(f"repeats (samples per prompt) must be an integer >= 1, got {repeats!r}")
+    if grid:
+        check_grid_path(grid)  # before any image is drawn
     erased = erased_shapes(list(erased))
     items = _items() * repeats
     images = model.generate([p for p, *_ in items], seed=seed, batch_size=_batch_size(model))
@@ -93,6 +100,7 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
 def sample_grid(model: Denoiser, path, seed: int = 0) -> dict:
     """Every evaluation prompt once, as a PNG grid (one row per shape or synonym), for a model of
     any world: no scores. Batches shrink with the image size."""
+    check_grid_path(path)  # before any image is drawn
     prompts = [p for p, *_ in _items()]
     save_grid(model.generate(prompts, seed=seed, batch_size=_batch_size(model)), path, columns=ROW)
     return {"model": model.name or model.kind, "images": len(prompts), "seed": seed, "grid": str(path)}

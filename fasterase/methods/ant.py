@@ -42,6 +42,7 @@ from ..optim import SalientAdamW
 from ..training import loop, params, saliency, sampling
 from ..training.closed_form import fuse_lora_deltas
 from ..training.losses import trajectory_aware_loss
+from . import ranges
 
 # Table 6 of the paper (SD1.4 sampled with 50 DDIM steps, so its t' = 43 is the noise level 0.86).
 # It has no row for objects; ours is the nudity row (the paper's single-concept task) with four times
@@ -90,22 +91,18 @@ class ANTConfig:
             raise UserError(f"t_split (t') must be a noise level strictly between 0 (clean) and 1 (pure noise), "
                              f"got {self.t_split}; the paper's t' = 43 of 50 DDIM steps is 0.86")
         for k in ("lambda1", "lambda2", "lambda3"):
-            v = getattr(self, k)
-            if v is not None and v < 0:
-                raise UserError(f"ANT option {k} must be >= 0, got {v}")
-        for k in ("steps", "batch_size", "sample_steps", "saliency_prompts", "saliency_seeds", "rank"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                raise UserError(f"ANT option {k} must be >= 1, got {v}")
-        if (self.lr is not None and self.lr <= 0) or self.eta <= 0:
-            raise UserError("ANT needs lr > 0 and eta > 0")
-        if self.saliency_threshold <= 0:
-            raise UserError(f"saliency_threshold must be > 0 (a multiple of each gradient map's RMS), "
-                             f"got {self.saliency_threshold}")
-        if self.lam <= 0 or self.preserve_scale < 0:
-            raise UserError("ANT needs lam > 0 and preserve_scale >= 0")
-        if self.max_skipped_steps < 0:
-            raise UserError(f"ANT option max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+            if getattr(self, k) is not None:
+                ranges.check("ANT", k, getattr(self, k), 0, ranges.MAX_SCALE)
+        ranges.check_common("ANT", self)
+        for k in ("split", "saliency"):
+            if not isinstance(getattr(self, k), bool):
+                raise UserError(f"ANT option {k} must be true or false, got {getattr(self, k)!r}")
+        # a multiple of each gradient map's RMS; past MAX_SCALE no entry is ever kept
+        ranges.check("ANT", "saliency_threshold", self.saliency_threshold, 0, ranges.MAX_SCALE, above=True)
+        for k in ("saliency_prompts", "saliency_seeds"):
+            ranges.check("ANT", k, getattr(self, k), 1, integer=True)
+        ranges.check("ANT", "preserve_scale", self.preserve_scale, 0, ranges.MAX_SCALE)
+        ranges.check("ANT", "lam", self.lam, ranges.MIN_LAM, ranges.MAX_SCALE)
 
     def resolved(self, concept: Concept) -> dict:
         """The per-type settings for this concept: the user's where given, else Table 6's."""
@@ -291,6 +288,7 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
     net = model.network
     projections = _fusion_projections(model)
     modules = [p.name for p in projections]
+    ranges.check_rank("ANT", cfg.rank, net, modules)  # before any work
     base = fingerprint(net, [f"{m}.weight" for m in modules])
     deltas, stats = [], {}
     for k, concept in enumerate(concepts):

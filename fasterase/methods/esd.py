@@ -35,6 +35,7 @@ from ..errors import UserError
 from ..models import Denoiser
 from ..training import loop, params, sampling
 from ..training.losses import negative_guidance_loss
+from . import ranges
 
 # Cross-attention, whole layer names: esd-x is these layers, esd-u every other linear and conv layer.
 CROSS_ATTENTION = {
@@ -69,13 +70,7 @@ class ESDConfig:
     def __post_init__(self):
         if self.parameters not in (None, "esd-x", "esd-u"):
             raise UserError(f"unknown ESD parameter set {self.parameters!r}; valid: esd-x, esd-u")
-        for k in ("steps", "rank", "batch_size", "sample_steps"):
-            if getattr(self, k) < 1:
-                raise UserError(f"ESD option {k} must be >= 1, got {getattr(self, k)}")
-        if self.lr <= 0 or self.eta <= 0:
-            raise UserError("ESD needs lr > 0 and eta > 0")
-        if self.max_skipped_steps < 0:
-            raise UserError(f"ESD option max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        ranges.check_common("ESD", self)
 
 
 def idle_options(cfg: ESDConfig, given: set[str], model: Denoiser, concepts: ConceptSet) -> list[str]:
@@ -93,6 +88,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
     net = model.network
     parameters = parameter_set(cfg, concepts)
     modules = parameter_modules(net, model.kind, parameters)
+    ranges.check_rank("ESD", cfg.rank, net, modules)  # before any work
     base = fingerprint(net, [f"{m}.weight" for m in modules])
     prompts = [p for c in concepts for p in c.prompts()]
     model.encode(prompts + [""])  # fill the prompt cache once

@@ -20,6 +20,7 @@ from ..edit import Edit, fingerprint
 from ..errors import UserError
 from ..models import Denoiser
 from ..training.closed_form import uce_weights
+from . import ranges
 
 
 @dataclass
@@ -30,8 +31,11 @@ class UCEConfig:
     text_kv: bool = False  # FLUX only: also edit the joint blocks' add_k_proj / add_v_proj
 
     def __post_init__(self):
-        if self.lam <= 0 or self.erase_scale <= 0 or self.preserve_scale < 0:
-            raise UserError("UCE needs lam > 0, erase_scale > 0 and preserve_scale >= 0")
+        ranges.check("UCE", "lam", self.lam, ranges.MIN_LAM, ranges.MAX_SCALE)
+        ranges.check("UCE", "erase_scale", self.erase_scale, 0, ranges.MAX_SCALE, above=True)
+        ranges.check("UCE", "preserve_scale", self.preserve_scale, 0, ranges.MAX_SCALE)
+        if not isinstance(self.text_kv, bool):
+            raise UserError(f"UCE option text_kv must be true or false, got {self.text_kv!r}")
 
 
 def idle_options(cfg: UCEConfig, given: set[str], model: Denoiser, concepts: ConceptSet) -> list[str]:

@@ -89,16 +89,38 @@ def _parts(pipeline) -> dict[str, tuple[str, dict]]:
             if isinstance(getattr(c, "config", None), dict)}
 
 
+# The configs _refusal reads, each in its component's folder: without one a folder cannot be judged
+# (nor loaded), so it is refused by name rather than judged on defaults.
+CONFIG_FILES = {"unet": "config.json", "transformer": "config.json", "vae": "config.json",
+                "scheduler": "scheduler_config.json"}
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"unreadable {file}: {exc}; a diffusers folder holds it as a JSON object") from None
+    if not isinstance(value, dict):
+        raise UserError(f"unreadable {file}: it holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def _folder_parts(path: Path) -> tuple[str, dict[str, tuple[str, dict]]]:
     """The pipeline class and parts a diffusers folder declares, read from its JSON files only."""
-    index = json.loads((path / "model_index.json").read_text())
+    index = _read_json(path / "model_index.json")
     parts = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2:
             continue
-        config = next((path / name / f for f in ("config.json", "scheduler_config.json")
-                       if (path / name / f).is_file()), None)
-        parts[name] = (spec[1], json.loads(config.read_text()) if config else {})
+        if name in CONFIG_FILES and spec[1] is not None:
+            config = path / name / CONFIG_FILES[name]
+            if not config.is_file():
+                raise UserError(f"model folder {path} declares a {name} ({spec[1]}) but has no {name}/"
+                                f"{CONFIG_FILES[name]}; a diffusers folder saves one for each component")
+        else:
+            config = next((path / name / f for f in ("config.json", "scheduler_config.json")
+                           if (path / name / f).is_file()), None)
+        parts[name] = (spec[1], _read_json(config) if config else {})
     return index.get("_class_name", "an unnamed pipeline"), parts
 
 

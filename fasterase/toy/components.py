@@ -5,6 +5,7 @@ same modules. Weights ship as fp16 safetensors in weights/ (the VAE once, shared
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -149,6 +150,23 @@ def flux_pipeline() -> FluxPipeline:
         text_encoder_2=load_weights(t5_text_encoder(), "flux_text_encoder_2"), tokenizer_2=tokenizer(),
         transformer=load_weights(flux_transformer(), "flux_transformer"),
     )
+
+
+def is_toy_source(name: str) -> bool:
+    """is_toy before any weights load: a toy pipeline's name, or a folder whose VAE config and
+    tokenizer file are the toy world's (what eval decides by before loading a model)."""
+    if name in SAMPLE_KWARGS:
+        return True
+    path = Path(name).expanduser()
+    vae, tok = path / "vae" / "config.json", path / "tokenizer" / "tokenizer.json"
+    try:
+        if json.loads(vae.read_text()).get("sample_size") != shapes.SIZE:
+            return False
+        saved = json.loads(tok.read_text())  # len(tokenizer): its vocabulary and added tokens, by id
+        ids = set(saved["model"]["vocab"].values()) | {t["id"] for t in saved.get("added_tokens", [])}
+        return len(ids) == _vocab_size()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no such files, or not these configs
+        return False
 
 
 def is_toy(pipeline) -> bool:

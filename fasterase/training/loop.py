@@ -20,6 +20,7 @@ from ..errors import UserError
 
 # Options that do not change what a run trains, so not part of its identity.
 NOT_IDENTITY = ("checkpoint", "max_skipped_steps")
+FORMAT = 1  # marks a checkpoint file as train()'s
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -53,6 +54,35 @@ def _differences(saved, current, name: str = "") -> list[str]:
     return [] if saved == current else [f"{name} ({short[0]} there, {short[1]} here)"]
 
 
+def check_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file, checked before any work: a file name whose folder exists, and if the file
+    is there, a fasterase checkpoint (any other file is never read as one, nor overwritten)."""
+    if not str(path).strip():
+        raise UserError("checkpoint is empty; name a file to checkpoint to (or leave the option unset)")
+    ckpt = Path(path).expanduser().resolve()
+    if ckpt.is_dir():
+        raise UserError(f"checkpoint {ckpt} is a folder; name a file in it, e.g. {ckpt / 'run.ckpt'}")
+    if not ckpt.parent.is_dir():
+        raise UserError(f"checkpoint {ckpt}: its folder {ckpt.parent} does not exist (or is not a folder); "
+                        "create it or name a file in an existing folder")
+    if ckpt.exists():
+        read_checkpoint(ckpt)
+    return ckpt
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint written by train(), loaded as plain tensors and containers (nothing is unpickled
+    that could run code); any other file is refused by name and left alone."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception:  # not a torch file, or one holding more than tensors and containers
+        state = None
+    if not isinstance(state, dict) or state.get("fasterase_checkpoint") != FORMAT:
+        raise UserError(f"checkpoint {path} exists and is not a fasterase training checkpoint; it is left as "
+                        "it is: name a new file (or one an earlier run of this command wrote)")
+    return state
+
+
 def grads_finite(params: list[torch.nn.Parameter]) -> bool:
     """Whether every gradient is finite, on every device (one reduction per device)."""
     flags: dict[torch.device, list[torch.Tensor]] = {}
@@ -77,15 +107,19 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     identity()) are saved there every `checkpoint_every` steps, when interrupted (KeyboardInterrupt)
     and, marked finished, at the end. A run finding one resumes from it if it is the same run (else
     UserError naming what differs); a finished one gives its values and result without training.
+    A path check_checkpoint refuses (a folder, a missing folder, a file that is not a checkpoint)
+    is a UserError before the first step.
     """
     if max_skipped_steps < 0:
         raise UserError(f"max_skipped_steps must be >= 0, got {max_skipped_steps}")
     start, skipped, loss_value = 0, 0, float("nan")
-    ckpt = Path(checkpoint) if checkpoint else None
+    ckpt = check_checkpoint(checkpoint) if checkpoint is not None else None
     this = {"run": run, "seed": seed, "steps": steps, "parameters": [tuple(p.shape) for p in params]}
     if ckpt and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = read_checkpoint(ckpt)
         differ = _differences({k: state.get(k) for k in this}, this)
+        named = {d.split(" ", 1)[0] for d in differ}
+        differ = [d for d in differ if f"run.config.{d.split(' ', 1)[0]}" not in named]  # seed, steps: once
         if differ:
             raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} differ from this "
                             "run's; use another checkpoint file, or delete this one to start afresh")
@@ -100,8 +134,9 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     def save(step: int, finished: bool = False) -> None:
         if ckpt:
             tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({**this, "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                        "step": step, "skipped_steps": skipped, "last_loss": loss_value, "finished": finished}, tmp)
+            torch.save({"fasterase_checkpoint": FORMAT, **this, "params": [p.detach().clone() for p in params],
+                        "optimizer": optimizer.state_dict(), "step": step, "skipped_steps": skipped,
+                        "last_loss": loss_value, "finished": finished}, tmp)
             os.replace(tmp, ckpt)
 
     done = start
