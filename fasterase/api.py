@@ -56,7 +56,15 @@ def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
 
     cs = as_concepts(concepts, default=toy_concepts.concept)
     toy_concepts.check_erasable(cs.names)
-    return as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names) if preserve is None else preserve)
+    if preserve is None:
+        return as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names))
+    kept = as_concepts(list(cs.concepts), preserve)
+    erased = {s for n in cs.names for s in toy_concepts.shapes_named(n)}
+    clash = [p for p in kept.preserve if erased & set(toy_concepts.shapes_named(p))]
+    if clash:
+        raise UserError(f"preserved concept(s) {clash} name a shape that is erased ({', '.join(sorted(erased))}); "
+                        "a concept cannot be both erased and preserved")
+    return kept
 
 
 def _token_limits(model: models.Denoiser) -> list[tuple[object, int, str]]:

@@ -68,6 +68,9 @@ def cmd_erase(args) -> int:
         ckpt = Path(checkpoint).expanduser().resolve()
         if ckpt == out or out in ckpt.parents:
             raise UserError(f"checkpoint {ckpt} is inside --out {out}, which the edit replaces; keep it elsewhere")
+        if out.parent == ckpt.parent and out.name.startswith(f"{ckpt.name}."):  # ANT's per-concept FILE.k
+            raise UserError(f"--out {out} could be one of the checkpoint files {ckpt}.N of a run with several "
+                            "concepts; name --out or the checkpoint differently")
     result = erase(args.model, args.concept, method=args.method, preserve=args.preserve, **settings)
     result.edit.save(out, overwrite=args.overwrite, pipeline=result.model if args.save_pipeline else None)
     r = result.report
@@ -88,7 +91,7 @@ def cmd_eval(args) -> int:
     if not args.model and not args.edit:
         raise UserError("give --model, --edit, or both")
     erased = [n for text in args.erased or () for n in split_names(text)]
-    if args.grid:
+    if args.grid is not None:
         check_grid_path(args.grid)  # before any model loads or image is drawn
     edit = Edit.load(args.edit) if args.edit else None
     name = args.model or edit.report.get("model")

@@ -313,9 +313,21 @@ class Edit:
                                                  adapter_name=self.adapter)
                 net.set_adapter(active + [self.adapter])  # loading activates only the new adapter
         except Exception:
-            self.remove(model)
+            self._take_off(net)
             raise
         setattr(net, APPLIED, getattr(net, APPLIED, []) + [self._record()])
+
+    def _holds_its_values(self, net: torch.nn.Module) -> bool:
+        """Whether the weights and entries this edit changed still hold the values it put there."""
+        for name, value in self.weights.items():
+            p = net.get_parameter(name)
+            if not torch.equal(p, value.to(p.device, p.dtype)):
+                return False
+        for name, (idx, values) in self.entries.items():
+            flat = net.get_parameter(name).view(-1)
+            if not torch.equal(flat[idx.long().to(flat.device)], values.to(flat.device, flat.dtype)):
+                return False
+        return True
 
     def _record(self) -> dict:
         """How applied_edits() names this edit on a network that carries it."""
@@ -331,6 +343,17 @@ class Edit:
             raise UserError("this Edit object did not apply the edit to this model (or removed it already), so it "
                             "holds no base values to put back; remove it with the Edit object that applied it, "
                             "or load the model afresh")
+        if self.lora and self.adapter not in getattr(net, "peft_config", {}):
+            raise UserError(f"this LoRA edit (adapter {self.adapter!r}) is not applied to this model; nothing to remove")
+        if net in self._undo and not self._holds_its_values(net):
+            later = [e for e in applied_edits(net) if e != self._record() and set(e["touched"]) & set(self.touched())]
+            named = "; ".join(f"{e['method']} of {', '.join(e['concepts'])}" for e in later) or "a change made since"
+            raise UserError(f"the weights this edit changed no longer hold its values ({named} changed them since); "
+                            "remove the later edit first")
+        self._take_off(net)
+
+    def _take_off(self, net: torch.nn.Module) -> None:
+        """Put back what apply() changed in `net` (also after an apply that failed half-way)."""
         weights, entries = self._undo.pop(net, ({}, {}))
         for name, value in weights.items():
             net.get_parameter(name).copy_(value)

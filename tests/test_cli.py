@@ -61,12 +61,31 @@ def one_line_error(code, err, *needles):
     (["eval", "--edit", "no/such/folder"], ["not a fasterase edit"]),
     (["eval", "--model", "toy-sd", "--repeats", "0"], ["repeats", ">= 1"]),
     (["frobnicate"], ["invalid choice"]),
+    (["eval", "--model", "toy-sd", "--grid", ""], ["must be a .png"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--preserve", "disk", "--method", "uce", "--out", "X"],
+     ["'disk'", "erased"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle,square", "--method", "ant", "--set", "checkpoint=ck",
+      "--out", "ck.0"], ["could be one of the checkpoint files"]),
 ])
 def test_user_errors(capsys, tmp_path, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)
     code, out, err = run(capsys, *argv)
     one_line_error(code, err, *needles)
     assert not (tmp_path / "X").exists()
+
+
+def test_every_checkpoint_file_of_several_concepts_is_checked_before_training(capsys, tmp_path, monkeypatch):
+    """ANT with several concepts checkpoints to FILE.k per concept: a stray FILE.1 was found only after
+    the first concept had trained."""
+    from fasterase.training import params
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ck.1").write_text("not a checkpoint")
+    monkeypatch.setattr(params, "add_lora", lambda *a, **k: pytest.fail("training started"))
+    code, _, err = run(capsys, "erase", "--model", "toy-sd", "--concept", "circle,square", "--method", "ant",
+                       "--set", "checkpoint=ck", "--out", "X")
+    one_line_error(code, err, "ck.1", "not a fasterase training checkpoint")
+    assert (tmp_path / "ck.1").read_text() == "not a checkpoint"
 
 
 def test_existing_out_is_refused(capsys, tmp_path):

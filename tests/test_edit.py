@@ -289,3 +289,27 @@ def test_a_fused_user_lora_is_refused_and_left_fused(tmp_path):
     layers = [m for m in pipe.unet.modules() if hasattr(m, "merged")]
     assert layers and all(m.merged for m in layers)
     assert same(state(pipe), before) and torch.equal(prediction(pipe), expected)
+
+
+def test_an_edit_under_a_later_one_is_not_removed():
+    """Two UCE edits of the same projections: removing the first while the second is on put the base
+    back under it and left the model with the first concept erased and no edit recorded."""
+    model = models.load("toy-sd")
+    base = state(model)
+    first = fasterase.erase(model, "circle", method="uce", progress=False).edit
+    second = fasterase.erase(model, "square", method="uce", progress=False).edit
+    both = state(model)
+    with pytest.raises(UserError, match="uce of square changed them since"):
+        first.remove(model)
+    assert same(state(model), both)
+    second.remove(model)
+    first.remove(model)
+    assert same(state(model), base)
+
+
+def test_a_lora_edit_not_applied_is_not_removed(tmp_path):
+    result = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
+    fresh = models.load("toy-sd")
+    with pytest.raises(UserError, match="not applied to this model"):
+        Edit.load(result.edit.save(tmp_path / "l")).remove(fresh)
+    assert same(state(fresh), state("toy-sd"))

@@ -273,3 +273,13 @@ def test_checkpoints_load_as_plain_tensors(tmp_path, optimizer):
     assert torch.load(ckpt, weights_only=True)["finished"]
     ws, o = make_two(optimizer)
     loop.train(loss_fn(ws[0]), ws, o, 3, seed=1, checkpoint=ckpt, progress=False, run=ident())
+
+
+def test_the_temporary_checkpoint_never_takes_a_users_file(tmp_path):
+    """The checkpoint was written to FILE.tmp first, replacing and then removing a file of that name."""
+    ckpt, precious = tmp_path / "run.ckpt", tmp_path / "run.ckpt.tmp"
+    precious.write_text("the user's")
+    w, o = make()
+    loop.train(loss_fn(w), [w], o, 4, seed=0, checkpoint=ckpt, checkpoint_every=2, progress=False)
+    assert precious.read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt", "run.ckpt.tmp"]

@@ -289,6 +289,9 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
     projections = _fusion_projections(model)
     modules = [p.name for p in projections]
     ranges.check_rank("ANT", cfg.rank, net, modules)  # before any work
+    for k in range(len(concepts)):  # every concept's checkpoint file, before the first trains
+        if cfg.checkpoint:
+            loop.check_checkpoint(f"{cfg.checkpoint}.{k}")
     base = fingerprint(net, [f"{m}.weight" for m in modules])
     deltas, stats = [], {}
     for k, concept in enumerate(concepts):

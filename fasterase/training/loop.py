@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -133,11 +134,16 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
 
     def save(step: int, finished: bool = False) -> None:
         if ckpt:
-            tmp = ckpt.with_name(ckpt.name + ".tmp")
-            torch.save({"fasterase_checkpoint": FORMAT, **this, "params": [p.detach().clone() for p in params],
-                        "optimizer": optimizer.state_dict(), "step": step, "skipped_steps": skipped,
-                        "last_loss": loss_value, "finished": finished}, tmp)
-            os.replace(tmp, ckpt)
+            fd, tmp = tempfile.mkstemp(prefix=f".{ckpt.name}.", dir=ckpt.parent)  # never a user's file
+            os.close(fd)
+            try:
+                torch.save({"fasterase_checkpoint": FORMAT, **this, "params": [p.detach().clone() for p in params],
+                            "optimizer": optimizer.state_dict(), "step": step, "skipped_steps": skipped,
+                            "last_loss": loss_value, "finished": finished}, tmp)
+                os.replace(tmp, ckpt)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
 
     done = start
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress, leave=False)
