@@ -232,6 +232,7 @@ def test_option_types(monkeypatch, method, options, needle):
 
 @pytest.mark.parametrize("model,concepts,method,options,needle", [
     ("toy-sd", "circle", "ant", {"rank": 8, "lam": 0.2}, "rank: one concept.*lam: one concept"),
+    ("toy-sd", "circle", "ant", {"saliency_prompts": 1000}, "saliency_prompts=1000: the concept has 30 augmented"),
     ("toy-sd", "circle", "ant", {"preserve_scale": 2.0}, "preserve_scale: one concept"),
     ("toy-sd", "circle", "ant", {"preserve": "star"}, "preserve: one concept"),
     ("toy-sd", "circle", "ant", {"saliency": False, "saliency_seeds": 2}, "saliency_seeds: saliency=False"),

@@ -118,6 +118,9 @@ def idle_options(cfg: ANTConfig, given: set[str], model: Denoiser, concepts: Con
         if not cfg.saliency:
             idle += [f"{k}: saliency=False trains the whole network, without M*"
                      for k in ("saliency_threshold", "saliency_prompts", "saliency_seeds") if k in given]
+        available = len(concepts.concepts[0].prompts(augment=True))
+        if "saliency_prompts" in given and cfg.saliency_prompts > available:
+            idle.append(f"saliency_prompts={cfg.saliency_prompts}: the concept has {available} augmented prompts")
     else:
         idle += [f"{k}: several concepts train one LoRA each, without a saliency map (one concept)"
                  for k in ("saliency", "saliency_threshold", "saliency_prompts", "saliency_seeds") if k in given]
