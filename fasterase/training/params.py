@@ -59,7 +59,7 @@ def lora_off(network: torch.nn.Module):
     off. Edits applied before stay on, so erasing on top of an edit keeps that edit in the teacher."""
     active = network.active_adapters()
     others = [a for a in active if a != ADAPTER]
-    grads = {p: p.requires_grad for p in network.parameters()}  # peft's set_adapter resets them
+    grads = {p: p.requires_grad for n, p in network.named_parameters() if ".lora_" in n}  # set_adapter resets them
     if others:
         network.set_adapter(others)
     else:
