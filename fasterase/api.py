@@ -49,7 +49,7 @@ def _is_toy(model: models.Denoiser) -> bool:
 
 def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
     """Concepts as given; in the toy world bare names get the world's templates, and the shapes
-    no erased concept names are preserved unless the caller says what to preserve."""
+    (or colours) no erased concept names are preserved unless the caller says what to preserve."""
     if not _is_toy(model):
         return as_concepts(concepts, preserve or ())
     from .toy import concepts as toy_concepts
@@ -59,11 +59,18 @@ def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
     if preserve is None:
         return as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names))
     kept = as_concepts(list(cs.concepts), preserve)
-    erased = {s for n in cs.names for s in toy_concepts.shapes_named(n)}
-    clash = [p for p in kept.preserve if erased & set(toy_concepts.shapes_named(p))]
-    if clash:
-        raise UserError(f"preserved concept(s) {clash} name a shape that is erased ({', '.join(sorted(erased))}); "
-                        "a concept cannot be both erased and preserved")
+    kind = toy_concepts.kind_of(cs.names[0])
+    other = [p for p in kept.preserve if toy_concepts.kind_of(p) != kind]
+    if other:
+        plural = {"shape": "shapes", "color": "colours"}[kind]
+        raise UserError(f"preserved concept(s) {other} are not {plural}, and this edit erases {plural}; preserve "
+                        f"other {plural} (by default every one not erased is preserved)")
+    if kind == "shape":
+        erased = {s for n in cs.names for s in toy_concepts.shapes_named(n)}
+        clash = [p for p in kept.preserve if erased & set(toy_concepts.shapes_named(p))]
+        if clash:
+            raise UserError(f"preserved concept(s) {clash} name a shape that is erased ({', '.join(sorted(erased))}); "
+                            "a concept cannot be both erased and preserved")
     return kept
 
 

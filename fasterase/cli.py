@@ -86,7 +86,7 @@ def cmd_eval(args) -> int:
     from .eval import check_grid_path, evaluate, format_table, sample_grid
     from .eval.evaluate import outside_toy
     from .toy import components
-    from .toy.concepts import shapes_named
+    from .toy.concepts import colors_named, shapes_named
 
     if not args.model and not args.edit:
         raise UserError("give --model, --edit, or both")
@@ -107,8 +107,8 @@ def cmd_eval(args) -> int:
     toy = components.is_toy(model.pipeline)
     if edit:
         edit.apply(model)
-        if toy and not erased:  # scored by the toy shapes its concepts name ("red circle": the circle)
-            erased = [c["name"] for c in edit.concepts if shapes_named(c["name"])]
+        if toy and not erased:  # scored by the toy shapes or colours its concepts name ("red circle": the circle)
+            erased = [c["name"] for c in edit.concepts if shapes_named(c["name"]) or colors_named(c["name"])]
     if toy or erased or not args.grid:  # evaluate refuses a model outside the toy world before any work
         repeats = 2 if args.repeats is None else args.repeats
         report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid)
@@ -147,10 +147,10 @@ def cmd_demo(args) -> int:
     prompts = [f"a {c} {s}" for s in shapes.SHAPES for c in shapes.COLORS]
     for name in args.models:
         model = models.load(name)
-        before = evaluate(model, seed=args.seed, erased=["circle"])
+        before = evaluate(model, seed=args.seed, erased=["circle"], repeats=1)
         before_images = model.generate(prompts, seed=args.seed)
         result = erase(model, "circle", method=args.method, progress=True)
-        after = evaluate(model, seed=args.seed, erased=["circle"])
+        after = evaluate(model, seed=args.seed, erased=["circle"], repeats=1)
         grid = save_grid(torch.cat([before_images, model.generate(prompts, seed=args.seed)]),
                          grids[name], columns=len(prompts))
         print(f"\n== {name}: erase 'circle' with {args.method} ({result.report['wall_time_s']:.1f} s) ==")
@@ -191,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--edit", help="a saved edit folder to apply first (the toy shapes its concepts name "
                                   "become --erased)")
     v.add_argument("--erased", action="append",
-                   help="erased concepts, scored by the toy shapes they name; commas separate several "
+                   help="erased concepts, scored by the toy shapes or colours they name; commas separate several "
                         "(\"circle, square\"), as does repeating the option")
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.add_argument("--grid", help="write a PNG grid of sample images here (alone: the only output for a model "

@@ -17,7 +17,6 @@ from collections import Counter
 import torch
 
 from fasterase import models
-from fasterase.eval.evaluate import prompt_set
 from fasterase.toy import detector, shapes
 
 
@@ -52,12 +51,12 @@ def main() -> None:
     if any(not 0.0 <= s <= 1.0 for s in splits) or args.repeats < 1 or args.steps < 1:
         p.error("t' must lie in [0, 1], --repeats and --steps must be >= 1")
     model, det = models.load(args.model), detector.load()
-    prompts = [q for q, _ in prompt_set(args.concept)] * args.repeats
-    print(f"| model | t' | {args.concept} rate ({len(prompts)} images, seed {args.seed}) | drawn instead |")
+    prompts = [shapes.caption(t, (args.concept, c)) for c in shapes.COLORS for t in shapes.TEMPLATES] * args.repeats
+    print(f"| model | t' | {args.concept} rate ({len(prompts)} images, seed {args.seed}) | shapes drawn besides |")
     print("|---|---|---|---|")
     for s in splits:
         images = reversed_guidance_sample(model, prompts, s, args.guidance, args.steps, args.seed)
-        seen = Counter(det.classify(images * 2 - 1)[0])
+        seen = Counter(s for found in det.classify(images * 2 - 1) for s in (found or ["none"]))
         rate = seen.pop(args.concept, 0) / len(prompts)
         other = ", ".join(f"{k} {v}" for k, v in seen.most_common())
         print(f"| {args.model} | {s:g} | {rate:.3f} | {other or '-'} |", flush=True)

@@ -1,6 +1,7 @@
 """Train the toy world: autoencoder, detector, toy-sd and toy-flux.
 
-    python scripts/train_toy.py vae        # then detector, then sd and flux (these two may run at once)
+    python scripts/train_toy.py all        # every stage in order; sd and flux side by side
+    python scripts/train_toy.py vae        # or one stage: vae, then detector, then sd and flux
     python scripts/train_toy.py sd --threads 1 --steps 8000
 
 Each stage is deterministic for --seed: the data and noise of step k come from (seed, stage, k),
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from fasterase.toy import detector as D
 from fasterase.toy import shapes as S
 
 STAGES = ("vae", "detector", "sd", "flux")
-DEFAULT_STEPS = {"vae": 2000, "detector": 500, "sd": 5000, "flux": 5000}
+DEFAULT_STEPS = {"vae": 2000, "detector": 1500, "sd": 7000, "flux": 7000}
 BATCH = {"vae": 32, "detector": 128, "sd": 32, "flux": 32}
 
 
@@ -137,21 +140,34 @@ def train_vae(args) -> None:
 
 
 def detector_batch(n: int, rng: np.random.Generator, g: torch.Generator, vae, scale: float):
-    """Ground truth (half), VAE reconstructions (a quarter), and 'none' images (the rest)."""
-    images, _, s_idx, c_idx = S.sample(n, rng, p_no_shape=0.0)
+    """Ground truth (half), autoencoder reconstructions (a quarter), and images with no shape (the
+    rest: empty backgrounds and decoded noise). Targets: presence (N, 5), colour index (N, 5; -1 absent)."""
+    images, _, scenes = S.sample(n, rng, p_empty=0.0, p_no_shape=0.0)
     x = to_tensor(images)
+    present, color = (torch.from_numpy(a) for a in S.labels(scenes))
     n_rec, n_none = n // 4, n // 4
     with torch.no_grad():
         x[:n_rec] = vae.decode(encode(vae, scale, images[:n_rec]) / scale).sample.clamp(-1, 1)
-        blank = to_tensor(S.render([None] * (n_none // 2), [None] * (n_none // 2), rng))
-        garbage = vae.decode(torch.randn(n_none - n_none // 2, 4, 8, 8, generator=g) / scale).sample
+        blank = to_tensor(S.render([[]] * (n_none // 2), rng))
+        latent = (4, S.HEIGHT // 4, S.WIDTH // 4)
+        garbage = vae.decode(torch.randn(n_none - n_none // 2, *latent, generator=g) / scale).sample
         x[n - n_none:] = torch.cat([blank, garbage.clamp(-1, 1)])
-    shape = torch.from_numpy(s_idx).long()
-    shape[n - n_none:] = D.NONE
-    color = torch.from_numpy(c_idx).long()
-    color[n - n_none:] = -100  # no colour to learn for 'none'
+    present[n - n_none:] = 0.0
+    color[n - n_none:] = -1
     x = x + 0.03 * torch.rand(n, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
-    return x, shape, color
+    return x, present, color
+
+
+def detector_loss(det, x, present, color) -> torch.Tensor:
+    p_logits, c_logits = det(x)
+    return (F.binary_cross_entropy_with_logits(p_logits, present)
+            + F.cross_entropy(c_logits.flatten(0, 1), color.flatten(), ignore_index=-1))
+
+
+def exact_accuracy(det, images: torch.Tensor, scenes) -> float:
+    """Share of images whose every shape (present or not) and every present shape's colour is right."""
+    truth = [dict(sc) for sc in scenes]
+    return float(np.mean([p == t for p, t in zip(det.classify(images), truth)]))
 
 
 def train_detector(args) -> None:
@@ -161,9 +177,7 @@ def train_detector(args) -> None:
     bar = tqdm(range(run.step, args.steps), initial=run.step, total=args.steps, desc="detector")
     for step in bar:
         rng, g = rng_for(args.seed, "detector", step)
-        x, shape, color = detector_batch(BATCH["detector"], rng, g, vae, scale)
-        s_logits, c_logits = det(x)
-        loss = F.cross_entropy(s_logits, shape) + F.cross_entropy(c_logits, color, ignore_index=-100)
+        loss = detector_loss(det, *detector_batch(BATCH["detector"], rng, g, vae, scale))
         run.update(loss, warmup=100)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.save_every == 0:
@@ -171,16 +185,15 @@ def train_detector(args) -> None:
     run.save()
     det.eval()
     rng, g = rng_for(args.seed, "detector", 10**6)  # held out: never a training step
-    images, _, s_idx, c_idx = S.sample(2000, rng, p_no_shape=0.0)
-    with torch.no_grad():
-        s_logits, c_logits = det(to_tensor(images))
-        recon = vae.decode(encode(vae, scale, images[:500]) / scale).sample.clamp(-1, 1)
-        s_rec, _ = det(recon)
-    run.log({
-        "heldout_shape_acc": (s_logits.argmax(1).numpy() == s_idx).mean().item(),
-        "heldout_color_acc": (c_logits.argmax(1).numpy() == c_idx).mean().item(),
-        "recon_shape_acc": (s_rec.argmax(1).numpy() == s_idx[:500]).mean().item(),
-    })
+    record = {}
+    for name, p_scene in (("single", 0.0), ("scene", 1.0)):
+        images, _, scenes = S.sample(2000, rng, p_empty=0.0, p_no_shape=0.0, p_scene=p_scene)
+        with torch.no_grad():
+            recon = vae.decode(encode(vae, scale, images[:500]) / scale).sample.clamp(-1, 1)
+        record[f"heldout_{name}_acc"] = exact_accuracy(det, to_tensor(images), scenes)
+        record[f"recon_{name}_acc"] = exact_accuracy(det, recon, scenes[:500])
+    record["blank_acc"] = exact_accuracy(det, to_tensor(S.render([[]] * 200, rng)), [[]] * 200)
+    run.log(record)
     C.save_weights(det, "detector", args.out)
 
 
@@ -189,10 +202,15 @@ def tokens(tok, captions: list[str]) -> torch.Tensor:
                return_tensors="pt").input_ids
 
 
-def eval_prompts() -> list[tuple[str, str, str]]:
-    """(prompt, shape, colour) for the learning curve: every shape x colour, and synonyms."""
-    out = [(f"a {c} {s}", s, c) for s in S.SHAPES for c in S.COLORS]
-    out += [(f"a {c} {w}", s, c) for s, ws in S.SYNONYMS.items() for w in ws for c in S.COLORS]
+def eval_prompts() -> list[tuple[str, list[tuple[str, str]]]]:
+    """(prompt, objects named) for the learning curve: every shape x colour, the synonyms, and one
+    scene per ordered pair of shapes (colours cycling)."""
+    out = [(f"a {c} {s}", [(s, c)]) for s in S.SHAPES for c in S.COLORS]
+    out += [(f"a {c} {w}", [(s, c)]) for s, ws in S.SYNONYMS.items() for w in ws for c in S.COLORS]
+    pairs = [(a, b) for a in S.SHAPES for b in S.SHAPES if a != b]
+    for k, (a, b) in enumerate(pairs):
+        ca, cb = S.COLORS[k % len(S.COLORS)], S.COLORS[(k // len(S.COLORS) + k + 1) % len(S.COLORS)]
+        out.append((f"a {ca} {a} and a {cb} {b}", [(a, ca), (b, cb)]))
     return out
 
 
@@ -200,14 +218,17 @@ def eval_prompts() -> list[tuple[str, str, str]]:
 def score(pipe, kind: str, det, seed: int) -> dict:
     items = eval_prompts() * 2
     g = torch.Generator().manual_seed(seed)
-    images = pipe([p for p, _, _ in items], generator=g, output_type="pt", **C.SAMPLE_KWARGS[kind]).images
-    shapes_, colors_ = det.classify(images * 2 - 1)
-    plain = [i for i, (p, s, _) in enumerate(items) if s in p]
-    syn = [i for i, (p, s, _) in enumerate(items) if s not in p]
+    images = pipe([p for p, _ in items], generator=g, output_type="pt", **C.SAMPLE_KWARGS[kind]).images
+    found = det.classify(images * 2 - 1)
+    single = [i for i, (_, objs) in enumerate(items) if len(objs) == 1]
+    plain = [i for i in single if items[i][1][0][0] in items[i][0]]
+    syn = [i for i in single if i not in plain]
+    scene = [i for i, (_, objs) in enumerate(items) if len(objs) == 2]
     return {
-        "shape_acc": float(np.mean([shapes_[i] == items[i][1] for i in plain])),
-        "synonym_acc": float(np.mean([shapes_[i] == items[i][1] for i in syn])),
-        "color_acc": float(np.mean([colors_[i] == items[i][2] for i in range(len(items))])),
+        "shape_acc": float(np.mean([items[i][1][0][0] in found[i] for i in plain])),
+        "synonym_acc": float(np.mean([items[i][1][0][0] in found[i] for i in syn])),
+        "color_acc": float(np.mean([found[i].get(items[i][1][0][0]) == items[i][1][0][1] for i in single])),
+        "scene_both": float(np.mean([all(s in found[i] for s, _ in items[i][1]) for i in scene])),
     }
 
 
@@ -231,14 +252,15 @@ def train_denoiser(args, kind: str) -> None:
         pipe = C.FluxPipeline(scheduler=C.flux_scheduler(), vae=vae, text_encoder=ema["text_encoder"],
                               tokenizer=tok, text_encoder_2=ema["text_encoder_2"], tokenizer_2=tok,
                               transformer=ema["transformer"])
-        img_ids = FluxPipeline._prepare_latent_image_ids(1, 4, 4, "cpu", torch.float32)
+        lat_h, lat_w = S.HEIGHT // 4, S.WIDTH // 4
+        img_ids = FluxPipeline._prepare_latent_image_ids(1, lat_h // 2, lat_w // 2, "cpu", torch.float32)
         txt_ids = torch.zeros(C.MAX_TOKENS, 3)
     pipe.set_progress_bar_config(disable=True)
     bar = tqdm(range(run.step, args.steps), initial=run.step, total=args.steps, desc=kind)
     t0 = time.time()
     for step in bar:
         rng, g = rng_for(args.seed, kind, step)
-        images, caps, _, _ = S.sample(BATCH[kind], rng)
+        images, caps, _ = S.sample(BATCH[kind], rng)
         z = encode(vae, scale, images)
         ids = tokens(tok, caps)
         noise = torch.randn(z.shape, generator=g)
@@ -250,8 +272,8 @@ def train_denoiser(args, kind: str) -> None:
         else:
             sigma = torch.sigmoid(torch.randn(len(z), generator=g))
             s = sigma[:, None, None, None]
-            x_t = FluxPipeline._pack_latents((1 - s) * z + s * noise, len(z), 4, 8, 8)
-            target = FluxPipeline._pack_latents(noise - z, len(z), 4, 8, 8)
+            x_t = FluxPipeline._pack_latents((1 - s) * z + s * noise, len(z), 4, lat_h, lat_w)
+            target = FluxPipeline._pack_latents(noise - z, len(z), 4, lat_h, lat_w)
             pooled = modules["text_encoder"](ids).pooler_output
             t5 = modules["text_encoder_2"](ids)[0]
             pred = modules["transformer"](hidden_states=x_t, timestep=sigma, pooled_projections=pooled,
@@ -273,9 +295,29 @@ def train_denoiser(args, kind: str) -> None:
         C.save_weights(m, names[k], args.out)
 
 
+def train_all(args) -> None:
+    """Every stage (at its default steps, or --steps each), each resuming from its own checkpoint: the
+    autoencoder and the detector with --threads, then toy-sd and toy-flux side by side with one thread each."""
+    t0 = time.time()
+    common = [*([f"--steps={args.steps}"] if args.steps else []), f"--seed={args.seed}", f"--work={args.work}", f"--out={args.out}", f"--save-every={args.save_every}",
+              f"--eval-every={args.eval_every}"]
+
+    def stage(name, threads):
+        return subprocess.Popen([sys.executable, __file__, name, f"--threads={threads}", *common])
+
+    for name in ("vae", "detector"):
+        if stage(name, args.threads).wait():
+            raise SystemExit(f"stage {name} failed")
+    runs = {name: stage(name, 1) for name in ("sd", "flux")}
+    failed = [name for name, proc in runs.items() if proc.wait()]
+    if failed:
+        raise SystemExit(f"stage(s) {failed} failed")
+    print(f"all stages done in {(time.time() - t0) / 60:.1f} min")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=STAGES + ("all",))
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -284,6 +326,8 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=1000)
     args = p.parse_args()
+    if args.stage == "all":
+        return train_all(args)
     args.steps = args.steps or DEFAULT_STEPS[args.stage]
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)

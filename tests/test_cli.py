@@ -28,11 +28,11 @@ def one_line_error(code, err, *needles):
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "nope", "--out", "X"], ["unknown method", "uce"]),
     (["erase", "--model", "toy-nope", "--concept", "circle", "--method", "uce", "--out", "X"], ["toy-sd"]),
     (["erase", "--model", "toy-sd", "--concept", "", "--method", "uce", "--out", "X"], ["empty"]),
-    (["erase", "--model", "toy-sd", "--concept", "zebra", "--method", "uce", "--out", "X"], ["name no toy shape"]),
+    (["erase", "--model", "toy-sd", "--concept", "zebra", "--method", "uce", "--out", "X"], ["name no toy shape or colour"]),
     (["erase", "--model", "toy-sd", "--concept", "circle xyzzy", "--method", "uce", "--out", "X"],
      ["'xyzzy' tokenize to nothing"]),
-    (["erase", "--model", "toy-sd", "--concept", "red", "--method", "uce", "--out", "X"],
-     ["name no toy shape", "circle, square"]),
+    (["erase", "--model", "toy-sd", "--concept", "red", "--concept", "star", "--method", "uce", "--out", "X"],
+     ["mix shapes and colours", "separate edits"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--preserve", "red circle", "--method", "uce", "--out",
       "X"], ["both erased and preserved", "red circle"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "seed=-1", "--out", "X"],
@@ -56,7 +56,7 @@ def one_line_error(code, err, *needles):
      ["unknown option", "lam"]),
     (["erase", "--model", "toy-sd", "--method", "uce", "--out", "X"], ["--concept"]),
     (["eval"], ["--model"]),
-    (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "names no toy shape", "circle"]),
+    (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "name no toy shape or colour", "circle"]),
     (["eval", "--model", "toy-sd", "--erased", "circle,"], ["empty"]),
     (["eval", "--edit", "no/such/folder"], ["not a fasterase edit"]),
     (["eval", "--model", "toy-sd", "--repeats", "0"], ["repeats", ">= 1"]),
@@ -101,11 +101,12 @@ def test_erase_then_eval_edit(capsys, tmp_path):
                             "--set", "lam=0.5", "--out", str(out))
     assert code == 0, err
     assert "edit saved" in stdout and (out / "edit.safetensors").is_file()
-    code, stdout, err = run(capsys, "eval", "--edit", str(out), "--json")
+    code, stdout, err = run(capsys, "eval", "--edit", str(out), "--json", "--repeats", "1")
     assert code == 0, err
     report = json.loads(stdout)
     assert report["model"] == "toy-flux" and report["erased"] == ["circle"]
-    assert {"acc_e", "acc_g", "acc_s", "H", "concepts"} <= set(report)
+    assert {"acc_e", "acc_e_heldout", "acc_g", "acc_s", "H", "color_s", "acc_e_scene", "acc_s_scene", "scenes",
+            "concepts"} <= set(report) and "acc_e_pair" not in report
     code, _, err = run(capsys, "erase", "--model", "toy-flux", "--concept", "circle", "--method", "uce",
                        "--out", str(out), "--overwrite", "--save-pipeline")
     assert code == 0, err

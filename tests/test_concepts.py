@@ -4,6 +4,7 @@ import pytest
 from fasterase.concepts import Concept, ConceptSet, as_concepts
 from fasterase.errors import UserError
 from fasterase.toy import concepts as toy_concepts
+from fasterase.toy import shapes
 
 
 def test_prompts_and_augmentation():
@@ -89,7 +90,21 @@ def test_a_preserved_concept_never_holds_an_erased_one():
     assert as_concepts("red circle", "blue square").preserve == ("blue square",)
 
 
-def test_the_toy_world_erases_its_shapes():
+def test_the_toy_world_erases_its_shapes_or_its_colours():
     toy_concepts.check_erasable(["circle", "red circle", "disk", "box"])
-    with pytest.raises(UserError, match=r"\['red', 'small'\] name no toy shape.*circle, square"):
-        toy_concepts.check_erasable(["red", "circle", "small"])
+    toy_concepts.check_erasable(["red", "blue"])
+    with pytest.raises(UserError, match=r"\['small', 'red green'\] name no toy shape or colour.*circle, square.*red"):
+        toy_concepts.check_erasable(["red", "circle", "small", "red green"])
+    with pytest.raises(UserError, match="mix shapes and colours"):
+        toy_concepts.check_erasable(["red", "circle"])
+
+
+def test_a_toy_colour_is_a_style_concept():
+    c = toy_concepts.concept("red")
+    assert c.type == "style" and not c.synonyms and not c.attributes
+    assert "a photo of a red star" in c.prompts() and "a photo of a star" in c.anchor_prompts()
+    assert len(c.prompts()) == len(shapes.TEMPLATES) * len(shapes.SHAPES)
+    assert toy_concepts.concept("circle").type == "object"
+    assert toy_concepts.preserve_for(["red", "blue"]) == ["green", "yellow"]
+    assert toy_concepts.kind_of("red circle") == "shape" and toy_concepts.kind_of("red") == "color"
+    assert toy_concepts.kind_of("red green") is None and toy_concepts.kind_of("small") is None

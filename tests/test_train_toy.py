@@ -1,10 +1,8 @@
 """Smoke test of scripts/train_toy.py: every stage runs, and a resumed run is the same run."""
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from fasterase.toy.components import WEIGHTS
 
@@ -25,12 +23,11 @@ def test_vae_stage_is_deterministic_and_resumable(tmp_path):
     assert (tmp_path / "o1" / "vae.safetensors").read_bytes() == (tmp_path / "o2" / "vae.safetensors").read_bytes()
 
 
-@pytest.mark.parametrize("stage", ["detector", "sd", "flux"])
-def test_later_stages_run(tmp_path, stage):
+def test_all_stages_run_in_order(tmp_path):
+    """`all` trains every stage from scratch (here 2 steps each) into --out, with learning curves."""
     out = tmp_path / "out"
-    out.mkdir()
-    for name in ("vae", "detector"):  # the stages' inputs: the shipped autoencoder and detector
-        shutil.copy(WEIGHTS / f"{name}.safetensors", out)
-    train(stage, "--steps", "2", "--eval-every", "2", "--work", str(tmp_path / "w"), "--out", str(out))
-    curve = (tmp_path / "w" / f"{stage}_curve.jsonl").read_text()
-    assert ('"shape_acc"' if stage != "detector" else '"heldout_shape_acc"') in curve
+    train("all", "--steps", "2", "--eval-every", "2", "--work", str(tmp_path / "w"), "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in WEIGHTS.glob("*.safetensors"))
+    assert '"heldout_scene_acc"' in (tmp_path / "w" / "detector_curve.jsonl").read_text()
+    for stage in ("sd", "flux"):
+        assert '"scene_both"' in (tmp_path / "w" / f"{stage}_curve.jsonl").read_text()

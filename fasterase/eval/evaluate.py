@@ -8,30 +8,41 @@ from __future__ import annotations
 from ..errors import UserError
 from ..models import Denoiser
 from ..toy import components
+from ..toy import concepts as toy_concepts
 from ..toy import detector as toy_detector
 from ..toy import shapes
-from ..toy.concepts import shapes_named
 from .grid import check_grid_path, save_grid
-from .metrics import erasure_metrics
+from .metrics import Item, concept_accuracies, erasure_metrics, scene_metrics
 
-TEMPLATES = shapes.COLOR_TEMPLATES[:4]
-ROW = len(shapes.COLORS) * len(TEMPLATES)  # grid columns: one row per shape or synonym
-# Pixels generated in one pipeline call: 256 toy images (32x32), 4 at 512x512, 1 at 1024x1024.
+COLUMNS = 8  # grid columns: a shape's plain prompts fill two rows
+# Pixels generated in one pipeline call: 256 toy images (32x48), 4 at 512x512, 1 at 1024x1024.
 BATCH_PIXELS = 2**20
 
 
-def prompt_set(shape_word: str) -> list[tuple[str, str]]:
-    """(prompt, colour) for every colour x the first four colour templates."""
-    return [(t.format(color=c, shape=shape_word), c) for c in shapes.COLORS for t in TEMPLATES]
+def _scene_colors(pair_index: int) -> list[tuple[str, str]]:
+    """Four (left, right) colour pairs for one ordered pair of shapes; over the 20 pairs every one
+    of the 16 colour pairs comes up five times."""
+    n = len(shapes.COLORS)
+    return [(shapes.COLORS[j], shapes.COLORS[(j + 1 + pair_index) % n]) for j in range(n)]
 
 
-def _items() -> list[tuple[str, str, str, bool]]:
-    """(prompt, shape, colour, is_synonym) for every shape and synonym: one sample each."""
+def _items() -> list[tuple[str, tuple[tuple[str, str], ...], str]]:
+    """(prompt, objects named, kind) for every evaluation prompt, in grid order: each shape in each
+    colour with the method templates, its synonyms likewise, each shape with the held-out templates,
+    and every ordered pair of shapes in four colour pairs with every scene template."""
     items = []
     for s in shapes.SHAPES:
-        items += [(p, s, c, False) for p, c in prompt_set(s)]
-        for w in shapes.SYNONYMS.get(s, ()):
-            items += [(p, s, c, True) for p, c in prompt_set(w)]
+        items += [(shapes.caption(t, (s, c)), ((s, c),), "plain") for c in shapes.COLORS for t in shapes.TEMPLATES]
+    for s, words in shapes.SYNONYMS.items():
+        items += [(shapes.caption(t, (w, c)), ((s, c),), "synonym")
+                  for w in words for c in shapes.COLORS for t in shapes.TEMPLATES]
+    for s in shapes.SHAPES:
+        items += [(shapes.caption(t, (s, c)), ((s, c),), "heldout")
+                  for c in shapes.COLORS for t in shapes.HELDOUT_TEMPLATES]
+    pairs = [(a, b) for a in shapes.SHAPES for b in shapes.SHAPES if a != b]
+    for k, (a, b) in enumerate(pairs):
+        items += [(shapes.caption(t, (a, ca), (b, cb)), ((a, ca), (b, cb)), "scene")
+                  for ca, cb in _scene_colors(k) for t in shapes.SCENE_TEMPLATES]
     return items
 
 
@@ -41,15 +52,13 @@ def _batch_size(model: Denoiser) -> int:
     return max(1, min(256, BATCH_PIXELS // (side * side)))
 
 
-def erased_shapes(erased: list[str]) -> list[str]:
-    """The toy shapes erased concepts name ("red circle" and "disk" name the circle), each once."""
+def erased_concepts(erased: list[str]) -> list[str]:
+    """The toy shapes or colours erased concepts name ("red circle" and "disk" name the circle,
+    "red" the colour red), each once; all of one kind."""
+    toy_concepts.check_erasable(erased)
     out = []
     for name in erased:
-        named = shapes_named(name)
-        if not named:
-            raise UserError(f"erased concept {name!r} names no toy shape, and the detector scores shapes: "
-                            f"name one of {', '.join(shapes.SHAPES)} (or a synonym: "
-                            f"{', '.join(w for ws in shapes.SYNONYMS.values() for w in ws)})")
+        named = toy_concepts.shapes_named(name) or toy_concepts.colors_named(name)
         out += [s for s in named if s not in out]
     return out
 
@@ -63,58 +72,64 @@ def outside_toy(name: str) -> UserError:
 
 def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: int = 2,
              grid: str | None = None) -> dict:
-    """Per-shape accuracy on its prompts, its synonym prompts, and colour accuracy; with
-    `erased` (concepts, scored by the toy shapes they name), also Acc_e, Acc_g, Acc_s, H and Col_s
-    (colour accuracy of the other shapes: an edit can keep their shape and still lose their colour).
-    Each prompt is sampled `repeats` times."""
+    """Score a toy model with the detector (see metrics.py for every key): per shape and colour its
+    accuracy on method templates, held-out templates and synonyms; `scenes`; and with `erased`
+    (concepts, scored by the shapes or colours they name) Acc_e, Acc_g, Acc_s, H, Col_s and the
+    held-out and scene numbers. Each prompt is sampled `repeats` times, images seeded from `seed`.
+
+    Raises UserError for a model outside the toy world, repeats < 1, a bad grid path or an erased
+    concept that names no toy shape or colour."""
     if not components.is_toy(model.pipeline):
         raise outside_toy(model.name or model.kind)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise UserError(f"repeats (samples per prompt) must be an integer >= 1, got {repeats!r}")
     if grid:
         check_grid_path(grid)  # before any image is drawn
-    erased = erased_shapes(list(erased))
-    items = _items() * repeats
-    images = model.generate([p for p, *_ in items], seed=seed, batch_size=_batch_size(model))
-    det = toy_detector.load()
-    pred_shape, pred_color = det.classify(images * 2 - 1)
-    per = {}
-    for s in shapes.SHAPES:
-        plain = [i for i, it in enumerate(items) if it[1] == s and not it[3]]
-        syn = [i for i, it in enumerate(items) if it[1] == s and it[3]]
-        per[s] = {
-            "acc": sum(pred_shape[i] == s for i in plain) / len(plain),
-            "acc_synonyms": sum(pred_shape[i] == s for i in syn) / len(syn) if syn else None,
-            "acc_color": sum(pred_color[i] == items[i][2] for i in plain) / len(plain),
-        }
+    erased = erased_concepts(list(erased)) if erased else []
+    prompts = _items() * repeats
+    images = model.generate([p for p, *_ in prompts], seed=seed, batch_size=_batch_size(model))
+    found = toy_detector.load().classify(images * 2 - 1)
+    items = [Item(objects, kind, f) for (_, objects, kind), f in zip(prompts, found)]
     report = {"model": model.name or model.kind, "images": len(items), "seed": seed, "repeats": repeats,
-              "concepts": per}
+              "concepts": concept_accuracies(items, list(shapes.SHAPES) + list(shapes.COLORS)),
+              "scenes": scene_metrics(items)}
     if erased:
-        report.update(erasure_metrics(per, erased))
-    if grid:  # first repeat: colour x template
-        save_grid(images[: len(items) // repeats], grid, columns=ROW)
+        report.update(erasure_metrics(report["concepts"], erased))
+        scenes = scene_metrics(items, erased)
+        report["scenes"] = {"acc_both": scenes.pop("acc_both")}
+        report.update(scenes)
+    if grid:  # first repeat, in _items' order
+        save_grid(images[: len(items) // repeats], grid, columns=COLUMNS)
         report["grid"] = str(grid)
     return report
 
 
 def sample_grid(model: Denoiser, path, seed: int = 0) -> dict:
-    """Every evaluation prompt once, as a PNG grid (one row per shape or synonym), for a model of
-    any world: no scores. Batches shrink with the image size."""
+    """Every single-object prompt of the method templates (and synonyms) once, as a PNG grid (two
+    rows per shape or synonym), for a model of any world: no scores. Batches shrink with the image size."""
     check_grid_path(path)  # before any image is drawn
-    prompts = [p for p, *_ in _items()]
-    save_grid(model.generate(prompts, seed=seed, batch_size=_batch_size(model)), path, columns=ROW)
+    prompts = [p for p, _, kind in _items() if kind in ("plain", "synonym")]
+    save_grid(model.generate(prompts, seed=seed, batch_size=_batch_size(model)), path, columns=COLUMNS)
     return {"model": model.name or model.kind, "images": len(prompts), "seed": seed, "grid": str(path)}
 
 
 def format_table(report: dict) -> str:
     """A readable table of one evaluation report."""
+    def num(v):
+        return "-" if v is None else f"{v:.3f}"
+
     lines = [f"model {report['model']}  ({report['images']} images, seed {report['seed']})",
-             f"{'concept':<10} {'acc':>6} {'synonyms':>9} {'colour':>7}"]
+             f"{'concept':<10} {'acc':>6} {'held-out':>9} {'synonyms':>9} {'colour':>7}"]
     for name, r in report["concepts"].items():
-        syn = "-" if r["acc_synonyms"] is None else f"{r['acc_synonyms']:.3f}"
         mark = " (erased)" if name in report.get("erased", ()) else ""
-        lines.append(f"{name:<10} {r['acc']:>6.3f} {syn:>9} {r['acc_color']:>7.3f}{mark}")
+        lines.append(f"{name:<10} {num(r['acc']):>6} {num(r['acc_heldout']):>9} {num(r['acc_synonyms']):>9} "
+                     f"{num(r.get('acc_color')):>7}{mark}")
+    lines.append(f"scenes: both shapes {num(report['scenes']['acc_both'])}")
     if "acc_e" in report:
-        g, s, c = ("-" if report[k] is None else f"{report[k]:.3f}" for k in ("acc_g", "acc_s", "color_s"))
-        lines.append(f"Acc_e {report['acc_e']:.3f}  Acc_g {g}  Acc_s {s}  H {report['H']:.3f}  Col_s {c}")
+        lines.append(f"Acc_e {num(report['acc_e'])}  held-out {num(report['acc_e_heldout'])}  "
+                     f"Acc_g {num(report['acc_g'])}  Acc_s {num(report['acc_s'])}  H {num(report['H'])}  "
+                     f"Col_s {num(report['color_s'])}")
+        pair = f"  erased pair {num(report['acc_e_pair'])}" if "acc_e_pair" in report else ""
+        lines.append(f"scenes with an erased concept: it shows {num(report['acc_e_scene'])}, "
+                     f"the other shape {num(report['acc_s_scene'])}{pair}")
     return "\n".join(lines)

@@ -133,6 +133,8 @@ def _wrap(pipeline, owner: Builtin | None = None) -> Denoiser:
     owner = owner or next((b for b in BUILTINS.values() if b.owns(pipeline)), None)
     if owner:
         den.sample_kwargs = dict(owner.sample_kwargs)
+        if "height" in owner.sample_kwargs:
+            den.set_size(owner.sample_kwargs["height"], owner.sample_kwargs["width"])
     return den
 
 

@@ -57,6 +57,12 @@ class Denoiser(ABC):
         self.sample_kwargs: dict = {}
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
+    def set_size(self, height: int, width: int) -> None:
+        """The image size (px) of training noise, rollouts and generate(): the model's default, or
+        what the registered name samples at (the toy world's 32x48)."""
+        self.height, self.width = height, width
+        self.sample_kwargs.update(height=height, width=width)
+
     # --- conditioning -------------------------------------------------------------------------
     @property
     @abstractmethod

@@ -14,19 +14,21 @@ from .base import Cond, Denoiser, KVProjection
 class FluxDenoiser(Denoiser):
     kind = "flux"
 
-    def __init__(self, pipeline, height: int | None = None, width: int | None = None):
+    def __init__(self, pipeline):
         super().__init__(pipeline)
-        size = pipeline.vae.config.sample_size
-        self.height, self.width = height or size, width or size
-        scale = pipeline.vae_scale_factor
-        # latent grid before packing (2x2 patches per token)
-        self.lat_h, self.lat_w = 2 * (self.height // (scale * 2)), 2 * (self.width // (scale * 2))
         self.channels = self.network.config.in_channels // 4
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, self.lat_h // 2, self.lat_w // 2, "cpu",
-                                                              torch.float32)
         self.max_sequence_length = min(512, pipeline.tokenizer_2.model_max_length)
         self.guidance_embeds = bool(self.network.config.guidance_embeds)
-        self.sample_kwargs = {"height": self.height, "width": self.width}  # FLUX.1 defaults to 1024 px
+        size = pipeline.vae.config.sample_size  # FLUX.1 defaults to 1024 px
+        self.set_size(size, size)
+
+    def set_size(self, height, width):
+        super().set_size(height, width)
+        scale = self.pipeline.vae_scale_factor
+        # latent grid before packing (2x2 patches per token)
+        self.lat_h, self.lat_w = 2 * (height // (scale * 2)), 2 * (width // (scale * 2))
+        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, self.lat_h // 2, self.lat_w // 2, "cpu",
+                                                              torch.float32)
 
     @property
     def network(self):

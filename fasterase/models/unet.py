@@ -18,6 +18,8 @@ class UNetDenoiser(Denoiser):
         self.prediction_type = cfg.get("prediction_type", "epsilon")  # models.load refuses the others
         # alphas_cumprod of the training schedule, whichever scheduler the pipeline carries
         self.alphas_cumprod = self.sampler(1).alphas_cumprod.float()
+        side = self.network.config.sample_size * pipeline.vae_scale_factor  # the pipeline's default (SD1.5: 512)
+        self.set_size(side, side)
 
     @property
     def network(self):
@@ -36,8 +38,9 @@ class UNetDenoiser(Denoiser):
         return unet(x.to(unet.dtype), self.timestep(tau).to(x.device), cond.embeds.to(unet.dtype)).sample.float()
 
     def noise(self, batch, generator=None):
-        c, s = self.network.config.in_channels, self.network.config.sample_size
-        return torch.randn(batch, c, s, s, generator=generator).to(self.network.device)
+        f = self.pipeline.vae_scale_factor
+        shape = (batch, self.network.config.in_channels, self.height // f, self.width // f)
+        return torch.randn(shape, generator=generator).to(self.network.device)
 
     def add_noise(self, x0, noise, tau):
         a = self.alphas_cumprod.to(x0.device)[self.timestep(tau)].view(-1, *[1] * (x0.dim() - 1))

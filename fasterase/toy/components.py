@@ -26,12 +26,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast,
 from . import shapes
 
 WEIGHTS = Path(__file__).parent / "weights"
-MAX_TOKENS = 16  # longest caption is 10 tokens with <s> and </s>
+MAX_TOKENS = 16  # longest caption is 12 tokens with <s> and </s>
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 # Inference settings the toy pipelines were trained for (FLUX.1 likewise needs its own).
 SAMPLE_KWARGS = {
-    "toy-sd": {"height": 32, "width": 32, "num_inference_steps": 20, "guidance_scale": 3.0},
-    "toy-flux": {"height": 32, "width": 32, "num_inference_steps": 20, "true_cfg_scale": 3.0,
+    "toy-sd": {"height": shapes.HEIGHT, "width": shapes.WIDTH, "num_inference_steps": 20, "guidance_scale": 3.0},
+    "toy-flux": {"height": shapes.HEIGHT, "width": shapes.WIDTH, "num_inference_steps": 20, "true_cfg_scale": 3.0,
                  "negative_prompt": "", "max_sequence_length": MAX_TOKENS},
 }
 
@@ -73,9 +73,9 @@ def t5_text_encoder() -> T5EncoderModel:
 
 
 def vae(scaling_factor: float = 1.0) -> AutoencoderKL:
-    """32x32 RGB <-> 8x8x4 latents (scale factor 4)."""
+    """32x48 RGB <-> 8x12x4 latents (scale factor 4). sample_size (the wider side) marks the toy VAE."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=shapes.SIZE,
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=shapes.WIDTH,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         block_out_channels=(32, 32, 64), layers_per_block=1, norm_num_groups=16,
         mid_block_add_attention=False, scaling_factor=scaling_factor, shift_factor=0.0,
@@ -92,7 +92,7 @@ def unet() -> UNet2DConditionModel:
 
 
 def flux_transformer() -> FluxTransformer2DModel:
-    """2 joint + 2 single blocks, width 128, on 2x2 latent patches (4x4 tokens)."""
+    """2 joint + 2 single blocks, width 128, on 2x2 latent patches (4x6 tokens)."""
     return FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=32,
         num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=64,
@@ -160,7 +160,7 @@ def is_toy_source(name: str) -> bool:
     path = Path(name).expanduser()
     vae, tok = path / "vae" / "config.json", path / "tokenizer" / "tokenizer.json"
     try:
-        if json.loads(vae.read_text()).get("sample_size") != shapes.SIZE:
+        if json.loads(vae.read_text()).get("sample_size") != shapes.WIDTH:
             return False
         saved = json.loads(tok.read_text())  # len(tokenizer): its vocabulary and added tokens, by id
         ids = set(saved["model"]["vocab"].values()) | {t["id"] for t in saved.get("added_tokens", [])}
@@ -170,6 +170,6 @@ def is_toy_source(name: str) -> bool:
 
 
 def is_toy(pipeline) -> bool:
-    """True for the toy pipelines (and their saved copies): 32x32 VAE and the toy vocabulary."""
+    """True for the toy pipelines (and their saved copies): the toy VAE and the toy vocabulary."""
     tok = getattr(pipeline, "tokenizer", None)
-    return pipeline.vae.config.sample_size == shapes.SIZE and tok is not None and len(tok) == _vocab_size()
+    return pipeline.vae.config.sample_size == shapes.WIDTH and tok is not None and len(tok) == _vocab_size()

@@ -1,39 +1,75 @@
-"""The toy world's concepts: its shapes, with the world's caption templates and synonyms."""
+"""The toy world's concepts: its shapes (objects) and its colours (a style-like attribute).
+
+A method sees only the world's method templates (shapes.TEMPLATES and SCENE_TEMPLATES); the
+held-out templates and the synonyms are for evaluation alone.
+"""
 from __future__ import annotations
 
 from ..concepts import Concept
 from ..errors import UserError
 from . import shapes
 
-# The world's captions with "{color} {shape}" as one slot: "a photo of a {}".
-TEMPLATES = tuple(t.replace("{color} {shape}", "{}") for t in shapes.COLOR_TEMPLATES)
+# The method templates with "{color} {shape}" as one slot: "a photo of a {}".
+TEMPLATES = tuple(t.replace("{color} {shape}", "{}") for t in shapes.TEMPLATES)
+
+
+def _synonym_list() -> str:
+    return ", ".join(w for ws in shapes.SYNONYMS.values() for w in ws)
 
 
 def concept(name: str) -> Concept:
-    """A toy concept: the world's templates, its colours as attributes for augmentation, and
-    (for shapes that have them) synonyms, which methods do not train on: they measure generality."""
+    """A toy concept. A shape (type "object") gets the method templates, the colours as attributes
+    for augmentation, and its synonyms, which methods do not train on: they measure generality. A
+    colour (type "style") gets the method templates with every shape after it ("a photo of a {}
+    circle"); its anchor, the empty word, leaves the shape in the world's default grey."""
+    if colors_named(name) and not shapes_named(name):
+        templates = tuple(t.format(f"{{}} {s}") for t in TEMPLATES for s in shapes.SHAPES)
+        return Concept(name, templates=templates, type="style")
     return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=TEMPLATES, attributes=shapes.COLORS)
 
 
 def shapes_named(name: str) -> list[str]:
     """The toy shapes a concept name names, by shape word or synonym: "red circle" and "disk" name
-    the circle, "red" none. What eval scores an erased concept by."""
+    the circle, "red" none. What eval scores an erased shape concept by."""
     words = name.lower().split()
     return [s for s in shapes.SHAPES if any(w in words for w in (s, *shapes.SYNONYMS.get(s, ())))]
 
 
+def colors_named(name: str) -> list[str]:
+    """The toy colours a name names: "red" and "red circle" name red."""
+    words = name.lower().split()
+    return [c for c in shapes.COLORS if c in words]
+
+
+def kind_of(name: str) -> str | None:
+    """ "shape" for a name that names a shape ("circle", "red circle", "disk"), "color" for a colour
+    alone ("red"), None for anything else."""
+    if shapes_named(name):
+        return "shape"
+    if colors_named(name) and len(name.split()) == 1:
+        return "color"
+    return None
+
+
 def check_erasable(names: list[str]) -> None:
-    """The toy world's erasable concepts name a toy shape (or its synonym): its images are shapes,
-    and an edit of anything else would change nothing that eval could score. Colours are not
-    erasable yet: every shape is drawn in every colour, so "red" sits in the preserved prompts."""
-    bad = [n for n in names if not shapes_named(n)]
+    """Toy concepts are shapes or colours, and one edit erases one kind: what a method preserves
+    (the other shapes, or the other colours) depends on the kind."""
+    bad = [n for n in names if kind_of(n) is None]
     if bad:
-        raise UserError(f"concept(s) {bad} name no toy shape; the toy world erases its shapes: name one of "
-                        f"{', '.join(shapes.SHAPES)} (or a synonym: "
-                        f"{', '.join(w for ws in shapes.SYNONYMS.values() for w in ws)})")
+        raise UserError(f"concept(s) {bad} name no toy shape or colour; the toy world erases a shape "
+                        f"({', '.join(shapes.SHAPES)}, or a synonym: {_synonym_list()}) or a colour "
+                        f"({', '.join(shapes.COLORS)})")
+    if len({kind_of(n) for n in names}) > 1:
+        raise UserError(f"concepts {names} mix shapes and colours; erase shapes and colours in separate edits "
+                        f"(edits stack: apply one, then erase the other)")
 
 
 def preserve_for(names: list[str]) -> list[str]:
-    """The toy shapes that no erased concept names: what erasure must leave drawable."""
+    """What erasure must leave drawable: the shapes no erased concept names, or for colours the
+    colours not erased."""
+    if names and kind_of(names[0]) == "color":
+        erased = {c for n in names for c in colors_named(n)}
+        return [c for c in shapes.COLORS if c not in erased]
     named = {s for n in names for s in shapes_named(n)}
     return [s for s in shapes.SHAPES if s not in named]
+

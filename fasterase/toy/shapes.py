@@ -1,7 +1,12 @@
-"""The toy world's ground truth: coloured shapes on white, with captions.
+"""The toy world's ground truth: one or two coloured shapes on white, with captions.
 
 Everything the toy pipelines know comes from here, so erasure in the toy world is measurable:
-a detector trained on these images says which shape and colour a generated image shows.
+a detector trained on these images says which shapes an image shows, and in which colour.
+
+An image is a list of objects, each a (shape, colour) pair: none (an empty background), one
+(near the centre) or two (the first named on the left, the second on the right: the caption gives
+the layout). A shape with no colour named is drawn in the world's default colour, grey, as a real
+model draws its default style when no style is named; grey has no word, so it cannot be prompted.
 """
 from __future__ import annotations
 
@@ -9,43 +14,63 @@ import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
 COLORS = ("red", "green", "blue", "yellow")
+DEFAULT_COLOR = "grey"  # drawn when a caption names no colour
+COLOR_CLASSES = COLORS + (DEFAULT_COLOR,)  # what the detector tells apart
 SYNONYMS = {"circle": ("disk",), "square": ("box",)}
 RGB = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
     "blue": (40, 80, 220),
     "yellow": (235, 200, 30),
+    "grey": (110, 110, 110),
 }
-# Caption templates; "{shape}" may be a synonym, "{color}" is optional in some.
-COLOR_TEMPLATES = (
+# One-object caption templates. "{color}" may be left empty ("a photo of a circle").
+# TEMPLATES are what a method may train on; HELDOUT_TEMPLATES appear only in the world's own
+# training captions and in evaluation, so evaluation can ask whether an erasure holds on
+# prompts the method never saw.
+TEMPLATES = (
     "a {color} {shape}",
     "a photo of a {color} {shape}",
     "a {color} {shape} on a white background",
     "a drawing of a {color} {shape}",
+)
+HELDOUT_TEMPLATES = (
     "an image of a {color} {shape}",
     "a picture of a {color} {shape}",
 )
-SHAPE_TEMPLATES = (
-    "a {shape}",
-    "a photo of a {shape}",
-    "a {shape} on a white background",
-    "a drawing of a {shape}",
+# Two-object templates: "{first}" is drawn on the left, "{second}" on the right.
+SCENE_TEMPLATES = (
+    "a {first} and a {second}",
+    "a photo of a {first} and a {second}",
+    "a {first} next to a {second}",
 )
-SIZE = 32
+HEIGHT, WIDTH = 32, 48
 _SUPER = 4  # supersampling factor for anti-aliased edges
+# Object centres (x) and half-sizes (px): one object in the middle, two side by side.
+_SINGLE = {"x": (WIDTH / 2,), "r": (7.0, 11.0), "jitter": 3.0}
+_PAIR = {"x": (WIDTH / 4, 3 * WIDTH / 4), "r": (6.0, 9.0), "jitter": 2.0}
 
 
-def caption(shape_word: str, color: str | None, template: str) -> str:
-    # every colour and shape word starts with a consonant sound, so "a" is always right
-    return " ".join(template.format(shape=shape_word, color=color or "").split())
+def phrase(shape_word: str, color: str | None) -> str:
+    return f"{color} {shape_word}" if color else shape_word
+
+
+def caption(template: str, *objects: tuple[str, str | None]) -> str:
+    """A caption from a template and its objects (shape word, colour or None). Every colour and
+    shape word starts with a consonant sound, so "a" is always right."""
+    if "{first}" in template:
+        (s1, c1), (s2, c2) = objects
+        return template.format(first=phrase(s1, c1), second=phrase(s2, c2))
+    (s, c), = objects
+    return " ".join(template.format(shape=s, color=c or "").split())
 
 
 def _mask(shape: str, cx: np.ndarray, cy: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Boolean masks (N, S, S) at the supersampled grid for one shape kind."""
-    s = SIZE * _SUPER
-    g = (np.arange(s) + 0.5) / _SUPER
-    y = g[None, :, None] - cy[:, None, None]
-    x = g[None, None, :] - cx[:, None, None]
+    """Boolean masks (N, H, W) at the supersampled grid for one shape kind."""
+    gy = (np.arange(HEIGHT * _SUPER) + 0.5) / _SUPER
+    gx = (np.arange(WIDTH * _SUPER) + 0.5) / _SUPER
+    y = gy[None, :, None] - cy[:, None, None]
+    x = gx[None, None, :] - cx[:, None, None]
     r = r[:, None, None]
     if shape == "circle":
         return x * x + y * y <= r * r
@@ -80,63 +105,87 @@ def _in_triangle(x, y, p0, p1, p2):
     return ~(neg & pos)
 
 
-def render(shapes, colors, rng: np.random.Generator) -> np.ndarray:
-    """Render images (N, 3, 32, 32) float32 in [-1, 1]; shape None draws an empty background.
+def render(scenes: list[list[tuple[str, str]]], rng: np.random.Generator) -> np.ndarray:
+    """Images (N, 3, 32, 48) float32 in [-1, 1] of scenes of 0, 1 or 2 (shape, colour) objects.
 
-    Position is near the centre (+-3 px), half-size 7..11 px, colour jittered by +-12 per channel.
+    One object: centre (24, 16) +-3 px, half-size 7..11 px. Two: centres x = 12 and 36 (+-2 px),
+    y = 16 +-3, half-size 6..9 px, first on the left. Colour jittered by +-12 per channel.
     """
-    n = len(shapes)
-    cx = SIZE / 2 + rng.uniform(-3, 3, n)
-    cy = SIZE / 2 + rng.uniform(-3, 3, n)
-    r = rng.uniform(7, 11, n)
-    jitter = rng.uniform(-12, 12, (n, 3))
-    cover = np.zeros((n, SIZE * _SUPER, SIZE * _SUPER), dtype=np.float32)
-    for kind in set(s for s in shapes if s is not None):
-        idx = np.array([i for i, s in enumerate(shapes) if s == kind])
-        cover[idx] = _mask(kind, cx[idx], cy[idx], r[idx])
-    cover = cover.reshape(n, SIZE, _SUPER, SIZE, _SUPER).mean(axis=(2, 4))
-    rgb = np.array([RGB[c] if c is not None else (255, 255, 255) for c in colors], np.float32)
-    rgb = np.clip(rgb + jitter, 0, 255)
-    img = 255.0 + cover[:, None] * (rgb[:, :, None, None] - 255.0)
+    if any(len(sc) > 2 for sc in scenes):
+        raise ValueError("a toy scene holds at most two objects")
+    img = np.full((len(scenes), 3, HEIGHT, WIDTH), 255.0, np.float32)
+    for n_obj, layout in ((1, _SINGLE), (2, _PAIR)):
+        idx = np.array([i for i, sc in enumerate(scenes) if len(sc) == n_obj], dtype=int)
+        for slot in range(n_obj):
+            m = len(idx)
+            cx = layout["x"][slot] + rng.uniform(-layout["jitter"], layout["jitter"], m)
+            cy = HEIGHT / 2 + rng.uniform(-3, 3, m)
+            r = rng.uniform(*layout["r"], m)
+            jitter = rng.uniform(-12, 12, (m, 3))
+            cover = np.zeros((m, HEIGHT * _SUPER, WIDTH * _SUPER), dtype=np.float32)
+            kinds = [scenes[i][slot][0] for i in idx]
+            for kind in set(kinds):
+                sel = np.array([j for j, k in enumerate(kinds) if k == kind])
+                cover[sel] = _mask(kind, cx[sel], cy[sel], r[sel])
+            cover = cover.reshape(m, HEIGHT, _SUPER, WIDTH, _SUPER).mean(axis=(2, 4))
+            rgb = np.array([RGB[scenes[i][slot][1]] for i in idx], np.float32).reshape(m, 3)
+            rgb = np.clip(rgb + jitter, 0, 255)
+            img[idx] += cover[:, None] * (rgb[:, :, None, None] - img[idx])
     return (img / 127.5 - 1.0).astype(np.float32)
 
 
-def sample(n: int, rng: np.random.Generator, p_synonym=0.25, p_no_color=0.15, p_empty=0.1, p_no_shape=0.05):
-    """A training batch: images, captions, shape and colour indices.
+def labels(scenes: list[list[tuple[str, str]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Detector targets: presence (N, 5) float32 per shape, and colour (N, 5) int64 as an index into
+    COLOR_CLASSES per shape, -1 where the shape is absent."""
+    present = np.zeros((len(scenes), len(SHAPES)), np.float32)
+    color = np.full((len(scenes), len(SHAPES)), -1, np.int64)
+    for i, sc in enumerate(scenes):
+        for s, c in sc:
+            present[i, SHAPES.index(s)] = 1.0
+            color[i, SHAPES.index(s)] = COLOR_CLASSES.index(c)
+    return present, color
+
+
+def sample(n: int, rng: np.random.Generator, p_empty=0.1, p_no_shape=0.05, p_scene=0.35, p_no_color=0.15,
+           p_synonym=0.25):
+    """A training batch: images (N, 3, 32, 48), captions, and the scenes drawn.
 
     Caption '' (dropout for classifier-free guidance) keeps its image. A caption with the shape
     word left out ("a photo of a red") shows no shape: in this world, as in real ones, a prompt
-    that names no object gets none, so a concept mapped to the empty prompt disappears.
-    Index -1 marks a missing shape or colour.
+    that names no object gets none, so a concept mapped to the empty prompt disappears. A scene
+    holds two different shapes. Captions use every template, held-out ones included.
     """
-    s_idx = rng.integers(0, len(SHAPES), n)
-    c_idx = rng.integers(0, len(COLORS), n)
-    caps = []
-    for i, (s, c) in enumerate(zip(s_idx, c_idx)):
-        shape, color = SHAPES[s], COLORS[c]
-        word = shape
-        if shape in SYNONYMS and rng.random() < p_synonym:
-            word = SYNONYMS[shape][rng.integers(len(SYNONYMS[shape]))]
+    single = TEMPLATES + HELDOUT_TEMPLATES
+    scenes, caps = [], []
+    for _ in range(n):
         u = rng.random()
-        if u < p_empty:
-            caps.append("")
-        elif u < p_empty + p_no_shape:
-            caps.append(caption("", color, COLOR_TEMPLATES[rng.integers(len(COLOR_TEMPLATES))]))
-            s_idx[i] = c_idx[i] = -1
-        elif u < p_empty + p_no_shape + p_no_color:
-            caps.append(caption(word, None, SHAPE_TEMPLATES[rng.integers(len(SHAPE_TEMPLATES))]))
-        else:
-            caps.append(caption(word, color, COLOR_TEMPLATES[rng.integers(len(COLOR_TEMPLATES))]))
-    images = render([SHAPES[s] if s >= 0 else None for s in s_idx], [COLORS[c] if c >= 0 else None for c in c_idx],
-                    rng)
-    return images, caps, s_idx, c_idx
+        if u < p_no_shape:
+            caps.append(caption(single[rng.integers(len(single))], ("", COLORS[rng.integers(len(COLORS))])))
+            scenes.append([])
+            continue
+        k = 2 if u < p_no_shape + p_scene else 1
+        objects, words = [], []
+        for s in rng.choice(len(SHAPES), k, replace=False):
+            shape = SHAPES[s]
+            word = shape
+            if shape in SYNONYMS and rng.random() < p_synonym:
+                word = SYNONYMS[shape][rng.integers(len(SYNONYMS[shape]))]
+            color = None if rng.random() < p_no_color else COLORS[rng.integers(len(COLORS))]
+            objects.append((shape, color or DEFAULT_COLOR))
+            words.append((word, color))
+        templates = SCENE_TEMPLATES if k == 2 else single
+        text = caption(templates[rng.integers(len(templates))], *words)
+        caps.append("" if rng.random() < p_empty else text)
+        scenes.append(objects)
+    return render(scenes, rng), caps, scenes
 
 
 def vocabulary() -> list[str]:
     """Every word the toy tokenizer knows, in a fixed order."""
     words = []
-    for t in COLOR_TEMPLATES + SHAPE_TEMPLATES:
-        words += t.replace("{shape}", "").replace("{color}", "").split()
+    for t in TEMPLATES + HELDOUT_TEMPLATES + SCENE_TEMPLATES:
+        words += t.replace("{shape}", "").replace("{color}", "").replace("{first}", "").replace(
+            "{second}", "").split()
     words += list(SHAPES) + [w for syn in SYNONYMS.values() for w in syn] + list(COLORS)
     # neutral words used as anchors/guides by erasure methods; they never appear in training
     words += ["shape", "object", "thing", "blank", "nothing", "empty", "background"]
