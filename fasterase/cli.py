@@ -97,6 +97,8 @@ def cmd_eval(args) -> int:
     name = args.model or edit.report.get("model")
     if not name or name in models.ADAPTERS:  # edits of a pipeline object record only its class
         raise UserError("this edit does not record its model; pass --model")
+    if name not in models.BUILTINS and not (Path(name).expanduser() / "model_index.json").is_file():
+        models.load(name)  # no such model: the loader's own error, before blaming the toy world
     if not components.is_toy_source(name):  # from its name or configs: refused before any weights load
         if erased or not args.grid:
             raise outside_toy(name)

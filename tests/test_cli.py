@@ -58,6 +58,7 @@ def one_line_error(code, err, *needles):
     (["eval"], ["--model"]),
     (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "name no toy shape or colour", "circle"]),
     (["eval", "--model", "toy-sd", "--erased", "circle,"], ["empty"]),
+    (["eval", "--model", "no/such/folder"], ["neither a built-in name nor a local diffusers folder"]),
     (["eval", "--edit", "no/such/folder"], ["not a fasterase edit"]),
     (["eval", "--model", "toy-sd", "--repeats", "0"], ["repeats", ">= 1"]),
     (["frobnicate"], ["invalid choice"]),

@@ -89,6 +89,8 @@ def test_erased_concepts_are_scored_by_the_shapes_or_colours_they_name(monkeypat
     _no_images(monkeypatch, model)
     assert evaluate_module.erased_concepts(["red circle", "disk", "box"]) == ["circle", "square"]
     assert evaluate_module.erased_concepts(["red", "blue"]) == ["red", "blue"]
+    with pytest.raises(UserError, match=r"\['circle', 'red'\] mix shapes and colours"):  # commas split, a string is one
+        evaluate(model, erased="circle, red")
     with pytest.raises(UserError, match="'small'.* name no toy shape or colour.*circle.*disk.*red"):
         evaluate(model, erased=["small"])
     with pytest.raises(UserError, match="mix shapes and colours"):

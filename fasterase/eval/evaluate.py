@@ -5,6 +5,7 @@ anywhere else is refused before any image is drawn, and can have a grid of sampl
 """
 from __future__ import annotations
 
+from ..concepts import split_names
 from ..errors import UserError
 from ..models import Denoiser
 from ..toy import components
@@ -54,7 +55,9 @@ def _batch_size(model: Denoiser) -> int:
 
 def erased_concepts(erased: list[str]) -> list[str]:
     """The toy shapes or colours erased concepts name ("red circle" and "disk" name the circle,
-    "red" the colour red), each once; all of one kind."""
+    "red" the colour red), each once; all of one kind. No names: none."""
+    if not erased:
+        return []
     toy_concepts.check_erasable(erased)
     out = []
     for name in erased:
@@ -74,7 +77,8 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
              grid: str | None = None) -> dict:
     """Score a toy model with the detector (see metrics.py for every key): per shape and colour its
     accuracy on method templates, held-out templates and synonyms; `scenes`; and with `erased`
-    (concepts, scored by the shapes or colours they name) Acc_e, Acc_g, Acc_s, H, Col_s and the
+    (a string or list of concept names, commas separating several, as everywhere; scored by the
+    shapes or colours they name) Acc_e, Acc_g, Acc_s, H, Col_s and the
     held-out and scene numbers. Each prompt is sampled `repeats` times, images seeded from `seed`.
 
     Raises UserError for a model outside the toy world, repeats < 1, a bad grid path or an erased
@@ -85,7 +89,7 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
         raise UserError(f"repeats (samples per prompt) must be an integer >= 1, got {repeats!r}")
     if grid:
         check_grid_path(grid)  # before any image is drawn
-    erased = erased_concepts(list(erased)) if erased else []
+    erased = erased_concepts([n for e in ([erased] if isinstance(erased, str) else erased) for n in split_names(e)])
     prompts = _items() * repeats
     images = model.generate([p for p, *_ in prompts], seed=seed, batch_size=_batch_size(model))
     found = toy_detector.load().classify(images * 2 - 1)

@@ -22,7 +22,8 @@ With erased concepts (all shapes or all colours):
 Scenes: acc_both (scenes naming no erased concept: both shapes found); with erased concepts,
 acc_e_scene (scenes with exactly one object carrying an erased concept: that object shows it),
 acc_s_scene (the same images: the other object's shape found), and with two or more erased
-concepts acc_e_pair (scenes where both objects carry an erased concept: either shows one).
+concepts acc_e_pair (scenes where both objects carry an erased concept: either shows one). With
+one erased colour, a scene whose two objects both carry it counts in none of these.
 """
 from __future__ import annotations
 
