@@ -96,11 +96,11 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
     items = [Item(objects, kind, f) for (_, objects, kind), f in zip(prompts, found)]
     report = {"model": model.name or model.kind, "images": len(items), "seed": seed, "repeats": repeats,
               "concepts": concept_accuracies(items, list(shapes.SHAPES) + list(shapes.COLORS)),
-              "scenes": scene_metrics(items)}
+              "scenes": {}}
+    scenes = scene_metrics(items, erased)  # acc_both, and with erased concepts their scene numbers
+    report["scenes"]["acc_both"] = scenes.pop("acc_both")
     if erased:
         report.update(erasure_metrics(report["concepts"], erased))
-        scenes = scene_metrics(items, erased)
-        report["scenes"] = {"acc_both": scenes.pop("acc_both")}
         report.update(scenes)
     if grid:  # first repeat, in _items' order
         save_grid(images[: len(items) // repeats], grid, columns=COLUMNS)
