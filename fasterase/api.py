@@ -56,6 +56,7 @@ def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
 
     cs = as_concepts(concepts, default=toy_concepts.concept)
     toy_concepts.check_erasable(cs.names)
+    toy_concepts.check_not_heldout(cs.concepts)
     if preserve is None:
         return as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names))
     kept = as_concepts(list(cs.concepts), preserve)

@@ -156,7 +156,7 @@ def cmd_demo(args) -> int:
         grid = save_grid(torch.cat([before_images, model.generate(prompts, seed=args.seed)]),
                          grids[name], columns=len(prompts))
         print(f"\n== {name}: erase 'circle' with {args.method} ({result.report['wall_time_s']:.1f} s) ==")
-        print("before:\n" + format_table(before))
+        print("before (the original model, scored against 'circle' as after):\n" + format_table(before))
         print("after:\n" + format_table(after))
         print(f"before (top) / after (bottom) grid: {grid}")
     return 0

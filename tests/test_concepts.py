@@ -102,9 +102,12 @@ def test_the_toy_world_erases_its_shapes_or_its_colours():
 def test_a_toy_colour_is_a_style_concept():
     c = toy_concepts.concept("red")
     assert c.type == "style" and not c.synonyms and not c.attributes
-    assert "a photo of a red star" in c.prompts() and "a photo of a star" in c.anchor_prompts()
+    assert "a photo of a red star" in c.prompts() and "a photo of a grey star" in c.anchor_prompts()
     assert len(c.prompts()) == len(shapes.TEMPLATES) * len(shapes.SHAPES)
     assert toy_concepts.concept("circle").type == "object"
     assert toy_concepts.preserve_for(["red", "blue"]) == ["green", "yellow"]
     assert toy_concepts.kind_of("red circle") == "shape" and toy_concepts.kind_of("red") == "color"
     assert toy_concepts.kind_of("red green") is None and toy_concepts.kind_of("small") is None
+    assert toy_concepts.kind_of("grey") is None  # the neutral colour: the anchor, not a concept
+    with pytest.raises(UserError, match="more than one shape.*commas"):
+        toy_concepts.check_erasable(["circle square"])

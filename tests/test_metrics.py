@@ -83,6 +83,10 @@ def test_concept_accuracies_of_shapes_and_colours():
     # a colour is shown where the named shape is drawn in it: red 1 of 2 plain, 0 of 1 held-out
     assert acc["red"] == {"acc": 0.5, "acc_heldout": 0.0, "acc_synonyms": None}
     assert acc["blue"] == {"acc": 0.5, "acc_heldout": 1.0, "acc_synonyms": None}
+    # with the circle erased, a colour is scored on the other shapes alone: red 0 of 1, blue 1 of 1
+    acc = concept_accuracies(items, ["circle", "red", "blue"], erased=["circle"])
+    assert acc["red"]["acc"] == 0.0 and acc["blue"]["acc"] == 1.0 and acc["blue"]["acc_heldout"] is None
+    assert acc["circle"]["acc"] == 1.0  # the erased shape itself is scored as before
 
 
 def test_scene_metrics():

@@ -31,8 +31,8 @@ def test_a_scene_puts_the_first_object_on_the_left():
     assert np.allclose(img[:, :, :, shapes.WIDTH // 2], 1.0)
 
 
-def test_unnamed_colour_is_grey_and_empty_background():
-    grey = shapes.render([[("circle", shapes.DEFAULT_COLOR)]], np.random.default_rng(0))[0, :, 16, 24]
+def test_neutral_colour_is_grey_and_empty_background():
+    grey = shapes.render([[("circle", shapes.NEUTRAL_COLOR)]], np.random.default_rng(0))[0, :, 16, 24]
     assert np.ptp(grey) < 0.25 and -0.3 < grey.mean() < 0.0
     assert np.allclose(shapes.render([[]], np.random.default_rng(0)), 1.0)
     with pytest.raises(ValueError, match="at most two"):
@@ -58,6 +58,7 @@ def test_sample_is_deterministic_and_its_captions_name_what_is_drawn():
     words_of = {s: {s, *shapes.SYNONYMS.get(s, ())} for s in shapes.SHAPES}
     shape_words = set().union(*words_of.values())
     counts = {0: 0, 1: 0, 2: 0}
+    unnamed = set()  # the colours drawn for objects whose caption names no colour
     for img, cap, scene in zip(*a):
         counts[len(scene)] += 1
         words = cap.split()
@@ -66,10 +67,14 @@ def test_sample_is_deterministic_and_its_captions_name_what_is_drawn():
         elif cap:
             named = [w for w in words if w in shape_words]
             assert [next(s for s in shapes.SHAPES if w in words_of[s]) for w in named] == [s for s, _ in scene]
-            for s, c in scene:  # the colour named before each shape word, or grey when none is
+            for s, c in scene:  # the colour named before each shape word, or any colour when none is
                 i = next(i for i, w in enumerate(words) if w in words_of[s])
-                assert (words[i - 1] if words[i - 1] in shapes.COLORS else shapes.DEFAULT_COLOR) == c
+                if words[i - 1] in shapes.COLOR_CLASSES:
+                    assert words[i - 1] == c
+                else:
+                    unnamed.add(c)
     assert all(counts[k] > 20 for k in counts)
+    assert unnamed == set(shapes.COLOR_CLASSES) and shapes.NEUTRAL_COLOR in caps.split()
     present, color = shapes.labels(a[2])
     assert present.shape == color.shape == (400, len(shapes.SHAPES))
     assert ((color >= 0) == (present > 0)).all() and (present.sum(1) == [len(s) for s in a[2]]).all()

@@ -95,7 +95,7 @@ def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: in
     found = toy_detector.load().classify(images * 2 - 1)
     items = [Item(objects, kind, f) for (_, objects, kind), f in zip(prompts, found)]
     report = {"model": model.name or model.kind, "images": len(items), "seed": seed, "repeats": repeats,
-              "concepts": concept_accuracies(items, list(shapes.SHAPES) + list(shapes.COLORS)),
+              "concepts": concept_accuracies(items, list(shapes.SHAPES) + list(shapes.COLORS), erased),
               "scenes": {}}
     scenes = scene_metrics(items, erased)  # acc_both, and with erased concepts their scene numbers
     report["scenes"]["acc_both"] = scenes.pop("acc_both")

@@ -69,12 +69,14 @@ def _share(flags: list[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def concept_accuracies(items: list[Item], concepts: list[str]) -> dict[str, dict]:
-    """Per concept (shape or colour name), its accuracies over the single-object items naming it."""
+def concept_accuracies(items: list[Item], concepts: list[str], erased: list[str] = ()) -> dict[str, dict]:
+    """Per concept (shape or colour name), its accuracies over the single-object items naming it.
+    A colour is scored on the shapes that are not erased: an erased circle is not a lost red."""
     out = {}
     for c in concepts:
         def share(kind, test):
-            return _share([test(it) for it in items if it.kind == kind and carries(it.objects[0], c)])
+            return _share([test(it) for it in items if it.kind == kind and carries(it.objects[0], c)
+                           and not (_is_color(c) and it.objects[0][0] in erased)])
 
         out[c] = {
             "acc": share("plain", lambda it: shows(it.objects[0], c, it.found)),

@@ -21,10 +21,11 @@ def concept(name: str) -> Concept:
     """A toy concept. A shape (type "object") gets the method templates, the colours as attributes
     for augmentation, and its synonyms, which methods do not train on: they measure generality. A
     colour (type "style") gets the method templates with every shape after it ("a photo of a {}
-    circle"); its anchor, the empty word, leaves the shape in the world's default grey."""
+    circle"), and the neutral colour as its anchor ("a photo of a grey circle"): the empty word
+    would leave the shape in any colour, the erased one included."""
     if colors_named(name) and not shapes_named(name):
         templates = tuple(t.format(f"{{}} {s}") for t in TEMPLATES for s in shapes.SHAPES)
-        return Concept(name, templates=templates, type="style")
+        return Concept(name, templates=templates, anchor=shapes.NEUTRAL_COLOR, type="style")
     return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=TEMPLATES, attributes=shapes.COLORS)
 
 
@@ -59,9 +60,27 @@ def check_erasable(names: list[str]) -> None:
         raise UserError(f"concept(s) {bad} name no toy shape or colour; the toy world erases a shape "
                         f"({', '.join(shapes.SHAPES)}, or a synonym: {_synonym_list()}) or a colour "
                         f"({', '.join(shapes.COLORS)})")
+    several = [n for n in names if len(shapes_named(n)) > 1]
+    if several:
+        raise UserError(f"concept(s) {several} name more than one shape; separate concepts with commas "
+                        f"(\"circle, square\" is two)")
     if len({kind_of(n) for n in names}) > 1:
         raise UserError(f"concepts {names} mix shapes and colours; erase shapes and colours in separate edits "
                         f"(edits stack: apply one, then erase the other)")
+
+
+def check_not_heldout(concepts: list[Concept]) -> None:
+    """A method never trains on a held-out prompt: a user's concept whose templates give one (the
+    generic templates hold "a picture of a {}") would make the held-out scores meaningless."""
+    words = [w for s in shapes.SHAPES for w in (s, *shapes.SYNONYMS.get(s, ()))]
+    heldout = {shapes.caption(t, (w, c)) for t in shapes.HELDOUT_TEMPLATES for w in words
+               for c in (None, *shapes.COLOR_CLASSES)}
+    for c in concepts:
+        hit = sorted(set(c.prompts(augment=True)) & heldout)
+        if hit:
+            raise UserError(f"concept {c.name!r} would train on the toy world's held-out prompt(s) {hit[:3]}, which "
+                            f"only evaluation sees; give the bare name (the world's method templates) or templates "
+                            f"other than {', '.join(repr(t) for t in shapes.HELDOUT_TEMPLATES)}")
 
 
 def preserve_for(names: list[str]) -> list[str]:

@@ -1,8 +1,8 @@
 """Multi-label shape and colour classifier: the concept detector of every toy evaluation.
 
 For each shape it says whether the image shows it, and for each shape it shows, in which colour
-(one of the nameable colours or the default grey). An image with no shape shows none: the
-detector is trained on empty backgrounds and decoded noise as well.
+(one of COLOR_CLASSES: the four colour concepts and the neutral grey). An image with no shape
+shows none: the detector is trained on empty backgrounds and decoded noise as well.
 """
 from __future__ import annotations
 

@@ -5,17 +5,20 @@ a detector trained on these images says which shapes an image shows, and in whic
 
 An image is a list of objects, each a (shape, colour) pair: none (an empty background), one
 (near the centre) or two (the first named on the left, the second on the right: the caption gives
-the layout). A shape with no colour named is drawn in the world's default colour, grey, as a real
-model draws its default style when no style is named; grey has no word, so it cannot be prompted.
+the layout). A caption may name a shape without a colour ("a photo of a circle"): the shape is
+then drawn in any colour, as a real model draws a cat of any colour when none is named, so a prompt
+that names only the shape stands for the shape in every colour. Grey is the neutral colour: it can
+be named ("a grey circle"), and it is what colour erasure maps a colour to, but it is not itself a
+concept to erase or score.
 """
 from __future__ import annotations
 
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "cross", "star")
-COLORS = ("red", "green", "blue", "yellow")
-DEFAULT_COLOR = "grey"  # drawn when a caption names no colour
-COLOR_CLASSES = COLORS + (DEFAULT_COLOR,)  # what the detector tells apart
+COLORS = ("red", "green", "blue", "yellow")  # the colours that are concepts (erased and scored)
+NEUTRAL_COLOR = "grey"  # the anchor of colour erasure
+COLOR_CLASSES = COLORS + (NEUTRAL_COLOR,)  # every colour a caption names or an image shows
 SYNONYMS = {"circle": ("disk",), "square": ("box",)}
 RGB = {
     "red": (220, 40, 40),
@@ -146,21 +149,23 @@ def labels(scenes: list[list[tuple[str, str]]]) -> tuple[np.ndarray, np.ndarray]
     return present, color
 
 
-def sample(n: int, rng: np.random.Generator, p_empty=0.1, p_no_shape=0.05, p_scene=0.35, p_no_color=0.15,
+def sample(n: int, rng: np.random.Generator, p_empty=0.1, p_no_shape=0.05, p_scene=0.35, p_no_color=0.2,
            p_synonym=0.25):
     """A training batch: images (N, 3, 32, 48), captions, and the scenes drawn.
 
     Caption '' (dropout for classifier-free guidance) keeps its image. A caption with the shape
     word left out ("a photo of a red") shows no shape: in this world, as in real ones, a prompt
     that names no object gets none, so a concept mapped to the empty prompt disappears. A scene
-    holds two different shapes. Captions use every template, held-out ones included.
+    holds two different shapes. Every object's colour is drawn from COLOR_CLASSES, and a share
+    p_no_color of them leave it unnamed. Captions use every template, held-out ones included.
     """
     single = TEMPLATES + HELDOUT_TEMPLATES
     scenes, caps = [], []
     for _ in range(n):
         u = rng.random()
         if u < p_no_shape:
-            caps.append(caption(single[rng.integers(len(single))], ("", COLORS[rng.integers(len(COLORS))])))
+            color = COLOR_CLASSES[rng.integers(len(COLOR_CLASSES))]
+            caps.append(caption(single[rng.integers(len(single))], ("", color)))
             scenes.append([])
             continue
         k = 2 if u < p_no_shape + p_scene else 1
@@ -170,9 +175,9 @@ def sample(n: int, rng: np.random.Generator, p_empty=0.1, p_no_shape=0.05, p_sce
             word = shape
             if shape in SYNONYMS and rng.random() < p_synonym:
                 word = SYNONYMS[shape][rng.integers(len(SYNONYMS[shape]))]
-            color = None if rng.random() < p_no_color else COLORS[rng.integers(len(COLORS))]
-            objects.append((shape, color or DEFAULT_COLOR))
-            words.append((word, color))
+            color = COLOR_CLASSES[rng.integers(len(COLOR_CLASSES))]
+            objects.append((shape, color))
+            words.append((word, None if rng.random() < p_no_color else color))
         templates = SCENE_TEMPLATES if k == 2 else single
         text = caption(templates[rng.integers(len(templates))], *words)
         caps.append("" if rng.random() < p_empty else text)
@@ -186,7 +191,7 @@ def vocabulary() -> list[str]:
     for t in TEMPLATES + HELDOUT_TEMPLATES + SCENE_TEMPLATES:
         words += t.replace("{shape}", "").replace("{color}", "").replace("{first}", "").replace(
             "{second}", "").split()
-    words += list(SHAPES) + [w for syn in SYNONYMS.values() for w in syn] + list(COLORS)
+    words += list(SHAPES) + [w for syn in SYNONYMS.values() for w in syn] + list(COLOR_CLASSES)
     # neutral words used as anchors/guides by erasure methods; they never appear in training
     words += ["shape", "object", "thing", "blank", "nothing", "empty", "background"]
     seen, out = set(), []
