@@ -104,6 +104,12 @@ def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
         prompts = c.prompts(augment=True) + c.anchor_prompts(augment=True) + concepts.preserve_prompts(c)
         for tokenizer, limit, what in _token_limits(model):
             for prompt, ids in zip(prompts, tokenizer(prompts).input_ids):
+                if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+                    unknown = [w for w in prompt.split()
+                               if tokenizer.unk_token_id in tokenizer(w, add_special_tokens=False).input_ids]
+                    raise UserError(f"prompt {prompt!r} of concept {c.name!r} (its templates, attributes, anchor or "
+                                    f"preserved names) holds {', '.join(map(repr, unknown))}, which this model's "
+                                    f"{what.split(' (')[0]} does not know (it would train as the unknown token)")
                 if len(ids) > limit:
                     raise UserError(f"prompt {prompt!r} of concept {c.name!r} is {len(ids)} tokens, and this model's "
                                     f"{what} holds {limit}: truncated, it would lose the concept. Shorten the "

@@ -90,6 +90,19 @@ def test_concept_validation():
         fasterase.erase("toy-sd", Concept("circle"), method="uce")
     with pytest.raises(UserError, match="more than one shape"):
         fasterase.erase("toy-sd", "circle square", method="uce")
+    # a word the tokenizer does not know anywhere in the prompts (not only the name) is refused
+    with pytest.raises(UserError, match="'zebra'.*does not know"):
+        fasterase.erase("toy-sd", Concept("circle", templates=("a zebra {}",)), method="uce")
+    with pytest.raises(UserError, match="'purple'.*does not know"):
+        fasterase.erase("toy-sd", Concept("circle", templates=("a {}",), attributes=("purple",)), method="uce")
+
+
+def test_evaluate_takes_names_and_checks_its_arguments():
+    from fasterase.eval import evaluate
+    with pytest.raises(UserError, match="repeats"):  # a registered name is a model, None no erased concept
+        evaluate("toy-sd", erased=None, repeats=0)
+    with pytest.raises(UserError, match="erased must be concept names"):
+        evaluate("toy-sd", erased=[3])
 
 
 def test_failed_training_rolls_back(monkeypatch):
@@ -273,7 +286,7 @@ def test_options_that_act_are_accepted(monkeypatch):
 @pytest.mark.parametrize("name", MODELS)
 def test_a_prompt_past_the_tokenizer_limit_is_refused(monkeypatch, name):
     _no_run(monkeypatch, "esd")
-    long = Concept("circle", templates=("a photo of a {} on a white background next to a red square on a white floor",))
+    long = Concept("circle", templates=("a photo of a {} on a white background next to a red square on a white background",))
     with pytest.raises(UserError, match=r"is 20 tokens, and this model's CLIP tokenizer .* holds 16"):
         fasterase.erase(name, long, method="esd")
 

@@ -93,8 +93,8 @@ def test_a_preserved_concept_never_holds_an_erased_one():
 def test_the_toy_world_erases_its_shapes_or_its_colours():
     toy_concepts.check_erasable(["circle", "red circle", "disk", "box"])
     toy_concepts.check_erasable(["red", "blue"])
-    with pytest.raises(UserError, match=r"\['small', 'red green'\] name no toy shape or colour.*circle, square.*red"):
-        toy_concepts.check_erasable(["red", "circle", "small", "red green"])
+    with pytest.raises(UserError, match=r"\['small', 'tiny'\] name no toy shape or colour.*circle, square.*red"):
+        toy_concepts.check_erasable(["red", "circle", "small", "tiny"])
     with pytest.raises(UserError, match="mix shapes and colours"):
         toy_concepts.check_erasable(["red", "circle"])
 
@@ -111,3 +111,18 @@ def test_a_toy_colour_is_a_style_concept():
     assert toy_concepts.kind_of("grey") is None  # the neutral colour: the anchor, not a concept
     with pytest.raises(UserError, match="more than one shape.*commas"):
         toy_concepts.check_erasable(["circle square"])
+    with pytest.raises(UserError, match="more than one colour.*commas"):
+        toy_concepts.check_erasable(["red blue"])
+    with pytest.raises(UserError, match="grey, the toy world's neutral colour.*cannot be erased"):
+        toy_concepts.check_erasable(["grey"])
+    assert toy_concepts.concept("red circle").attributes == ()  # no "a blue red circle"
+
+
+def test_no_toy_concept_trains_on_held_out_prompts_or_synonyms():
+    for bad in (Concept("circle"), Concept("circle", templates=("A Picture of a {}.",))):  # case, punctuation
+        with pytest.raises(UserError, match="held-out prompt.*'a picture of a circle'"):
+            toy_concepts.check_not_heldout([bad])
+    for bad in (toy_concepts.concept("disk"), Concept("circle", templates=("a {} like a disk",))):
+        with pytest.raises(UserError, match="synonym.*disk"):
+            toy_concepts.check_not_heldout([bad])
+    toy_concepts.check_not_heldout([toy_concepts.concept(n) for n in ("circle", "red", "red circle", "star")])

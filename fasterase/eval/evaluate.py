@@ -5,7 +5,8 @@ anywhere else is refused before any image is drawn, and can have a grid of sampl
 """
 from __future__ import annotations
 
-from ..concepts import split_names
+from .. import models
+from ..concepts import Concept, split_names
 from ..errors import UserError
 from ..models import Denoiser
 from ..toy import components
@@ -73,23 +74,30 @@ def outside_toy(name: str) -> UserError:
                      f"`fasterase eval --grid FILE` without --erased or --repeats")
 
 
-def evaluate(model: Denoiser, erased: list[str] = (), seed: int = 0, repeats: int = 2,
-             grid: str | None = None) -> dict:
+def evaluate(model, erased=(), seed: int = 0, repeats: int = 2, grid: str | None = None) -> dict:
     """Score a toy model with the detector (see metrics.py for every key): per shape and colour its
     accuracy on method templates, held-out templates and synonyms; `scenes`; and with `erased`
     (a string or list of concept names, commas separating several, as everywhere; scored by the
     shapes or colours they name) Acc_e, Acc_g, Acc_s, H, Col_s and the
     held-out and scene numbers. Each prompt is sampled `repeats` times, images seeded from `seed`.
 
+    model: a Denoiser, a pipeline or a registered name ("toy-sd"); erased: a name, a Concept, or a
+    list of them (None: none).
+
     Raises UserError for a model outside the toy world, repeats < 1, a bad grid path or an erased
     concept that names no toy shape or colour."""
+    if not isinstance(model, Denoiser):
+        model = models.load(model)
     if not components.is_toy(model.pipeline):
         raise outside_toy(model.name or model.kind)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise UserError(f"repeats (samples per prompt) must be an integer >= 1, got {repeats!r}")
     if grid:
         check_grid_path(grid)  # before any image is drawn
-    erased = erased_concepts([n for e in ([erased] if isinstance(erased, str) else erased) for n in split_names(e)])
+    given = [] if erased is None else [erased] if isinstance(erased, (str, Concept)) else list(erased)
+    if not all(isinstance(e, (str, Concept)) for e in given):
+        raise UserError(f"erased must be concept names or Concepts (a string, a Concept or a list), got {erased!r}")
+    erased = erased_concepts([n for e in given for n in split_names(e.name if isinstance(e, Concept) else e)])
     prompts = _items() * repeats
     images = model.generate([p for p, *_ in prompts], seed=seed, batch_size=_batch_size(model))
     found = toy_detector.load().classify(images * 2 - 1)

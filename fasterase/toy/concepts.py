@@ -5,6 +5,8 @@ held-out templates and the synonyms are for evaluation alone.
 """
 from __future__ import annotations
 
+import re
+
 from ..concepts import Concept
 from ..errors import UserError
 from . import shapes
@@ -26,7 +28,8 @@ def concept(name: str) -> Concept:
     if colors_named(name) and not shapes_named(name):
         templates = tuple(t.format(f"{{}} {s}") for t in TEMPLATES for s in shapes.SHAPES)
         return Concept(name, templates=templates, anchor=shapes.NEUTRAL_COLOR, type="style")
-    return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=TEMPLATES, attributes=shapes.COLORS)
+    colors = () if colors_named(name) else shapes.COLORS  # "red circle" is not augmented to "a blue red circle"
+    return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=TEMPLATES, attributes=colors)
 
 
 def shapes_named(name: str) -> list[str]:
@@ -55,6 +58,15 @@ def kind_of(name: str) -> str | None:
 def check_erasable(names: list[str]) -> None:
     """Toy concepts are shapes or colours, and one edit erases one kind: what a method preserves
     (the other shapes, or the other colours) depends on the kind."""
+    grey = [n for n in names if shapes.NEUTRAL_COLOR in n.lower().split()]
+    if grey:
+        raise UserError(f"concept(s) {grey} name {shapes.NEUTRAL_COLOR}, the toy world's neutral colour: it is what "
+                        f"colour erasure maps a colour to, and it cannot be erased; colours to erase: "
+                        f"{', '.join(shapes.COLORS)}")
+    several = [n for n in names if len(colors_named(n)) > 1]
+    if several:
+        raise UserError(f"concept(s) {several} name more than one colour; separate concepts with commas "
+                        f"(\"red, blue\" is two)")
     bad = [n for n in names if kind_of(n) is None]
     if bad:
         raise UserError(f"concept(s) {bad} name no toy shape or colour; the toy world erases a shape "
@@ -69,18 +81,30 @@ def check_erasable(names: list[str]) -> None:
                         f"(edits stack: apply one, then erase the other)")
 
 
+def _words(prompt: str) -> str:
+    """A prompt as the word-level toy tokenizer reads it: lower case, punctuation gone."""
+    return " ".join(re.findall(r"[a-z]+", prompt.lower()))
+
+
 def check_not_heldout(concepts: list[Concept]) -> None:
-    """A method never trains on a held-out prompt: a user's concept whose templates give one (the
-    generic templates hold "a picture of a {}") would make the held-out scores meaningless."""
+    """A method never trains on a held-out prompt or a synonym: a user's concept whose templates
+    give one (the generic templates hold "a picture of a {}"), or a concept named by a synonym
+    ("disk"), would make the held-out scores or Acc_g meaningless."""
     words = [w for s in shapes.SHAPES for w in (s, *shapes.SYNONYMS.get(s, ()))]
     heldout = {shapes.caption(t, (w, c)) for t in shapes.HELDOUT_TEMPLATES for w in words
                for c in (None, *shapes.COLOR_CLASSES)}
+    synonyms = {w for ws in shapes.SYNONYMS.values() for w in ws}
     for c in concepts:
-        hit = sorted(set(c.prompts(augment=True)) & heldout)
+        prompts = [_words(p) for p in c.prompts(augment=True) + c.anchor_prompts(augment=True)]
+        hit = sorted({p for p in prompts if p in heldout})
         if hit:
             raise UserError(f"concept {c.name!r} would train on the toy world's held-out prompt(s) {hit[:3]}, which "
                             f"only evaluation sees; give the bare name (the world's method templates) or templates "
                             f"other than {', '.join(repr(t) for t in shapes.HELDOUT_TEMPLATES)}")
+        said = sorted(synonyms & {w for p in prompts for w in p.split()})
+        if said:
+            raise UserError(f"concept {c.name!r} would train on the synonym(s) {said}, which evaluation holds out to "
+                            f"measure generality (Acc_g); name the shape itself ({_synonym_list()} are held out)")
 
 
 def preserve_for(names: list[str]) -> list[str]:
