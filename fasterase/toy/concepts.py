@@ -63,19 +63,16 @@ def check_erasable(names: list[str]) -> None:
         raise UserError(f"concept(s) {grey} name {shapes.NEUTRAL_COLOR}, the toy world's neutral colour: it is what "
                         f"colour erasure maps a colour to, and it cannot be erased; colours to erase: "
                         f"{', '.join(shapes.COLORS)}")
-    several = [n for n in names if len(colors_named(n)) > 1]
-    if several:
-        raise UserError(f"concept(s) {several} name more than one colour; separate concepts with commas "
-                        f"(\"red, blue\" is two)")
+    for kind, named in (("shape", shapes_named), ("colour", colors_named)):
+        several = [n for n in names if len(named(n)) > 1]
+        if several:
+            raise UserError(f"concept(s) {several} name more than one {kind}; separate concepts with commas "
+                            f"(\"circle, square\" is two)")
     bad = [n for n in names if kind_of(n) is None]
     if bad:
         raise UserError(f"concept(s) {bad} name no toy shape or colour; the toy world erases a shape "
                         f"({', '.join(shapes.SHAPES)}, or a synonym: {_synonym_list()}) or a colour "
                         f"({', '.join(shapes.COLORS)})")
-    several = [n for n in names if len(shapes_named(n)) > 1]
-    if several:
-        raise UserError(f"concept(s) {several} name more than one shape; separate concepts with commas "
-                        f"(\"circle, square\" is two)")
     if len({kind_of(n) for n in names}) > 1:
         raise UserError(f"concepts {names} mix shapes and colours; erase shapes and colours in separate edits "
                         f"(edits stack: apply one, then erase the other)")
