@@ -103,8 +103,10 @@ def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
     for c in concepts:
         prompts = c.prompts(augment=True) + c.anchor_prompts(augment=True) + concepts.preserve_prompts(c)
         for tokenizer, limit, what in _token_limits(model):
-            for prompt, ids in zip(prompts, tokenizer(prompts).input_ids):
-                if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            # words alone: CLIP's unknown token is its end token, which every encoded prompt ends with
+            words = tokenizer(prompts, add_special_tokens=False).input_ids
+            for prompt, ids, plain in zip(prompts, tokenizer(prompts).input_ids, words):
+                if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in plain:
                     unknown = [w for w in prompt.split()
                                if tokenizer.unk_token_id in tokenizer(w, add_special_tokens=False).input_ids]
                     raise UserError(f"prompt {prompt!r} of concept {c.name!r} (its templates, attributes, anchor or "

@@ -97,6 +97,15 @@ def test_concept_validation():
         fasterase.erase("toy-sd", Concept("circle", templates=("a {}",), attributes=("purple",)), method="uce")
 
 
+def test_unknown_word_check_ignores_special_tokens():
+    """CLIP's unknown token is its end token (<|endoftext|>): only the words are checked for it."""
+    model = models.load("toy-sd")  # a fresh pipeline: changing its tokenizer touches no other test
+    tok = model.pipeline.tokenizer
+    tok.unk_token = tok.eos_token
+    assert tok.unk_token_id == tok.eos_token_id
+    fasterase.erase(model, "circle", method="uce", progress=False)
+
+
 def test_evaluate_takes_names_and_checks_its_arguments():
     from fasterase.eval import evaluate
     with pytest.raises(UserError, match="repeats"):  # a registered name is a model, None no erased concept
