@@ -3,6 +3,8 @@
 // checks here only guard against calling the extension directly with unusable tensors.
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "kernels.h"
@@ -82,6 +84,40 @@ AdamWArgs adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::
   return a;
 }
 
+#ifdef WITH_CUDA
+// The CUDA form of both AdamW entry points: orders the tensors by dtypes into launch groups, numbers
+// their state blocks and check chunks, and sends the task table through pinned memory (an
+// asynchronous copy; the caching allocators keep both buffers until the stream has used them).
+void masked_adamw_tasks_cuda(const std::vector<AdamWArgs>& args, const at::Tensor& found_inf, bool selected_only,
+                             const c10::optional<at::Tensor>& qmap_m, const c10::optional<at::Tensor>& qmap_v) {
+  if (args.empty()) return;
+  auto key = [&](size_t k) { return (args[k].param_dtype * 4 + args[k].grad_dtype) * 4 + args[k].state_dtype; };
+  std::vector<size_t> order(args.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return key(x) < key(y); });
+  const int64_t count = static_cast<int64_t>(args.size()), bytes = count * static_cast<int64_t>(sizeof(AdamWTask));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  AdamWTask* tasks = reinterpret_cast<AdamWTask*>(host.data_ptr());
+  std::vector<AdamWGroup> groups;
+  int64_t chunks = 0;
+  for (int64_t pos = 0; pos < count; ++pos) {
+    const AdamWArgs& a = args[order[pos]];
+    if (pos == 0 || key(order[pos]) != key(order[pos - 1]))
+      groups.push_back(AdamWGroup{pos, pos, 0, a.param_dtype, a.grad_dtype, a.state_dtype});
+    AdamWGroup& g = groups.back();
+    tasks[pos] = AdamWTask{a, g.blocks, chunks, 0.f, 0.f, 0.f};
+    g.end = pos + 1;
+    g.blocks += (a.length + 255) / 256;
+    chunks += ((selected_only ? a.length : a.n) + kAdamWCheckChunk - 1) / kAdamWCheckChunk;
+  }
+  at::Tensor table = at::empty({bytes}, found_inf.options().dtype(at::kByte));
+  table.copy_(host, /*non_blocking=*/true);
+  masked_adamw_cuda(reinterpret_cast<AdamWTask*>(table.data_ptr()), count, groups.data(),
+                    static_cast<int64_t>(groups.size()), chunks, selected_only, found_inf.data_ptr<float>(),
+                    ptr_or_null<const float>(qmap_m), ptr_or_null<const float>(qmap_v), stream_of(found_inf));
+}
+#endif
+
 void masked_adamw(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                   at::Tensor step, at::Tensor found_inf, c10::optional<at::Tensor> mask_bits,
                   c10::optional<at::Tensor> mask_idx, c10::optional<at::Tensor> absmax_m,
@@ -92,7 +128,7 @@ void masked_adamw(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Ten
                                  absmax_v, qmap_m, qmap_v, lr, beta1, beta2, eps, weight_decay);
   if (param.is_cuda()) {
 #ifdef WITH_CUDA
-    masked_adamw_cuda(a, stream_of(param));
+    masked_adamw_tasks_cuda({a}, found_inf, /*selected_only=*/true, qmap_m, qmap_v);
     return;
 #endif
     TORCH_CHECK(false, "fasterase._C was built without CUDA");
@@ -100,8 +136,8 @@ void masked_adamw(at::Tensor param, at::Tensor grad, at::Tensor exp_avg, at::Ten
   masked_adamw_cpu(a);
 }
 
-// The list form, CPU only: one check over every gradient, then one parallel update of all tensors
-// (fasterase/ops/adamw.py masked_adamw_multi). On CUDA the ops layer loops over masked_adamw instead.
+// The list form: one check over every gradient, then the update of all tensors (fasterase/ops/adamw.py
+// masked_adamw_multi); on CUDA in three launches in all (csrc/cuda/masked_adamw.cu).
 void masked_adamw_multi(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                         std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                         std::vector<at::Tensor> steps, at::Tensor found_inf,
@@ -116,16 +152,22 @@ void masked_adamw_multi(std::vector<at::Tensor> params, std::vector<at::Tensor> 
                       mask_idx.size(), absmax_m.size(), absmax_v.size(), lrs.size(), beta1s.size(), beta2s.size(),
                       epss.size(), weight_decays.size()})
     TORCH_CHECK(size == count, "fasterase._C: masked_adamw_multi needs one entry per tensor in every list");
-  TORCH_CHECK(found_inf.device().is_cpu() && found_inf.is_contiguous() && found_inf.numel() == 1 &&
-                  found_inf.scalar_type() == at::kFloat,
-              "fasterase._C: masked_adamw_multi runs on the CPU, with one fp32 found_inf element");
+  TORCH_CHECK(found_inf.is_contiguous() && found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat,
+              "fasterase._C: masked_adamw_multi needs one fp32 found_inf element");
   std::vector<AdamWArgs> args;
   args.reserve(count);
   for (size_t k = 0; k < count; ++k) {
-    TORCH_CHECK(params[k].device().is_cpu(), "fasterase._C: masked_adamw_multi runs on the CPU");
+    TORCH_CHECK(params[k].device() == found_inf.device(), "fasterase._C: masked_adamw_multi runs on one device");
     args.push_back(adamw_args(params[k], grads[k], exp_avgs[k], exp_avg_sqs[k], steps[k], found_inf, mask_bits[k],
                               mask_idx[k], absmax_m[k], absmax_v[k], qmap_m, qmap_v, lrs[k], beta1s[k], beta2s[k],
                               epss[k], weight_decays[k]));
+  }
+  if (found_inf.is_cuda()) {
+#ifdef WITH_CUDA
+    masked_adamw_tasks_cuda(args, found_inf, /*selected_only=*/false, qmap_m, qmap_v);
+    return;
+#endif
+    TORCH_CHECK(false, "fasterase._C was built without CUDA");
   }
   masked_adamw_multi_cpu(args.data(), static_cast<int64_t>(count), found_inf.data_ptr<float>());
 }
@@ -163,31 +205,21 @@ void lowrank_update(std::vector<at::Tensor> weights, at::Tensor left, at::Tensor
   lowrank_update_cpu(a);
 }
 
-// CPU: the shared transform is applied with ATen's GEMM (BLAS), which beats any hand-written CPU
-// GEMM; the fused part of the closed form is solving T once for all layers (fasterase/ops).
+// The shared transform is applied with ATen's GEMM (BLAS on the CPU, cuBLAS on the GPU), which beats
+// any hand-written GEMM; the fused part of the closed form is solving T once for all layers
+// (fasterase/ops). On the GPU the group's weights are stacked into one (G * rows, cols) product, so a
+// group is one GEMM however many layers it has, and written back with one multi-tensor copy.
 void shared_matmul(std::vector<at::Tensor> weights, at::Tensor transform, std::vector<at::Tensor> addends) {
   TORCH_CHECK(!weights.empty(), "fasterase._C: no weights");
   TORCH_CHECK(addends.empty() || addends.size() == weights.size(), "fasterase._C: one addend per weight");
   const at::Tensor& w0 = weights[0];
   if (w0.is_cuda()) {
-#ifdef WITH_CUDA
-    at::Tensor scratch = at::empty({static_cast<int64_t>(weights.size()), w0.size(0), w0.size(1)},
-                                   w0.options().dtype(at::kFloat));
-    at::Tensor table = pointer_table(weights, w0.device());
-    at::Tensor add_table = addends.empty() ? at::Tensor() : pointer_table(addends, w0.device());
-    SharedMatmulArgs a{};
-    a.weights = reinterpret_cast<void* const*>(table.data_ptr<int64_t>());
-    a.addends = addends.empty() ? nullptr : reinterpret_cast<const float* const*>(add_table.data_ptr<int64_t>());
-    a.transform = transform.data_ptr<float>();
-    a.scratch = scratch.data_ptr<float>();
-    a.num_weights = static_cast<int64_t>(weights.size());
-    a.rows = w0.size(0);
-    a.cols = w0.size(1);
-    a.dtype = dtype_code(w0);
-    shared_matmul_cuda(a, stream_of(w0));
+    std::vector<at::Tensor> rows;
+    for (const auto& w : weights) rows.push_back(w.to(at::kFloat));
+    at::Tensor out = at::mm(at::cat(rows, 0), transform);
+    if (!addends.empty()) out.add_(at::cat(addends, 0));
+    at::_foreach_copy_(weights, out.split(w0.size(0), 0));
     return;
-#endif
-    TORCH_CHECK(false, "fasterase._C was built without CUDA");
   }
   for (size_t i = 0; i < weights.size(); ++i) {
     at::Tensor out = at::mm(weights[i].to(at::kFloat), transform);

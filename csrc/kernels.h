@@ -27,6 +27,22 @@ struct AdamWArgs {
   double lr, beta1, beta2, eps, weight_decay;  // scalars as Python passes them
 };
 
+// One tensor of a CUDA masked AdamW launch, copied to the device (csrc/cuda/masked_adamw.cu).
+struct AdamWTask {
+  AdamWArgs a;
+  int64_t first_block;            // its first 256-entry state block within its dtype group's launch
+  int64_t first_chunk;            // its first gradient-check chunk (kAdamWCheckChunk entries)
+  float decay, step_size, bias2;  // 1 - lr wd, -lr / (1 - beta1^t), sqrt(1 - beta2^t): set on the device
+};
+
+// Tasks [begin, end) share param/grad/state dtypes and run in one update launch of `blocks` blocks.
+struct AdamWGroup {
+  int64_t begin, end, blocks;
+  int param_dtype, grad_dtype, state_dtype;
+};
+
+constexpr int64_t kAdamWCheckChunk = 4096;
+
 struct LowRankArgs {
   void* const* weights;    // num_weights pointers to (rows x cols) matrices of dtype
   const float* left;       // (k x cols), or (num_weights x k x cols) when per_weight
@@ -34,15 +50,6 @@ struct LowRankArgs {
   int64_t num_weights, rows, cols, k;
   int dtype;
   bool per_weight;
-};
-
-struct SharedMatmulArgs {
-  void* const* weights;         // num_weights (rows x cols) matrices of dtype, overwritten with W @ T (+ A)
-  const float* const* addends;  // nullable; else num_weights fp32 (rows x cols)
-  const float* transform;       // (cols x cols)
-  float* scratch;               // num_weights x rows x cols fp32 workspace (CUDA only)
-  int64_t num_weights, rows, cols;
-  int dtype;
 };
 
 struct PairedLossArgs {
@@ -69,9 +76,13 @@ void lowrank_update_cpu(const LowRankArgs& a);
 float paired_noise_loss_cpu(const PairedLossArgs& a);
 
 // CUDA launchers (stream is a cudaStream_t); the loss is written to *loss_out on the device.
-void masked_adamw_cuda(const AdamWArgs& a, void* stream);
+// All tasks' steps with one skip flag: a check launch over every task's gradients (the selected
+// entries when selected_only, as masked_adamw checks; all entries otherwise, as masked_adamw_multi
+// does), a step launch, then one update launch per group. tasks live on the device; groups on the host.
+void masked_adamw_cuda(AdamWTask* tasks, int64_t count, const AdamWGroup* groups, int64_t num_groups,
+                       int64_t check_chunks, bool selected_only, float* found_inf, const float* qmap_m,
+                       const float* qmap_v, void* stream);
 void lowrank_update_cuda(const LowRankArgs& a, void* stream);
-void shared_matmul_cuda(const SharedMatmulArgs& a, void* stream);
 int64_t paired_noise_loss_cuda_chunks(int64_t per_sample);
 void paired_noise_loss_cuda(const PairedLossArgs& a, float* loss_out, void* stream);
 

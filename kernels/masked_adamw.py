@@ -84,8 +84,9 @@ def _update_kernel(param_ptr, grad_ptr, m_ptr, v_ptr, found_ptr, consts_ptr, idx
         touched = tl.max(sel.to(tl.int32), axis=0) > 0
         tl.store(absmax_m_ptr + b, am, mask=touched)
         tl.store(absmax_v_ptr + b, av, mask=touched)
-        rm = tl.div_rn(1.0, tl.maximum(am, 1e-38))
-        rv = tl.div_rn(1.0, tl.maximum(av, 1e-38))
+        # 1e-38 is below fp32's smallest normal, so Triton types it fp64: cast back (the reference clamps in fp32)
+        rm = tl.div_rn(1.0, tl.maximum(am, 1e-38).to(tl.float32))
+        rv = tl.div_rn(1.0, tl.maximum(av, 1e-38).to(tl.float32))
         qm = _quantize(tl.minimum(tl.maximum(m * rm, -1.0), 1.0), qmap_m_ptr)
         qv = _quantize(tl.minimum(tl.maximum(v * rv, -1.0), 1.0), qmap_v_ptr)
         tl.store(m_ptr + j, qm, mask=sel)

@@ -13,7 +13,7 @@ GPU_BACKENDS = ("cuda", "triton")
 
 def bench_backends() -> list[tuple[str, str | None]]:
     """(device, backend) pairs the benchmarks time: the CPU's automatic choice (None), and on a GPU each GPU
-    backend, forced (the automatic choice there is the reference until they are verified)."""
+    backend, forced (the automatic choice there takes verified backends only)."""
     return [("cpu", None)] + ([("cuda", b) for b in GPU_BACKENDS] if torch.cuda.is_available() else [])
 
 

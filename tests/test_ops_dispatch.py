@@ -72,12 +72,17 @@ def test_missing_extension_falls_back_with_one_warning():
 
 
 def test_unverified_backends_are_not_chosen_on_cuda(monkeypatch):
-    """With every backend built for a GPU, the automatic choice there is still the reference until a
-    backend is listed as verified on "cuda"; FASTERASE_BACKEND opts in to an unverified one."""
+    """With every backend built for a GPU, the automatic choice there is the fastest one listed as
+    verified on "cuda" (the reference when none is); FASTERASE_BACKEND opts in to an unverified one."""
     monkeypatch.setattr(_dispatch, "_runs_on", lambda backend, device: True)
     cuda = torch.device("cuda")
     assert ops.available_backends(cuda) == ["cuda", "triton", "cpp", "reference"]
-    assert _dispatch.VERIFIED["cuda"] == ()  # no GPU has run the GPU tests yet
+    assert _dispatch.VERIFIED["cuda"] == ("cuda",)  # passed `pytest -m gpu` on an H200; Triton did not
+    assert _dispatch.select("rank_one_update", cuda) == "cuda"
+    monkeypatch.setattr(_dispatch, "_runs_on", lambda backend, device: backend != "cuda")  # _C without CUDA
+    assert _dispatch.select("rank_one_update", cuda) == "reference"
+    monkeypatch.setattr(_dispatch, "_runs_on", lambda backend, device: True)
+    monkeypatch.setitem(_dispatch.VERIFIED, "cuda", ())
     assert _dispatch.select("rank_one_update", cuda) == "reference"
     monkeypatch.setenv("FASTERASE_BACKEND", "triton")
     assert _dispatch.select("rank_one_update", cuda) == "triton"

@@ -42,8 +42,10 @@ def make_case(n, kind, density, pdt, sdt, device, seed):
             for k, v in case.items()}
 
 
-def clone(case):
-    return {k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else v.clone() if v is not None else None)
+def clone(case, device=None):
+    """A copy of a case's tensors (on ``device`` when given)."""
+    return {k: (tuple(t.to(device, copy=True) for t in v) if isinstance(v, tuple)
+                else v.to(device, copy=True) if v is not None else None)
             for k, v in case.items()}
 
 
@@ -242,17 +244,22 @@ def run_single(case, backend, i):
 
 
 MULTI_SIZES = [1, 255, 257, 4097, 256, 100_000]
+# (backend, device) pairs the list-form tests run: here, and on a GPU each GPU backend
+MULTI_BACKENDS = [(b, "cpu") for b in ["reference"] + CPU_BACKENDS] + [
+    pytest.param(b, "cuda", marks=pytest.mark.gpu, id=f"{b}-cuda") for b in GPU_BACKENDS]
 
 
 @pytest.mark.parametrize("seed", range(len(DTYPES)))
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_multi_equals_one_call_per_tensor(backend, seed):
+@pytest.mark.parametrize("backend,device", MULTI_BACKENDS)
+def test_multi_equals_one_call_per_tensor(backend, device, seed):
     """Every dtype and mask kind, odd sizes, per-tensor hyperparameters: the list form gives exactly
     (bit for bit) what the same backend's per-tensor op gives, and the per-tensor op is held to the
     reference above; the list-form reference equals the per-tensor reference exactly."""
-    sizes = [1, 255, 257, 1100] if backend == "triton" else MULTI_SIZES
+    if device == "cuda":
+        require_built(backend)
+    sizes = [1, 255, 257, 1100] if backend == "triton" and device == "cpu" else MULTI_SIZES
     cases = multi_cases(sizes, seed)
-    multi, single = [clone(c) for c in cases], [clone(c) for c in cases]
+    multi, single = [clone(c, device) for c in cases], [clone(c, device) for c in cases]
     assert run_multi(multi, backend).item() == 0
     for i, c in enumerate(single):
         run_single(c, backend, i)
@@ -264,15 +271,18 @@ def test_multi_equals_one_call_per_tensor(backend, seed):
 
 
 @pytest.mark.parametrize("pdt,sdt", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_multi_matches_reference(backend, pdt, sdt):
+@pytest.mark.parametrize("backend,device", [p for p in MULTI_BACKENDS if p != ("reference", "cpu")])
+def test_multi_matches_reference(backend, device, pdt, sdt):
     """Each tensor of a list-form call against the reference with the fp64-oracle tolerance; masked-out
     params and states bit-identical."""
-    sizes = [1, 257, 1100] if backend == "triton" else [1, 255, 257, 4097, 100_000]
+    if device == "cuda":
+        require_built(backend)
+    sizes = [1, 257, 1100] if backend == "triton" and device == "cpu" else [1, 255, 257, 4097, 100_000]
     cases = multi_cases(sizes, seed=11, pdt=pdt, sdt=sdt)
-    ref, out = [clone(c) for c in cases], [clone(c) for c in cases]
+    ref, out = [clone(c) for c in cases], [clone(c, device) for c in cases]
     run_multi(ref, "reference")
     assert run_multi(out, backend).item() == 0
+    out = [clone(o, "cpu") for o in out]
     for i, (case, r, o) in enumerate(zip(cases, ref, out)):
         n = case["param"].numel()
         assert o["step"].item() == case["step"].item() + 1
@@ -297,11 +307,13 @@ def test_multi_matches_reference(backend, pdt, sdt):
 
 @pytest.mark.parametrize("where", ["first", "last", "unselected", "preset"])
 @pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16, torch.uint8])
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_multi_non_finite_anywhere_skips_every_tensor(backend, sdt, where):
+@pytest.mark.parametrize("backend,device", MULTI_BACKENDS)
+def test_multi_non_finite_anywhere_skips_every_tensor(backend, device, sdt, where):
     """A NaN/inf in any gradient (even in a masked-out entry, even in the last tensor after good ones),
     or a flag already set: no tensor, state or step changes, and found_inf is 1."""
-    sizes = [257, 1100, 300] if backend == "triton" else [257, 4097, 100_000, 300]
+    if device == "cuda":
+        require_built(backend)
+    sizes = [257, 1100, 300] if backend == "triton" and device == "cpu" else [257, 4097, 100_000, 300]
     for pdt in (torch.float32, torch.bfloat16):
         cases = multi_cases(sizes, seed=5, pdt=pdt, sdt=sdt)
         cases[1]["mask"] = ops.pack_mask(torch.arange(cases[1]["param"].numel()) % 3 == 0)  # bitmask, 1/3 on
@@ -323,9 +335,11 @@ def test_multi_non_finite_anywhere_skips_every_tensor(backend, sdt, where):
         elif where == "unselected":
             bad[1]["grad"][1] = float("inf")  # entry 1 is off in the bitmask
         else:
-            found_inf = torch.ones(1)
+            found_inf = torch.ones(1, device=device)
+        bad = [clone(b, device) for b in bad]
         found = run_multi(bad, backend, found_inf=found_inf)
         assert found.item() == 1
+        bad = [clone(b, "cpu") for b in bad]
         for i, (b, c) in enumerate(zip(bad, cases)):
             for key in ("param", "exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(b[key], c[key]), (where, i, key)

@@ -68,8 +68,9 @@ def test_gpu_backends_match_reference(backend, batch, shape, dtype, with_uncond)
     check(backend, batch, shape, dtype, with_uncond, device="cuda")
 
 
+@pytest.mark.parametrize("scale", [1.0, 3.0])  # loss.backward() (stored gradients returned as they are), and a scaled seed
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_autograd_matches_eager_composite(backend):
+def test_autograd_matches_eager_composite(backend, scale):
     """Gradients through the fused loss equal autograd through the plain formula (ANT eq. 3 weights)."""
     g = torch.Generator().manual_seed(0)
     pc, pu, tc, tu = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(4))
@@ -79,15 +80,31 @@ def test_autograd_matches_eager_composite(backend):
     with ops.use_backend(backend):
         loss = ops.paired_noise_loss(a_c, a_u, tc.float(), tu.float(), sign, eta,
                                      weight=torch.tensor([1.0, lam1]), uncond_weight=torch.tensor([lam2, lam3]))
-    (3 * loss).backward()
+    (scale * loss).backward()
     b_c, b_u = pc.clone().requires_grad_(), pu.clone().requires_grad_()
     mse = torch.nn.functional.mse_loss
     expected = (mse(b_c[0], tu[0] + eta * (tc[0] - tu[0])) + lam1 * mse(b_c[1], tu[1] - eta * (tc[1] - tu[1]))
                 + lam2 * mse(b_u[0], tu[0]) + lam3 * mse(b_u[1], tu[1]))
-    (3 * expected).backward()
+    (scale * expected).backward()
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a_c.grad.double(), b_c.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(a_u.grad.double(), b_u.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_backward_twice_accumulates(backend):
+    """The stored gradients handed to autograd as they are must not be changed by accumulation."""
+    g = torch.Generator().manual_seed(4)
+    pc, pu, tc, tu = (torch.randn(2, 3, 5, generator=g) for _ in range(4))
+    a_c, a_u = pc.clone().requires_grad_(), pu.clone().requires_grad_()
+    with ops.use_backend(backend):
+        loss = ops.paired_noise_loss(a_c, a_u, tc, tu, sign=torch.tensor([1.0, -1.0]), eta=1.0)
+    loss.backward(retain_graph=True)
+    once_c, once_u = a_c.grad.clone(), a_u.grad.clone()
+    loss.backward(retain_graph=True)
+    loss.backward()
+    torch.testing.assert_close(a_c.grad, 3 * once_c)
+    torch.testing.assert_close(a_u.grad, 3 * once_u)
 
 
 def test_defaults_are_mean_squared_errors():

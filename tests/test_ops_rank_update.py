@@ -118,17 +118,18 @@ def test_rank_one_update_is_trace_eq1(backend):
     torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n", [5, 16, 23])  # fewer embeddings than the width (the n x n solve), as many, more
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_closed_form_is_uce(backend):
+def test_closed_form_is_uce(backend, n):
     """W <- (lam W + sum d_i v_i c_i^T)(lam I + sum d_i c_i c_i^T)^-1, via targets and via explicit values."""
     g = torch.Generator().manual_seed(1)
     weights = [torch.randn(s, generator=g) for s in ((10, 16), (10, 16), (4, 16))]
-    c = torch.randn(5, 16, generator=g)
-    cs = torch.randn(5, 16, generator=g)
-    d = torch.tensor([1.0, 1.0, 0.5, 0.5, 2.0])
+    c = torch.randn(n, 16, generator=g)
+    cs = torch.randn(n, 16, generator=g)
+    d = torch.rand(n, generator=g) * 2 + 0.25
     lam = 0.3
     m = lam * torch.eye(16, dtype=torch.float64) + (c.double() * d.double()[:, None]).t() @ c.double()
-    values = [torch.randn(5, w.shape[0], generator=g) for w in weights]
+    values = [torch.randn(n, w.shape[0], generator=g) for w in weights]
     for mode in ("targets", "values"):
         ws = [w.clone() for w in weights]
         expected = []

@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels: storage <-> fp32 and the 8-bit code search.
+// Device helpers shared by the CUDA kernels: storage <-> fp32 and a block-wide sum.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -17,31 +17,6 @@ template <typename T> __device__ __forceinline__ T from_f32(float x);
 template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-
-// Nearest code, ties to the lower one (number of code midpoints below x).
-__device__ __forceinline__ int quantize_code(const float* code, float x) {
-  int q = 0;
-#pragma unroll
-  for (int s = 128; s > 0; s >>= 1) {
-    const int c = q + s;
-    if (__fmul_rn(__fadd_rn(code[c - 1], code[c]), 0.5f) < x) q = c;
-  }
-  return q;
-}
-
-__device__ __forceinline__ float block_max(float v, float* shared) {  // blockDim.x == 256
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
-  __syncthreads();
-  v = threadIdx.x < 8 ? shared[threadIdx.x] : 0.f;
-  if (threadIdx.x < 32)
-    for (int o = 4; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  if (threadIdx.x == 0) shared[0] = v;
-  __syncthreads();
-  v = shared[0];
-  __syncthreads();
-  return v;
-}
 
 __device__ __forceinline__ float block_sum(float v, float* shared) {  // blockDim.x == 256
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

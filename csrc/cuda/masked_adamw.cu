@@ -1,6 +1,16 @@
-// CUDA masked AdamW: a check kernel over the selected gradients, then one 256-thread block per
-// 256-entry state block (the 8-bit absmax block). Semantics: fasterase/ops/adamw.py.
+// CUDA masked AdamW over a list of tensors in three launches, however many tensors: a check of the
+// gradients, a per-tensor step (advance t, bias corrections), and one update launch per dtype group.
+// Semantics: fasterase/ops/adamw.py. Each launch walks a flat index space (check chunks, 256-entry
+// state blocks) that spans every tensor; a block walks the task list forward as its index grows.
+//
+// The update is memory-bound (16 bytes per fp32 entry with 8-bit states), so it is shaped for
+// bandwidth: one warp per 256-entry state block, each lane with 8 entries in flight, and no block-wide
+// barrier in the loop (the block's absmax is a warp reduction), so warps stream independently. The
+// 8-bit code search runs on the code map's midpoints in shared memory in Eytzinger (breadth-first)
+// order, so the lanes of a warp read one tree level at a time from distinct banks.
 #include <cuda_runtime.h>
+
+#include <algorithm>
 
 #include "common.cuh"
 
@@ -8,115 +18,225 @@ namespace fasterase {
 namespace cuda {
 namespace {
 
-constexpr int kBlock = 256;
+constexpr int kBlock = 256;                // state entries per block (the 8-bit absmax block)
+constexpr int kPerLane = kBlock / 32;      // one warp per state block
+constexpr int kWarps = 4;                  // warps per thread block
+constexpr int kCheckThreads = 256;
 
+// Advances k to the last task whose first index (block or chunk) is <= x. A grid-stride loop visits
+// increasing x, so each block scans the task list once in all; tasks with no index are passed over.
+template <bool kChunks>
+__device__ __forceinline__ int next_task(const AdamWTask* tasks, int count, int k, int64_t x) {
+  while (k + 1 < count && (kChunks ? tasks[k + 1].first_chunk : tasks[k + 1].first_block) <= x) ++k;
+  return k;
+}
+
+// State entry j -> param index *i; whether it is selected.
 __device__ __forceinline__ bool select(const AdamWArgs& a, int64_t j, int64_t* i) {
   *i = a.mask_idx ? static_cast<int64_t>(a.mask_idx[j]) : j;
   return a.mask_bits == nullptr || ((a.mask_bits[*i >> 3] >> (*i & 7)) & 1);
 }
 
-template <typename G>
-__global__ void check_kernel(AdamWArgs a) {
-  const G* g = static_cast<const G*>(a.grad);
-  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < a.length; j += int64_t(gridDim.x) * blockDim.x) {
-    int64_t i;
-    if (select(a, j, &i) && !isfinite(to_f32(g[i]))) *a.found_inf = 1.f;
+__device__ __forceinline__ float load_f32(const void* p, int dtype, int64_t i) {
+  return dtype == kF32 ? static_cast<const float*>(p)[i] : to_f32(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__global__ void check_kernel(const AdamWTask* tasks, int count, int64_t chunks, bool selected_only, float* found) {
+  int k = 0;
+  for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
+    k = next_task<true>(tasks, count, k, c);
+    const AdamWTask& t = tasks[k];
+    const AdamWArgs& a = t.a;
+    const int64_t start = (c - t.first_chunk) * kAdamWCheckChunk;
+    const int64_t size = selected_only ? a.length : a.n;
+    const int64_t end = start + kAdamWCheckChunk < size ? start + kAdamWCheckChunk : size;
+    bool bad = false;
+#pragma unroll 4
+    for (int64_t j = start + threadIdx.x; j < end; j += kCheckThreads) {
+      int64_t i = j;
+      if (!selected_only || select(a, j, &i)) bad |= !isfinite(load_f32(a.grad, a.grad_dtype, i));
+    }
+    if (__syncthreads_or(bad) && threadIdx.x == 0) *found = 1.f;
   }
 }
 
-__global__ void advance_step_kernel(AdamWArgs a) {
-  if (*a.found_inf == 0.f) *a.step += 1.f;
+// One thread per task: t = step + 1 and the bias corrections, in fp64 like the reference's Python floats.
+__global__ void step_kernel(AdamWTask* tasks, int count, const float* found) {
+  const int k = blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= count || *found != 0.f) return;
+  AdamWTask& t = tasks[k];
+  const float step = *t.a.step + 1.f;
+  *t.a.step = step;
+  t.decay = static_cast<float>(1.0 - t.a.lr * t.a.weight_decay);
+  t.step_size = static_cast<float>(-t.a.lr / (1.0 - pow(t.a.beta1, static_cast<double>(step))));
+  t.bias2 = static_cast<float>(sqrt(1.0 - pow(t.a.beta2, static_cast<double>(step))));
+}
+
+// Code map midpoints (code[c-1] + code[c]) / 2, c = 1..255, into tree[1..255] in Eytzinger order:
+// node i at depth d, position p holds midpoint (2p + 1) << (7 - d).
+__device__ __forceinline__ void build_tree(const float* code, float* tree) {
+  for (int i = threadIdx.x + 1; i < 256; i += blockDim.x) {
+    const int d = 31 - __clz(i), c = (2 * (i - (1 << d)) + 1) << (7 - d);
+    tree[i] = __fmul_rn(__fadd_rn(code[c - 1], code[c]), 0.5f);
+  }
+}
+
+// Nearest code, ties to the lower one: the number of midpoints below x.
+__device__ __forceinline__ uint8_t quantize(const float* tree, float x) {
+  int i = 1;
+#pragma unroll
+  for (int d = 0; d < 8; ++d) i = 2 * i + (tree[i] < x ? 1 : 0);
+  return static_cast<uint8_t>(i - 256);
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
 }
 
 template <typename P, typename G, typename S, bool kEightBit>
-__global__ void update_kernel(AdamWArgs a) {
-  __shared__ float consts[3];
-  __shared__ float red[8];
-  if (*a.found_inf != 0.f) return;  // uniform across the grid
-  if (threadIdx.x == 0) {  // bias corrections in fp64, as the reference computes them
-    const double t = *a.step;
-    consts[0] = static_cast<float>(1.0 - a.lr * a.weight_decay);
-    consts[1] = static_cast<float>(-a.lr / (1.0 - pow(a.beta1, t)));
-    consts[2] = static_cast<float>(sqrt(1.0 - pow(a.beta2, t)));
-  }
-  __syncthreads();
-  const float b1 = a.beta1, omb1 = 1.0 - a.beta1, b2 = a.beta2, omb2 = 1.0 - a.beta2, eps = a.eps;
-  const int64_t b = blockIdx.x, j = b * kBlock + threadIdx.x;
-  const bool valid = j < a.length;
-  int64_t i = 0;
-  const bool sel = valid && select(a, j, &i);
-  P* p = static_cast<P*>(a.param);
-  const G* g = static_cast<const G*>(a.grad);
-  float m_old = 0.f, v_old = 0.f;
+__global__ void __launch_bounds__(kWarps * 32) update_kernel(const AdamWTask* tasks, int count, int64_t blocks,
+                                                             const float* found, const float* qmap_m,
+                                                             const float* qmap_v) {
+  __shared__ float tree_m[256], tree_v[256];
+  if (*found != 0.f) return;  // uniform across the grid
   if constexpr (kEightBit) {
-    const uint8_t* mq = static_cast<const uint8_t*>(a.exp_avg);
-    const uint8_t* vq = static_cast<const uint8_t*>(a.exp_avg_sq);
-    if (valid) {
-      m_old = __fmul_rn(a.qmap_m[mq[j]], a.absmax_m[b]);
-      v_old = __fmul_rn(a.qmap_v[vq[j]], a.absmax_v[b]);
-    }
-  } else {
-    if (sel) m_old = to_f32(static_cast<const S*>(a.exp_avg)[j]);
-    if (sel) v_old = to_f32(static_cast<const S*>(a.exp_avg_sq)[j]);
+    build_tree(qmap_m, tree_m);
+    build_tree(qmap_v, tree_v);
+    __syncthreads();
   }
-  float m = 0.f, v = 0.f;
-  if (sel) {  // reference order, no FMA contraction (--fmad=false)
-    const float gi = to_f32(g[i]);
-    m = m_old * b1 + omb1 * gi;
-    v = v_old * b2 + omb2 * gi * gi;
-    const float denom = __fdiv_rn(__fsqrt_rn(v), consts[2]) + eps;
-    p[i] = from_f32<P>(to_f32(p[i]) * consts[0] + consts[1] * __fdiv_rn(m, denom));
-  }
-  if constexpr (kEightBit) {
-    const int touched = __syncthreads_or(sel);
-    if (!touched) return;
-    const float am = block_max(sel ? fabsf(m) : (valid ? fabsf(m_old) : 0.f), red);
-    const float av = block_max(sel ? fabsf(v) : (valid ? fabsf(v_old) : 0.f), red);
-    if (threadIdx.x == 0) {
-      a.absmax_m[b] = am;
-      a.absmax_v[b] = av;
+  const int lane = threadIdx.x & 31;
+  int k = 0;
+  for (int64_t b = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5); b < blocks; b += int64_t(gridDim.x) * kWarps) {
+    k = next_task<false>(tasks, count, k, b);
+    const AdamWTask& t = tasks[k];
+    const AdamWArgs& a = t.a;
+    const int64_t lb = b - t.first_block;  // the state block within its tensor
+    P* p = static_cast<P*>(a.param);
+    const G* g = static_cast<const G*>(a.grad);
+    const float b1 = a.beta1, omb1 = 1.0 - a.beta1, b2 = a.beta2, omb2 = 1.0 - a.beta2, eps = a.eps;
+    int64_t idx[kPerLane];
+    bool sel[kPerLane];
+    float gi[kPerLane], pi[kPerLane], m_old[kPerLane], v_old[kPerLane];
+    bool any = false;
+    float am_old = 0.f, av_old = 0.f;
+    if constexpr (kEightBit) {
+      am_old = a.absmax_m[lb];
+      av_old = a.absmax_v[lb];
     }
-    if (sel) {
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {  // every load first, so they are in flight together
+      const int64_t j = lb * kBlock + e * 32 + lane;
+      const bool valid = j < a.length;
+      sel[e] = valid && select(a, j, &idx[e]);
+      any |= sel[e];
+      gi[e] = sel[e] ? to_f32(g[idx[e]]) : 0.f;
+      pi[e] = sel[e] ? to_f32(p[idx[e]]) : 0.f;
+      if constexpr (kEightBit) {
+        m_old[e] = valid ? __fmul_rn(qmap_m[static_cast<const uint8_t*>(a.exp_avg)[j]], am_old) : 0.f;
+        v_old[e] = valid ? __fmul_rn(qmap_v[static_cast<const uint8_t*>(a.exp_avg_sq)[j]], av_old) : 0.f;
+      } else {
+        m_old[e] = sel[e] ? to_f32(static_cast<const S*>(a.exp_avg)[j]) : 0.f;
+        v_old[e] = sel[e] ? to_f32(static_cast<const S*>(a.exp_avg_sq)[j]) : 0.f;
+      }
+    }
+    // a block with no selected entry keeps its params, scale and codes
+    if (!__any_sync(0xffffffffu, any)) continue;
+    float m[kPerLane], v[kPerLane], max_m = 0.f, max_v = 0.f;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {  // reference order, no FMA contraction (--fmad=false)
+      m[e] = m_old[e] * b1 + omb1 * gi[e];
+      v[e] = v_old[e] * b2 + omb2 * gi[e] * gi[e];
+      if (sel[e]) {
+        const float denom = __fdiv_rn(__fsqrt_rn(v[e]), t.bias2) + eps;
+        p[idx[e]] = from_f32<P>(pi[e] * t.decay + t.step_size * __fdiv_rn(m[e], denom));
+      }
+      max_m = fmaxf(max_m, sel[e] ? fabsf(m[e]) : fabsf(m_old[e]));  // unselected: their current value
+      max_v = fmaxf(max_v, sel[e] ? fabsf(v[e]) : fabsf(v_old[e]));
+    }
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      if constexpr (!kEightBit) {
+        const int64_t j = lb * kBlock + e * 32 + lane;
+        if (sel[e]) static_cast<S*>(a.exp_avg)[j] = from_f32<S>(m[e]);
+        if (sel[e]) static_cast<S*>(a.exp_avg_sq)[j] = from_f32<S>(v[e]);
+      }
+    }
+    if constexpr (kEightBit) {
+      const float am = warp_max(max_m), av = warp_max(max_v);
+      if (lane == 0) {
+        a.absmax_m[lb] = am;
+        a.absmax_v[lb] = av;
+      }
       const float rm = __frcp_rn(fmaxf(am, 1e-38f)), rv = __frcp_rn(fmaxf(av, 1e-38f));
-      static_cast<uint8_t*>(a.exp_avg)[j] = quantize_code(a.qmap_m, fminf(fmaxf(m * rm, -1.f), 1.f));
-      static_cast<uint8_t*>(a.exp_avg_sq)[j] = quantize_code(a.qmap_v, fminf(fmaxf(v * rv, -1.f), 1.f));
-    }
-  } else {
-    if (sel) {
-      static_cast<S*>(a.exp_avg)[j] = from_f32<S>(m);
-      static_cast<S*>(a.exp_avg_sq)[j] = from_f32<S>(v);
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        if (!sel[e]) continue;
+        const int64_t j = lb * kBlock + e * 32 + lane;
+        static_cast<uint8_t*>(a.exp_avg)[j] = quantize(tree_m, fminf(fmaxf(m[e] * rm, -1.f), 1.f));
+        static_cast<uint8_t*>(a.exp_avg_sq)[j] = quantize(tree_v, fminf(fmaxf(v[e] * rv, -1.f), 1.f));
+      }
     }
   }
 }
 
+int multiprocessors() {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return std::max(sms, 1);
+}
+
+// A grid of as many blocks of `threads` as fit on the GPU at once (a grid-stride loop does the rest).
+template <typename Kernel>
+int64_t resident_grid(Kernel kernel, int threads) {
+  int per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+  return int64_t(std::max(per_sm, 1)) * multiprocessors();
+}
+
 template <typename P, typename G>
-void launch_update(const AdamWArgs& a, cudaStream_t s) {
-  const unsigned blocks = static_cast<unsigned>((a.length + kBlock - 1) / kBlock);
-  switch (a.state_dtype) {
-    case kF32: update_kernel<P, G, float, false><<<blocks, kBlock, 0, s>>>(a); break;
-    case kBF16: update_kernel<P, G, __nv_bfloat16, false><<<blocks, kBlock, 0, s>>>(a); break;
-    default: update_kernel<P, G, uint8_t, true><<<blocks, kBlock, 0, s>>>(a); break;
+void launch_update(const AdamWGroup& grp, const AdamWTask* tasks, const float* found, const float* qmap_m,
+                   const float* qmap_v, cudaStream_t s) {
+  const int count = static_cast<int>(grp.end - grp.begin);
+  const AdamWTask* t = tasks + grp.begin;
+  auto run = [&](auto kernel) {
+    const int64_t needed = (grp.blocks + kWarps - 1) / kWarps;
+    const unsigned grid = static_cast<unsigned>(std::min(needed, resident_grid(kernel, kWarps * 32)));
+    kernel<<<grid, kWarps * 32, 0, s>>>(t, count, grp.blocks, found, qmap_m, qmap_v);
+  };
+  switch (grp.state_dtype) {
+    case kF32: run(update_kernel<P, G, float, false>); break;
+    case kBF16: run(update_kernel<P, G, __nv_bfloat16, false>); break;
+    default: run(update_kernel<P, G, uint8_t, true>); break;
   }
 }
 
 }  // namespace
 }  // namespace cuda
 
-void masked_adamw_cuda(const AdamWArgs& a, void* stream) {
+void masked_adamw_cuda(AdamWTask* tasks, int64_t count, const AdamWGroup* groups, int64_t num_groups,
+                       int64_t check_chunks, bool selected_only, float* found_inf, const float* qmap_m,
+                       const float* qmap_v, void* stream) {
   using namespace cuda;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (a.length > 0) {
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((a.length + 255) / 256, 4096));
-    if (a.grad_dtype == kF32) check_kernel<float><<<grid, 256, 0, s>>>(a);
-    else check_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(a);
+  if (count == 0) return;
+  const int n = static_cast<int>(count);
+  if (check_chunks > 0) {
+    const unsigned grid = static_cast<unsigned>(std::min(check_chunks, resident_grid(check_kernel, kCheckThreads)));
+    check_kernel<<<grid, kCheckThreads, 0, s>>>(tasks, n, check_chunks, selected_only, found_inf);
   }
-  advance_step_kernel<<<1, 1, 0, s>>>(a);
-  if (a.length == 0) return;
-  if (a.param_dtype == kF32) {
-    if (a.grad_dtype == kF32) launch_update<float, float>(a, s); else launch_update<float, __nv_bfloat16>(a, s);
-  } else {
-    if (a.grad_dtype == kF32) launch_update<__nv_bfloat16, float>(a, s);
-    else launch_update<__nv_bfloat16, __nv_bfloat16>(a, s);
+  step_kernel<<<static_cast<unsigned>((count + 127) / 128), 128, 0, s>>>(tasks, n, found_inf);
+  for (int64_t k = 0; k < num_groups; ++k) {
+    const AdamWGroup& grp = groups[k];
+    if (grp.blocks == 0) continue;
+    if (grp.param_dtype == kF32) {
+      if (grp.grad_dtype == kF32) launch_update<float, float>(grp, tasks, found_inf, qmap_m, qmap_v, s);
+      else launch_update<float, __nv_bfloat16>(grp, tasks, found_inf, qmap_m, qmap_v, s);
+    } else {
+      if (grp.grad_dtype == kF32) launch_update<__nv_bfloat16, float>(grp, tasks, found_inf, qmap_m, qmap_v, s);
+      else launch_update<__nv_bfloat16, __nv_bfloat16>(grp, tasks, found_inf, qmap_m, qmap_v, s);
+    }
   }
 }
 

@@ -1,5 +1,6 @@
 // CUDA paired noise loss: one 256-thread block per (chunk, sample) writes both gradients and a
-// loss partial; a single block sums the partials in fp64 in a fixed order (deterministic).
+// loss partial; one block sums the partials in fp64 in a fixed order (deterministic): each thread a
+// strided share, then a fixed tree.
 #include <cuda_runtime.h>
 
 #include "common.cuh"
@@ -25,6 +26,7 @@ __global__ void paired_kernel(PairedLossArgs a, int64_t chunks) {
   P* gc = static_cast<P*>(a.grad_cond) + b * n;
   U* gu = pu ? static_cast<U*>(a.grad_uncond) + b * n : nullptr;
   float sum_c = 0.f, sum_u = 0.f;
+#pragma unroll 4
   for (int64_t e = e0 + threadIdx.x; e < e1; e += blockDim.x) {
     const float u = to_f32(tu[e]);
     const float dc = to_f32(pc[e]) - (u + scale * (to_f32(tc[e]) - u));
@@ -41,18 +43,26 @@ __global__ void paired_kernel(PairedLossArgs a, int64_t chunks) {
   if (threadIdx.x == 0) a.partials[b * chunks + blockIdx.x] = a.weight[b] * sum_c + (pu ? a.uncond_weight[b] * sum_u : 0.f);
 }
 
+constexpr int kFinishThreads = 256;
+
 __global__ void finish_kernel(const float* partials, int64_t count, int64_t n, float* loss) {
-  if (threadIdx.x != 0) return;
+  __shared__ double red[kFinishThreads];
   double total = 0.0;
-  for (int64_t i = 0; i < count; ++i) total += partials[i];
-  *loss = static_cast<float>(total / static_cast<double>(n));
+  for (int64_t i = threadIdx.x; i < count; i += kFinishThreads) total += partials[i];
+  red[threadIdx.x] = total;
+  __syncthreads();
+  for (int w = kFinishThreads / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *loss = static_cast<float>(red[0] / static_cast<double>(n));
 }
 
 template <typename P, typename T, typename U>
 void launch(const PairedLossArgs& a, float* loss, cudaStream_t s) {
   const int64_t chunks = paired_noise_loss_cuda_chunks(a.per_sample);
   paired_kernel<P, T, U><<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(a.batch)), 256, 0, s>>>(a, chunks);
-  finish_kernel<<<1, 32, 0, s>>>(a.partials, chunks * a.batch, a.per_sample, loss);
+  finish_kernel<<<1, kFinishThreads, 0, s>>>(a.partials, chunks * a.batch, a.per_sample, loss);
 }
 
 template <typename P, typename T>

@@ -110,12 +110,10 @@ def _masked_adamw_multi_op(
             qmap_m, qmap_v, lrs, beta1s, beta2s, epss, weight_decays)
     if backend == "reference":
         masked_adamw_multi_reference(*args)
-    elif backend == "cpp":  # one native call: one check over all gradients, one parallel update
-        _dispatch.native().masked_adamw_multi(*args)
     elif backend == "triton":
         masked_adamw_multi_loop(_dispatch.triton_kernels().masked_adamw, *args)
-    else:  # cuda
-        masked_adamw_multi_loop(_dispatch.native().masked_adamw, *args)
+    else:  # cpp and cuda: one native call, one check over all gradients, then the update of all tensors
+        _dispatch.native().masked_adamw_multi(*args)
 
 
 @_masked_adamw_multi_op.register_fake
@@ -194,7 +192,7 @@ def masked_adamw_multi_reference(params, grads, exp_avgs, exp_avg_sqs, steps, fo
 def masked_adamw_multi_loop(per_tensor, params, grads, exp_avgs, exp_avg_sqs, steps, found_inf, mask_bits,
                             mask_idx, absmax_m, absmax_v, qmap_m, qmap_v, lrs, beta1s, beta2s, epss,
                             weight_decays):
-    """The list form on backends without a multi-tensor kernel (Triton, CUDA): not fused.  A device-side
+    """The list form on the backend without a multi-tensor kernel (Triton): not fused.  A device-side
     check of every gradient sets ``found_inf`` first (no host synchronisation), then one per-tensor
     ``per_tensor`` call (same arguments as masked_adamw_reference) per tensor, all sharing the flag, so
     a skipped step is skipped by every call before any of them writes."""
@@ -334,8 +332,8 @@ def masked_adamw_multi(
 
     Each tensor's arguments are as in :func:`masked_adamw` (its own ``steps`` entry; ``masks`` and
     ``absmax`` entries may be None).  lr, eps, weight_decay: one value, or one per tensor; betas: one
-    pair, or one pair per tensor.  On the CPU this is one native call; Triton and CUDA loop over the
-    per-tensor kernels (see masked_adamw_multi_loop).
+    pair, or one pair per tensor.  The C++ and CUDA backends take all tensors in one native call (on CUDA
+    three launches in all); Triton loops over its per-tensor kernels (see masked_adamw_multi_loop).
     """
     count = len(params)
     lists = dict(grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps)

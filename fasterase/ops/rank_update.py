@@ -149,17 +149,27 @@ def rank_one_update(
         torch.ops.fasterase.lowrank_update(ws, left.contiguous(), right.contiguous())
 
 
-def _gram(sources: torch.Tensor, lam: float, row_weights: Optional[torch.Tensor]):
+def _erase_projection(sources: torch.Tensor, lam: float, row_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """R = D C M^-1 (fp64, n x in), M = lam I + C^T D C: the one solve of the closed form.
+
+    With n rows of C narrower than in, the push-through identity C M^-1 = (lam I + C C^T D)^-1 C
+    turns the (in x in) system into an (n x n) one: for UCE's tens of embeddings against SD1.5's
+    768 or FLUX's 4096-wide inputs, the solve costs nothing beside the weights' update.
+    """
     if sources.dim() != 2:
         raise ValueError(f"sources must be (n, in), got {tuple(sources.shape)}")
     if lam <= 0:
         raise ValueError(f"lam must be > 0 (it keeps the system invertible), got {lam}")
     c = sources.double()
-    d = torch.ones(c.shape[0], dtype=torch.float64, device=c.device) if row_weights is None else row_weights.double()
-    if d.shape != (c.shape[0],):
-        raise ValueError(f"row_weights must have shape ({c.shape[0]},), got {tuple(d.shape)}")
-    eye = torch.eye(c.shape[1], dtype=torch.float64, device=c.device)
-    return c, d, eye, lam * eye + (c * d[:, None]).t() @ c
+    n, width = c.shape
+    d = torch.ones(n, dtype=torch.float64, device=c.device) if row_weights is None else row_weights.double()
+    if d.shape != (n,):
+        raise ValueError(f"row_weights must have shape ({n},), got {tuple(d.shape)}")
+    if n < width:
+        small = lam * torch.eye(n, dtype=torch.float64, device=c.device) + (c @ c.t()) * d[None, :]
+        return d[:, None] * torch.linalg.solve(small, c)
+    big = lam * torch.eye(width, dtype=torch.float64, device=c.device) + (c * d[:, None]).t() @ c
+    return torch.linalg.solve(big, (c * d[:, None]).t()).t()  # M is symmetric: (M^-1 C^T D)^T
 
 
 def closed_form_transform(
@@ -168,17 +178,17 @@ def closed_form_transform(
     lam: float,
     row_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """T = (lam I + C*^T D C)(lam I + C^T D C)^-1 (fp32, in x in), solved once in fp64.
+    """T = (lam I + C*^T D C)(lam I + C^T D C)^-1 (fp32, in x in), computed in fp64.
 
     With v_i = W c*_i, the UCE/MACE update W <- (lam W + sum_i d_i v_i c_i^T)(lam I + sum_i d_i c_i c_i^T)^-1
-    equals W @ T for every layer reading the same input width; preserved concepts use c* = c.
+    equals W @ T for every layer reading the same input width; preserved concepts use c* = c.  Since
+    lam M^-1 = I - C^T D C M^-1, T = I + (C* - C)^T R with R = D C M^-1 (:func:`_erase_projection`).
     """
     if targets.shape != sources.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must match sources {tuple(sources.shape)}")
-    c, d, eye, m = _gram(sources, lam, row_weights)
-    num = lam * eye + (targets.double() * d[:, None]).t() @ c
-    # T = num @ m^-1 = (m^-1 num^T)^T since m is symmetric
-    return torch.linalg.solve(m, num.t()).t().float().contiguous()
+    r = _erase_projection(sources, lam, row_weights)
+    eye = torch.eye(r.shape[1], dtype=torch.float64, device=r.device)
+    return (eye + (targets.double() - sources.double()).t() @ r).float().contiguous()
 
 
 @torch.no_grad()
@@ -198,7 +208,8 @@ def closed_form_update(
         to preserve); then W <- W @ T with one T for all weights (:func:`closed_form_transform`);
       values: one (n, out) tensor per weight, its v_i (MACE fusing per-concept LoRAs: v_i = W_i' c_i);
         then W <- W @ (lam M^-1) + V^T (D C M^-1).
-    M is solved once (fp64) and shared by every weight; one launch per weight shape.
+    M is solved once (fp64, as an n x n system when n < in) and shared by every weight; one launch per
+    weight shape.
     """
     weights = _validate_weights(weights)
     if (targets is None) == (values is None):
@@ -207,16 +218,16 @@ def closed_form_update(
         transform = closed_form_transform(sources, targets, lam, row_weights)
         extra = None
     else:
-        c, d, eye, m = _gram(sources, lam, row_weights)
-        minv = torch.linalg.solve(m, eye)
-        transform = (lam * minv).float().contiguous()
-        project = ((c * d[:, None]) @ minv).float()
+        r = _erase_projection(sources, lam, row_weights)  # lam M^-1 = I - C^T R
+        eye = torch.eye(r.shape[1], dtype=torch.float64, device=r.device)
+        transform = (eye - sources.double().t() @ r).float().contiguous()
+        project = r.float()
         values = list(values)
         if len(values) != len(weights):
             raise ValueError(f"got {len(values)} values for {len(weights)} weights")
         for i, (v, w) in enumerate(zip(values, weights)):
-            if v.shape != (c.shape[0], w.shape[0]):
-                raise ValueError(f"values[{i}] must be (n={c.shape[0]}, out={w.shape[0]}), got {tuple(v.shape)}")
+            if v.shape != (r.shape[0], w.shape[0]):
+                raise ValueError(f"values[{i}] must be (n={r.shape[0]}, out={w.shape[0]}), got {tuple(v.shape)}")
         extra = [(v.float().t() @ project.to(v.device)).contiguous() for v in values]
     for i, w in enumerate(weights):
         if w.shape[1] != transform.shape[0]:
