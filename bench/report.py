@@ -15,13 +15,13 @@ def main(path: str) -> None:
     print()
     # on a GPU, each figure as a fraction of the measured device-to-device copy (the roofline)
     copy = next((b["extra_info"]["GB/s"] for b in rows if b["extra_info"].get("op") == "copy"), None)
-    print("| device | op | implementation | elements | median ms | GB/s | of copy |")
+    print("| device | op | implementation | elements | median ms per call | GB/s | of copy |")
     print("|---|---|---|---|---|---|---|")
     for b in rows:
         info = b["extra_info"]
         share = f"{info['GB/s'] / copy:.0%}" if copy and info.get("device") == "cuda" else ""
         print(f"| {info.get('device')} | {info.get('op')} | {info.get('impl')} | {info.get('elements')} | "
-              f"{b['stats']['median'] * 1e3:.3f} | {info.get('GB/s')} | {share} |")
+              f"{b['stats']['median'] / info.get('calls', 1) * 1e3:.3f} | {info.get('GB/s')} | {share} |")
 
 
 if __name__ == "__main__":

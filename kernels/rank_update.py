@@ -18,6 +18,7 @@ def _pointer_table(tensors, device):
 @triton.jit
 def _lowrank_kernel(table_ptr, left_ptr, right_ptr, rows, cols, k, PER_WEIGHT: tl.constexpr,
                     DTYPE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # fp32 products in IEEE precision (tl.dot would otherwise take TF32 on a GPU)
     w = tl.program_id(0)
     w_ptr = tl.load(table_ptr + w).to(tl.pointer_type(DTYPE))
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -25,20 +26,21 @@ def _lowrank_kernel(table_ptr, left_ptr, right_ptr, rows, cols, k, PER_WEIGHT: t
     if PER_WEIGHT:
         left_ptr += w.to(tl.int64) * k * cols
         right_ptr += w.to(tl.int64) * k * cols
-    dots = tl.zeros((BLOCK_R, K_PAD), dtype=tl.float32)
+    dots = tl.zeros((BLOCK_R, K_PAD), dtype=tl.float32)  # W @ left^T for this block's rows
     for c0 in range(0, cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         tile = tl.load(w_ptr + r[:, None].to(tl.int64) * cols + c[None, :],
                        mask=(r[:, None] < rows) & (c[None, :] < cols), other=0.0).to(tl.float32)
-        lt = tl.load(left_ptr + kk[:, None] * cols + c[None, :], mask=(kk[:, None] < k) & (c[None, :] < cols), other=0.0)
-        dots += tl.sum(tile[:, None, :] * lt[None, :, :], axis=2)
+        lt = tl.load(left_ptr + kk[None, :] * cols + c[:, None], mask=(kk[None, :] < k) & (c[:, None] < cols),
+                     other=0.0)  # (BLOCK_C, K_PAD): left^T
+        dots += tl.dot(tile, lt, input_precision="ieee")
     for c0 in range(0, cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         offs = r[:, None].to(tl.int64) * cols + c[None, :]
         inside = (r[:, None] < rows) & (c[None, :] < cols)
         tile = tl.load(w_ptr + offs, mask=inside, other=0.0).to(tl.float32)
         rt = tl.load(right_ptr + kk[:, None] * cols + c[None, :], mask=(kk[:, None] < k) & (c[None, :] < cols), other=0.0)
-        tile += tl.sum(dots[:, :, None] * rt[None, :, :], axis=1)
+        tile += tl.dot(dots, rt, input_precision="ieee")
         tl.store(w_ptr + offs, to_storage(tile, DTYPE), mask=inside)
 
 
@@ -46,12 +48,11 @@ def lowrank_update(weights, left, right):
     """W += (W @ left^T) @ right for one shape group (fasterase.ops.rank_update reference)."""
     rows, cols = weights[0].shape
     k = left.shape[-2]
-    k_pad = max(2, triton.next_power_of_2(k))
-    block_c = max(16, min(64, 4096 // (16 * k_pad)))
+    k_pad = max(16, triton.next_power_of_2(k))  # tl.dot needs every dimension >= 16
     table = _pointer_table(weights, weights[0].device)
     _lowrank_kernel[(len(weights), triton.cdiv(rows, 16))](
         table, left, right, rows, cols, k, PER_WEIGHT=left.dim() == 3,
-        DTYPE=_TL_DTYPES[weights[0].dtype], K_PAD=k_pad, BLOCK_R=16, BLOCK_C=block_c)
+        DTYPE=_TL_DTYPES[weights[0].dtype], K_PAD=k_pad, BLOCK_R=16, BLOCK_C=32)
 
 
 @triton.jit

@@ -165,6 +165,22 @@ def test_non_finite_gradient_skips_and_reports(backend, sdt):
     assert run(off, backend).item() == 0 and off["step"].item() == case["step"].item() + 1
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_code_cells_hold_at_most_one_midpoint(signed):
+    """What the CUDA kernel's 8-bit encoder relies on (csrc/cuda/masked_adamw.cu): cut [-1, 1] into cells by
+    sign, exponent and the top 7 mantissa bits (one cell for |x| < 2^-24); then no midpoint of the code map
+    is below 2^-24 in magnitude and no cell, closed at both ends, holds more than one midpoint."""
+    code = ops.dynamic_map(signed).double()
+    mids = ((code[:-1] + code[1:]) * 0.5).float().double()
+    assert bool((mids.abs() >= 2.0 ** -24).all())
+    bits = torch.arange(103 << 23, (127 << 23) + 1, 1 << 16, dtype=torch.int64).to(torch.int32)
+    edges = bits.view(torch.float32).double()  # cell boundaries from 2^-24 to 1
+    lo, hi = edges[:-1], edges[1:]
+    for a, b in ((lo, hi), (-hi, -lo)):
+        inside = ((mids[None, :] >= a[:, None]) & (mids[None, :] <= b[:, None])).sum(dim=1)
+        assert int(inside.max()) <= 1
+
+
 def test_dense_fp32_matches_torch_adamw():
     p = torch.randn(3000)
     q = p.clone().requires_grad_()

@@ -5,9 +5,12 @@
 //
 // The update is memory-bound (16 bytes per fp32 entry with 8-bit states), so it is shaped for
 // bandwidth: one warp per 256-entry state block, each lane with 8 entries in flight, and no block-wide
-// barrier in the loop (the block's absmax is a warp reduction), so warps stream independently. The
-// 8-bit code search runs on the code map's midpoints in shared memory in Eytzinger (breadth-first)
-// order, so the lanes of a warp read one tree level at a time from distinct banks.
+// barrier in the loop (the block's absmax is a warp reduction), so warps stream independently.
+// Encoding an 8-bit code is the costly part (a binary search of 8 dependent steps per value), so each
+// block first tabulates, per cell of the float line (sign, exponent and top 7 mantissa bits of the
+// value), how many code midpoints lie below the cell; a value then needs one table read and at most
+// one midpoint comparison, since no cell holds more than one midpoint of either map
+// (tests/test_ops_masked_adamw.py::test_code_cells_hold_at_most_one_midpoint); two are made for margin.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -72,21 +75,49 @@ __global__ void step_kernel(AdamWTask* tasks, int count, const float* found) {
   t.bias2 = static_cast<float>(sqrt(1.0 - pow(t.a.beta2, static_cast<double>(step))));
 }
 
-// Code map midpoints (code[c-1] + code[c]) / 2, c = 1..255, into tree[1..255] in Eytzinger order:
-// node i at depth d, position p holds midpoint (2p + 1) << (7 - d).
-__device__ __forceinline__ void build_tree(const float* code, float* tree) {
-  for (int i = threadIdx.x + 1; i < 256; i += blockDim.x) {
-    const int d = 31 - __clz(i), c = (2 * (i - (1 << d)) + 1) << (7 - d);
-    tree[i] = __fmul_rn(__fadd_rn(code[c - 1], code[c]), 0.5f);
+// Cells of |x| in [0, 1]: cell 0 is [0, 2^-24) (no midpoint of either map is that small), then 128
+// cells per binade for the 25 binades from 2^-24 up to 1.
+constexpr int kCells = 1 + 25 * 128;
+constexpr uint32_t kTinyBits = 103u << 23;  // 2^-24
+
+struct CodeTable {
+  float mids[256];          // mids[c] = (code[c-1] + code[c]) / 2, c = 1..255 (sorted)
+  uint8_t below[2 * kCells];  // midpoints below the cell's lowest value: positive cells, then negative
+};
+
+__device__ __forceinline__ int cell_of(uint32_t magnitude_bits) {
+  return magnitude_bits < kTinyBits ? 0 : 1 + static_cast<int>((magnitude_bits - kTinyBits) >> 16);
+}
+
+// The number of midpoints below y (the exact code of y, ties to the lower code).
+__device__ __forceinline__ int count_below(const float* mids, float y) {
+  int q = 0;
+#pragma unroll
+  for (int s = 128; s > 0; s >>= 1)
+    if (mids[q + s] < y) q += s;
+  return q;
+}
+
+__device__ void build_table(const float* code, CodeTable* t) {
+  for (int c = threadIdx.x + 1; c < 256; c += blockDim.x) t->mids[c] = __fmul_rn(__fadd_rn(code[c - 1], code[c]), 0.5f);
+  __syncthreads();
+  for (int i = threadIdx.x; i < 2 * kCells; i += blockDim.x) {
+    const int cell = i % kCells;
+    // cell's magnitude range [lo, hi); a negative cell's values are (-hi, -lo]
+    const uint32_t lo = cell == 0 ? 0u : kTinyBits + (static_cast<uint32_t>(cell - 1) << 16);
+    const uint32_t hi = cell == 0 ? kTinyBits : lo + (1u << 16);
+    const float lowest = i < kCells ? __uint_as_float(lo) : -__uint_as_float(hi);
+    t->below[i] = static_cast<uint8_t>(count_below(t->mids, lowest));
   }
 }
 
-// Nearest code, ties to the lower one: the number of midpoints below x.
-__device__ __forceinline__ uint8_t quantize(const float* tree, float x) {
-  int i = 1;
-#pragma unroll
-  for (int d = 0; d < 8; ++d) i = 2 * i + (tree[i] < x ? 1 : 0);
-  return static_cast<uint8_t>(i - 256);
+// Nearest code, ties to the lower one: the number of midpoints below x, for x in [-1, 1].
+__device__ __forceinline__ uint8_t quantize(const CodeTable& t, float x) {
+  const uint32_t bits = __float_as_uint(x);
+  int q = t.below[(bits >> 31) * kCells + cell_of(bits & 0x7fffffffu)];
+  if (q < 255 && t.mids[q + 1] < x) ++q;
+  if (q < 255 && t.mids[q + 1] < x) ++q;
+  return static_cast<uint8_t>(q);
 }
 
 __device__ __forceinline__ float warp_max(float x) {
@@ -98,11 +129,11 @@ template <typename P, typename G, typename S, bool kEightBit>
 __global__ void __launch_bounds__(kWarps * 32) update_kernel(const AdamWTask* tasks, int count, int64_t blocks,
                                                              const float* found, const float* qmap_m,
                                                              const float* qmap_v) {
-  __shared__ float tree_m[256], tree_v[256];
+  __shared__ CodeTable table_m, table_v;
   if (*found != 0.f) return;  // uniform across the grid
   if constexpr (kEightBit) {
-    build_tree(qmap_m, tree_m);
-    build_tree(qmap_v, tree_v);
+    build_table(qmap_m, &table_m);
+    build_table(qmap_v, &table_v);
     __syncthreads();
   }
   const int lane = threadIdx.x & 31;
@@ -173,8 +204,8 @@ __global__ void __launch_bounds__(kWarps * 32) update_kernel(const AdamWTask* ta
       for (int e = 0; e < kPerLane; ++e) {
         if (!sel[e]) continue;
         const int64_t j = lb * kBlock + e * 32 + lane;
-        static_cast<uint8_t*>(a.exp_avg)[j] = quantize(tree_m, fminf(fmaxf(m[e] * rm, -1.f), 1.f));
-        static_cast<uint8_t*>(a.exp_avg_sq)[j] = quantize(tree_v, fminf(fmaxf(v[e] * rv, -1.f), 1.f));
+        static_cast<uint8_t*>(a.exp_avg)[j] = quantize(table_m, fminf(fmaxf(m[e] * rm, -1.f), 1.f));
+        static_cast<uint8_t*>(a.exp_avg_sq)[j] = quantize(table_v, fminf(fmaxf(v[e] * rv, -1.f), 1.f));
       }
     }
   }
