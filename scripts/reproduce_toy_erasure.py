@@ -33,7 +33,7 @@ def num(v) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--methods", default="uce,esd,ant")
+    p.add_argument("--methods", default="uce,esd,ant,fade")
     p.add_argument("--models", default="toy-sd,toy-flux")
     p.add_argument("--concepts", action="append",
                    help="comma-separated: erased together in one edit; repeat for several edits (default circle)")

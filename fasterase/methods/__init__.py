@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
-from . import ant, esd, uce
+from . import ant, esd, fade, uce
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ REGISTRY = {
                esd.ESDConfig, esd.run, esd.idle_options),
         Method("ant", "ANT: trajectory-aware loss, training only the concept's saliency map; several concepts: "
                "per-concept LoRAs fused in closed form", ant.ANTConfig, ant.run, ant.idle_options),
+        Method("fade", "FADE: adversarial erasure against a discriminator trained on the model's own generations, "
+               "early-step preservation, salient entries only", fade.FADEConfig, fade.run, fade.idle_options),
     )
 }
 

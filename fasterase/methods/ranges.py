@@ -49,12 +49,13 @@ def check_common(method: str, cfg) -> None:
     """The options every training method shares: seed, steps, batch, rollouts, checkpoint."""
     check(method, "seed", cfg.seed, 0, MAX_SEED, integer=True)
     for k in ("steps", "rank"):
-        if getattr(cfg, k) is not None:
+        if getattr(cfg, k, None) is not None:
             check(method, k, getattr(cfg, k), 1, integer=True)
     check(method, "batch_size", cfg.batch_size, 1, MAX_BATCH, integer=True)
     check(method, "sample_steps", cfg.sample_steps, 1, MAX_SAMPLE_STEPS, integer=True)
     check(method, "guidance", cfg.guidance, *GUIDANCE)
-    check(method, "eta", cfg.eta, 0, MAX_SCALE, above=True)
+    if hasattr(cfg, "eta"):
+        check(method, "eta", cfg.eta, 0, MAX_SCALE, above=True)
     if cfg.lr is not None:
         check(method, "lr", cfg.lr, 0, MAX_LR, above=True)
     check(method, "max_skipped_steps", cfg.max_skipped_steps, 0, integer=True)

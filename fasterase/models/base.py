@@ -129,6 +129,11 @@ class Denoiser(ABC):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Clean latents -> images (N, 3, H, W) in [0, 1]."""
 
+    def latent_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents as an image-shaped tensor (N, C, h, w) (differentiable): SD's are already; FLUX's
+        are unpacked from their 2x2-patch tokens."""
+        return x
+
     @abstractmethod
     def cross_attention_kv(self) -> list[KVProjection]:
         """Every key/value (and text-embedding) projection that reads text tokens."""

@@ -73,9 +73,12 @@ class FluxDenoiser(Denoiser):
     def target(self, x0, noise, tau):
         return noise - x0
 
+    def latent_image(self, x):
+        return FluxPipeline._unpack_latents(x, self.height, self.width, self.pipeline.vae_scale_factor)
+
     def decode(self, x0):
         vae = self.pipeline.vae
-        lat = FluxPipeline._unpack_latents(x0, self.height, self.width, self.pipeline.vae_scale_factor)
+        lat = self.latent_image(x0)
         lat = lat / vae.config.scaling_factor + vae.config.shift_factor
         return (vae.decode(lat.to(vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
 

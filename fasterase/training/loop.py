@@ -11,7 +11,7 @@ import dataclasses
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,20 @@ class NonFiniteLoss(FloatingPointError):
 
 class NonFiniteGradients(FloatingPointError):
     """More optimizer steps than allowed were skipped for NaN or infinite gradients."""
+
+
+class Companion(Protocol):
+    """Training state beside the trained parameters and their optimizer (FADE's discriminator, its
+    optimizer and rollout buffer): checkpointed and restored with them (tensors and containers
+    only), shown on the progress bar, and able to end training early."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def postfix(self) -> dict: ...
+
+    def finished(self) -> bool: ...
 
 
 def step_generator(seed: int, *keys: int) -> torch.Generator:
@@ -96,9 +110,10 @@ def grads_finite(params: list[torch.nn.Parameter]) -> bool:
 def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[torch.nn.Parameter],
           optimizer: torch.optim.Optimizer, steps: int, seed: int, checkpoint: str | os.PathLike | None = None,
           checkpoint_every: int = 50, progress: bool = True, desc: str = "erase", run: dict | None = None,
-          max_skipped_steps: int = 0) -> dict:
-    """Run `steps` optimizer steps of loss_fn(step, generator); returns {'steps', 'last_loss',
-    'skipped_steps'}.
+          max_skipped_steps: int = 0, companion: Companion | None = None) -> dict:
+    """Run `steps` optimizer steps of loss_fn(step, generator); returns {'steps' (taken), 'last_loss',
+    'skipped_steps'}. A `companion` is checkpointed with the parameters, adds to the progress bar,
+    and ends training before `steps` when its finished() says so (checked after every step).
 
     A step whose gradients are not all finite is skipped (nothing changes, whatever the optimizer)
     and counted; past `max_skipped_steps` skipped steps training stops (NonFiniteGradients), as it
@@ -128,9 +143,11 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
             for p, v in zip(params, state["params"]):
                 p.copy_(v)
         optimizer.load_state_dict(state["optimizer"])
+        if companion is not None:
+            companion.load_state_dict(state["companion"])
         start, skipped, loss_value = state["step"], state["skipped_steps"], state["last_loss"]
         if state["finished"]:
-            return {"steps": steps, "last_loss": loss_value, "skipped_steps": skipped}
+            return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped}
 
     def save(step: int, finished: bool = False) -> None:
         if ckpt:
@@ -139,7 +156,8 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
             try:
                 torch.save({"fasterase_checkpoint": FORMAT, **this, "params": [p.detach().clone() for p in params],
                             "optimizer": optimizer.state_dict(), "step": step, "skipped_steps": skipped,
-                            "last_loss": loss_value, "finished": finished}, tmp)
+                            "last_loss": loss_value, "finished": finished,
+                            "companion": None if companion is None else companion.state_dict()}, tmp)
                 os.replace(tmp, ckpt)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -166,7 +184,9 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
                         "inputs.")
             done = step + 1
             loss_value = loss.item()
-            bar.set_postfix(loss=f"{loss_value:.4g}", skipped=skipped)
+            bar.set_postfix(loss=f"{loss_value:.4g}", skipped=skipped, **(companion.postfix() if companion else {}))
+            if companion is not None and companion.finished():
+                break
             if done % checkpoint_every == 0 and done < steps:
                 save(done)
     except KeyboardInterrupt:
@@ -175,4 +195,4 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     finally:
         bar.close()
     save(done, finished=True)
-    return {"steps": steps, "last_loss": loss_value, "skipped_steps": skipped}
+    return {"steps": done, "last_loss": loss_value, "skipped_steps": skipped}

@@ -1,4 +1,4 @@
-"""Concept saliency maps (ANT Sec. 3.3): which parameters a fine-tune may touch.
+"""Concept saliency maps (ANT Sec. 3.3; FADE Sec. 4.3): which parameters a fine-tune may touch.
 
 One gradient map g per (prompt, seed). An entry is salient in a map when |g| >= gamma * rms(g),
 rms over all candidate parameters of that map, so gamma means the same on any model and loss
@@ -83,6 +83,23 @@ def kth_largest(tensors: list[torch.Tensor], k: int) -> float:
         else:
             hi = mid - 1
     return torch.tensor(lo, dtype=torch.int32).view(torch.float32).item()
+
+
+def top_share(sums: dict[str, torch.Tensor], share: float) -> dict[str, torch.Tensor]:
+    """FADE's salient set (Sec. 4.3): the entries with the largest summed |gradient|, a `share` of all
+    of them (ties at the threshold kept; never an entry whose gradient was always zero), as sorted
+    int32 indices per parameter (non-empty only)."""
+    total = sum(s.numel() for s in sums.values())
+    threshold = kth_largest(list(sums.values()), max(1, round(share * total)))
+    out = {}
+    for name, s in sums.items():
+        keep = s.reshape(-1) >= threshold if threshold > 0 else s.reshape(-1) > 0
+        idx = torch.nonzero(keep).reshape(-1).to(torch.int32)
+        if idx.numel():
+            out[name] = idx
+    if not out:
+        raise ValueError("every gradient of the saliency loss is zero: it does not depend on the network")
+    return out
 
 
 def selected(mask: dict[str, torch.Tensor]) -> int:

@@ -1,4 +1,5 @@
-"""x_t at any noise level on the model's own sampling trajectory.
+"""x_t at any noise level on the model's own sampling trajectory, and the clean latents a
+prediction implies.
 
 ESD's and ANT's losses are expectations over t drawn uniformly from an interval, so x_t is needed
 at the drawn noise level, not only at the sampler's few grid steps. The sampler runs to the grid
@@ -14,16 +15,40 @@ import torch
 from ..models import Cond, Denoiser
 
 
-def move(model: Denoiser, x: torch.Tensor, out: torch.Tensor, tau: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
-    """The latents at noise levels `to` that a deterministic step from x (at noise levels tau) along
-    the prediction `out` reaches: x = a x0 + b n and out = c x0 + d n (add_noise and target are
-    linear in the clean latents x0 and the noise n), solved for x0 and n and noised again at `to`."""
+def split(model: Denoiser, x: torch.Tensor, out: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean latents x0 and noise n that latents x at noise levels tau and the prediction `out`
+    there imply: x = a x0 + b n and out = c x0 + d n (add_noise and target are linear in x0 and n),
+    solved. Differentiable in x and out."""
     one, zero = torch.ones_like(x), torch.zeros_like(x)
     a, b = model.add_noise(one, zero, tau), model.add_noise(zero, one, tau)
     c, d = model.target(one, zero, tau), model.target(zero, one, tau)
     det = a * d - b * c
-    x0, n = (d * x - b * out) / det, (a * out - c * x) / det
+    return (d * x - b * out) / det, (a * out - c * x) / det
+
+
+def move(model: Denoiser, x: torch.Tensor, out: torch.Tensor, tau: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
+    """The latents at noise levels `to` that a deterministic step from x (at noise levels tau) along
+    the prediction `out` reaches: split into x0 and n, noised again at `to`."""
+    x0, n = split(model, x, out, tau)
     return model.add_noise(x0, n, to)
+
+
+@torch.no_grad()
+def rollout_predictions(model: Denoiser, cond: Cond, steps: int, guidance: float,
+                        x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One guided sampling run from the noise x, kept whole: (x (steps, N, ...) the latents entering
+    each step, tau (steps,) its noise level, x0 (steps, N, ...) the clean latents its guided
+    prediction implies). The predictions are the ones the sampler steps with, so x0 costs nothing."""
+    sched, grid = model.sampler(steps), model.sampling_taus(steps)
+    xs, taus, x0s = [], [], []
+    for i, tau in enumerate(grid):
+        t = torch.full((len(cond),), tau)
+        out = model.guided(x, t, cond, guidance) if guidance != 1.0 else model.predict(x, t, cond)
+        xs.append(x)
+        taus.append(tau)
+        x0s.append(split(model, x, out, t)[0])
+        x = sched.step(out, sched.timesteps[i], x).prev_sample
+    return torch.stack(xs), torch.tensor(taus), torch.stack(x0s)
 
 
 @torch.no_grad()

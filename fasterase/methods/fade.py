@@ -1,0 +1,402 @@
+"""FADE: Fair Adversarial Diffusion Erasure (fade.txt Sec. 4, Algorithm 1).
+
+A concept discriminator D (training/discriminator.py) learns to tell the model's own generations
+for the concept's prompts P_c from those for the same prompts with the concept removed or replaced
+(P_-c), and the model learns to fool it, on its salient entries only:
+  L_D    = BCE of D on x_c (target 1) and x_-c (target 0)                      (Sec. 4.1)
+  L_rem  = -log(1 - D(x_c))                                                   (Sec. 4.1)
+  L_pres = |eps_theta(x_t, y) - eps_orig(x_t, y)|^2, y in P_-c, tau > T0      (Sec. 4.2)
+  model step on L_rem + lambda L_pres (eq. 1), D stepped alongside at lr * d_lr_ratio (Sec. 4.3).
+
+Where this departs from the paper, and why:
+- x_c for L_rem. The paper back-propagates D through "M_theta(y_c)", the whole sampling chain,
+  which does not scale. Here x_c is the clean latent that one guided prediction implies from x_t,
+  a state of the model's own guided rollout (no gradient) at a grid step drawn from those at or
+  below T0: the gradient reaches theta through that last prediction only, at the late steps that
+  Sec. 4.2 lets change while L_pres holds the early ones. D is trained on the same kind of input
+  (the rollouts' one-step x_0 predictions at every grid step). Drawn from every step instead,
+  toy-sd kept a circle in 3% of circle prompts and 55% of two-shape scenes (bench/RESULTS.md).
+- Rollouts come from a buffer refreshed every `refresh_every` steps from the current model (one
+  batched guided run of `rollouts` concept prompts, their paired neutral prompts from the same
+  noise, and the preserved concepts' prompts): a step then costs 2 batch_size forward and backward
+  passes (L_rem, guided) plus batch_size forward and backward and batch_size teacher forward passes
+  (L_pres), instead of a sample_steps-long guided run per step.
+- L_pres also holds the preserved concepts' prompts (ConceptSet.preserve; the toy world preserves
+  the shapes not erased), at every noise level, half of each L_pres batch: P_-c at the early steps
+  alone (the paper's eq.) left the late steps of every prompt free, and the adversarial game has a
+  trivial equilibrium there, every output destroyed alike (toy-sd circle, lr 1e-4 and 3e-4: D at
+  chance after 65-89 steps, and no shape drawn at all; bench/RESULTS.md).
+- D's accuracy is measured prequentially: on each refresh's new clean samples (the rollouts' last
+  step) before D trains on them, so they are held back from it; training stops when it stays within
+  0.5 +- stop_delta for stop_patience refreshes in a row (Sec. 4.3's stopping rule).
+- Salient entries: summed |gradient| over concept generations of |eps(x_t, y_c) - eps(x_t, y_-c)|^2,
+  Sec. 4.2's example concept loss, top `saliency_share` kept, trained with SalientAdamW (8-bit
+  states), every other weight bit-identical; the Edit stores only the changed entries.
+- Several concepts (appendix B): one D with one head per concept, one run; L_rem reads each
+  generation's own head.
+- Ablations (Table 2): removal="l2" replaces L_rem by the paper's surrogate |x_c - sg[x_-c]|^2 (the
+  clean latents one guided prediction implies at the same x_t for the concept prompt and its neutral
+  pair); lambda_pres=0 drops L_pres; saliency=False trains every entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..concepts import ConceptSet
+from ..edit import Edit, fingerprint
+from ..errors import UserError
+from ..models import Cond, Denoiser
+from ..optim import SalientAdamW
+from ..training import loop, params, saliency, sampling
+from ..training.discriminator import ConceptDiscriminator, accuracy, discriminator_loss, removal_loss
+from . import ranges
+
+NEUTRAL, PRESERVED = -1, -2  # buffer row kinds besides concept indices
+
+
+@dataclass
+class FADEConfig:
+    # The paper gives omega (2.0), T0 ("mid-way": 0.5), N (1000 steps, an upper bound here: training
+    # stops when D is at chance) and no per-type values: every concept type shares these.
+    steps: int = 400  # most training steps (fewer when D reaches chance)
+    lr: float = 1e-4  # of the salient entries (SalientAdamW); measured on toy-sd (bench/RESULTS.md)
+    lambda_pres: float = 30.0  # lambda of eq. (1), which the paper leaves free; measured on toy-sd
+    t0: float = 0.5  # T0: L_pres on P_-c above it (the early, high-noise steps), L_rem at or below it
+    guidance: float = 2.0  # omega of every rollout (Sec. 4.3: "moderate, e.g. 2.0")
+    # replaces the concept's name in P_-c ("" removes it); None: the preserved concepts' names in turn, or
+    # the concept's anchor when nothing is preserved
+    neutral: str | None = None
+    removal: str = "adversarial"  # or "l2": Table 2's surrogate without the discriminator in the loss
+    d_lr_ratio: float = 1.0  # D's learning rate / lr
+    d_steps: int = 5  # D steps per training step, so D stays near its optimum for the current model (Sec. 4.3)
+    d_pretrain_steps: int = 200  # D steps on the original model's generations before training starts
+    d_batch: int = 64  # generations per D step
+    saliency: bool = True  # False: every entry trains (Table 2's w/o saliency)
+    saliency_share: float = 0.05  # share of the network's entries kept
+    saliency_samples: int = 16  # concept generations whose summed |gradient| ranks the entries
+    batch_size: int = 4  # generations per step for L_rem, and again for L_pres
+    rollouts: int = 16  # concept prompts per buffer refresh (with as many neutral, and preserved, prompts)
+    refresh_every: int = 4  # steps between buffer refreshes
+    sample_steps: int = 20  # sampler steps of the rollouts
+    stop_delta: float = 0.05  # stop when D's held-back accuracy is within 0.5 +- stop_delta ...
+    stop_patience: int = 3  # ... on this many refreshes in a row
+    seed: int = 0
+    checkpoint: str | None = None  # file to checkpoint to and resume from (D and the buffer included)
+    max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
+
+    def __post_init__(self):
+        ranges.check_common("FADE", self)
+        ranges.check("FADE", "lambda_pres", self.lambda_pres, 0, ranges.MAX_SCALE)
+        if not 0.0 <= self.t0 < 1.0:
+            raise UserError(f"FADE option t0 (T0) must be a noise level in [0, 1) (1 = pure noise; L_pres acts above "
+                            f"it), got {self.t0!r}")
+        if self.removal not in ("adversarial", "l2"):
+            raise UserError(f"FADE option removal must be 'adversarial' (L_rem against D) or 'l2' (Table 2's "
+                            f"surrogate), got {self.removal!r}")
+        if self.neutral is not None and (not isinstance(self.neutral, str) or "," in self.neutral):
+            raise UserError(f"FADE option neutral must be a word or phrase without commas (or unset), "
+                            f"got {self.neutral!r}")
+        ranges.check("FADE", "d_lr_ratio", self.d_lr_ratio, 0, ranges.MAX_SCALE, above=True)
+        ranges.check("FADE", "saliency_share", self.saliency_share, 0, 1, above=True)
+        ranges.check("FADE", "stop_delta", self.stop_delta, 0, 0.5)
+        for k in ("d_steps", "d_batch", "saliency_samples", "rollouts", "refresh_every", "stop_patience"):
+            ranges.check("FADE", k, getattr(self, k), 1, ranges.MAX_BATCH, integer=True)
+        ranges.check("FADE", "d_pretrain_steps", self.d_pretrain_steps, 0, integer=True)
+        if not isinstance(self.saliency, bool):
+            raise UserError(f"FADE option saliency must be true or false, got {self.saliency!r}")
+
+
+def idle_options(cfg: FADEConfig, given: set[str], model: Denoiser, concepts: ConceptSet) -> list[str]:
+    """The options the user set (`given`) that cannot act on this run, each with why."""
+    idle = []
+    if not cfg.saliency:
+        idle += [f"{k}: saliency=False trains every entry" for k in ("saliency_share", "saliency_samples")
+                 if k in given]
+    if cfg.lambda_pres == 0:
+        idle += [f"{k}: lambda_pres=0 has no preservation loss" for k in ("t0", "preserve") if k in given]
+    return idle
+
+
+@dataclass
+class Prompts:
+    """Every prompt of the run, encoded once, and the rows the buffer draws: concept prompts (with their
+    concept index), their neutral pairs, and the preserved prompts."""
+
+    concept: list[tuple[str, int]]
+    neutral: list[str]  # neutral[i] pairs concept[i]
+    preserved: list[str]
+
+
+def prompt_sets(concepts: ConceptSet, cfg: FADEConfig) -> Prompts:
+    """P_c from each concept's templates and attributes; P_-c the same prompts with the name replaced
+    by `neutral`, or when it is unset by the preserved concepts' names in turn (the toy world: the
+    other shapes, or the other colours), or with nothing preserved by the concept's anchor.
+
+    Why the preserved names by default: D then has to learn the concept itself, what tells a circle
+    from a square, not that some object is there. Against the empty prompts a shape's removal gives
+    (toy-sd circle: bench/RESULTS.md), D learned "a coloured object is there", and fooling it faded
+    the colour of every shape."""
+    concept, neutral = [], []
+    for k, c in enumerate(concepts):
+        if cfg.neutral is not None:
+            words = [cfg.neutral]
+        else:
+            words = list(concepts.preserve) or [c.anchor]
+        prompts = c.prompts(augment=True)
+        concept += [(p, k) for p in prompts]
+        for i in range(len(prompts)):  # prompt i with the i-th word in turn, same template and attribute
+            neutral.append(dataclasses.replace(c, anchor=words[i % len(words)]).anchor_prompts(augment=True)[i])
+    preserved = list(dict.fromkeys(concepts.preserve_prompts(concepts.concepts[0])))
+    return Prompts(concept, neutral, preserved)
+
+
+class Adversary:
+    """D, its optimizer, the rollout buffer and the accuracy curve: the state FADE trains beside the
+    model (a loop.Companion: checkpointed with it, shown on the progress bar, and ending training
+    when D is at chance)."""
+
+    def __init__(self, model: Denoiser, prompts: Prompts, concepts: int, cfg: FADEConfig):
+        self.model, self.prompts, self.cfg = model, prompts, cfg
+        self.texts = [t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved  # buffer text ids
+        self.text_ids = {t: i for i, t in reversed(list(enumerate(self.texts)))}
+        channels = model.latent_image(model.noise(1, torch.Generator().manual_seed(0))).shape[1]
+        with torch.random.fork_rng():  # D's init draws from the global generator
+            torch.manual_seed(cfg.seed)
+            self.d = ConceptDiscriminator(channels, concepts).to(model.network.device)
+        self.d.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.d.parameters(), lr=cfg.lr * cfg.d_lr_ratio, weight_decay=0.0)
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.curve: list[tuple[int, float]] = []  # (step, D's held-back accuracy)
+        self.last = {"d_loss": float("nan"), "rem": float("nan"), "pres": float("nan")}
+
+    # --- loop.Companion ---
+    def state_dict(self) -> dict:
+        return {"d": self.d.state_dict(), "optimizer": self.optimizer.state_dict(), "buffer": dict(self.buffer),
+                "curve": [list(c) for c in self.curve], "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.d.load_state_dict(state["d"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer = dict(state["buffer"])
+        self.curve = [(int(s), float(a)) for s, a in state["curve"]]
+        self.last = dict(state["last"])
+
+    def postfix(self) -> dict:
+        acc = f"{self.curve[-1][1]:.2f}" if self.curve else "-"
+        return {"rem": f"{self.last['rem']:.3g}", "pres": f"{self.last['pres']:.3g}",
+                "d_loss": f"{self.last['d_loss']:.3g}", "d_acc": acc}
+
+    def finished(self) -> bool:
+        recent = [a for _, a in self.curve[-self.cfg.stop_patience:]]
+        return len(recent) == self.cfg.stop_patience and all(abs(a - 0.5) <= self.cfg.stop_delta for a in recent)
+
+    # --- the buffer ---
+    @torch.no_grad()
+    def refresh(self, g: torch.Generator) -> None:
+        """New rollouts from the current model: `rollouts` concept prompts, their neutral pairs from the
+        same noise, and as many preserved prompts; every grid step's x_t, tau and one-step x_0 kept."""
+        cfg, p = self.cfg, self.prompts
+        pick = torch.randint(len(p.concept), (cfg.rollouts,), generator=g)
+        kinds = [p.concept[i][1] for i in pick.tolist()] + [NEUTRAL] * cfg.rollouts
+        texts = [p.concept[i][0] for i in pick.tolist()] + [p.neutral[i] for i in pick.tolist()]
+        noise = self.model.noise(cfg.rollouts, g)
+        x = [noise, noise]
+        if p.preserved:
+            keep = torch.randint(len(p.preserved), (cfg.rollouts,), generator=g).tolist()
+            kinds += [PRESERVED] * cfg.rollouts
+            texts += [p.preserved[i] for i in keep]
+            x.append(self.model.noise(cfg.rollouts, g))
+        xs, taus, x0s = sampling.rollout_predictions(self.model, self.model.encode(texts), cfg.sample_steps,
+                                                     cfg.guidance, torch.cat(x))
+        self.buffer = {"x": xs, "tau": taus, "x0": x0s, "kind": torch.tensor(kinds), "pair": pick.repeat(len(x)),
+                       "text": torch.tensor([self.text_ids[t] for t in texts])}
+
+    def cond(self, rows: torch.Tensor) -> Cond:
+        """The conditioning of buffer rows."""
+        return self.model.encode([self.texts[int(i)] for i in self.buffer["text"][rows]])
+
+    def draw(self, n: int, kind: int, g: torch.Generator, above: float | None = None, below: float | None = None):
+        """n (row, step) pairs from the buffer: rows of `kind` (NEUTRAL, PRESERVED, or any concept for a
+        value >= 0), at steps whose tau is above `above` / at or below `below` when given."""
+        kinds = self.buffer["kind"]
+        rows = torch.nonzero(kinds >= 0 if kind >= 0 else kinds == kind).reshape(-1)
+        steps = torch.arange(len(self.buffer["tau"]))
+        if above is not None:
+            steps = steps[self.buffer["tau"] > above]
+        if below is not None:
+            steps = steps[self.buffer["tau"] <= below]
+        r = rows[torch.randint(len(rows), (n,), generator=g)]
+        s = steps[torch.randint(len(steps), (n,), generator=g)]
+        return r, s
+
+    # --- D ---
+    def held_back_accuracy(self, step: int) -> float:
+        """D on the buffer's clean end (the last grid step), before it trains on these rollouts."""
+        kind = self.buffer["kind"]
+        rows = torch.nonzero(kind >= NEUTRAL).reshape(-1)
+        x0 = self.buffer["x0"][-1, rows]
+        with torch.no_grad():
+            acc = accuracy(self.d(self.model.latent_image(x0)), kind[rows])
+        self.curve.append((step, acc))
+        return acc
+
+    def train_d(self, g: torch.Generator) -> float:
+        """One D step on generations from the buffer: half concept rows, half neutral ones."""
+        half = self.cfg.d_batch // 2
+        rc, sc = self.draw(self.cfg.d_batch - half, 0, g)
+        rn, sn = self.draw(half, NEUTRAL, g)
+        rows, steps = torch.cat([rc, rn]), torch.cat([sc, sn])
+        x0 = self.buffer["x0"][steps, rows]
+        self.d.requires_grad_(True)
+        try:
+            loss = discriminator_loss(self.d(self.model.latent_image(x0)), self.buffer["kind"][rows])
+            if not torch.isfinite(loss):
+                raise loop.NonFiniteLoss(f"the discriminator's loss is not finite ({loss.item()}); stopping. "
+                                         "Lower lr or d_lr_ratio.")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        finally:
+            self.d.requires_grad_(False)
+        self.last["d_loss"] = loss.item()
+        return loss.item()
+
+
+def clean_latents(model: Denoiser, x: torch.Tensor, tau: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
+    """The clean latents one guided prediction implies from x at tau (differentiable), image-shaped."""
+    out = model.guided(x, tau, cond, guidance) if guidance != 1.0 else model.predict(x, tau, cond)
+    return model.latent_image(sampling.split(model, x, out, tau)[0])
+
+
+def fade_loss(model: Denoiser, adversary: Adversary, cfg: FADEConfig, teacher):
+    """loss_fn(step, generator) of the training loop: refresh the buffer when due (D's held-back
+    accuracy first), d_steps D steps, then L_rem + lambda L_pres for the model (D fixed)."""
+    b = cfg.batch_size
+
+    def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
+        if step % cfg.refresh_every == 0:
+            adversary.refresh(g)
+            adversary.held_back_accuracy(step)
+        for _ in range(cfg.d_steps):
+            adversary.train_d(g)
+        buf = adversary.buffer
+        if cfg.lambda_pres > 0:  # the teacher first: switching the edit off writes the weights in place
+            prow, pstep = adversary.draw(b, NEUTRAL, g, above=cfg.t0)
+            if adversary.prompts.preserved:  # half the batch: preserved prompts, at every step
+                keep, kstep = adversary.draw(b - b // 2, PRESERVED, g)
+                prow, pstep = torch.cat([prow[:b // 2], keep]), torch.cat([pstep[:b // 2], kstep])
+            xp, tp, pcond = buf["x"][pstep, prow], buf["tau"][pstep], adversary.cond(prow)
+            with torch.no_grad(), teacher():
+                original = model.predict(xp, tp, pcond)
+        rows, steps = adversary.draw(b, 0, g, below=cfg.t0)
+        x, tau = buf["x"][steps, rows], buf["tau"][steps]
+        cond = adversary.cond(rows)
+        x0 = clean_latents(model, x, tau, cond, cfg.guidance)
+        if cfg.removal == "adversarial":
+            rem = removal_loss(adversary.d(x0), buf["kind"][rows])
+        else:  # Table 2's w/o Adv: the concept prompt's x_0 pulled to its neutral pair's, at the same x_t
+            pair = model.encode([adversary.prompts.neutral[int(i)] for i in buf["pair"][rows]])
+            with torch.no_grad():
+                target = clean_latents(model, x, tau, pair, cfg.guidance)
+            rem = F.mse_loss(x0, target)
+        loss, pres = rem, torch.zeros(())
+        if cfg.lambda_pres > 0:
+            pres = F.mse_loss(model.predict(xp, tp, pcond), original)
+            loss = loss + cfg.lambda_pres * pres
+        adversary.last.update(rem=rem.item(), pres=pres.item())
+        return loss
+
+    return loss_fn
+
+
+def concept_saliency(model: Denoiser, adversary: Adversary, cfg: FADEConfig, g: torch.Generator,
+                     progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """The salient entries (Sec. 4.3): summed |gradient| of |eps(x_t, y_c) - eps(x_t, y_-c)|^2 over
+    `saliency_samples` concept generations from the buffer (the original model's), top share kept."""
+    net = model.network
+    names = [n for n, p in net.named_parameters() if p.is_floating_point()]
+    tensors = [net.get_parameter(n) for n in names]
+    was = [p.requires_grad for p in tensors]
+    sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in zip(names, tensors)}
+    buf = adversary.buffer
+    rows, steps = adversary.draw(cfg.saliency_samples, 0, g)
+    start = time.perf_counter()
+    try:
+        for p in tensors:
+            p.requires_grad_(True)
+        for r, s in tqdm(list(zip(rows.tolist(), steps.tolist())), desc="fade saliency", disable=not progress,
+                         leave=False):
+            x, tau = buf["x"][s, r][None], buf["tau"][s][None]
+            cond = model.encode([adversary.texts[int(buf["text"][r])], adversary.prompts.neutral[int(buf["pair"][r])]])
+            pred = model.predict(torch.cat([x, x]), torch.cat([tau, tau]), cond)
+            grads = torch.autograd.grad((pred[0] - pred[1]).square().sum(), tensors)
+            for n, gr in zip(names, grads):
+                sums[n] += gr.float().abs()
+    finally:
+        for p, w in zip(tensors, was):
+            p.requires_grad_(w)
+    mask = saliency.top_share(sums, cfg.saliency_share)
+    return mask, {"saliency_samples": cfg.saliency_samples, "saliency_selected": saliency.selected(mask),
+                  "saliency_candidates": sum(s.numel() for s in sums.values()), "saliency_tensors": len(mask),
+                  "saliency_time_s": round(time.perf_counter() - start, 2)}
+
+
+def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool = True) -> Edit:
+    net = model.network
+    prompts = prompt_sets(concepts, cfg)
+    model.encode([t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved + [""])
+    if cfg.checkpoint:
+        loop.check_checkpoint(cfg.checkpoint)  # before any work
+    grid = model.sampling_taus(cfg.sample_steps)
+    if not any(t > cfg.t0 for t in grid) or not any(t <= cfg.t0 for t in grid):
+        raise UserError(f"FADE option t0={cfg.t0:g} leaves no sampler step on one side: the {cfg.sample_steps}-step "
+                        f"grid's noise levels run from {grid[0]:.3g} to {grid[-1]:.3g}; L_pres needs steps above t0 "
+                        f"and L_rem steps at or below it")
+    adversary = Adversary(model, prompts, len(concepts), cfg)
+    # D pretrained on the original model's generations (Sec. 4.3); the saliency ranking uses them too
+    g = loop.step_generator(cfg.seed, 1)
+    adversary.refresh(g)
+    for _ in tqdm(range(cfg.d_pretrain_steps), desc="fade D pretraining", disable=not progress, leave=False):
+        adversary.train_d(g)
+    adversary.refresh(loop.step_generator(cfg.seed, 3))  # new generations, held back from D
+    pretrained = adversary.held_back_accuracy(0)
+    adversary.curve.clear()
+    if pretrained <= 0.5 + cfg.stop_delta:
+        raise UserError(f"after {cfg.d_pretrain_steps} pretraining steps the discriminator tells the concept's "
+                        f"generations from the neutral prompts' no better than chance (held-back accuracy "
+                        f"{pretrained:.2f}): the model may not draw {', '.join(concepts.names)}, or D needs more "
+                        f"d_pretrain_steps")
+    if cfg.saliency:
+        mask, report = concept_saliency(model, adversary, cfg, loop.step_generator(cfg.seed, 2), progress)
+    else:
+        mask = {n: torch.arange(p.numel(), dtype=torch.int32) for n, p in net.named_parameters()
+                if p.is_floating_point()}
+        report = {}
+    change = params.MaskedChange(net, mask)
+    base = fingerprint(net, list(change.params))
+    trainable = list(change.params.values())
+    masks = {change.params[n]: change.indices[n].to(torch.int32) for n in change.params} if cfg.saliency else None
+    optimizer = SalientAdamW(trainable, lr=cfg.lr, weight_decay=0.0, masks=masks)
+    loss_fn = fade_loss(model, adversary, cfg, teacher=change.off)
+    net.train()
+    try:
+        stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
+                           desc=f"fade {','.join(concepts.names)}", run=loop.identity("fade", concepts, cfg, base),
+                           max_skipped_steps=cfg.max_skipped_steps, companion=adversary)
+        values = change.current()
+    finally:  # the model leaves as it came; the caller applies the returned Edit
+        net.eval()
+        change.restore()
+    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.params}
+    return Edit(method="fade", model_kind=model.kind, concepts=[c.to_dict() for c in concepts], config=asdict(cfg),
+                base_fingerprint=base, entries=entries,
+                report={**report, "d_pretrained_accuracy": pretrained,
+                        "trained_entries": sum(i.numel() for i in change.indices.values()),
+                        "trained_tensors": len(change.params), "d_accuracy": adversary.curve,
+                        "stopped_early": stats["steps"] < cfg.steps, **stats})

@@ -1,0 +1,331 @@
+"""FADE: the discriminator's loss and update, the removal and preservation terms, salient entries,
+the switched-off teacher, several concepts, early stopping, resume, options; and no method ever
+touching the evaluation's detector."""
+import dataclasses
+
+import pytest
+import torch
+
+import fasterase
+from fasterase import models
+from fasterase.concepts import Concept, as_concepts
+from fasterase.errors import UserError
+from fasterase.methods import fade
+from fasterase.toy import concepts as toy_concepts
+from fasterase.toy import detector
+from fasterase.training import discriminator, loop, params, sampling
+
+MODELS = ["toy-sd", "toy-flux"]
+FAST = {"steps": 3, "batch_size": 2, "rollouts": 4, "refresh_every": 2, "sample_steps": 6, "d_pretrain_steps": 30,
+        "d_batch": 16, "d_steps": 1, "saliency_samples": 2, "stop_patience": 100}
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTERASE_CACHE", str(tmp_path / "cache"))
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.network.state_dict().items()}
+
+
+# --- the discriminator ----------------------------------------------------------------------------
+
+def test_discriminator_loss_is_per_head_bce():
+    """Sec. 4.1's BCE per head: concept k's generation has target 1 on head k only, a neutral one 0 on all."""
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0], [-2.0, 0.25]])
+    concept = torch.tensor([0, 1, -1])
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    p = torch.sigmoid(logits)
+    expected = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+    torch.testing.assert_close(discriminator.discriminator_loss(logits, concept), expected)
+
+
+def test_removal_loss_reads_each_generations_own_head():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]], requires_grad=True)
+    loss = discriminator.removal_loss(logits, torch.tensor([0, 1]))
+    expected = -(torch.log(1 - torch.sigmoid(torch.tensor(2.0))) + torch.log(1 - torch.sigmoid(torch.tensor(3.0)))) / 2
+    torch.testing.assert_close(loss, expected)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[0, 1] == 0 and grad[1, 0] == 0 and grad[0, 0] > 0 and grad[1, 1] > 0  # other heads untouched
+
+
+def test_accuracy_counts_own_head_and_all_absent():
+    logits = torch.tensor([[1.0, -1.0], [1.0, -1.0], [-1.0, -1.0], [-1.0, 2.0]])
+    # concept 0 said present (right); concept 1 said absent (wrong); neutral all absent (right); neutral one present
+    assert discriminator.accuracy(logits, torch.tensor([0, 1, -1, -1])) == 0.5
+
+
+def test_discriminator_update_separates_hand_made_generations():
+    """train_d on a buffer whose concept generations are bright blobs and neutral ones empty latents."""
+    model = models.load("toy-sd")
+    cfg = fade.FADEConfig(**{**FAST, "d_batch": 32})
+    prompts = fade.prompt_sets(as_concepts([toy_concepts.concept("circle")]), cfg)
+    adv = fade.Adversary(model, prompts, 1, cfg)
+    g = torch.Generator().manual_seed(0)
+    shape = model.noise(1, g).shape[1:]
+    n, steps = 8, 3
+    blob = torch.zeros(shape)
+    blob[:, 2:6, 4:8] = 2.0
+    x0 = torch.stack([torch.stack([blob + 0.1 * torch.randn(shape, generator=g) if i < n // 2
+                                   else 0.1 * torch.randn(shape, generator=g) for i in range(n)]) for _ in range(steps)])
+    adv.buffer = {"x": x0.clone(), "tau": torch.tensor([0.9, 0.5, 0.1]), "x0": x0,
+                  "kind": torch.tensor([0] * (n // 2) + [fade.NEUTRAL] * (n // 2)), "pair": torch.zeros(n).long(),
+                  "text": torch.zeros(n).long()}
+    first = adv.train_d(g)
+    for _ in range(100):
+        last = adv.train_d(g)
+    assert last < 0.5 * first
+    assert adv.held_back_accuracy(0) == 1.0
+    assert not any(p.requires_grad for p in adv.d.parameters())  # D is frozen outside its own step
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_discriminator_reads_each_models_latents(name):
+    model = models.load(name)
+    cfg = fade.FADEConfig(**FAST)
+    cs = as_concepts([toy_concepts.concept(n) for n in ("circle", "square", "star")])
+    adv = fade.Adversary(model, fade.prompt_sets(cs, cfg), len(cs), cfg)
+    x = model.noise(3, torch.Generator().manual_seed(0))
+    assert adv.d(model.latent_image(x)).shape == (3, 3)  # one head per concept
+
+
+# --- prompts, x_0 and the buffer -------------------------------------------------------------------
+
+def test_neutral_prompts_pair_the_concept_prompts():
+    """P_-c: each concept prompt with the name replaced by the preserved concepts in turn (same template and
+    attribute), by `neutral` when given, by the anchor when nothing is preserved."""
+    c = Concept("circle", templates=("a photo of a {}", "a {} on a white background"), attributes=("red",))
+    p = fade.prompt_sets(as_concepts([c], preserve=["square", "star"]), fade.FADEConfig())
+    assert [t for t, _ in p.concept] == c.prompts(augment=True)
+    assert p.neutral == ["a photo of a square", "a star on a white background", "a photo of a red square",
+                         "a red star on a white background"]
+    assert "a photo of a square" in p.preserved
+    given = fade.prompt_sets(as_concepts([c], preserve=["square"]), fade.FADEConfig(neutral=""))
+    assert given.neutral == ["a photo of a", "a on a white background", "a photo of a red", "a red on a white background"]
+    alone = fade.prompt_sets(as_concepts([dataclasses.replace(c, anchor="shape")]), fade.FADEConfig())
+    assert alone.neutral[0] == "a photo of a shape" and alone.preserved == []
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_clean_latents_are_what_the_prediction_implies(name):
+    """x_0 from (x_t, prediction) inverts add_noise / target: noising x_0 again gives x_t back."""
+    model = models.load(name)
+    g = torch.Generator().manual_seed(1)
+    x0, n = model.noise(2, g), model.noise(2, g)
+    tau = torch.tensor([0.3, 0.8])
+    x = model.add_noise(x0, n, tau)
+    got, noise = sampling.split(model, x, model.target(x0, n, tau), tau)
+    torch.testing.assert_close(got, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(noise, n, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_rollout_keeps_every_step_of_one_sampling_run(name):
+    model = models.load(name)
+    cond = model.encode(["a photo of a circle", "a photo of a square"])
+    noise = model.noise(2, torch.Generator().manual_seed(2))
+    xs, taus, x0s = sampling.rollout_predictions(model, cond, 5, 2.0, noise)
+    assert xs.shape[:2] == (5, 2) and x0s.shape == xs.shape and taus.tolist() == pytest.approx(model.sampling_taus(5))
+    assert torch.equal(xs[0], noise)
+    (x3,) = model.trajectory(cond, 5, [3], 2.0, x=noise)
+    torch.testing.assert_close(xs[3], x3)
+
+
+# --- training -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_only_salient_entries_change(name):
+    model = models.load(name)
+    before = state(model)
+    cs = fasterase.api._resolve_concepts(model, "circle", None)
+    edit = fade.run(model, cs, fade.FADEConfig(**FAST), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in state(model).items())  # run() leaves the model as it was
+    report = edit.report
+    assert 0 < report["saliency_selected"] == report["trained_entries"] < report["saliency_candidates"]
+    assert report["trained_entries"] <= 0.05 * report["saliency_candidates"] + 50  # the top share (ties kept)
+    edit.apply(model)
+    after = state(model)
+    moved = 0
+    for k in before:
+        changed = (before[k] != after[k]).reshape(-1)
+        if k not in edit.entries:
+            assert not changed.any(), k
+            continue
+        outside = torch.ones_like(changed)
+        outside[edit.entries[k][0].long()] = False
+        assert not (changed & outside).any(), k
+        moved += int(changed.sum())
+    assert moved > 0
+
+
+def test_teacher_is_the_switched_off_edit(monkeypatch):
+    """L_pres's teacher predictions run on the network itself with the trained entries at their base
+    values (no second copy); the student's, after the first update, on the trained ones."""
+    model = models.load("toy-sd")
+    net = model.network
+    cs = fasterase.api._resolve_concepts(model, "circle", None)
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    calls, inside = [], []
+    real_predict, real_off = model.predict, params.MaskedChange.off
+
+    def spy(x, tau, cond):
+        same = all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
+        calls.append((bool(inside), same, torch.is_grad_enabled()))
+        return real_predict(x, tau, cond)
+
+    def off(self):
+        cm = real_off(self)
+
+        class Tracked:
+            def __enter__(self_):
+                cm.__enter__()
+                inside.append(1)
+
+            def __exit__(self_, *exc):
+                inside.pop()
+                return cm.__exit__(*exc)
+
+        return Tracked()
+
+    monkeypatch.setattr(model, "predict", spy)
+    monkeypatch.setattr(params.MaskedChange, "off", off)
+    fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 3}), progress=False)
+    teacher = [c for c in calls if c[0]]
+    assert len(teacher) == 3 and all(same and not grad for _, same, grad in teacher)
+    assert any(not same and grad for is_teacher, same, grad in calls if not is_teacher)  # the student, trained
+
+
+def test_removal_gradient_reaches_only_the_trained_entries(monkeypatch):
+    """The optimizer gets gradients on the salient tensors only; every other parameter has none."""
+    model = models.load("toy-sd")
+    cs = fasterase.api._resolve_concepts(model, "circle", None)
+    grads = {}
+    real = fade.SalientAdamW.step
+
+    def spy(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                grads[id(p)] = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        return real(self, closure)
+
+    monkeypatch.setattr(fade.SalientAdamW, "step", spy)
+    edit = fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 1}), progress=False)
+    assert grads and any(grads.values())
+    trained = {id(model.network.get_parameter(n)) for n in edit.entries}
+    assert set(grads) == trained  # the optimizer holds the salient tensors only
+    assert all(not p.requires_grad for p in model.network.parameters())  # and leaves every weight frozen
+
+
+def test_several_concepts_one_run_one_head_each():
+    model = models.load("toy-sd")
+    cs = fasterase.api._resolve_concepts(model, ["circle", "square"], None)
+    edit = fade.run(model, cs, fade.FADEConfig(**FAST), progress=False)
+    assert [c["name"] for c in edit.concepts] == ["circle", "square"]
+    assert edit.report["trained_entries"] > 0
+
+
+def test_stops_when_the_discriminator_is_at_chance(monkeypatch):
+    model = models.load("toy-sd")
+    cs = fasterase.api._resolve_concepts(model, "circle", None)
+    accs = iter([0.9, 0.52, 0.47, 0.5, 0.5, 0.5, 0.5])
+    real = fade.Adversary.held_back_accuracy
+    calls = []
+
+    def fake(self, step):
+        value = real(self, step)
+        calls.append(step)
+        if len(calls) == 1:  # the check after pretraining keeps its real value
+            return value
+        self.curve[-1] = (step, next(accs))
+        return self.curve[-1][1]
+
+    monkeypatch.setattr(fade.Adversary, "held_back_accuracy", fake)
+    edit = fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 40, "refresh_every": 2, "stop_patience": 3}),
+                    progress=False)
+    # refreshes at steps 0, 2, 4, 6 read 0.9, 0.52, 0.47, 0.5: three in a row within 0.5 +- 0.05 after step 6
+    assert edit.report["stopped_early"] and edit.report["steps"] == 7
+    assert edit.report["d_accuracy"] == [(0, 0.9), (2, 0.52), (4, 0.47), (6, 0.5)]
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    cs = as_concepts([toy_concepts.concept("circle")], preserve=["square"])
+    cfg = {**FAST, "steps": 5}
+    full = fade.run(models.load("toy-sd"), cs, fade.FADEConfig(**cfg), progress=False)
+
+    ckpt = tmp_path / "fade.ckpt"
+    real_train, real_loss = loop.train, fade.fade_loss
+    monkeypatch.setattr(loop, "train", lambda *a, **k: real_train(*a, **{**k, "checkpoint_every": 1}))
+
+    def interrupting(*args, **kwargs):
+        fn = real_loss(*args, **kwargs)
+
+        def loss_fn(step, g):
+            if step == 3:  # after a buffer refresh (step 2) and D steps were checkpointed
+                raise KeyboardInterrupt
+            return fn(step, g)
+
+        return loss_fn
+
+    monkeypatch.setattr(fade, "fade_loss", interrupting)
+    model = models.load("toy-sd")
+    before = state(model)
+    with pytest.raises(KeyboardInterrupt):
+        fade.run(model, cs, fade.FADEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in state(model).items())
+    monkeypatch.setattr(fade, "fade_loss", real_loss)
+    resumed = fade.run(models.load("toy-sd"), cs, fade.FADEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
+    assert resumed.entries.keys() == full.entries.keys()
+    for k, (idx, values) in full.entries.items():
+        assert torch.equal(resumed.entries[k][0], idx) and torch.equal(resumed.entries[k][1], values)
+    assert resumed.report["d_accuracy"] == full.report["d_accuracy"]
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"t0": 1.0}, "t0"),
+    ({"t0": -0.1}, "t0"),
+    ({"removal": "pixel"}, "removal"),
+    ({"saliency_share": 0}, "saliency_share"),
+    ({"saliency_share": 1.5}, "saliency_share"),
+    ({"stop_delta": 0.7}, "stop_delta"),
+    ({"lambda_pres": -1}, "lambda_pres"),
+    ({"d_lr_ratio": 0}, "d_lr_ratio"),
+    ({"rollouts": 0}, "rollouts"),
+    ({"neutral": "a, b"}, "neutral"),
+    ({"steps": 0}, "steps"),
+    ({"t0": 0.95}, "no sampler step on one side"),
+])
+def test_bad_options(options, needle):
+    with pytest.raises(UserError, match=needle):
+        fasterase.erase("toy-sd", "circle", method="fade", progress=False, **{**FAST, **options})
+
+
+def test_a_concept_the_model_does_not_draw_is_refused():
+    """When D cannot tell the concept's generations from the neutral ones, nothing can be erased: an error,
+    not an early stop that reports success."""
+    with pytest.raises(UserError, match="no better than chance"):  # P_-c = P_c: each pair is one image twice
+        fasterase.erase("toy-sd", "circle", method="fade", progress=False, **{**FAST, "neutral": "circle"})
+
+
+# --- honest measurement ---------------------------------------------------------------------------
+
+TINY = {
+    "uce": {},
+    "esd": {"steps": 1, "batch_size": 1, "sample_steps": 2},
+    "ant": {"steps": 1, "batch_size": 1, "sample_steps": 2, "saliency_prompts": 1, "saliency_seeds": 1},
+    "fade": FAST,
+}
+
+
+@pytest.mark.parametrize("method", sorted(fasterase.methods()))
+def test_no_method_touches_the_evaluation_detector(method, monkeypatch):
+    """Every method erases with the detector's loader and network made unusable."""
+    assert set(TINY) == set(fasterase.methods())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a method loaded or called the evaluation's detector")
+
+    monkeypatch.setattr(detector, "load", refuse)
+    monkeypatch.setattr(detector.Detector, "forward", refuse)
+    monkeypatch.setattr(detector.Detector, "__init__", refuse)
+    fasterase.erase("toy-sd", "circle", method=method, progress=False, **TINY[method])
