@@ -249,31 +249,31 @@ def test_stops_when_the_discriminator_is_at_chance(monkeypatch):
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Interrupted inside a step, after that step refreshed the buffer and measured D but before the
+    model moved: the resumed run ends with the uninterrupted run's entries and D accuracy curve."""
     cs = as_concepts([toy_concepts.concept("circle")], preserve=["square"])
     cfg = {**FAST, "steps": 5}
     full = fade.run(models.load("toy-sd"), cs, fade.FADEConfig(**cfg), progress=False)
 
     ckpt = tmp_path / "fade.ckpt"
-    real_train, real_loss = loop.train, fade.fade_loss
+    real_train, real_step = loop.train, fade.Adversary.train_d
     monkeypatch.setattr(loop, "train", lambda *a, **k: real_train(*a, **{**k, "checkpoint_every": 1}))
+    calls = []
 
-    def interrupting(*args, **kwargs):
-        fn = real_loss(*args, **kwargs)
+    def interrupted(self, g):
+        calls.append(1)
+        if len(calls) == cfg["d_pretrain_steps"] + 3:  # step 2's D step, after its buffer refresh
+            raise KeyboardInterrupt
+        return real_step(self, g)
 
-        def loss_fn(step, g):
-            if step == 3:  # after a buffer refresh (step 2) and D steps were checkpointed
-                raise KeyboardInterrupt
-            return fn(step, g)
-
-        return loss_fn
-
-    monkeypatch.setattr(fade, "fade_loss", interrupting)
+    monkeypatch.setattr(fade.Adversary, "train_d", interrupted)
     model = models.load("toy-sd")
     before = state(model)
     with pytest.raises(KeyboardInterrupt):
         fade.run(model, cs, fade.FADEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
     assert all(torch.equal(before[k], v) for k, v in state(model).items())
-    monkeypatch.setattr(fade, "fade_loss", real_loss)
+    assert loop.read_checkpoint(ckpt)["step"] == 2
+    monkeypatch.setattr(fade.Adversary, "train_d", real_step)
     resumed = fade.run(models.load("toy-sd"), cs, fade.FADEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
     assert resumed.entries.keys() == full.entries.keys()
     for k, (idx, values) in full.entries.items():

@@ -34,12 +34,24 @@ Where this departs from the paper, and why:
   states), every other weight bit-identical; the Edit stores only the changed entries.
 - Several concepts (appendix B): one D with one head per concept, one run; L_rem reads each
   generation's own head.
+- L_rem's gradient reaches both branches of the guided prediction (x_c is a guided sample), the
+  empty prompt's too, and nothing holds the empty prompt: a drift there would reach every prompt's
+  guided sampling. The toy measurements show none (Acc_s 0.996 / 1.000), but it is not excluded.
+- The stopping rule reads D's accuracy on 2 * `rollouts` fresh samples (32 at the defaults: a
+  standard error of about 0.09, above stop_delta), and a D fooled into "absent" for every sample also
+  scores 0.5; the paper's rule, D's outputs near 0.5, is not what is measured.
+- P_c holds the concept's templates and attributes, not its synonyms (the paper's P_c may hold
+  them): evaluation keeps the toy world's synonyms for Acc_g, so no method sees them.
+- Sizes: the buffer keeps every grid step's x_t and x_0 in fp32 on the model's device (SD1.5 at the
+  defaults about 120 MB; FLUX at 1024 px about 2 GB), and the saliency ranking sums |gradient| in
+  fp32 over every parameter (SD1.5 3.4 GB; FLUX 48 GB, more than one GPU holds beside the model).
 - Ablations (Table 2): removal="l2" replaces L_rem by the paper's surrogate |x_c - sg[x_-c]|^2 (the
   clean latents one guided prediction implies at the same x_t for the concept prompt and its neutral
   pair); lambda_pres=0 drops L_pres; saliency=False trains every entry.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from dataclasses import asdict, dataclass
@@ -118,9 +130,7 @@ def idle_options(cfg: FADEConfig, given: set[str], model: Denoiser, concepts: Co
     if not cfg.saliency:
         idle += [f"{k}: saliency=False trains every entry" for k in ("saliency_share", "saliency_samples")
                  if k in given]
-    if cfg.lambda_pres == 0:
-        idle += [f"{k}: lambda_pres=0 has no preservation loss" for k in ("t0", "preserve") if k in given]
-    return idle
+    return idle  # t0 also splits L_rem's steps, and the preserved concepts also name P_-c: never idle
 
 
 @dataclass
@@ -173,12 +183,17 @@ class Adversary:
         self.optimizer = torch.optim.AdamW(self.d.parameters(), lr=cfg.lr * cfg.d_lr_ratio, weight_decay=0.0)
         self.buffer: dict[str, torch.Tensor] = {}
         self.curve: list[tuple[int, float]] = []  # (step, D's held-back accuracy)
+        self.mask: dict[str, torch.Tensor] = {}  # the salient entries trained
+        self.pretrained = float("nan")  # D's held-back accuracy after pretraining
         self.last = {"d_loss": float("nan"), "rem": float("nan"), "pres": float("nan")}
 
     # --- loop.Companion ---
     def state_dict(self) -> dict:
-        return {"d": self.d.state_dict(), "optimizer": self.optimizer.state_dict(), "buffer": dict(self.buffer),
-                "curve": [list(c) for c in self.curve], "last": dict(self.last)}
+        """A copy (the buffer's tensors are replaced, never written, so they are shared), with the salient
+        entries, so a resumed run trains exactly those (a GPU's gradients need not rank them the same twice)."""
+        return {"d": copy.deepcopy(self.d.state_dict()), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "buffer": dict(self.buffer), "curve": [list(c) for c in self.curve], "last": dict(self.last),
+                "mask": dict(self.mask), "pretrained": self.pretrained}
 
     def load_state_dict(self, state: dict) -> None:
         self.d.load_state_dict(state["d"])
@@ -186,6 +201,7 @@ class Adversary:
         self.buffer = dict(state["buffer"])
         self.curve = [(int(s), float(a)) for s, a in state["curve"]]
         self.last = dict(state["last"])
+        self.mask, self.pretrained = dict(state["mask"]), float(state["pretrained"])
 
     def postfix(self) -> dict:
         acc = f"{self.curve[-1][1]:.2f}" if self.curve else "-"
@@ -347,6 +363,28 @@ def concept_saliency(model: Denoiser, adversary: Adversary, cfg: FADEConfig, g: 
                   "saliency_time_s": round(time.perf_counter() - start, 2)}
 
 
+def _prepare(model: Denoiser, adversary: Adversary, cfg: FADEConfig, concepts: ConceptSet, progress: bool) -> dict:
+    """D pretrained on the original model's generations (Sec. 4.3) and checked on new ones it has not
+    seen; the salient entries ranked on those (adversary.mask; empty without saliency). Returns the
+    saliency report."""
+    g = loop.step_generator(cfg.seed, 1)
+    adversary.refresh(g)
+    for _ in tqdm(range(cfg.d_pretrain_steps), desc="fade D pretraining", disable=not progress, leave=False):
+        adversary.train_d(g)
+    adversary.refresh(loop.step_generator(cfg.seed, 3))  # new generations, held back from D
+    adversary.pretrained = adversary.held_back_accuracy(0)
+    adversary.curve.clear()
+    if adversary.pretrained <= 0.5 + cfg.stop_delta:
+        raise UserError(f"after {cfg.d_pretrain_steps} pretraining steps the discriminator tells the concept's "
+                        f"generations from the neutral prompts' no better than chance (held-back accuracy "
+                        f"{adversary.pretrained:.2f}): the model may not draw {', '.join(concepts.names)}, or D needs "
+                        f"more d_pretrain_steps")
+    if not cfg.saliency:
+        return {}
+    adversary.mask, report = concept_saliency(model, adversary, cfg, loop.step_generator(cfg.seed, 2), progress)
+    return report
+
+
 def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool = True) -> Edit:
     net = model.network
     prompts = prompt_sets(concepts, cfg)
@@ -359,25 +397,14 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
                         f"grid's noise levels run from {grid[0]:.3g} to {grid[-1]:.3g}; L_pres needs steps above t0 "
                         f"and L_rem steps at or below it")
     adversary = Adversary(model, prompts, len(concepts), cfg)
-    # D pretrained on the original model's generations (Sec. 4.3); the saliency ranking uses them too
-    g = loop.step_generator(cfg.seed, 1)
-    adversary.refresh(g)
-    for _ in tqdm(range(cfg.d_pretrain_steps), desc="fade D pretraining", disable=not progress, leave=False):
-        adversary.train_d(g)
-    adversary.refresh(loop.step_generator(cfg.seed, 3))  # new generations, held back from D
-    pretrained = adversary.held_back_accuracy(0)
-    adversary.curve.clear()
-    if pretrained <= 0.5 + cfg.stop_delta:
-        raise UserError(f"after {cfg.d_pretrain_steps} pretraining steps the discriminator tells the concept's "
-                        f"generations from the neutral prompts' no better than chance (held-back accuracy "
-                        f"{pretrained:.2f}): the model may not draw {', '.join(concepts.names)}, or D needs more "
-                        f"d_pretrain_steps")
-    if cfg.saliency:
-        mask, report = concept_saliency(model, adversary, cfg, loop.step_generator(cfg.seed, 2), progress)
-    else:
-        mask = {n: torch.arange(p.numel(), dtype=torch.int32) for n, p in net.named_parameters()
-                if p.is_floating_point()}
-        report = {}
+    resume = loop.companion_in(cfg.checkpoint) if cfg.checkpoint else None
+    if resume is not None and set(resume["mask"]) <= {n for n, _ in net.named_parameters()}:
+        adversary.load_state_dict(resume)  # D, the buffer and the salient entries of the interrupted run
+        report = {"saliency_selected": saliency.selected(adversary.mask)} if cfg.saliency else {}
+    else:  # (a checkpoint of another run is refused by loop.train, before any step)
+        report = _prepare(model, adversary, cfg, concepts, progress)
+    mask = adversary.mask if cfg.saliency else {n: torch.arange(p.numel(), dtype=torch.int32)
+                                                 for n, p in net.named_parameters() if p.is_floating_point()}
     change = params.MaskedChange(net, mask)
     base = fingerprint(net, list(change.params))
     trainable = list(change.params.values())
@@ -396,7 +423,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
     entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.params}
     return Edit(method="fade", model_kind=model.kind, concepts=[c.to_dict() for c in concepts], config=asdict(cfg),
                 base_fingerprint=base, entries=entries,
-                report={**report, "d_pretrained_accuracy": pretrained,
+                report={**report, "d_pretrained_accuracy": adversary.pretrained,
                         "trained_entries": sum(i.numel() for i in change.indices.values()),
                         "trained_tensors": len(change.params), "d_accuracy": adversary.curve,
                         "stopped_early": stats["steps"] < cfg.steps, **stats})

@@ -36,6 +36,7 @@ def discriminator_loss(logits: torch.Tensor, concept: torch.Tensor) -> torch.Ten
     """Eq. L_adv^D of Sec. 4.1, per head: binary cross-entropy with head k's target 1 on a generation
     from concept k's prompts and 0 on every other (the neutral prompts' ones, and the other concepts').
     logits (N, K); concept (N,) long: the concept index, -1 for a neutral prompt. Mean over N and K."""
+    concept = concept.to(logits.device)
     target = F.one_hot(concept.clamp(min=0), logits.shape[1]).float() * (concept >= 0).float()[:, None]
     return F.binary_cross_entropy_with_logits(logits, target)
 
@@ -43,6 +44,7 @@ def discriminator_loss(logits: torch.Tensor, concept: torch.Tensor) -> torch.Ten
 def removal_loss(logits: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
     """L_rem = -log(1 - D_k(x)) (Sec. 4.1) on each generation's own concept head k, mean over N:
     -log(1 - sigmoid(z)) = softplus(z). logits (N, K); concept (N,) long, every entry >= 0."""
+    concept = concept.to(logits.device)
     return F.softplus(logits.gather(1, concept[:, None]).squeeze(1)).mean()
 
 
@@ -50,6 +52,7 @@ def removal_loss(logits: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
 def accuracy(logits: torch.Tensor, concept: torch.Tensor) -> float:
     """How often D is right about its own head: a concept-k generation's head k says present (logit
     > 0), a neutral one's heads all say absent. 0.5 is chance on balanced batches."""
+    concept = concept.to(logits.device)
     present = logits > 0
     own = present.gather(1, concept.clamp(min=0)[:, None]).squeeze(1)
     right = torch.where(concept >= 0, own, ~present.any(dim=1))

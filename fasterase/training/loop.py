@@ -35,7 +35,8 @@ class NonFiniteGradients(FloatingPointError):
 class Companion(Protocol):
     """Training state beside the trained parameters and their optimizer (FADE's discriminator, its
     optimizer and rollout buffer): checkpointed and restored with them (tensors and containers
-    only), shown on the progress bar, and able to end training early."""
+    only), shown on the progress bar, and able to end training early. state_dict() is taken after
+    every step and must be a copy that later steps do not change."""
 
     def state_dict(self) -> dict: ...
 
@@ -98,6 +99,12 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
+def companion_in(path: str | os.PathLike) -> dict | None:
+    """The companion state of the checkpoint at `path`, if there is one (check_checkpoint first)."""
+    ckpt = Path(path).expanduser().resolve()
+    return read_checkpoint(ckpt).get("companion") if ckpt.is_file() else None
+
+
 def grads_finite(params: list[torch.nn.Parameter]) -> bool:
     """Whether every gradient is finite, on every device (one reduction per device)."""
     flags: dict[torch.device, list[torch.Tensor]] = {}
@@ -149,6 +156,10 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
         if state["finished"]:
             return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped}
 
+    # the companion as it was at the end of the last finished step: an interrupt lands inside a step, after
+    # the companion may have moved (FADE: a buffer refresh, D steps) but before the parameters did
+    snapshot = companion.state_dict() if companion is not None else None
+
     def save(step: int, finished: bool = False) -> None:
         if ckpt:
             fd, tmp = tempfile.mkstemp(prefix=f".{ckpt.name}.", dir=ckpt.parent)  # never a user's file
@@ -157,7 +168,7 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
                 torch.save({"fasterase_checkpoint": FORMAT, **this, "params": [p.detach().clone() for p in params],
                             "optimizer": optimizer.state_dict(), "step": step, "skipped_steps": skipped,
                             "last_loss": loss_value, "finished": finished,
-                            "companion": None if companion is None else companion.state_dict()}, tmp)
+                            "companion": snapshot}, tmp)
                 os.replace(tmp, ckpt)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -185,8 +196,10 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
             done = step + 1
             loss_value = loss.item()
             bar.set_postfix(loss=f"{loss_value:.4g}", skipped=skipped, **(companion.postfix() if companion else {}))
-            if companion is not None and companion.finished():
-                break
+            if companion is not None:
+                snapshot = companion.state_dict()
+                if companion.finished():
+                    break
             if done % checkpoint_every == 0 and done < steps:
                 save(done)
     except KeyboardInterrupt:
