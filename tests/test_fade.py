@@ -14,6 +14,7 @@ from fasterase.methods import fade
 from fasterase.toy import concepts as toy_concepts
 from fasterase.toy import detector
 from fasterase.training import discriminator, loop, params, sampling
+from edit_testing import moved_entries
 
 MODELS = ["toy-sd", "toy-flux"]
 FAST = {"steps": 3, "batch_size": 2, "rollouts": 4, "refresh_every": 2, "sample_steps": 6, "d_pretrain_steps": 30,
@@ -145,18 +146,7 @@ def test_only_salient_entries_change(name):
     assert 0 < report["saliency_selected"] == report["trained_entries"] < report["saliency_candidates"]
     assert report["trained_entries"] <= 0.05 * report["saliency_candidates"] + 50  # the top share (ties kept)
     edit.apply(model)
-    after = state(model)
-    moved = 0
-    for k in before:
-        changed = (before[k] != after[k]).reshape(-1)
-        if k not in edit.entries:
-            assert not changed.any(), k
-            continue
-        outside = torch.ones_like(changed)
-        outside[edit.entries[k][0].long()] = False
-        assert not (changed & outside).any(), k
-        moved += int(changed.sum())
-    assert moved > 0
+    assert moved_entries(before, state(model), edit) > 0
 
 
 def test_teacher_is_the_switched_off_edit(monkeypatch):
