@@ -42,9 +42,10 @@ Where this departs from the paper, and why:
   scores 0.5; the paper's rule, D's outputs near 0.5, is not what is measured.
 - P_c holds the concept's templates and attributes, not its synonyms (the paper's P_c may hold
   them): evaluation keeps the toy world's synonyms for Acc_g, so no method sees them.
-- Sizes: the buffer keeps every grid step's x_t and x_0 in fp32 on the model's device (SD1.5 at the
-  defaults about 120 MB; FLUX at 1024 px about 2 GB), and the saliency ranking sums |gradient| in
-  fp32 over every parameter (SD1.5 3.4 GB; FLUX 48 GB, more than one GPU holds beside the model).
+- Sizes (computed from the shapes, not measured): the buffer keeps every grid step's x_t and x_0 in
+  fp32 on the model's device (20 steps x 48 rows x 2 tensors: SD1.5's 4x64x64 latents make 126 MB,
+  FLUX's 4096x64 at 1024 px 2 GB), and the saliency ranking sums |gradient| in fp32 over every
+  parameter (4 bytes a parameter: SD1.5 3.4 GB, FLUX 48 GB, more than one GPU holds beside the model).
 - Ablations (Table 2): removal="l2" replaces L_rem by the paper's surrogate |x_c - sg[x_-c]|^2 (the
   clean latents one guided prediction implies at the same x_t for the concept prompt and its neutral
   pair); lambda_pres=0 drops L_pres; saliency=False trains every entry.
