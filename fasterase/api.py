@@ -23,7 +23,7 @@ from . import methods as registry
 from . import models
 from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.load
 from .concepts import ConceptSet, as_concepts
-from .edit import Edit, check_no_merged_lora
+from .edit import Edit, base_param, check_no_merged_lora
 from .errors import UserError
 from .training import loop
 
@@ -155,11 +155,11 @@ def _changes_nothing(edit: Edit, net: torch.nn.Module) -> bool:
     """True when applying `edit` would leave every weight as it is: whole weights equal to the
     base, selected entries equal to theirs, every LoRA product B A zero."""
     for name, value in edit.weights.items():
-        p = net.get_parameter(name)
+        p = base_param(net, name)
         if not torch.equal(value.to(p), p):
             return False
     for name, (idx, values) in edit.entries.items():
-        flat = net.get_parameter(name).reshape(-1)
+        flat = base_param(net, name).reshape(-1)
         if not torch.equal(values.to(flat), flat[idx.long()]):
             return False
     for key, a in edit.lora.items():

@@ -19,6 +19,11 @@ DEFAULT_TEMPLATES = (
     "an image of a {}",
     "a drawing of a {}",
 )
+# Captions that name two things, for prompts naming two erased concepts together (TRACE's L_int).
+DEFAULT_PAIR_TEMPLATES = (
+    "a {} and a {}",
+    "a photo of a {} and a {}",
+)
 CONCEPT_TYPES = ("object", "celebrity", "style", "nudity")
 
 
@@ -30,7 +35,8 @@ class Concept:
     and by methods only where they say so). anchor: the phrase it is mapped to ("" = the empty
     prompt). templates: captions with one "{}" slot. attributes: words that may stand before the
     name ("red", "small"), for prompt augmentation. type: object, celebrity, style or nudity
-    (selects per-type defaults in methods that have them).
+    (selects per-type defaults in methods that have them). pair_templates: captions with two "{}"
+    slots that name two things, for prompts naming this concept with another.
     """
 
     name: str
@@ -39,6 +45,7 @@ class Concept:
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     attributes: tuple[str, ...] = ()
     type: str = "object"
+    pair_templates: tuple[str, ...] = DEFAULT_PAIR_TEMPLATES
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -50,6 +57,7 @@ class Concept:
         object.__setattr__(self, "synonyms", tuple(self.synonyms))
         object.__setattr__(self, "templates", tuple(self.templates))
         object.__setattr__(self, "attributes", tuple(self.attributes))
+        object.__setattr__(self, "pair_templates", tuple(self.pair_templates))
         if self.type not in CONCEPT_TYPES:
             raise UserError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
         if not self.templates:
@@ -57,6 +65,9 @@ class Concept:
         for t in self.templates:
             if t.count("{}") != 1:
                 raise UserError(f"template {t!r} of concept {self.name!r} must contain exactly one '{{}}'")
+        for t in self.pair_templates:
+            if t.count("{}") != 2:
+                raise UserError(f"pair template {t!r} of concept {self.name!r} must contain exactly two '{{}}'")
 
     def _fill(self, word: str, augment: bool) -> list[str]:
         slots = [word] + ([f"{a} {word}" for a in self.attributes] if augment else [])
@@ -75,7 +86,8 @@ class Concept:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "synonyms": list(self.synonyms), "anchor": self.anchor,
-                "templates": list(self.templates), "attributes": list(self.attributes), "type": self.type}
+                "templates": list(self.templates), "attributes": list(self.attributes), "type": self.type,
+                "pair_templates": list(self.pair_templates)}
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,14 @@ class ConceptSet:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.concepts]
+
+    def pair_prompts(self, first: int, second: int) -> list[str]:
+        """Prompts naming concepts `first` and `second` together: the first's pair templates filled
+        with both names in both orders, each with every pairing of the two concepts' attributes."""
+        a, b = self.concepts[first], self.concepts[second]
+        slots = lambda c: [c.name] + [f"{x} {c.name}" for x in c.attributes]  # noqa: E731
+        return [" ".join(t.format(u, v).split()) for t in a.pair_templates
+                for p, q in ((a, b), (b, a)) for u in slots(p) for v in slots(q)]
 
     def preserve_prompts(self, like: Concept) -> list[str]:
         """The preserved concepts' prompts, with the templates and augmentation of `like`."""

@@ -49,7 +49,7 @@ APPLIED = "_fasterase_applied"  # network attribute: the edits applied to it her
 FUSED = "_fasterase_edits"  # network config key: the edits fused into a saved pipeline's weights
 
 
-def _base_param(network: torch.nn.Module, name: str) -> torch.Tensor:
+def base_param(network: torch.nn.Module, name: str) -> torch.Tensor:
     """A parameter of the base model, also when a LoRA layer wraps its module."""
     try:
         return network.get_parameter(name)
@@ -62,7 +62,7 @@ def fingerprint(network: torch.nn.Module, names: list[str]) -> str:
     """sha256 over the names, shapes and fp32 values of the base parameters an edit touches."""
     h = hashlib.sha256()
     for name in sorted(names):
-        p = _base_param(network, name).detach()
+        p = base_param(network, name).detach()
         h.update(f"{name}:{tuple(p.shape)};".encode())
         h.update(p.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -231,11 +231,11 @@ class Edit:
         if not self.weights and not self.entries:
             return False
         for name, value in self.weights.items():
-            p = net.get_parameter(name)
+            p = base_param(net, name)
             if not torch.equal(p.detach(), value.to(p.device, p.dtype)):
                 return False
         for name, (idx, values) in self.entries.items():
-            flat = net.get_parameter(name).detach().view(-1)
+            flat = base_param(net, name).detach().view(-1)
             if not torch.equal(flat[idx.to(flat.device).long()], values.to(flat.device, flat.dtype)):
                 return False
         return True
@@ -250,7 +250,7 @@ class Edit:
                             "applying it twice is refused")
         for name, value in self.weights.items():
             try:
-                p = _base_param(net, name)
+                p = base_param(net, name)
             except AttributeError:
                 raise UserError(f"this edit changes {name!r}, which the model does not have") from None
             if p.shape != value.shape:
@@ -258,7 +258,7 @@ class Edit:
                                 f"the model's has {tuple(p.shape)}")
         for name, (idx, values) in self.entries.items():
             try:
-                p = _base_param(net, name)
+                p = base_param(net, name)
             except AttributeError:
                 raise UserError(f"this edit changes {name!r}, which the model does not have") from None
             if idx.shape != values.shape or idx.dim() != 1 or (idx.numel() and int(idx.max()) >= p.numel()):
@@ -300,11 +300,11 @@ class Edit:
         self._undo[net] = (weights, entries)
         try:
             for name, value in self.weights.items():
-                p = net.get_parameter(name)
+                p = base_param(net, name)
                 weights[name] = p.detach().clone()
                 p.copy_(value.to(p.dtype))
             for name, (idx, values) in self.entries.items():
-                flat = net.get_parameter(name).view(-1)
+                flat = base_param(net, name).view(-1)
                 entries[name] = flat[idx.long()].clone()
                 flat.index_copy_(0, idx.long(), values.to(flat.dtype))
             if self.lora:
@@ -320,11 +320,11 @@ class Edit:
     def _holds_its_values(self, net: torch.nn.Module) -> bool:
         """Whether the weights and entries this edit changed still hold the values it put there."""
         for name, value in self.weights.items():
-            p = net.get_parameter(name)
+            p = base_param(net, name)
             if not torch.equal(p, value.to(p.device, p.dtype)):
                 return False
         for name, (idx, values) in self.entries.items():
-            flat = net.get_parameter(name).view(-1)
+            flat = base_param(net, name).view(-1)
             if not torch.equal(flat[idx.long().to(flat.device)], values.to(flat.device, flat.dtype)):
                 return False
         return True
@@ -356,9 +356,9 @@ class Edit:
         """Put back what apply() changed in `net` (also after an apply that failed half-way)."""
         weights, entries = self._undo.pop(net, ({}, {}))
         for name, value in weights.items():
-            net.get_parameter(name).copy_(value)
+            base_param(net, name).copy_(value)
         for name, value in entries.items():
-            net.get_parameter(name).view(-1).index_copy_(0, self.entries[name][0].long(), value)
+            base_param(net, name).view(-1).index_copy_(0, self.entries[name][0].long(), value)
         if self.lora:
             remove_adapter(net, self.adapter)
         record = self._record()

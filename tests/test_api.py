@@ -64,8 +64,8 @@ def test_copy_leaves_the_pipeline_untouched(name):
 def test_option_validation():
     with pytest.raises(ValueError, match="valid: .*lam"):
         fasterase.erase("toy-sd", "circle", method="uce", lamda=0.1)
-    with pytest.raises(ValueError, match="unknown method 'trace'.*valid: uce, esd, ant, fade"):
-        fasterase.erase("toy-sd", "circle", method="trace")
+    with pytest.raises(ValueError, match="unknown method 'mace'.*valid: uce, esd, ant, fade, trace"):
+        fasterase.erase("toy-sd", "circle", method="mace")
     with pytest.raises(ValueError, match="esd-x, esd-u"):
         fasterase.erase("toy-sd", "circle", method="esd", parameters="esd-z")
     with pytest.raises(ValueError, match=">= 1"):

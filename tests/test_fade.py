@@ -14,6 +14,7 @@ from fasterase.methods import fade
 from fasterase.toy import concepts as toy_concepts
 from fasterase.toy import detector
 from fasterase.training import discriminator, loop, params, sampling
+from fasterase.training.prompt_pairs import prompt_pairs
 from edit_testing import moved_entries
 
 MODELS = ["toy-sd", "toy-flux"]
@@ -61,7 +62,7 @@ def test_discriminator_update_separates_hand_made_generations():
     """train_d on a buffer whose concept generations are bright blobs and neutral ones empty latents."""
     model = models.load("toy-sd")
     cfg = fade.FADEConfig(**{**FAST, "d_batch": 32})
-    prompts = fade.prompt_sets(as_concepts([toy_concepts.concept("circle")]), cfg)
+    prompts = prompt_pairs(as_concepts([toy_concepts.concept("circle")]), cfg.neutral)
     adv = fade.Adversary(model, prompts, 1, cfg)
     g = torch.Generator().manual_seed(0)
     shape = model.noise(1, g).shape[1:]
@@ -86,7 +87,7 @@ def test_discriminator_reads_each_models_latents(name):
     model = models.load(name)
     cfg = fade.FADEConfig(**FAST)
     cs = as_concepts([toy_concepts.concept(n) for n in ("circle", "square", "star")])
-    adv = fade.Adversary(model, fade.prompt_sets(cs, cfg), len(cs), cfg)
+    adv = fade.Adversary(model, prompt_pairs(cs, cfg.neutral), len(cs), cfg)
     x = model.noise(3, torch.Generator().manual_seed(0))
     assert adv.d(model.latent_image(x)).shape == (3, 3)  # one head per concept
 
@@ -97,14 +98,14 @@ def test_neutral_prompts_pair_the_concept_prompts():
     """P_-c: each concept prompt with the name replaced by the preserved concepts in turn (same template and
     attribute), by `neutral` when given, by the anchor when nothing is preserved."""
     c = Concept("circle", templates=("a photo of a {}", "a {} on a white background"), attributes=("red",))
-    p = fade.prompt_sets(as_concepts([c], preserve=["square", "star"]), fade.FADEConfig())
+    p = prompt_pairs(as_concepts([c], preserve=["square", "star"]), fade.FADEConfig().neutral)
     assert [t for t, _ in p.concept] == c.prompts(augment=True)
     assert p.neutral == ["a photo of a square", "a star on a white background", "a photo of a red square",
                          "a red star on a white background"]
     assert "a photo of a square" in p.preserved
-    given = fade.prompt_sets(as_concepts([c], preserve=["square"]), fade.FADEConfig(neutral=""))
+    given = prompt_pairs(as_concepts([c], preserve=["square"]), fade.FADEConfig(neutral="").neutral)
     assert given.neutral == ["a photo of a", "a on a white background", "a photo of a red", "a red on a white background"]
-    alone = fade.prompt_sets(as_concepts([dataclasses.replace(c, anchor="shape")]), fade.FADEConfig())
+    alone = prompt_pairs(as_concepts([dataclasses.replace(c, anchor="shape")]), fade.FADEConfig().neutral)
     assert alone.neutral[0] == "a photo of a shape" and alone.preserved == []
 
 
@@ -304,6 +305,7 @@ TINY = {
     "esd": {"steps": 1, "batch_size": 1, "sample_steps": 2},
     "ant": {"steps": 1, "batch_size": 1, "sample_steps": 2, "saliency_prompts": 1, "saliency_seeds": 1},
     "fade": FAST,
+    "trace": {"steps": 1, "batch_size": 1, "rollouts": 1, "sample_steps": 4, "d_pretrain_steps": 30, "d_batch": 16},
 }
 
 

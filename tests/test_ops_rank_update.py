@@ -95,7 +95,7 @@ def test_gpu_backends_match_reference(backend, shape, dtype):
 
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_rank_one_update_is_trace_eq1(backend):
-    """dW = eta (W e_u - W e_w) e_w^T / ||e_w||^2, all shape groups in one call, per-row sum for rank k."""
+    """dW = eta (W e_u - W e_w) e_w^T / ||e_w||^2, all shape groups in one call; rank k the joint solve."""
     g = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=g, dtype=torch.float64).float() for s in ((8, 12), (8, 12), (5, 12), (7, 9))]
     e_u = [torch.randn(2, w.shape[1], generator=g) for w in weights]
@@ -103,7 +103,7 @@ def test_rank_one_update_is_trace_eq1(backend):
     expected = []
     for w, u, c in zip(weights, e_u, e_w):
         w64, u64, c64 = w.double(), u.double(), c.double()
-        dw = sum(0.7 * torch.outer(w64 @ u64[j] - w64 @ c64[j], c64[j]) / c64[j].dot(c64[j]) for j in range(2))
+        dw = 0.7 * (w64 @ (u64 - c64).t()) @ torch.linalg.solve(c64 @ c64.t(), c64)
         expected.append(w64 + dw)
     with ops.use_backend(backend):
         ops.rank_one_update(weights, e_u, e_w, eta=0.7)
@@ -116,6 +116,20 @@ def test_rank_one_update_is_trace_eq1(backend):
     with ops.use_backend(backend):
         ops.rank_one_update([w], u, c, eta=0.5)
     torch.testing.assert_close(w, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_rank_one_update_maps_every_concept_exactly(backend):
+    """At eta = 1, (W + dW) e_w_j = W e_u_j for every row j at once, also for correlated rows."""
+    g = torch.Generator().manual_seed(3)
+    e_w = torch.randn(3, 17, generator=g, dtype=torch.float64)
+    e_w[1] = 0.9 * e_w[0] + 0.1 * e_w[1]  # far from orthogonal: the plain sum of eq. 1 would miss
+    e_u = torch.randn(3, 17, generator=g, dtype=torch.float64)
+    w0 = torch.randn(11, 17, generator=g, dtype=torch.float64)
+    w = w0.float().clone()
+    with ops.use_backend(backend):
+        ops.rank_one_update([w], e_u.float(), e_w.float())
+    torch.testing.assert_close(w.double() @ e_w.t(), w0 @ e_u.t(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("n", [5, 16, 23])  # fewer embeddings than the width (the n x n solve), as many, more
@@ -151,6 +165,7 @@ def test_closed_form_is_uce(backend, n):
     (lambda: ops.rank_one_update([torch.zeros(2, 3, dtype=torch.int32)], torch.ones(3), torch.ones(3)), "dtype"),
     (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(4), torch.ones(4)), "width"),
     (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(3), torch.zeros(3)), "non-zero norm"),
+    (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(2, 3), torch.ones(2, 3)), "linearly independent"),
     (lambda: ops.closed_form_update([torch.zeros(2, 3)], torch.ones(1, 3)), "exactly one of"),
     (lambda: ops.closed_form_update([torch.zeros(2, 3)], torch.ones(1, 3), torch.ones(1, 3), lam=0.0), "lam"),
 ])

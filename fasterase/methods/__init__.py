@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UserError
-from . import ant, esd, fade, uce
+from . import ant, esd, fade, trace, uce
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ REGISTRY = {
                "per-concept LoRAs fused in closed form", ant.ANTConfig, ant.run, ant.idle_options),
         Method("fade", "FADE: adversarial erasure against a discriminator trained on the model's own generations, "
                "early-step preservation, salient entries only", fade.FADEConfig, fade.run, fade.idle_options),
+        Method("trace", "TRACE: closed-form refinement of the text projections, then one LoRA per concept trained "
+               "toward the original's trajectory switched to a neutral prompt at t0", trace.TRACEConfig, trace.run,
+               trace.idle_options),
     )
 }
 

@@ -53,7 +53,6 @@ Where this departs from the paper, and why:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import asdict, dataclass
 
@@ -67,7 +66,8 @@ from ..errors import UserError
 from ..models import Cond, Denoiser
 from ..optim import SalientAdamW
 from ..training import loop, params, saliency, sampling
-from ..training.discriminator import ConceptDiscriminator, accuracy, discriminator_loss, removal_loss
+from ..training.prompt_pairs import PromptPairs, prompt_pairs
+from ..training.discriminator import ConceptDiscriminator, accuracy, removal_loss, train_step
 from . import ranges
 
 NEUTRAL, PRESERVED = -1, -2  # buffer row kinds besides concept indices
@@ -134,45 +134,12 @@ def idle_options(cfg: FADEConfig, given: set[str], model: Denoiser, concepts: Co
     return idle  # t0 also splits L_rem's steps, and the preserved concepts also name P_-c: never idle
 
 
-@dataclass
-class Prompts:
-    """Every prompt of the run, encoded once, and the rows the buffer draws: concept prompts (with their
-    concept index), their neutral pairs, and the preserved prompts."""
-
-    concept: list[tuple[str, int]]
-    neutral: list[str]  # neutral[i] pairs concept[i]
-    preserved: list[str]
-
-
-def prompt_sets(concepts: ConceptSet, cfg: FADEConfig) -> Prompts:
-    """P_c from each concept's templates and attributes; P_-c the same prompts with the name replaced
-    by `neutral`, or when it is unset by the preserved concepts' names in turn (the toy world: the
-    other shapes, or the other colours), or with nothing preserved by the concept's anchor.
-
-    Why the preserved names by default: D then has to learn the concept itself, what tells a circle
-    from a square, not that some object is there. Against the empty prompts a shape's removal gives
-    (toy-sd circle: bench/RESULTS.md), D learned "a coloured object is there", and fooling it faded
-    the colour of every shape."""
-    concept, neutral = [], []
-    for k, c in enumerate(concepts):
-        if cfg.neutral is not None:
-            words = [cfg.neutral]
-        else:
-            words = list(concepts.preserve) or [c.anchor]
-        prompts = c.prompts(augment=True)
-        concept += [(p, k) for p in prompts]
-        for i in range(len(prompts)):  # prompt i with the i-th word in turn, same template and attribute
-            neutral.append(dataclasses.replace(c, anchor=words[i % len(words)]).anchor_prompts(augment=True)[i])
-    preserved = list(dict.fromkeys(concepts.preserve_prompts(concepts.concepts[0])))
-    return Prompts(concept, neutral, preserved)
-
-
 class Adversary:
     """D, its optimizer, the rollout buffer and the accuracy curve: the state FADE trains beside the
     model (a loop.Companion: checkpointed with it, shown on the progress bar, and ending training
     when D is at chance)."""
 
-    def __init__(self, model: Denoiser, prompts: Prompts, concepts: int, cfg: FADEConfig):
+    def __init__(self, model: Denoiser, prompts: PromptPairs, concepts: int, cfg: FADEConfig):
         self.model, self.prompts, self.cfg = model, prompts, cfg
         self.texts = [t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved  # buffer text ids
         self.text_ids = {t: i for i, t in reversed(list(enumerate(self.texts)))}
@@ -270,19 +237,8 @@ class Adversary:
         rn, sn = self.draw(half, NEUTRAL, g)
         rows, steps = torch.cat([rc, rn]), torch.cat([sc, sn])
         x0 = self.buffer["x0"][steps, rows]
-        self.d.requires_grad_(True)
-        try:
-            loss = discriminator_loss(self.d(self.model.latent_image(x0)), self.buffer["kind"][rows])
-            if not torch.isfinite(loss):
-                raise loop.NonFiniteLoss(f"the discriminator's loss is not finite ({loss.item()}); stopping. "
-                                         "Lower lr or d_lr_ratio.")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-        finally:
-            self.d.requires_grad_(False)
-        self.last["d_loss"] = loss.item()
-        return loss.item()
+        self.last["d_loss"] = train_step(self.d, self.optimizer, self.model.latent_image(x0), self.buffer["kind"][rows])
+        return self.last["d_loss"]
 
 
 def clean_latents(model: Denoiser, x: torch.Tensor, tau: torch.Tensor, cond: Cond, guidance: float) -> torch.Tensor:
@@ -388,7 +344,7 @@ def _prepare(model: Denoiser, adversary: Adversary, cfg: FADEConfig, concepts: C
 
 def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool = True) -> Edit:
     net = model.network
-    prompts = prompt_sets(concepts, cfg)
+    prompts = prompt_pairs(concepts, cfg.neutral)
     model.encode([t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved + [""])
     if cfg.checkpoint:
         loop.check_checkpoint(cfg.checkpoint)  # before any work

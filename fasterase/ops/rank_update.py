@@ -6,7 +6,7 @@ backend runs one launch per group:
 * ``fasterase::lowrank_update``: W += (W @ left^T) @ right for every W, with ``left`` and
   ``right`` fp32 of shape (k, in) shared by all W or (len(weights), k, in) per weight.  Each row
   of W only needs its own k dot products, so kernels read and write W once.
-  :func:`rank_one_update` builds left/right for TRACE eq. 1.
+  :func:`rank_one_update` builds left/right for TRACE eq. 1 (k concepts: the joint solve).
 * ``fasterase::shared_matmul``: W <- W @ T (+ A_W) for every W, T fp32 (in x in), fp32 addends
   A_W (out x in), one per weight, or an empty list.
   :func:`closed_form_update` builds T for the UCE/MACE closed form once per input width.
@@ -107,12 +107,18 @@ def rank_one_update(
     e_w: torch.Tensor | Sequence[torch.Tensor],
     eta: float = 1.0,
 ) -> None:
-    """TRACE eq. 1 on every weight, in place: W += eta * sum_j (W e_u_j - W e_w_j) e_w_j^T / ||e_w_j||^2.
+    """TRACE eq. 1 on every weight, in place: W += eta * W (e_u - e_w) e_w^T / ||e_w||^2.
 
     ``e_u``/``e_w``: (in,) or (k, in) embeddings shared by every weight of that input width, or a
     sequence with one (in,)/(k, in) tensor per weight (e.g. FLUX, whose K/V inputs differ per
-    block).  Row j of e_w is the erased concept's token embedding, row j of e_u its replacement;
-    k > 1 gives the rank-k sum over several concepts/tokens, all read from the unedited W.
+    block).  Row j of e_w is an erased concept's token embedding, row j of e_u its replacement.
+    With k rows the update is the joint solve that TRACE Sec. 4.3 allows for several concepts,
+    W += eta * W (E_u - E_w)^T G^-1 E_w with G = E_w E_w^T (k x k): at eta = 1 it maps every
+    e_w_j exactly onto W e_u_j, where the plain sum of k eq.-1 updates would not (each e_w_j
+    also moves under the others' updates unless the rows are orthogonal). For k = 1 it is eq. 1.
+
+    Raises ValueError for mismatched shapes, more than MAX_RANK rows, or e_w rows that are not
+    linearly independent (G singular: two rows the same concept twice); TypeError for a dtype.
     """
     weights = _validate_weights(weights)
     per_weight = not isinstance(e_u, torch.Tensor)
@@ -127,10 +133,15 @@ def rank_one_update(
             raise ValueError(f"e_u {tuple(u.shape)} and e_w {tuple(w_.shape)} differ in shape")
         if u2.shape[0] > MAX_RANK:
             raise ValueError(f"at most {MAX_RANK} embedding rows per call, got {u2.shape[0]}")
-        norms = (w2 * w2).sum(dim=1, keepdim=True)
-        if not bool((norms > 0).all()):
+        if not bool(((w2 * w2).sum(dim=1) > 0).all()):
             raise ValueError("every e_w row needs a non-zero norm")
-        return u2 - w2, eta * w2 / norms
+        w64 = w2.double()
+        gram = w64 @ w64.t()
+        # relative to the rows' own scale: a Gram this close to singular makes G^-1 E_w meaningless
+        if torch.linalg.matrix_rank(gram, rtol=1e-10).item() < len(gram):
+            raise ValueError(f"the {len(gram)} e_w rows are not linearly independent; give each concept "
+                             "token once")
+        return u2 - w2, (eta * torch.linalg.solve(gram, w64)).float()
 
     shared = {} if per_weight else {e_u.shape[-1]: factors(e_u, e_w)}
     for idx in _groups(weights, lambda w: (w.shape, w.dtype)).values():

@@ -13,6 +13,7 @@ from . import shapes
 
 # The method templates with "{color} {shape}" as one slot: "a photo of a {}".
 TEMPLATES = tuple(t.replace("{color} {shape}", "{}") for t in shapes.TEMPLATES)
+PAIR_TEMPLATES = shapes.SCENE_TEMPLATES  # "a {first} and a {second}": method templates too
 
 
 def _synonym_list() -> str:
@@ -27,9 +28,12 @@ def concept(name: str) -> Concept:
     would leave the shape in any colour, the erased one included."""
     if colors_named(name) and not shapes_named(name):
         templates = tuple(t.format(f"{{}} {s}") for t in TEMPLATES for s in shapes.SHAPES)
-        return Concept(name, templates=templates, anchor=shapes.NEUTRAL_COLOR, type="style")
+        pairs = tuple(t.format(first=f"{{}} {a}", second=f"{{}} {b}") for t in PAIR_TEMPLATES
+                      for a in shapes.SHAPES for b in shapes.SHAPES if a != b)
+        return Concept(name, templates=templates, anchor=shapes.NEUTRAL_COLOR, type="style", pair_templates=pairs)
     colors = () if colors_named(name) else shapes.COLORS  # "red circle" is not augmented to "a blue red circle"
-    return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=TEMPLATES, attributes=colors)
+    return Concept(name, synonyms=shapes.SYNONYMS.get(name, ()), templates=TEMPLATES, attributes=colors,
+                   pair_templates=tuple(t.format(first="{}", second="{}") for t in PAIR_TEMPLATES))
 
 
 def shapes_named(name: str) -> list[str]:

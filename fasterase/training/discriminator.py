@@ -1,4 +1,4 @@
-"""FADE's concept discriminator D_phi (Sec. 4.1): one logit per erased concept, "is concept k in
+"""FADE's concept discriminator D_phi (Sec. 4.1), also TRACE's default concept scorer: one logit per erased concept, "is concept k in
 this image", trained from scratch on the model's own generations and never on the evaluation's
 detector or data.
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .loop import NonFiniteLoss
 
 
 class ConceptDiscriminator(nn.Module):
@@ -57,3 +59,21 @@ def accuracy(logits: torch.Tensor, concept: torch.Tensor) -> float:
     own = present.gather(1, concept.clamp(min=0)[:, None]).squeeze(1)
     right = torch.where(concept >= 0, own, ~present.any(dim=1))
     return float(right.float().mean())
+
+
+def train_step(d: ConceptDiscriminator, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
+               concept: torch.Tensor) -> float:
+    """One optimizer step of D on discriminator_loss; D's parameters require grad only inside it, so
+    the losses that read D elsewhere never train it. Raises NonFiniteLoss on a NaN or infinite loss."""
+    d.requires_grad_(True)
+    try:
+        loss = discriminator_loss(d(latents), concept)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"the discriminator's loss is not finite ({loss.item()}); stopping. Lower its "
+                                "learning rate.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    finally:
+        d.requires_grad_(False)
+    return loss.item()

@@ -34,31 +34,33 @@ def layer_names(network: torch.nn.Module, pattern: str, exclude: bool = False) -
     return names
 
 
-def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed: int) -> list[torch.nn.Parameter]:
-    """A fresh LoRA adapter (alpha = rank, so diffusers loads it with the same scale) on
-    `modules`; the base is frozen and only the LoRA factors train. Returns them."""
-    if ADAPTER in getattr(network, "peft_config", {}):
-        raise RuntimeError(f"the network already carries a {ADAPTER!r} adapter; remove that edit first")
+def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed: int,
+             adapter: str = ADAPTER) -> list[torch.nn.Parameter]:
+    """A fresh LoRA adapter named `adapter` (alpha = rank, so diffusers loads it with the same scale)
+    on `modules`, active beside the adapters already on; the base is frozen and only this adapter's
+    factors train (earlier trained adapters are frozen too). Returns them."""
+    if adapter in getattr(network, "peft_config", {}):
+        raise RuntimeError(f"the network already carries a {adapter!r} adapter; remove that edit first")
     active = network.active_adapters() if getattr(network, "peft_config", {}) else []
     with torch.random.fork_rng():  # LoRA init draws from the global generator
         torch.manual_seed(init_seed)
         network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights=True),
-                            adapter_name=ADAPTER)
+                            adapter_name=adapter)
     if active:  # adding activates only the new adapter: the applied edits' adapters stay on
-        network.set_adapter(active + [ADAPTER])
+        network.set_adapter(active + [adapter])
     network.requires_grad_(False)
-    params = [p for n, p in network.named_parameters() if f".{ADAPTER}." in n]
+    params = [p for n, p in network.named_parameters() if f".{adapter}." in n]
     for p in params:
         p.requires_grad_(True)
     return params
 
 
 @contextlib.contextmanager
-def lora_off(network: torch.nn.Module):
-    """The frozen teacher: the network as it came, i.e. with only the adapter being trained switched
+def lora_off(network: torch.nn.Module, adapters: tuple[str, ...] = (ADAPTER,)):
+    """The frozen teacher: the network as it came, i.e. with the adapters being trained switched
     off. Edits applied before stay on, so erasing on top of an edit keeps that edit in the teacher."""
     active = network.active_adapters()
-    others = [a for a in active if a != ADAPTER]
+    others = [a for a in active if a not in adapters]
     grads = {p: p.requires_grad for n, p in network.named_parameters() if ".lora_" in n}  # set_adapter resets them
     if others:
         network.set_adapter(others)
@@ -75,10 +77,16 @@ def lora_off(network: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def lora_state(network: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """The adapter in diffusers' LoRA format (keys prefixed "unet." or "transformer.")."""
-    state = get_peft_model_state_dict(network, adapter_name=ADAPTER)
-    return {f"{prefix}.{k}": v.detach().clone() for k, v in state.items()}
+def lora_state(network: torch.nn.Module, prefix: str, adapters: tuple[str, ...] = (ADAPTER,)) -> dict[str, torch.Tensor]:
+    """The adapters in diffusers' LoRA format (keys prefixed "unet." or "transformer."), as one
+    adapter: several (all alpha = rank, on the same modules) are joined along the rank, A's rows
+    and B's columns concatenated, which adds their changes B_k A_k exactly."""
+    states = [get_peft_model_state_dict(network, adapter_name=a) for a in adapters]
+    if any(set(s) != set(states[0]) for s in states):
+        raise ValueError(f"adapters {adapters} do not cover the same modules")
+    dim = {"lora_A": 0, "lora_B": 1}
+    return {f"{prefix}.{k}": torch.cat([s[k].detach() for s in states], dim=dim[k.split(".")[-2]]).clone()
+            for k in states[0]}
 
 
 class MaskedChange:
@@ -124,8 +132,8 @@ class MaskedChange:
 
 
 @torch.no_grad()
-def lora_delta(network: torch.nn.Module, module: str) -> torch.Tensor:
+def lora_delta(network: torch.nn.Module, module: str, adapter: str = ADAPTER) -> torch.Tensor:
     """The weight change scale * B @ A that the adapter adds to `module` (out x in, fp32)."""
     layer = network.get_submodule(module)
-    a, b = layer.lora_A[ADAPTER].weight.float(), layer.lora_B[ADAPTER].weight.float()
-    return layer.scaling[ADAPTER] * (b @ a)
+    a, b = layer.lora_A[adapter].weight.float(), layer.lora_B[adapter].weight.float()
+    return layer.scaling[adapter] * (b @ a)

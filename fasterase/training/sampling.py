@@ -67,3 +67,30 @@ def states(model: Denoiser, cond: Cond, steps: int, taus: list[float], guidance:
     c = Cond.cat([cond] * len(taus))
     out = model.guided(x, s, c, guidance) if guidance != 1.0 else model.predict(x, s, c)
     return list(move(model, x, out, s, to).chunk(len(taus)))
+
+
+def step_to(model: Denoiser, x: torch.Tensor, out: torch.Tensor, tau: torch.Tensor, to: torch.Tensor) -> torch.Tensor:
+    """The deterministic step of `move`, except that rows going to noise level 0 land on the clean
+    latents themselves (SD's add_noise at tau 0 keeps its first timestep's sliver of noise).
+    Differentiable in x and out; linear in both."""
+    x0, n = split(model, x, out, tau)
+    clean = (to == 0).to(x.device).view(-1, *[1] * (x.dim() - 1))
+    return torch.where(clean, x0, model.add_noise(x0, n, to))
+
+
+@torch.no_grad()
+def switched_rollout(model: Denoiser, before: Cond, after: Cond, switch: int, steps: int, guidance: float,
+                     x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One guided `steps`-step run from the noise x, conditioned on `before` for the steps before
+    `switch` and on `after` from it on (TRACE's target trajectory: the concept prompt until t0, then
+    its neutral pair). Returns (x (steps + 1, N, ...): the latents entering each step, then the clean
+    end, and tau (steps + 1,): their noise levels, the last 0). Every step is step_to."""
+    taus = model.sampling_taus(steps) + [0.0]
+    xs = [x]
+    for i in range(steps):
+        cond = before if i < switch else after
+        t, to = torch.full((len(x),), taus[i]), torch.full((len(x),), taus[i + 1])
+        out = model.guided(x, t, cond, guidance) if guidance != 1.0 else model.predict(x, t, cond)
+        x = step_to(model, x, out, t, to)
+        xs.append(x)
+    return torch.stack(xs), torch.tensor(taus)

@@ -1,0 +1,310 @@
+"""TRACE (methods/trace.py): the refinement of eq. (1), the target trajectory, gradient isolation,
+the merged LoRAs and their loading through diffusers, resume, options."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fasterase
+from fasterase import models, ops
+from fasterase.concepts import as_concepts
+from fasterase.edit import EDIT_FILE, Edit
+from fasterase.errors import UserError
+from fasterase.methods import trace
+from fasterase.toy import concepts as toy_concepts
+from fasterase.training import loop, params, sampling
+from fasterase.training.prompt_pairs import prompt_pairs
+
+MODELS = ["toy-sd", "toy-flux"]
+FAST = {"steps": 3, "batch_size": 2, "rollouts": 2, "refresh_every": 2, "sample_steps": 6, "d_pretrain_steps": 30,
+        "d_batch": 16}
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.network.state_dict().items()}
+
+
+def concepts(*names, preserve=("square",)):
+    return as_concepts([toy_concepts.concept(n) for n in names], preserve=list(preserve))
+
+
+# --- phase 1 ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_refined_projections_read_the_text_encoding_itself(name):
+    """Where eq. (1) is exact: what feeds every refined projection is encode()'s token rows, for any x_t."""
+    model = models.load(name)
+    cond = model.encode(["a photo of a circle", "a red square"])
+    inputs = model.kv_inputs(cond)
+    for p in trace.refined_projections(model):
+        torch.testing.assert_close(inputs[p.name].float(), cond.embeds.float())
+    if name == "toy-flux":  # the joint blocks' text stream is not the encoding: no fixed e_w there
+        assert [p.name for p in trace.refined_projections(model)] == ["context_embedder"]
+        block = inputs["transformer_blocks.0.attn.add_k_proj"]
+        assert block.shape[-1] != cond.embeds.shape[-1] or not torch.allclose(block.float(), cond.embeds.float())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_refinement_maps_the_concept_rows_exactly_on_every_layer(name):
+    """(W + dW) e_w = W e_u on every refined layer of the real toy pipelines, for two concepts at once."""
+    model = models.load(name)
+    cs = concepts("circle", "square", preserve=())
+    cfg = trace.TRACEConfig()
+    e_u, e_w = trace.refinement_embeddings(model, cs, "eos")
+    assert e_w.shape[0] == 2  # one token each
+    original = trace.refine(model, cs, cfg)
+    for p in trace.refined_projections(model):
+        w0, w1 = original[p.name].double(), p.module.weight.detach().double()
+        assert not torch.equal(w0, w1)
+        torch.testing.assert_close(w1 @ e_w.double().t(), w0 @ e_u.double().t(), rtol=1e-4, atol=1e-4)
+    trace.put(model, original)
+
+
+def test_refinement_is_one_call_of_the_batched_op(monkeypatch):
+    model = models.load("toy-sd")
+    calls = []
+    real = ops.rank_one_update
+    monkeypatch.setattr(trace.ops, "rank_one_update", lambda w, *a, **k: (calls.append(len(w)), real(w, *a, **k)))
+    before = state(model)
+    edit = trace.run(model, concepts("circle"), trace.TRACEConfig(finetune=False), progress=False)
+    assert calls == [len(trace.refined_projections(model))] and len(edit.weights) == calls[0]
+    assert all(torch.equal(before[k], v) for k, v in state(model).items())  # the model leaves as it came
+    assert not edit.lora and edit.report["refined_layers"] == calls[0]
+
+
+def test_eta_damps_the_refinement():
+    model = models.load("toy-sd")
+    cs = concepts("circle")
+    full = trace.run(model, cs, trace.TRACEConfig(finetune=False), progress=False)
+    half = trace.run(model, cs, trace.TRACEConfig(finetune=False, eta=0.5), progress=False)
+    for name, w in full.weights.items():
+        w0 = model.network.get_parameter(name).detach().double()
+        torch.testing.assert_close(half.weights[name].double() - w0, 0.5 * (w.double() - w0), rtol=1e-4, atol=1e-6)
+
+
+def test_anchor_token_needs_an_anchor():
+    with pytest.raises(UserError, match="anchor"):
+        fasterase.erase("toy-sd", "circle", method="trace", finetune=False, neutral_token="anchor", progress=False)
+    fasterase.erase("toy-sd", "red", method="trace", finetune=False, neutral_token="anchor", progress=False)  # grey
+
+
+# --- phase 2 ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", MODELS)
+def test_target_trajectory_switches_at_t0(name):
+    """x*: the concept prompt's own run before the switch step, then the neutral prompt's run from there."""
+    model = models.load(name)
+    before, after = model.encode(["a photo of a circle"] * 2), model.encode(["a photo of a square"] * 2)
+    x = model.noise(2, torch.Generator().manual_seed(0))
+    own, tau = sampling.switched_rollout(model, before, before, 6, 6, 3.0, x)
+    star, _ = sampling.switched_rollout(model, before, after, 3, 6, 3.0, x)
+    assert tau[-1] == 0 and len(own) == 7
+    torch.testing.assert_close(star[:4], own[:4])
+    assert not torch.allclose(star[4:], own[4:])
+    # from the switch on, it is the neutral prompt's run from the concept's state there
+    t, to = torch.full((2,), float(tau[3])), torch.full((2,), float(tau[4]))
+    with torch.no_grad():
+        step = sampling.step_to(model, star[3], model.guided(star[3], t, after, 3.0), t, to)
+    torch.testing.assert_close(step, star[4])
+
+
+def _two_concept_setup(name="toy-sd", **options):
+    model = models.load(name)
+    cs = concepts("circle", "square", preserve=("triangle",))
+    cfg = trace.TRACEConfig(**{**FAST, "scorer": "none", "integration": False, **options})
+    modules = [p.name for p in model.cross_attention_kv()]
+    names = ["fasterase_0", "fasterase_1"]
+    groups = [params.add_lora(model.network, modules, cfg.rank, k, adapter=a) for k, a in enumerate(names)]
+    for group in groups:  # a trained LoRA: the B factors start at zero
+        for p in group:
+            p.requires_grad_(True)
+            torch.nn.init.normal_(p.data, std=0.05)
+    teacher = lambda: params.lora_off(model.network, tuple(names))  # noqa: E731
+    pairs = trace._pair_prompts(cs) if cfg.integration else []
+    traj = trace.Trajectories(model, prompt_pairs(cs, None), pairs, 2, cfg, teacher)
+    traj.refresh(loop.step_generator(0, 9))
+    return model, cs, cfg, groups, traj, teacher
+
+
+def _grads(model, loss_fn, groups, step=1):
+    loss = loss_fn(step, loop.step_generator(0, step))
+    flat = torch.autograd.grad(loss, [p for g in groups for p in g], allow_unused=True)
+    zero = [torch.zeros_like(p) if d is None else d for p, d in zip([p for g in groups for p in g], flat)]
+    return [zero[:len(groups[0])], zero[len(groups[0]):]]
+
+
+def test_a_concepts_loss_reaches_only_its_own_lora():
+    """Gradient isolation (Sec. 4.3): changing concept 0's targets changes LoRA 0's gradient only."""
+    model, cs, cfg, groups, traj, teacher = _two_concept_setup(lambda_keep=0.0, lambda_drift=0.0)
+    loss_fn = trace.trace_loss(model, traj, groups, 2, cfg, teacher)
+    before = _grads(model, loss_fn, groups)
+    rows = traj.buffer["kind"] == 0
+    traj.buffer["x_end"][rows] += 1.0
+    after = _grads(model, loss_fn, groups)
+    assert any(not torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+    # and concept 1's targets reach LoRA 1 only
+    traj.buffer["x_end"][traj.buffer["kind"] == 1] += 1.0
+    again = _grads(model, loss_fn, groups)
+    assert all(torch.equal(a, b) for a, b in zip(after[0], again[0]))
+    assert any(not torch.equal(a, b) for a, b in zip(after[1], again[1]))
+
+
+def test_integration_term_reaches_both_loras_of_its_pair():
+    model, cs, cfg, groups, traj, teacher = _two_concept_setup(lambda_traj=0.0, lambda_keep=0.0, lambda_drift=0.0,
+                                                                lambda_score=1.0, scorer="discriminator",
+                                                                integration=True)
+    assert (traj.buffer["kind"] == trace.PAIR).sum() == cfg.rollouts
+    loss_fn = trace.trace_loss(model, traj, groups, 2, cfg, teacher)
+    no_int = _grads(model, loss_fn, groups, step=1)  # 1 % int_every != 0: only the score terms
+    with_int = _grads(model, loss_fn, groups, step=4)
+    for k in range(2):
+        assert any(not torch.equal(a, b) for a, b in zip(no_int[k], with_int[k]))
+
+
+def test_teacher_is_the_original_model(monkeypatch):
+    """Inside the teacher the network computes the original weights' output: refinement and LoRAs off."""
+    model = models.load("toy-sd")
+    x = model.noise(2, torch.Generator().manual_seed(1))
+    tau, cond = torch.full((2,), 0.4), model.encode(["a circle", "a red square"])
+    with torch.no_grad():
+        reference = model.predict(x, tau, cond)
+    seen = {}
+    real = trace.Trajectories.refresh
+
+    def spy(self, g):
+        with torch.no_grad():
+            seen["edited"] = model.predict(x, tau, cond)
+            with self.teacher():
+                seen["teacher"] = model.predict(x, tau, cond)
+        return real(self, g)
+
+    monkeypatch.setattr(trace.Trajectories, "refresh", spy)
+    trace.run(model, concepts("circle"), trace.TRACEConfig(**{**FAST, "steps": 1, "scorer": "none"}), progress=False)
+    torch.testing.assert_close(seen["teacher"], reference)
+    assert not torch.allclose(seen["edited"], reference)  # the refinement is on outside it
+
+
+# --- the edit: merged LoRAs, diffusers loading ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_concept_edit():
+    model = models.load("toy-sd")
+    edit = trace.run(model, concepts("circle", "square", preserve=("triangle",)),
+                     trace.TRACEConfig(**{**FAST, "scorer": "none"}), progress=False)
+    return edit
+
+
+def test_loras_are_joined_into_one_adapter(two_concept_edit):
+    edit = two_concept_edit
+    assert edit.report["loras"] == 2 and edit.weights
+    a = [v for k, v in edit.lora.items() if k.endswith("lora_A.weight")]
+    assert a and all(t.shape[0] == 2 * 4 for t in a)  # rank 4 each, joined along the rank
+    assert set(edit.touched()) >= set(edit.weights)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_merge_is_refinement_plus_every_lora(name, tmp_path):
+    """Applied, the model computes W0 + sum_k B_k A_k; a saved pipeline has exactly that merged."""
+    model = models.load(name)
+    edit = trace.run(model, concepts("circle", "square", preserve=("triangle",)),
+                     trace.TRACEConfig(**{**FAST, "steps": 2, "scorer": "none"}), progress=False)
+    prefix = "unet." if name == "toy-sd" else "transformer."
+    edit.apply(model)
+    edit.save(tmp_path / "edit", pipeline=model)
+    component = "unet" if name == "toy-sd" else "transformer"
+    saved = load_file(str(next((tmp_path / "edit" / "pipeline" / component).glob("*.safetensors"))))
+    for key, a in edit.lora.items():
+        if not key.endswith("lora_A.weight"):
+            continue
+        module = key[len(prefix):-len(".lora_A.weight")]
+        b = edit.lora[key.replace("lora_A", "lora_B")]
+        base = edit.weights.get(f"{module}.weight")
+        if base is None:
+            base = models.load(name).network.get_parameter(f"{module}.weight")
+        expected = base.float() + b.float() @ a.float()
+        torch.testing.assert_close(saved[f"{module}.weight"].float(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_diffusers_loads_the_edit_as_lora_weights(two_concept_edit, tmp_path):
+    """Plain diffusers: the refined weights from edit.safetensors, then pipe.load_lora_weights(folder)
+    gives what Edit.apply gives."""
+    path = two_concept_edit.save(tmp_path / "edit")
+    ours = models.load("toy-sd")
+    Edit.load(path).apply(ours)
+    plain = models.load("toy-sd").pipeline
+    plain.unet.load_state_dict(load_file(str(path / EDIT_FILE)), strict=False)
+    plain.load_lora_weights(str(path))
+    x = ours.noise(2, torch.Generator().manual_seed(3))
+    tau, cond = torch.full((2,), 0.3), ours.encode(["a photo of a circle", "a square"])
+    with torch.no_grad():
+        a = ours.predict(x, tau, cond)
+        b = plain.unet(x, ours.timestep(tau), cond.embeds).sample.float()
+    torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        bare = models.load("toy-sd").predict(x, tau, cond)
+    assert not torch.allclose(a, bare)
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    cs = concepts("circle")
+    cfg = {**FAST, "steps": 5}
+    full = trace.run(models.load("toy-sd"), cs, trace.TRACEConfig(**cfg), progress=False)
+    ckpt = tmp_path / "trace.ckpt"
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda *a, **k: real_train(*a, **{**k, "checkpoint_every": 1}))
+    real_refresh, calls = trace.Trajectories.refresh, []
+
+    def interrupted(self, g):
+        calls.append(1)
+        if len(calls) == 2:  # step 2's refresh: inside a step, the buffer already moved
+            raise KeyboardInterrupt
+        return real_refresh(self, g)
+
+    monkeypatch.setattr(trace.Trajectories, "refresh", interrupted)
+    model = models.load("toy-sd")
+    before = state(model)
+    with pytest.raises(KeyboardInterrupt):
+        trace.run(model, cs, trace.TRACEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in state(model).items())
+    assert loop.read_checkpoint(ckpt)["step"] == 2
+    monkeypatch.setattr(trace.Trajectories, "refresh", real_refresh)
+    resumed = trace.run(models.load("toy-sd"), cs, trace.TRACEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
+    assert resumed.lora.keys() == full.lora.keys()
+    for k, v in full.lora.items():
+        assert torch.equal(resumed.lora[k], v), k
+    assert resumed.report["scorer_accuracy"] == full.report["scorer_accuracy"]
+
+
+def test_erase_through_the_api_on_flux():
+    result = fasterase.erase("toy-flux", "circle", method="trace", progress=False, **FAST)
+    assert result.report["loras"] == 1 and result.report["refined_layers"] == 1
+    assert result.report["scorer_accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"eta": 0}, "eta"),
+    ({"eta": 1.5}, "eta"),
+    ({"t0": 1.0}, "t0"),
+    ({"neutral_token": "pad"}, "neutral_token"),
+    ({"scorer": "nudenet"}, "scorer"),
+    ({"refine": False, "finetune": False}, "nothing to do"),
+    ({"rank": 0}, "rank"),
+    ({"lambda_traj": -1}, "lambda_traj"),
+    ({"int_every": 0}, "int_every"),
+    ({"separate": "yes"}, "separate"),
+    ({"rank": 10 ** 6}, "exceeds the rank"),
+    ({"finetune": False, "lr": 0.1}, "lr: finetune=False"),
+    ({"separate": False}, "several concepts"),
+])
+def test_bad_options(options, needle):
+    with pytest.raises(UserError, match=needle):
+        fasterase.erase("toy-sd", "circle", method="trace", progress=False, **{**FAST, **options})
+
+
+def test_a_concept_the_model_does_not_draw_is_refused():
+    with pytest.raises(UserError, match="no better than"):  # the neutral pair is the concept prompt itself
+        fasterase.erase("toy-sd", "circle", method="trace", progress=False, **{**FAST, "neutral": "circle"})
