@@ -4,8 +4,9 @@ Phase 1, closed-form refinement (eq. 1): every projection that reads the text en
 output gets W += eta W (e_u - e_w) e_w^T / |e_w|^2, all layers in one call of
 ops.rank_one_update, so that (W + dW) e_w = W e_u at eta = 1. e_w: the concept word's token
 rows of the text encoding, averaged over the concept's prompts (one row per token of the word;
-the paper's footnote allows the average); e_u: the end-of-sequence token's row of the same
-prompts (the paper's default), or the anchor word's rows. Several concepts are solved jointly
+the paper's footnote allows the average); e_u: the end-of-sequence token's row (the paper's
+default) of the empty prompt, the "empty concept" (a prompt's own EOS row holds the whole prompt,
+the concept too, in a causal CLIP), or the anchor word's rows. Several concepts are solved jointly
 (one system, Sec. 4.3), which keeps every e_w exact where a sum of eq.-1 updates would not.
 Where: SD, every cross-attention to_k / to_v (they read the CLIP encoder's output). FLUX: the
 context_embedder only, the one projection whose input is the T5 token rows themselves; the joint
@@ -40,7 +41,10 @@ concepts) pair rows, run by the edited model and (concept and clean rows) by the
 sample_steps guided steps (2 network passes a step). A training step then costs, per concept, a
 guided forward and backward on batch_size concept rows and on batch_size clean rows and a
 forward and backward plus a teacher forward on batch_size early clean rows, plus the buffer's
-share: 2 x sample_steps x (rows run by each model) / refresh_every forward passes.
+share: 2 x sample_steps x (rows run by each model) / refresh_every forward passes. The buffer
+keeps every grid step's x_t of the edited rollouts in fp32 on the model's device (computed from the
+shapes, not measured: 20 steps x 16 rows for one concept, FLUX's 4096 x 64 latents at 1024 px
+1 MiB each, 320 MiB; SD1.5's 4 x 64 x 64 at 512 px, 20 MiB).
 
 The scorer D is FADE's concept discriminator (training/discriminator.py), trained before phase 2
 on the original model's own generations (concept prompts against their neutral pairs), then
@@ -63,7 +67,10 @@ Where this departs from the paper, and why:
   CLIP, and latents are what the trajectory terms already compare.
 - Clean prompts: the preserved concepts' prompts, or with none preserved the neutral pairs.
 - e_u as a learned vector (an option the paper mentions) is not offered: the paper gives no
-  objective for it.
+  objective for it. Nor is the negatively guided target: the concept is replaced.
+- t0 = 0.86 (43 of 50 DDIM steps, ANT's t' for objects), not the paper's unstated "post the
+  symmetry breaking point" value: on toy-sd the shape is decided before tau 0.7 (t0 = 0.5 and 0.7
+  erased nothing; bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -94,24 +101,24 @@ class TRACEConfig:
     # phase 1
     refine: bool = True  # False: no closed-form refinement (Table 2's w/o attention refinement)
     eta: float = 1.0  # damping of eq. (1) in [0, 1]
-    neutral_token: str = "eos"  # e_u: "eos" (the paper's default) or "anchor" (the concept's anchor word)
+    neutral_token: str = "eos"  # e_u: "eos" (the empty prompt's, the paper's default) or "anchor" (the anchor word's)
     # phase 2
     finetune: bool = True  # False: the refinement alone (phase 1), a closed-form method in itself
     rank: int = 4  # LoRA rank per concept
     separate: bool = True  # one LoRA per concept; False: one LoRA for all (Table 2)
-    t0: float = 0.5  # noise level where the target switches to the neutral prompt (1 = pure noise)
+    t0: float = 0.86  # noise level where the target switches to the neutral prompt (1 = pure noise); module doc
     trajectory: bool = True  # False: the target switches at the first step, L_traj on every step, no drift term
     neutral: str | None = None  # replaces the concept's name in the target (see prompt_pairs)
     lambda_traj: float = 1.0
     lambda_score: float = 0.1
-    lambda_keep: float = 1.0
+    lambda_keep: float = 3.0  # measured on toy-sd (1.0 cost the other shapes 8% of their colour)
     lambda_drift: float = 0.1
     integration: bool = True  # L_int on prompts naming two erased concepts (several concepts)
     int_every: int = 4  # steps between L_int terms
     scorer: str = "discriminator"  # the concept scorer D: trained on the original's generations, or "none"
     d_pretrain_steps: int = 300
     d_batch: int = 64
-    steps: int = 200
+    steps: int = 400
     lr: float = 1e-3
     batch_size: int = 4
     rollouts: int = 8  # concept rows (and as many clean, and pair, rows) per buffer refresh
@@ -187,7 +194,8 @@ def _eos_rows(model: Denoiser, prompts: list[str]) -> list[int]:
     return [seq.index(tok.eos_token_id) for seq in ids]
 
 
-def refinement_embeddings(model: Denoiser, concepts: ConceptSet, neutral_token: str) -> tuple[torch.Tensor, torch.Tensor]:
+def refinement_embeddings(model: Denoiser, concepts: ConceptSet,
+                          neutral_token: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(e_u, e_w), each (k, width) fp32: a row per token of each concept's name, averaged over the
     concept's prompts (augmented), and its replacement (module doc)."""
     e_u, e_w = [], []
@@ -244,8 +252,8 @@ def put(model: Denoiser, weights: dict[str, torch.Tensor]) -> None:
 # --- phase 2 ----------------------------------------------------------------------------------------
 
 class Trajectories:
-    """The rollout buffer (`rollouts` rows per concept, and as many clean and pair rows) and the frozen scorer: the state TRACE trains beside the LoRAs (a
-    loop.Companion, checkpointed with them)."""
+    """The rollout buffer (`rollouts` rows per concept, as many clean and pair rows) and the frozen
+    scorer: the state TRACE trains beside the LoRAs (a loop.Companion, checkpointed with them)."""
 
     def __init__(self, model: Denoiser, prompts: PromptPairs, pairs: list[tuple[str, tuple[int, int]]],
                  concepts: int, cfg: TRACEConfig, teacher):
@@ -469,7 +477,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool 
     start = time.perf_counter()
     original = refine(model, concepts, cfg) if cfg.refine else {}
     report = {"refined_layers": len(refined), "refine_time_s": round(time.perf_counter() - start, 3)}
-    refined_values = {p.name: p.module.weight.detach().clone() for p in refined_projections(model) if p.name in original}
+    refined_values = {p.name: p.module.weight.detach().clone() for p in refined_projections(model)
+                      if p.name in original}
     weights = {f"{name}.weight": w for name, w in refined_values.items()}
     lora = {}
     try:
@@ -518,7 +527,8 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
         net.train()
         try:
             stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
-                               desc=f"trace {','.join(concepts.names)}", run=loop.identity("trace", concepts, cfg, base),
+                               desc=f"trace {','.join(concepts.names)}",
+                               run=loop.identity("trace", concepts, cfg, base),
                                max_skipped_steps=cfg.max_skipped_steps, companion=traj)
         finally:
             net.eval()
