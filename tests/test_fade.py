@@ -305,7 +305,7 @@ TINY = {
     "esd": {"steps": 1, "batch_size": 1, "sample_steps": 2},
     "ant": {"steps": 1, "batch_size": 1, "sample_steps": 2, "saliency_prompts": 1, "saliency_seeds": 1},
     "fade": FAST,
-    "trace": {"steps": 1, "batch_size": 1, "rollouts": 1, "sample_steps": 4, "d_pretrain_steps": 30, "d_batch": 16},
+    "trace": {"steps": 1, "batch_size": 1, "rollouts": 1, "sample_steps": 8, "d_pretrain_steps": 30, "d_batch": 16},
 }
 
 

@@ -2,6 +2,8 @@
 the merged LoRAs and their loading through diffusers, resume, options."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,7 +19,7 @@ from fasterase.training import loop, params, sampling
 from fasterase.training.prompt_pairs import prompt_pairs
 
 MODELS = ["toy-sd", "toy-flux"]
-FAST = {"steps": 3, "batch_size": 2, "rollouts": 2, "refresh_every": 2, "sample_steps": 6, "d_pretrain_steps": 30,
+FAST = {"steps": 3, "batch_size": 2, "rollouts": 2, "refresh_every": 2, "sample_steps": 8, "d_pretrain_steps": 30,
         "d_batch": 16}
 
 
@@ -152,13 +154,14 @@ def test_a_concepts_loss_reaches_only_its_own_lora():
 
 
 def test_integration_term_reaches_both_loras_of_its_pair():
+    """The same step on the same buffer, with and without L_int: both LoRAs' gradients change."""
     model, cs, cfg, groups, traj, teacher = _two_concept_setup(lambda_traj=0.0, lambda_keep=0.0, lambda_drift=0.0,
                                                                 lambda_score=1.0, scorer="discriminator",
-                                                                integration=True)
+                                                                integration=True, refresh_every=100)
     assert (traj.buffer["kind"] == trace.PAIR).sum() == cfg.rollouts
-    loss_fn = trace.trace_loss(model, traj, groups, 2, cfg, teacher)
-    no_int = _grads(model, loss_fn, groups, step=1)  # 1 % int_every != 0: only the score terms
-    with_int = _grads(model, loss_fn, groups, step=4)
+    with_int = _grads(model, trace.trace_loss(model, traj, groups, 2, cfg, teacher), groups, step=4)
+    without = dataclasses.replace(cfg, integration=False)
+    no_int = _grads(model, trace.trace_loss(model, traj, groups, 2, without, teacher), groups, step=4)
     for k in range(2):
         assert any(not torch.equal(a, b) for a, b in zip(no_int[k], with_int[k]))
 
@@ -181,9 +184,15 @@ def test_teacher_is_the_original_model(monkeypatch):
         return real(self, g)
 
     monkeypatch.setattr(trace.Trajectories, "refresh", spy)
-    trace.run(model, concepts("circle"), trace.TRACEConfig(**{**FAST, "steps": 1, "scorer": "none"}), progress=False)
+    # the refresh of step 2 comes after two optimizer steps: the LoRAs are no longer zero there
+    edit = trace.run(model, concepts("circle"), trace.TRACEConfig(**{**FAST, "scorer": "none", "lr": 0.05}),
+                     progress=False)
+    assert any(v.abs().sum() > 0 for k, v in edit.lora.items() if "lora_B" in k)
     torch.testing.assert_close(seen["teacher"], reference)
-    assert not torch.allclose(seen["edited"], reference)  # the refinement is on outside it
+    with torch.no_grad():
+        trace.refine(model, concepts("circle"), trace.TRACEConfig())
+        refined_only = model.predict(x, tau, cond)
+    assert not torch.allclose(seen["edited"], refined_only)  # the LoRAs were on outside the teacher
 
 
 # --- the edit: merged LoRAs, diffusers loading ---------------------------------------------------
@@ -196,6 +205,21 @@ def two_concept_edit():
     return edit
 
 
+def test_joined_adapter_adds_every_loras_change():
+    """lora_state of several adapters: one adapter whose B A is the sum of theirs."""
+    model = models.load("toy-sd")
+    modules = [p.name for p in model.cross_attention_kv()]
+    names = ("fasterase_0", "fasterase_1")
+    for k, a in enumerate(names):
+        for p in params.add_lora(model.network, modules, 2, k, adapter=a):
+            torch.nn.init.normal_(p.data, std=0.1)
+    joined = params.lora_state(model.network, "unet", names)
+    for m in modules:
+        a, b = joined[f"unet.{m}.lora_A.weight"], joined[f"unet.{m}.lora_B.weight"]
+        expected = sum(params.lora_delta(model.network, m, n) for n in names)
+        torch.testing.assert_close(b @ a, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_loras_are_joined_into_one_adapter(two_concept_edit):
     edit = two_concept_edit
     assert edit.report["loras"] == 2 and edit.weights
@@ -205,8 +229,8 @@ def test_loras_are_joined_into_one_adapter(two_concept_edit):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_merge_is_refinement_plus_every_lora(name, tmp_path):
-    """Applied, the model computes W0 + sum_k B_k A_k; a saved pipeline has exactly that merged."""
+def test_merge_is_refinement_plus_the_joined_lora(name, tmp_path):
+    """Applied, the model computes W0 + B A of the joined adapter; a saved pipeline has exactly that merged."""
     model = models.load(name)
     edit = trace.run(model, concepts("circle", "square", preserve=("triangle",)),
                      trace.TRACEConfig(**{**FAST, "steps": 2, "scorer": "none"}), progress=False)
@@ -256,22 +280,23 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     ckpt = tmp_path / "trace.ckpt"
     real_train = loop.train
     monkeypatch.setattr(loop, "train", lambda *a, **k: real_train(*a, **{**k, "checkpoint_every": 1}))
-    real_refresh, calls = trace.Trajectories.refresh, []
+    real_draw, calls = trace.Trajectories.draw, []
 
-    def interrupted(self, g):
+    def interrupted(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # step 2's refresh: inside a step, the buffer already moved
+        if len(calls) == 10:  # step 3 (3 draws a step), which does not refresh: the buffer is step 2's
             raise KeyboardInterrupt
-        return real_refresh(self, g)
+        return real_draw(self, *args, **kwargs)
 
-    monkeypatch.setattr(trace.Trajectories, "refresh", interrupted)
+    monkeypatch.setattr(trace.Trajectories, "draw", interrupted)
     model = models.load("toy-sd")
     before = state(model)
     with pytest.raises(KeyboardInterrupt):
         trace.run(model, cs, trace.TRACEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
     assert all(torch.equal(before[k], v) for k, v in state(model).items())
-    assert loop.read_checkpoint(ckpt)["step"] == 2
-    monkeypatch.setattr(trace.Trajectories, "refresh", real_refresh)
+    assert loop.read_checkpoint(ckpt)["step"] == 3
+    monkeypatch.setattr(trace.Trajectories, "draw", real_draw)
+    monkeypatch.setattr(trace.Trajectories, "train_scorer", lambda *a: pytest.fail("the scorer was trained again"))
     resumed = trace.run(models.load("toy-sd"), cs, trace.TRACEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
     assert resumed.lora.keys() == full.lora.keys()
     for k, v in full.lora.items():
@@ -299,6 +324,8 @@ def test_erase_through_the_api_on_flux():
     ({"rank": 10 ** 6}, "exceeds the rank"),
     ({"finetune": False, "lr": 0.1}, "lr: finetune=False"),
     ({"separate": False}, "several concepts"),
+    ({"t0": 0.99}, "no sampler step on one side"),
+    ({"scorer": "none", "int_every": 2}, "trains no scorer"),
 ])
 def test_bad_options(options, needle):
     with pytest.raises(UserError, match=needle):

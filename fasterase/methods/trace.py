@@ -6,7 +6,7 @@ ops.rank_one_update, so that (W + dW) e_w = W e_u at eta = 1. e_w: the concept w
 rows of the text encoding, averaged over the concept's prompts (one row per token of the word;
 the paper's footnote allows the average); e_u: the end-of-sequence token's row (the paper's
 default) of the empty prompt, the "empty concept" (a prompt's own EOS row holds the whole prompt,
-the concept too, in a causal CLIP), or the anchor word's rows. Several concepts are solved jointly
+the concept too, in a causal CLIP), or the anchor word's rows averaged into one vector. Several concepts are solved jointly
 (one system, Sec. 4.3), which keeps every e_w exact where a sum of eq.-1 updates would not.
 Where: SD, every cross-attention to_k / to_v (they read the CLIP encoder's output). FLUX: the
 context_embedder only, the one projection whose input is the T5 token rows themselves; the joint
@@ -66,6 +66,8 @@ Where this departs from the paper, and why:
 - The clean prompts' x_0 term is in latents, not a CLIP-feature distance: the toy world has no
   CLIP, and latents are what the trajectory terms already compare.
 - Clean prompts: the preserved concepts' prompts, or with none preserved the neutral pairs.
+- L_int penalises the concepts' presence in the pair prompts' outputs outright, not its increase
+  over the single-concept prompts' (the paper compares the two): erased, both should be absent.
 - e_u as a learned vector (an option the paper mentions) is not offered: the paper gives no
   objective for it. Nor is the negatively guided target: the concept is replaced.
 - t0 = 0.86 (43 of 50 DDIM steps, ANT's t' for objects), not the paper's unstated "post the
@@ -169,8 +171,8 @@ def idle_options(cfg: TRACEConfig, given: set[str], model: Denoiser, concepts: C
             idle += [f"{k}: it acts between several concepts" for k in ("separate", "integration", "int_every")
                      if k in given]
         if cfg.scorer == "none":
-            idle += [f"{k}: scorer='none' trains no scorer" for k in ("lambda_score", "d_pretrain_steps", "d_batch")
-                     if k in given]
+            idle += [f"{k}: scorer='none' trains no scorer (L_score, L_int)"
+                     for k in ("lambda_score", "d_pretrain_steps", "d_batch", "integration", "int_every") if k in given]
         if not cfg.trajectory:
             idle += [f"{k}: trajectory=False has no t0" for k in ("t0", "lambda_drift") if k in given]
     return idle
@@ -235,9 +237,11 @@ def refine(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig) -> dict[str,
     original = {p.name: p.module.weight.detach().clone() for p in projections}
     try:
         ops.rank_one_update([p.module.weight.data for p in projections], e_u, e_w, eta=cfg.eta)
-    except ValueError as exc:
+    except BaseException as exc:  # the op updates one shape group at a time: undo a partial update
         put(model, original)
-        raise UserError(f"TRACE refinement: {exc}") from None
+        if isinstance(exc, ValueError):
+            raise UserError(f"TRACE refinement: {exc}") from None
+        raise
     return original
 
 
@@ -472,6 +476,11 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool 
         ranges.check_rank("TRACE", cfg.rank, net, lora_modules)
         if cfg.checkpoint:
             loop.check_checkpoint(cfg.checkpoint)
+        grid = model.sampling_taus(cfg.sample_steps)
+        if cfg.trajectory and (not any(t > cfg.t0 for t in grid) or not any(t <= cfg.t0 for t in grid)):
+            raise UserError(f"TRACE option t0={cfg.t0:g} leaves no sampler step on one side: the "
+                            f"{cfg.sample_steps}-step grid's noise levels run from {grid[0]:.3g} to {grid[-1]:.3g}; "
+                            f"the target switches at t0 and the drift term acts above it")
     touched = sorted(set(f"{m}.weight" for m in refined + (lora_modules if cfg.finetune else [])))
     base = fingerprint(net, touched)
     start = time.perf_counter()
@@ -496,7 +505,7 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
               progress: bool) -> tuple[dict, dict]:
     net = model.network
     prompts = prompt_pairs(concepts, cfg.neutral)
-    pairs = _pair_prompts(concepts) if len(concepts) > 1 and cfg.integration else []
+    pairs = _pair_prompts(concepts) if len(concepts) > 1 and cfg.integration and cfg.scorer != "none" else []
     model.encode([t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved + [t for t, _ in pairs] + [""])
     names = [f"{ADAPTER}_{k}" for k in range(len(concepts))] if cfg.separate and len(concepts) > 1 else [ADAPTER]
 
@@ -517,9 +526,12 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
                 p.requires_grad_(True)
         trainable = [p for group in groups for p in group]
         traj = Trajectories(model, prompts, pairs, len(concepts), cfg, teacher)
-        resume = loop.companion_in(cfg.checkpoint) if cfg.checkpoint else None
-        if resume is not None:
-            traj.load_state_dict(resume)
+        saved = loop.check_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+        if saved is not None and saved.is_file():
+            if loop.read_checkpoint(saved).get("run") != loop.identity("trace", concepts, cfg, base):
+                raise UserError(f"checkpoint {saved} belongs to another run (another method, concepts, options or "
+                                "base model); use another checkpoint file, or delete this one to start afresh")
+            traj.load_state_dict(loop.companion_in(saved))
         elif traj.d is not None:
             traj.train_scorer(progress)
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
