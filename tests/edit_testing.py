@@ -1,5 +1,9 @@
-"""Test support shared by the masked-training methods' tests (ANT, FADE)."""
+"""Test support shared by the training methods' tests (ANT, FADE, TRACE)."""
+import pytest
 import torch
+
+from fasterase import models
+from fasterase.training import loop
 
 
 def moved_entries(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], edit) -> int:
@@ -16,3 +20,14 @@ def moved_entries(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
         assert not (changed & outside).any(), k  # only the edit's entries move
         moved += int(changed.sum())
     return moved
+
+
+def interrupted_step(run, checkpoint) -> int:
+    """Run `run(model)` on a fresh toy-sd until it raises KeyboardInterrupt; asserts the model is left
+    bit-identical, and returns the step the checkpoint was saved at."""
+    model = models.load("toy-sd")
+    before = {k: v.detach().clone() for k, v in model.network.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        run(model)
+    assert all(torch.equal(before[k], v) for k, v in model.network.state_dict().items())
+    return loop.read_checkpoint(checkpoint)["step"]
