@@ -105,7 +105,7 @@ class TRACEConfig:
     eta: float = 1.0  # damping of eq. (1) in [0, 1]
     neutral_token: str = "eos"  # e_u: "eos" (the empty prompt's, the paper's default) or "anchor" (the anchor word's)
     # phase 2
-    finetune: bool = True  # False: the refinement alone (phase 1), a closed-form method in itself
+    finetune: bool = True  # False: the refinement alone (phase 1); on the toy models it erases nothing (module doc)
     rank: int = 4  # LoRA rank per concept
     separate: bool = True  # one LoRA per concept; False: one LoRA for all (Table 2)
     t0: float = 0.86  # noise level where the target switches to the neutral prompt (1 = pure noise); module doc
