@@ -6,8 +6,9 @@ ops.rank_one_update, so that (W + dW) e_w = W e_u at eta = 1. e_w: the concept w
 rows of the text encoding, averaged over the concept's prompts (one row per token of the word;
 the paper's footnote allows the average); e_u: the end-of-sequence token's row (the paper's
 default) of the empty prompt, the "empty concept" (a prompt's own EOS row holds the whole prompt,
-the concept too, in a causal CLIP), or the anchor word's rows averaged into one vector. Several concepts are solved jointly
-(one system, Sec. 4.3), which keeps every e_w exact where a sum of eq.-1 updates would not.
+the concept too, in a causal CLIP), or the anchor word's rows averaged into one vector. Several
+concepts are solved jointly (one system, Sec. 4.3), which keeps every e_w exact where a sum of
+eq.-1 updates would not.
 Where: SD, every cross-attention to_k / to_v (they read the CLIP encoder's output). FLUX: the
 context_embedder only, the one projection whose input is the T5 token rows themselves; the joint
 blocks' add_k / add_v read the text stream after the blocks' time-modulated norms and after
