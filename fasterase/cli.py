@@ -1,4 +1,4 @@
-"""The fasterase command line: `fasterase demo | erase | eval | methods` (also `python -m fasterase`).
+"""The fasterase command line: `fasterase demo | erase | eval | plan | methods` (also `python -m fasterase`).
 
 A UserError (bad input) ends with one line on stderr and exit status 2; a non-finite loss with one
 line and exit 1; anything else is a bug and keeps its traceback (exit 1).
@@ -128,6 +128,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import plan
+
+    result = plan(args.model, args.method, _settings(args.set), resolution=args.resolution, batch_size=args.batch_size,
+                  gpus=args.gpus, gpu_mem=args.gpu_mem, dtype=args.dtype, salient_share=args.salient_share)
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
+    return 0
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -202,6 +211,21 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--repeats", type=int,
                    help="samples per prompt (default 2: 32 images per shape); more gives a less noisy rate")
     v.set_defaults(run=cmd_eval)
+
+    pl = sub.add_parser("plan", help="the memory a method needs per GPU on a model (from its configs, on the meta "
+                                     "device), and whether it fits")
+    pl.add_argument("--model", required=True, help="toy-sd, toy-flux, sd15, flux-dev, or a local diffusers folder")
+    pl.add_argument("--method", required=True, help="see `fasterase methods`")
+    pl.add_argument("--resolution", type=int, help="image height and width in px (default: the model's own size)")
+    pl.add_argument("--batch-size", type=int, help="prompts per training step (the method's batch_size)")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs sharing the run, as ZeRO-2 would (default 1)")
+    pl.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB, 1 GB = 1e9 bytes (default 80)")
+    pl.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32: the pipeline's weights (default bf16)")
+    pl.add_argument("--salient-share", type=float,
+                    help="ANT: the share of entries its saliency map keeps (default 0.15, measured on toy-flux)")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object (bytes) instead of a table")
+    pl.set_defaults(run=cmd_plan)
 
     m = sub.add_parser("methods", help="list the erasure methods")
     m.set_defaults(run=cmd_methods)

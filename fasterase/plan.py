@@ -1,0 +1,725 @@
+"""The memory planner: how much memory a method needs on one GPU, from the model's configs alone.
+
+`plan(model, method, ...)` builds the model's denoising network on the meta device (no weights, no
+memory; models.meta) and returns a Plan: for each moment of the run where memory peaks (a column:
+"saliency", "refresh", "step", ...) the bytes of every part alive then, their total, and whether
+the largest fits in the GPU. Units: GB = 1e9 bytes everywhere (the printed figures and --gpu-mem);
+the JSON gives bytes.
+
+What it models is what the methods' code does today (fasterase/methods, fasterase/training), for one
+concept with the method's defaults and the --set overrides: in the toy world "circle" with the other
+shapes preserved (erase's default there); elsewhere one concept with the generic templates
+(concepts.DEFAULT_TEMPLATES) and nothing preserved. Every part and its source:
+
+- weights of the network, the VAE and the text encoders in --dtype: parameter and buffer counts of
+  the modules built from their configs. The methods keep the whole pipeline where it was put: the
+  text encoders stay after the prompts are encoded.
+- prompt cache: Denoiser.encode keeps every prompt's embedding in fp32 (tokens x width, FLUX also
+  the pooled vector), for the distinct prompts the method encodes.
+- trainable state, gradients, optimizer states: counted from the parameters the method trains.
+  LoRAs (ESD, TRACE) are set up on the meta network by the method's own code (training.params.add_lora:
+  their dtype is the base's) and train with torch's AdamW: two states of the parameter's dtype an entry.
+  ANT's and FADE's salient entries (training.params.MaskedChange) are a share of every tensor's
+  entries: FADE's saliency_share; ANT's is known only once its maps are computed (--salient-share,
+  default ANT_SHARE). Per entry: the int64 index and the base value MaskedChange keeps, the int32 mask
+  SalientAdamW keeps and the int32 saliency mask the method keeps. SalientAdamW's 8-bit states
+  (ops/quant.py): 2 bytes an entry and two fp32 absmax per 256 entries; fp32, 8 bytes an entry, for a
+  tensor with fewer than 4096 (optim.SalientAdamW's min_8bit_size). MaskedChange trains whole tensors,
+  so every tensor holding a selected entry (all of them, assumed here) gets a whole gradient, which
+  lives from one step's backward through the next step's forward passes (training.loop.train calls
+  zero_grad after loss_fn): it is counted beside the activations.
+- saliency sums: ANT's running minimum and FADE's sum of |gradient| hold an fp32 value for every
+  parameter (training.saliency.SaliencyScore, methods/fade.py concept_saliency), beside the whole
+  gradients autograd.grad returns, which the saliency column counts beside the activations as if they
+  all arrived before any activation is freed (an upper bound). Compact alternatives: ANT's intersection
+  needs, after the first map, only the entries still at or above gamma (indices and values, a set that
+  only shrinks); FADE's ranking could sum in 16 bits, or hold a tensor's sums on the GPU only while its
+  gradient arrives (the host keeps the rest).
+- activations: measured, not estimated. Every network call of a step (a Pass: predict() or guided()
+  on the rows the method calls it with, with or without a graph) runs on the meta network under a
+  dispatch mode that counts the bytes of the tensor storages created and not yet freed (_LiveBytes),
+  through the forward and the backward. A call's peak is the largest count; its kept bytes what is
+  alive after its forward: the tensors autograd saved for backward (tests/test_plan.py checks them
+  against saved_tensors_hooks), its inputs and output. Counting storages rather than saved tensors
+  also sees what gradient checkpointing keeps outside autograd (each block's inputs) and the blocks'
+  recompute in the backward. A step's activations: the largest, over its calls in order, of the bytes
+  the earlier calls keep plus the call's own peak; parameters' gradients are freed as they arrive
+  (counted above). Attention runs as a GPU's fused kernel (_fused_attention). The same with diffusers'
+  gradient checkpointing on (enable_gradient_checkpointing; its recompute runs on meta) gives the
+  checkpointed total, shown and not counted: no method enables it yet.
+- rollout buffers (FADE, TRACE), the discriminator, TRACE's copies of the refined projections, UCE's
+  closed form: from their shapes, as the code keeps them (the method's docstring here and each part's
+  note say how).
+
+Not counted: the CUDA context and the allocator's cache and fragmentation, the text encoders'
+pass over the prompts (before training, a few prompts), the optimizer step's temporaries, the loss
+terms on the network's outputs (a few latent-sized tensors), the saliency updates' per-tensor
+temporaries, and safety checkers or other components no method runs.
+
+--gpus N: the design's scale path (DeepSpeed ZeRO-2, data parallel), which no method uses yet:
+each GPU runs ceil(batch_size / N) of a step's prompts and holds 1/N of the gradients and optimizer
+states; everything else is whole on every GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from . import api
+from .concepts import Concept, ConceptSet, as_concepts
+from .errors import UserError
+from .methods import REGISTRY, esd, get, trace
+from .models import meta
+from .ops.quant import num_blocks
+from .optim import SalientAdamW
+from .toy import components
+from .toy import concepts as toy_concepts
+from .training import params
+from .training.discriminator import ConceptDiscriminator
+from .training.prompt_pairs import prompt_pairs
+
+GB = 1e9
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# ANT's saliency map M* keeps a share of entries known only once its maps are computed: the larger of the
+# two measured at the default saliency_threshold (methods/ant.py, ANTConfig: about 11% of toy-sd, 15% of toy-flux).
+ANT_SHARE = 0.15
+MAX_GPUS = 1024
+# The parts in the order the table shows them, after the network's weights.
+ORDER = ("VAE", "text encoders", "prompt cache", "refined projections", "trainable state", "gradients",
+         "optimizer states", "saliency sums", "rollout buffer", "discriminator", "closed form", "activations")
+CHECKPOINTED = "with gradient checkpointing"
+PROMPT = "a prompt"  # the text of every measured call's rows (the embeddings are meta: only their shape counts)
+TRACE_HELD_OUT = 16  # methods/trace.py, Trajectories.train_scorer: max(16, rollouts) held-out concept prompts
+_MIN_8BIT = SalientAdamW.__init__.__kwdefaults__["min_8bit_size"]  # smaller states stay fp32
+
+
+# --- measuring on the meta device ---------------------------------------------------------------------
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages created by the ops run under it and still alive, and the peak
+    of that count: an op's output whose storage is none of its inputs' is new (views and in-place results
+    are not), and leaves the count when its storage is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        known = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in known:
+                storage = t.untyped_storage()
+                known.add(storage._cdata)
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._free, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def _efficient_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                         enable_gqa=False):
+    """scaled_dot_product_attention as a GPU runs it: a fused kernel that keeps q, k, v, the output and one
+    fp32 logsumexp per query row for backward (flash attention, which a GPU takes for bf16 and fp16, keeps
+    the same; the CPU's flash kernel too). On meta, torch would take the math path, which keeps the whole
+    attention matrix."""
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, attn_mask, True, dropout_p,
+                                                                  is_causal, scale=scale)[0]
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = _efficient_attention  # diffusers calls it through the module
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One network call of a method: predict() on `rows` prompts, or guided() (both branches batched, two
+    rows a prompt, unless the model takes the guidance scale as an input: FLUX.1-dev); `grad`: its graph is
+    kept for backward. `extra`: bytes the method holds only during this call."""
+
+    rows: int
+    guided: bool = False
+    grad: bool = False
+    extra: int = 0
+
+
+@dataclass(frozen=True)
+class DiscriminatorPass:
+    """FADE's and TRACE's discriminator on `rows` clean latents: `train`, its own step (its parameters require
+    grad); else inside the model's loss (the gradient flows to the latents, and the graph is kept: `grad`)."""
+
+    rows: int
+    train: bool
+    extra = 0  # nothing held beside it (see Pass.extra)
+
+    @property
+    def grad(self) -> bool:
+        return not self.train
+
+
+class Meter:
+    """The network calls of one trainable set-up on the meta network, measured (cached by call)."""
+
+    def __init__(self, den, trainable: list[torch.nn.Parameter]):
+        self.den, self.trainable = den, trainable
+        self.latent = tuple(den.noise(1).shape[1:])
+        self.d = None
+        self._cache: dict[tuple, tuple[int, int]] = {}
+        den.encode([PROMPT, ""])  # cached before measuring: the prompt cache is counted on its own
+
+    def discriminator(self) -> ConceptDiscriminator:
+        if self.d is None:
+            channels = self.den.latent_image(self.den.noise(1)).shape[1]
+            with torch.device("meta"):
+                self.d = ConceptDiscriminator(channels, 1)
+        return self.d
+
+    def measure(self, call, checkpointing: bool = False) -> tuple[int, int]:
+        """(kept, peak) bytes of one call: what stays alive after its forward when it keeps a graph (else
+        0), and the largest count during its forward and backward."""
+        key = (call if isinstance(call, DiscriminatorPass) else dataclasses.replace(call, extra=0), checkpointing)
+        if key not in self._cache:
+            self._cache[key] = self._measure(key[0], checkpointing)
+        return self._cache[key]
+
+    def _measure(self, call, checkpointing: bool) -> tuple[int, int]:
+        if isinstance(call, DiscriminatorPass):
+            self.discriminator().requires_grad_(call.train)
+            trainable, backward = list(self.d.parameters()) if call.train else [], True
+        else:
+            net = self.den.network
+            (net.enable_gradient_checkpointing if checkpointing else net.disable_gradient_checkpointing)()
+            trainable, backward = self.trainable if call.grad else [], call.grad
+        # parameters' gradients are counted on their own: freed here as soon as they arrive
+        hooks = [p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None)) for p in trainable]
+        live = _LiveBytes()
+        try:
+            with _fused_attention(), torch.set_grad_enabled(backward), live:
+                out = self._forward(call)
+                kept = live.live if call.grad else 0
+                if backward:
+                    out.square().mean().backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        return kept, live.peak
+
+    def _forward(self, call):
+        """The call's output, its inputs made inside the measurement as the method makes them inside its step."""
+        if isinstance(call, DiscriminatorPass):
+            x0 = torch.empty(call.rows, *self.latent, device="meta", requires_grad=not call.train)
+            return self.d(self.den.latent_image(x0))
+        x = torch.empty(call.rows, *self.latent, device="meta")
+        tau, cond = torch.full((call.rows,), 0.5), self.den.encode([PROMPT] * call.rows)
+        if call.guided:
+            return self.den.guided(x, tau, cond, self.den.default_guidance)
+        return self.den.predict(x, tau, cond)
+
+    def activations(self, calls: list, checkpointing: bool = False) -> int:
+        """Peak bytes of calls run in order, each kept graph alive until the step's backward."""
+        held = peak = 0
+        for call in calls:
+            kept, top = self.measure(call, checkpointing)
+            peak = max(peak, held + top + call.extra)
+            held += kept
+        return peak
+
+
+# --- the plan --------------------------------------------------------------------------------------------
+
+@dataclass
+class Column:
+    """One moment of the run: bytes per part, and the activations with gradient checkpointing (None when
+    no graph is built then)."""
+
+    lines: dict[str, int]
+    checkpointed: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.lines.values())
+
+
+@dataclass
+class Plan:
+    model: str
+    method: str
+    config: dict
+    height: int
+    width: int
+    dtype: str
+    gpus: int
+    gpu_mem: float  # GB
+    columns: dict[str, Column]
+    notes: dict[str, str]  # part -> what it holds
+    suggestions: list[tuple[str, int]] = field(default_factory=list)  # (option, peak bytes with it)
+
+    @property
+    def peak(self) -> tuple[str, int]:
+        name = max(self.columns, key=lambda c: self.columns[c].total)
+        return name, self.columns[name].total
+
+    def checkpointed_total(self, column: str) -> int | None:
+        c = self.columns[column]
+        return None if c.checkpointed is None else c.total - c.lines["activations"] + c.checkpointed
+
+    @property
+    def fits(self) -> bool:
+        return self.peak[1] <= self.gpu_mem * GB
+
+    def to_json(self) -> dict:
+        name, peak = self.peak
+        return {"model": self.model, "method": self.method, "config": self.config, "height": self.height,
+                "width": self.width, "dtype": self.dtype, "gpus": self.gpus, "gpu_mem_gb": self.gpu_mem,
+                "unit": "bytes (GB = 1e9 bytes)",
+                "columns": {k: {"lines": c.lines, "total": c.total, "checkpointed_activations": c.checkpointed,
+                                "total_with_checkpointing": self.checkpointed_total(k)}
+                            for k, c in self.columns.items()},
+                "notes": self.notes, "peak": {"column": name, "bytes": peak}, "fits": self.fits,
+                "left_bytes": int(self.gpu_mem * GB) - peak,
+                "suggestions": [{"option": o, "peak_bytes": b} for o, b in self.suggestions]}
+
+    def table(self) -> str:
+        """The breakdown in GB, a column per moment, the totals, the verdict and what each part holds."""
+        names = list(self.columns)
+        present = {k for c in self.columns.values() for k in c.lines}
+        parts = [next(k for k in present if k.endswith(" weights"))] + [k for k in ORDER if k in present]
+        width = max(len(p) for p in parts + [CHECKPOINTED]) + 2
+
+        def row(label: str, values) -> str:
+            return f"{label:<{width}}" + "".join(f"{'-':>12}" if v is None else f"{v / GB:>12.2f}" for v in values)
+
+        batch = self.config.get("batch_size")
+        head = (f"{self.method} on {self.model} at {self.height}x{self.width} px"
+                + (f", {batch} prompts a step" if batch else "") + f", {self.dtype}, {self.gpus} GPU"
+                + ("s" if self.gpus > 1 else "") + f" of {self.gpu_mem:g} GB (GB = 1e9 bytes)")
+        rows = [f"{'GB':<{width}}" + "".join(f"{n:>12}" for n in names)]
+        rows += [row(p, [self.columns[n].lines.get(p) for n in names]) for p in parts]
+        rows.append(row("total", [self.columns[n].total for n in names]))
+        if any(self.columns[n].checkpointed is not None for n in names):
+            rows.append(row(CHECKPOINTED, [self.checkpointed_total(n) for n in names]))
+        name, peak = self.peak
+        if self.fits:
+            verdict = f"fits in {self.gpu_mem:g} GB with {(self.gpu_mem * GB - peak) / GB:.2f} GB left (peak: {name})"
+        else:
+            verdict = (f"does not fit: {name} needs {peak / GB:.2f} GB, {(peak - self.gpu_mem * GB) / GB:.2f} GB "
+                       f"over {self.gpu_mem:g} GB")
+            fixes = [f"{o} ({b / GB:.2f} GB)" for o, b in self.suggestions]
+            verdict += f"; try {' or '.join(fixes)}" if fixes else "; no single option tried makes it fit"
+        notes = [f"  {p}: {self.notes[p]}" for p in parts if p in self.notes]
+        if CHECKPOINTED in rows[-1]:
+            notes.append(f"  {CHECKPOINTED}: the total with diffusers' gradient checkpointing, which no method "
+                         "enables yet (not in the total)")
+        if self.gpus > 1:
+            notes.append("  GPUs: ZeRO-2 data parallel as DESIGN.md plans it (gradients and optimizer states split, "
+                         "the batch divided); no method runs under DeepSpeed yet")
+        return "\n".join([head, *rows, verdict, "where", *notes])
+
+
+class _Planner:
+    """One model at one dtype and resolution: the method models, sharing measured calls."""
+
+    def __init__(self, model: str, described: meta.MetaModel, dtype: str, resolution: int | None):
+        self.model, self.described, self.dtype = model, described, dtype
+        self.torch_dtype = DTYPES[dtype]
+        self.resolution = resolution
+        self.den = self._denoiser()  # for shapes and the methods' checks
+        self.bytes = torch.finfo(self.torch_dtype).bits // 8
+        self.entries = [p.numel() for p in self.den.network.parameters() if p.is_floating_point()]
+        self._meters: dict[tuple, Meter] = {}
+        if components.is_toy_source(model):  # the toy world's defaults, as erase resolves them
+            cs = as_concepts("circle", default=toy_concepts.concept)
+            self.concepts = as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names))
+        else:
+            self.concepts = ConceptSet((Concept("concept"),))
+
+    def _denoiser(self):
+        r = self.resolution
+        return self.described.denoiser(self.torch_dtype, r, r) if r else self.described.denoiser(self.torch_dtype)
+
+    def meter(self, key: tuple, setup) -> Meter:
+        """The Meter of a trainable set-up: setup(denoiser) makes the parameters train, returns them."""
+        if key not in self._meters:
+            den = self._denoiser()
+            self._meters[key] = Meter(den, setup(den))
+        return self._meters[key]
+
+    def every_entry(self) -> Meter:
+        """Every parameter requires grad: ANT's and FADE's saliency maps, and their masked training."""
+        def setup(den):
+            den.network.requires_grad_(True)
+            return [p for p in den.network.parameters() if p.is_floating_point()]
+        return self.meter(("every entry",), setup)
+
+    def lora(self, modules, rank: int, seed: int) -> Meter:
+        """A LoRA of `rank` on the layers modules(denoiser) names, added by the methods' own add_lora."""
+        return self.meter(("lora", rank, tuple(modules(self.den))),
+                          lambda den: params.add_lora(den.network, modules(den), rank, seed))
+
+    # --- parts common to every method ---
+    def resident(self, prompts: int) -> tuple[dict[str, int], dict[str, str]]:
+        d = self.described
+        encoders = [m for n, m in d.others.items() if n.startswith("text_encoder")]
+        cond = self.den.encode([PROMPT])
+        per_prompt = sum(t.numel() * t.element_size() for t in (cond.embeds, cond.pooled) if t is not None)
+        lines = {f"{d.network_name} weights": meta.entry_bytes(self.den.network, self.torch_dtype),
+                 "VAE": meta.entry_bytes(d.others["vae"], self.torch_dtype),
+                 "text encoders": sum(meta.entry_bytes(m, self.torch_dtype) for m in encoders),
+                 "prompt cache": prompts * per_prompt}
+        notes = {f"{d.network_name} weights": f"{sum(self.entries) / 1e9:.3g} B parameters in {self.dtype}",
+                 "text encoders": f"{', '.join(n for n in d.others if n.startswith('text_encoder'))} in {self.dtype}, "
+                                  "kept after encoding",
+                 "prompt cache": f"{prompts} prompts' embeddings in fp32 ({tuple(cond.embeds.shape[1:])} each)"}
+        return lines, notes
+
+    def salient(self, share: float, masked: bool, gpus: int) -> tuple[dict[str, int], dict[str, str], int]:
+        """MaskedChange with a `share` of every tensor's entries selected (a tensor left with none is not
+        touched): the per-entry bookkeeping, the touched tensors' whole gradients, SalientAdamW's states (with
+        index masks: `masked`); and the number of entries selected."""
+        selected = [(round(share * n), n) for n in self.entries if round(share * n)]
+        k = sum(s for s, _ in selected)
+        per_entry = 8 + self.bytes + 4 + (4 if masked else 0)
+        states = sum(2 * s + 8 * num_blocks(s) if s >= _MIN_8BIT else 8 * s for s, _ in selected) + 4 * len(selected)
+        lines = {"trainable state": k * per_entry,
+                 "gradients": math.ceil(sum(n for _, n in selected) * self.bytes / gpus),
+                 "optimizer states": math.ceil(states / gpus)}
+        notes = {"trainable state": f"{k / 1e6:.4g} M salient entries ({share:.3g} of each tensor), {per_entry} bytes "
+                                    f"each: int64 index, {self.dtype} base value, int32 masks",
+                 "gradients": f"whole, every tensor in {self.dtype} (MaskedChange trains whole tensors)",
+                 "optimizer states": "SalientAdamW, 8-bit blockwise (fp32 under 4096 entries)"}
+        return lines, notes, k
+
+    def lora_parts(self, meter: Meter, gpus: int) -> tuple[dict[str, int], dict[str, str]]:
+        size = sum(p.numel() * p.element_size() for p in meter.trainable)
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in meter.trainable})
+        lines = {"trainable state": size, "gradients": math.ceil(size / gpus),
+                 "optimizer states": math.ceil(2 * size / gpus)}
+        notes = {"trainable state": f"LoRA factors, {sum(p.numel() for p in meter.trainable) / 1e6:.4g} M entries "
+                                    f"in {', '.join(dtypes)}",
+                 "optimizer states": "torch AdamW, two states of the parameter's dtype an entry"}
+        return lines, notes
+
+    def buffer(self, steps: int, rows: int, copies: int) -> int:
+        """`copies` fp32 stacks of `steps` x `rows` latents (rollout buffers)."""
+        return copies * steps * rows * math.prod(self.den.noise(1).shape[1:]) * 4
+
+    def discriminator(self, meter: Meter, per_entry: int) -> int:
+        return per_entry * sum(p.numel() for p in meter.discriminator().parameters())
+
+
+def _column(meter: Meter, lines: dict, calls: list) -> Column:
+    grad = any(c.grad for c in calls)
+    return Column({**lines, "activations": meter.activations(calls)},
+                  meter.activations(calls, checkpointing=True) if grad else None)
+
+
+# --- the methods, as their code runs ------------------------------------------------------------------
+
+def _uce(p: _Planner, cfg, gpus: int):
+    """methods/uce.py: kv_inputs runs the network once (no graph) on the erase, guide and preserve prompts in
+    turn, keeping what feeds every text projection (all of cross_attention_kv, also those not edited); then one
+    closed form per group of projections reading the same input (training.closed_form.uce_weights): its
+    sources and targets in fp32 and fp64, R = D C M^-1 (fp64), the in x in transform built in fp64 (eye, product,
+    sum: ops.rank_update.closed_form_transform), fp32 copies of the group's weights; and the edited weights in
+    the model's dtype, kept for the edit."""
+    c = p.concepts.concepts[0]
+    sets = [c.prompts(augment=True), c.anchor_prompts(augment=True), p.concepts.preserve_prompts(c)]
+    projections = p.den.cross_attention_kv()
+    edited = projections[:2] if p.den.kind == "flux" and not cfg.text_kv else projections
+    den = p.den
+    for prompts in filter(None, sets):
+        den.encode(prompts)
+    live = _LiveBytes()
+    with _fused_attention(), live:  # uce.run keeps all three sets' inputs to the end
+        erase, _guide, preserve = [den.kv_inputs(den.encode(prompts)) if prompts else None for prompts in sets]
+    groups: dict[tuple, list] = {}
+    for proj in edited:
+        x = erase[proj.name]
+        groups.setdefault((x.untyped_storage()._cdata, tuple(x.shape)), []).append(proj)
+    solves = []
+    for members in groups.values():
+        name, width = members[0].name, members[0].module.weight.shape[1]
+        rows = erase[name].numel() // width + (preserve[name].numel() // width if preserve else 0)
+        solves.append(24 * rows * width + 24 * width ** 2 + 4 * sum(q.module.weight.numel() for q in members))
+    weights = sum(q.module.weight.numel() for q in edited)
+    lines, notes = p.resident(len(set(sum(sets, []))))
+    lines.update({"closed form": max(solves) + weights * p.bytes, "activations": live.peak})
+    notes["closed form"] = (f"{len(edited)} projections in {len(groups)} solves: the largest solve's sources, targets, "
+                            f"R and transform in fp32 and fp64, its weights in fp32, and the edit in {p.dtype}")
+    notes["activations"] = (f"the network on {max(len(s) for s in sets)} prompts without a graph, and the inputs of "
+                            f"all {len(projections)} text projections for {sum(1 for s in sets if s)} prompt sets")
+    return {"closed form": Column(lines)}, notes
+
+
+def _esd(p: _Planner, cfg, gpus: int):
+    """methods/esd.py, a step: the rollout to tau and the move to it (guided, no graph), the teacher on the
+    concept and the empty prompt at once (no graph), the edited prediction with its graph; a LoRA of rank
+    `rank` on the parameter set (esd-u for objects, esd-x for styles), torch AdamW."""
+    parameters = esd.parameter_set(cfg, p.concepts)
+    meter = p.lora(lambda den: esd.parameter_modules(den.network, den.kind, parameters), cfg.rank, cfg.seed)
+    b = math.ceil(cfg.batch_size / gpus)
+    lines, notes = p.resident(len(set(p.concepts.concepts[0].prompts() + [""])))
+    trained, lora_notes = p.lora_parts(meter, gpus)
+    notes.update(lora_notes)
+    notes["activations"] = f"{parameters}: rollout guided on {b}, teacher on {2 * b}, edited prediction on {b} rows"
+    calls = [Pass(b, guided=True), Pass(2 * b), Pass(b, grad=True)]
+    return {"step": _column(meter, {**lines, **trained}, calls)}, notes
+
+
+def _ant(p: _Planner, cfg, gpus: int, share: float):
+    """methods/ant.py, one concept. Saliency (batch 1 per map): the rollout to t1 and t2 and the moves to them
+    (guided, no graph), the frozen teacher on the concept and empty prompts at both (no graph), the same
+    prediction with a graph over every parameter; autograd.grad's whole gradients and SaliencyScore's fp32
+    minimum. A training step: the same on batch_size prompts, the teacher switched on by MaskedChange.off
+    (a copy of the trained entries meanwhile). split=False: one tau."""
+    taus = 2 if cfg.split else 1
+    meter = p.every_entry()
+    b = math.ceil(cfg.batch_size / gpus)
+    concept = p.concepts.concepts[0]
+    lines, notes = p.resident(len(set(concept.prompts() + concept.prompts(augment=True) + [""])))
+    share = share if cfg.saliency else 1.0
+    trained, salient_notes, k = p.salient(share, cfg.saliency, gpus)
+    notes.update(salient_notes)
+
+    def calls(n: int, extra: int = 0) -> list:
+        return [Pass(n, guided=True), Pass(taus * n, guided=True), Pass(2 * taus * n, extra=extra),
+                Pass(2 * taus * n, grad=True)]
+
+    columns = {}
+    if cfg.saliency:
+        columns["saliency"] = _column(meter, {**lines, "gradients": sum(p.entries) * p.bytes,
+                                              "saliency sums": 4 * sum(p.entries)}, calls(1))
+        notes["saliency sums"] = "fp32 running minimum over the maps, one per parameter"
+    columns["step"] = _column(meter, {**lines, **trained}, calls(b, k * p.bytes))
+    notes["activations"] = (f"rollout guided on {b} rows, the move to {taus} taus guided on {taus * b}, teacher on "
+                            f"{2 * taus * b} (with a copy of the trained entries), prediction on {2 * taus * b} rows "
+                            f"with every parameter requiring grad; saliency maps at 1 prompt")
+    return columns, notes
+
+
+def _fade(p: _Planner, cfg, gpus: int):
+    """methods/fade.py. A refresh (every refresh_every steps, at the step's start): one guided rollout, no
+    graph, of `rollouts` concept prompts, as many neutral and (when preserved) preserved ones, keeping every
+    grid step's x_t and one-step x0 in fp32 (lists, then stacked), while the loop's checkpoint snapshot still
+    holds the old buffer. A step: d_steps discriminator steps on d_batch latents, the teacher on batch_size
+    rows (no graph; MaskedChange.off's copy), L_rem's guided prediction and D on it, L_pres's prediction,
+    both graphs alive until backward; on a refresh step the old buffer is still held. Saliency: one
+    concept and one neutral prompt per map, a graph over every parameter, fp32 sums beside whole
+    gradients. D: fp32 weights, gradients and AdamW states, and the snapshot's copy of weights and states."""
+    meter = p.every_entry()
+    pairs = prompt_pairs(p.concepts, cfg.neutral)
+    rows = cfg.rollouts * (3 if pairs.preserved else 2)
+    b = math.ceil(cfg.batch_size / gpus)
+    lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
+    trained, salient_notes, k = p.salient(cfg.saliency_share if cfg.saliency else 1.0, cfg.saliency, gpus)
+    notes.update(salient_notes)
+    d = p.discriminator(meter, 4 * 7)
+    columns = {}
+    if cfg.saliency:
+        columns["saliency"] = _column(meter, {**lines, "gradients": sum(p.entries) * p.bytes,
+                                              "saliency sums": 4 * sum(p.entries),
+                                              "rollout buffer": p.buffer(cfg.sample_steps, rows, 2),
+                                              "discriminator": p.discriminator(meter, 4 * 4)}, [Pass(2, grad=True)])
+        notes["saliency sums"] = "fp32 sum of |gradient|, one per parameter"
+    base = {**lines, **trained, "discriminator": d}
+    columns["refresh"] = _column(meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 6)},
+                                 [Pass(rows, guided=True)])
+    step = [DiscriminatorPass(cfg.d_batch, train=True)]
+    if cfg.lambda_pres > 0:
+        step.append(Pass(b, extra=k * p.bytes))
+    step += [Pass(b, guided=True, grad=True)]
+    step += [DiscriminatorPass(b, train=False)] if cfg.removal == "adversarial" else [Pass(b, guided=True)]
+    if cfg.lambda_pres > 0:
+        step.append(Pass(b, grad=True))
+    columns["step"] = _column(meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 4)}, step)
+    notes["rollout buffer"] = (f"{cfg.sample_steps} steps x {rows} rows of x_t and x0 in fp32: 2 copies while "
+                               "computing saliency, 6 at a refresh (old, new lists, stacked), 4 on a refresh step")
+    notes["discriminator"] = "fp32 weights, gradients, AdamW states and the checkpoint snapshot's copies"
+    notes["activations"] = (f"refresh: guided rollout on {rows} prompts; step: D on {cfg.d_batch} latents, teacher on "
+                            f"{b}, L_rem guided on {b} with D, L_pres on {b} rows, every parameter requiring grad")
+    return columns, notes
+
+
+def _trace(p: _Planner, cfg, gpus: int):
+    """methods/trace.py, one concept. Refinement: the original and refined values of the refined projections
+    are kept. The scorer (scorer='discriminator'): one guided rollout, no graph, of max(d_batch, 2 rollouts)
+    concept prompts and their neutral pairs, keeping every grid step's x0 (lists, then stacked), D's steps,
+    then a held-out rollout of max(16, rollouts) prompts and pairs beside the first one's x0. A refresh
+    (every refresh_every steps): the original's switched rollout and the edited model's rollout on `rollouts`
+    concept and as many clean rows, no graph, each keeping every grid step's x in fp32 (lists, then stacked;
+    the buffer's clean ends are a view that keeps the original's whole stack), while the checkpoint snapshot
+    holds the old buffer. A step: the concept rows' guided prediction (and D on it), the
+    clean rows' guided prediction, and (trajectory, lambda_drift > 0) the teacher and the drift rows'
+    prediction, all graphs alive until backward; on a refresh step the old buffer is still held. One LoRA of
+    rank `rank` on every text projection, torch AdamW."""
+    refined = [q.module.weight for q in trace.refined_projections(p.den)] if cfg.refine else []
+    pairs = prompt_pairs(p.concepts, cfg.neutral)
+    lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
+    lines["refined projections"] = 2 * sum(w.numel() for w in refined) * p.bytes
+    notes["refined projections"] = f"{len(refined)} projections, original and refined copies in {p.dtype}"
+    if not cfg.finetune:
+        return {"refinement": Column(lines)}, notes
+    meter = p.lora(lambda den: [q.name for q in den.cross_attention_kv()], cfg.rank, cfg.seed)
+    trained, lora_notes = p.lora_parts(meter, gpus)
+    notes.update(lora_notes)
+    b = math.ceil(cfg.batch_size / gpus)
+    rows = 2 * cfg.rollouts  # concept rows and as many clean ones (one concept: no pair rows)
+    scorer = cfg.scorer == "discriminator"
+    columns = {}
+    if scorer:  # the larger of two moments: the training rollout, and the held-out one beside its x0
+        first, held = 2 * max(cfg.d_batch, 2 * cfg.rollouts), 2 * max(TRACE_HELD_OUT, cfg.rollouts)
+        scoring = {**lines, "trainable state": trained["trainable state"],
+                   "discriminator": p.discriminator(meter, 4 * 4)}
+        moments = [_column(meter, {**scoring, "rollout buffer": p.buffer(cfg.sample_steps, first, 4)},
+                           [Pass(first, guided=True)]),
+                   _column(meter, {**scoring, "rollout buffer": p.buffer(cfg.sample_steps, first, 1)
+                                   + p.buffer(cfg.sample_steps, held, 4)}, [Pass(held, guided=True)])]
+        columns["scorer"] = max(moments, key=lambda c: c.total)
+    base = {**lines, **trained, "discriminator": p.discriminator(meter, 4 * 3) if scorer else 0}
+    columns["refresh"] = _column(meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 5)},
+                                 [Pass(rows, guided=True)])
+    step = [Pass(b, guided=True, grad=True)]
+    if scorer and cfg.lambda_score > 0:
+        step.append(DiscriminatorPass(b, train=False))
+    step.append(Pass(b, guided=True, grad=True))
+    if cfg.trajectory and cfg.lambda_drift > 0:
+        step += [Pass(b), Pass(b, grad=True)]
+    columns["step"] = _column(meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 4)}, step)
+    notes["rollout buffer"] = (f"{cfg.sample_steps + 1} steps x {rows} rows of x in fp32: 5 copies at a refresh, 4 on "
+                               f"a refresh step" + (f"; the scorer's rollouts: x and x0 of {first} rows (lists, "
+                                                     f"stacked), then of {held} held-out rows beside the first x0"
+                                                     if scorer else ""))
+    if scorer:
+        notes["discriminator"] = "fp32 weights and AdamW states while it trains; then weights, leftover gradients, " \
+                                 "the snapshot's copy"
+    notes["activations"] = (f"refresh: guided rollout on {rows} prompts; step: concept and clean rows guided on {b} "
+                            f"each" + (", D on the concept rows" if scorer and cfg.lambda_score > 0 else "")
+                            + (f", teacher and drift prediction on {b}" if cfg.trajectory and cfg.lambda_drift > 0
+                               else ""))
+    return columns, notes
+
+
+def _columns(p: _Planner, method: str, cfg, gpus: int, share: float):
+    if method == "ant":
+        return _ant(p, cfg, gpus, share)
+    return {"uce": _uce, "esd": _esd, "fade": _fade, "trace": _trace}[method](p, cfg, gpus)
+
+
+# --- options ----------------------------------------------------------------------------------------------
+
+def _halvings(value, low) -> list:
+    """value halved (integers rounded down) while at least `low`, largest first."""
+    out = []
+    while value / 2 >= low:
+        value = value // 2 if isinstance(value, int) else value / 2
+        out.append(value)
+    return out
+
+
+# Options whose smaller values need less memory, per method, with the least value tried (FADE's d_batch
+# splits into concept and neutral rows; its saliency_share down to about 1/1000 of the default's).
+SHRINK = {"esd": {"batch_size": 1}, "ant": {"batch_size": 1}, "trace": {"batch_size": 1, "rollouts": 1, "d_batch": 1},
+          "fade": {"batch_size": 1, "rollouts": 1, "d_batch": 2, "saliency_share": 5e-5}}
+
+
+def plan(model: str, method: str, options: dict | None = None, *, resolution: int | None = None,
+         batch_size: int | None = None, gpus: int = 1, gpu_mem: float = 80.0, dtype: str = "bf16",
+         salient_share: float | None = None) -> Plan:
+    """The Plan of `method` on `model` (a toy name, sd15, flux-dev, or a local diffusers folder) with the
+    method's `options` (validated as erase validates them), at `resolution` px square (default: the model's
+    own size), `batch_size` prompts a step (the method's batch_size), in `dtype` on `gpus` GPUs of `gpu_mem`
+    GB each; `salient_share` (ANT only): the share of entries its saliency map keeps (default ANT_SHARE).
+    When it does not fit, `suggestions` holds each option that alone would make it fit, with its peak."""
+    m = get(method)
+    options = dict(options or {})
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    if not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
+        raise UserError(f"--gpus must be an integer from 1 to {MAX_GPUS}, got {gpus!r}")
+    if not isinstance(gpu_mem, (int, float)) or not 0 < gpu_mem < math.inf:
+        raise UserError(f"--gpu-mem must be a positive number of GB (1 GB = 1e9 bytes), got {gpu_mem!r}")
+    if batch_size is not None:
+        if "batch_size" not in {f.name for f in dataclasses.fields(m.config)}:
+            trained = [n for n, r in REGISTRY.items() if "batch_size" in {f.name for f in dataclasses.fields(r.config)}]
+            raise UserError(f"{method} has no training steps, so no batch size; --batch-size applies to "
+                            f"{', '.join(trained)}")
+        if "batch_size" in options and options["batch_size"] != batch_size:
+            raise UserError(f"--batch-size {batch_size} and --set batch_size={options['batch_size']} disagree; "
+                            "give one")
+        options["batch_size"] = batch_size
+    if salient_share is not None:
+        if method != "ant":
+            raise UserError("--salient-share is ANT's (its saliency map's size is known only once computed); "
+                            + ("FADE's share is its option: --set saliency_share=..." if method == "fade"
+                               else f"{method} trains no saliency map"))
+        if not isinstance(salient_share, (int, float)) or not 0 < salient_share <= 1:
+            raise UserError(f"--salient-share must be a share of entries in (0, 1], got {salient_share!r}")
+    share = ANT_SHARE if salient_share is None else salient_share
+    cfg = api._options(m, options)
+    if salient_share is not None and not cfg.saliency:
+        raise UserError("--salient-share sizes ANT's saliency map, and saliency=false trains every entry without one")
+    described = meta.describe(model)
+    if resolution is not None:
+        step = described.vae_scale_factor * (2 if described.kind == "flux" else 1)
+        if not isinstance(resolution, int) or resolution < step or resolution % step:
+            raise UserError(f"--resolution must be a positive multiple of {step} px for {model} (the VAE's scale"
+                            f"{' times the 2x2 patches' if described.kind == 'flux' else ''}), got {resolution!r}")
+    p = _Planner(model, described, dtype, resolution)
+    api._check_idle(m, cfg, set(options), p.den, p.concepts)
+    result = _plan(p, method, cfg, gpus, gpu_mem, share)
+    if not result.fits:
+        result.suggestions = _suggest(p, m, options, result, share)
+    return result
+
+
+def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float) -> Plan:
+    columns, notes = _columns(p, method, cfg, gpus, share)
+    return Plan(p.model, method, dataclasses.asdict(cfg), p.den.height, p.den.width, p.dtype, gpus, gpu_mem, columns,
+                notes)
+
+
+def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[tuple[str, int]]:
+    """Each single change that makes the plan fit, with the largest value that does."""
+    limit = result.gpu_mem * GB
+    out = []
+    for name, low in SHRINK.get(m.name, {}).items():
+        value = options.get(name, getattr(m.config(), name))
+        for smaller in _halvings(value, low):
+            cfg = api._options(m, {**options, name: smaller})
+            peak = _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
+            if peak <= limit:
+                out.append((f"--set {name}={smaller:g}", peak))
+                break
+    cfg = api._options(m, options)
+    for gpus in (2, 4, 8):
+        if gpus > result.gpus:
+            peak = _plan(p, m.name, cfg, gpus, result.gpu_mem, share).peak[1]
+            if peak <= limit:
+                out.append((f"--gpus {gpus}", peak))
+                break
+    checkpointed = max(result.checkpointed_total(c) or result.columns[c].total for c in result.columns)
+    if checkpointed <= limit:
+        out.append(("gradient checkpointing (no method enables it yet)", checkpointed))
+    if result.dtype == "fp32":
+        peak = _plan(_Planner(p.model, p.described, "bf16", p.resolution), m.name, cfg, result.gpus, result.gpu_mem,
+                     share).peak[1]
+        if peak <= limit:
+            out.append(("--dtype bf16", peak))
+    return out
