@@ -308,7 +308,7 @@ class Plan:
 
         batch = self.config.get("batch_size")
         head = (f"{self.method} on {self.model} at {self.height}x{self.width} px"
-                + (f", {batch} prompts a step" if batch else "") + f", {self.dtype}, {self.gpus} GPU"
+                + (f", {batch} prompt{'s' if batch > 1 else ''} a step" if batch else "") + f", {self.dtype}, {self.gpus} GPU"
                 + ("s" if self.gpus > 1 else "") + f" of {self.gpu_mem:g} GB (GB = 1e9 bytes)")
         rows = [f"{'GB':<{width}}" + "".join(f"{n:>12}" for n in names)]
         rows += [row(p, [self.columns[n].lines.get(p) for n in names]) for p in parts]
