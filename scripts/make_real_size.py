@@ -8,8 +8,10 @@ Every component is the real class built from the published config in fasterase/m
 diffusers pipeline. Random weights cannot be scored for erasure; such folders show that every method
 runs, at what memory and speed. sd15 is written whole (860M UNet). flux-dev keeps FLUX.1-dev's widths
 with fewer blocks: --joint-blocks of its 19, --single-blocks of its 38 and --t5-layers of T5-XXL's 24
-(the defaults, 2, 1 and 2, give a 0.89B transformer and a 0.52B T5 encoder); 19, 38 and 24 build
-the full model, 12B + 4.8B.
+(the defaults, 2, 1 and 2, give a 0.89B transformer and a 0.52B T5 encoder, 3.0 GiB in bf16; one
+full-parameter AdamW step of that transformer at 256x256 peaks at 9.4 GB of memory in bf16, 16.6 GB
+in fp32); 19, 38 and 24 build the full model, 12B + 4.8B (34 GB in bf16; the transformer is built in
+fp32 first, 48 GB).
 
 --dtype defaults to the published checkpoint's (sd15 fp32, flux-dev bf16). Weights are built in fp32
 and cast, component by component, from a seed per component, so a seed gives the same weights every
