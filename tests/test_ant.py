@@ -158,7 +158,7 @@ def test_unconditional_terms_move_the_weights(name):
     model = models.load(name)
     net = model.network
     names = [n for n, p in net.named_parameters() if p.dim() == 2][:6]
-    change = params.MaskedChange(net, {n: torch.arange(net.get_parameter(n).numel(), dtype=torch.int32)
+    change = params.CompactDelta(net, {n: torch.arange(net.get_parameter(n).numel(), dtype=torch.int32)
                                        for n in names})
     with torch.no_grad():
         for n in names:

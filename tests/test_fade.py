@@ -158,7 +158,7 @@ def test_teacher_is_the_switched_off_edit(monkeypatch):
     cs = fasterase.api._resolve_concepts(model, "circle", None)
     original = {k: v.clone() for k, v in net.state_dict().items()}
     calls, inside = [], []
-    real_predict, real_off = model.predict, params.MaskedChange.off
+    real_predict, real_off = model.predict, params.CompactDelta.off
 
     def spy(x, tau, cond):
         same = all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
@@ -180,7 +180,7 @@ def test_teacher_is_the_switched_off_edit(monkeypatch):
         return Tracked()
 
     monkeypatch.setattr(model, "predict", spy)
-    monkeypatch.setattr(params.MaskedChange, "off", off)
+    monkeypatch.setattr(params.CompactDelta, "off", off)
     fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 3}), progress=False)
     teacher = [c for c in calls if c[0]]
     assert len(teacher) == 3 and all(same and not grad for _, same, grad in teacher)

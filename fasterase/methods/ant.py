@@ -244,11 +244,11 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
         mask = {n: torch.arange(p.numel(), dtype=torch.int32) for n, p in net.named_parameters()
                 if p.is_floating_point()}
         report = {}
-    change = params.MaskedChange(net, mask)
-    base = fingerprint(net, list(change.params))
-    trainable = list(change.params.values())
-    masks = {change.params[n]: change.indices[n].to(torch.int32) for n in change.params} if cfg.saliency else None
-    optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0, masks=masks)
+    change = params.CompactDelta(net, mask)
+    base = fingerprint(net, list(change.weights))
+    trainable = change.trainable
+    optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0)
+    change.bind(optimizer)
     loss_fn = _training_loss(model, prompts, hp, cfg, teacher=change.off)
     net.train()
     try:
@@ -259,12 +259,12 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()
         change.restore()
-    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.params}
+    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.weights}
     return Edit(method="ant", model_kind=model.kind, concepts=[concept.to_dict()], config=asdict(cfg),
                 base_fingerprint=base, entries=entries,
                 report={**report, **{f"resolved_{k}": v for k, v in hp.items()},
                         "trained_entries": sum(i.numel() for i in change.indices.values()),
-                        "trained_tensors": len(change.params), **stats})
+                        "trained_tensors": len(change.weights), **stats})
 
 
 # --- several concepts: one LoRA each, fused in closed form (eq. 7) --------------------------------
@@ -281,7 +281,7 @@ def _word_rows(model: Denoiser, prompts: list[str], words: list[str]) -> dict[st
     """Eq. (7)'s embeddings: what feeds each fused projection on the tokens of `words` in each
     prompt. The pooled-text embedder reads one row per prompt, the prompt's pooled embedding,
     which is then the row of the prompt's concept."""
-    inputs = model.kv_inputs(model.encode(prompts))
+    inputs = model.kv_inputs(model.encode(prompts), [p.name for p in _fusion_projections(model)])
     rows = model.word_rows(prompts, words)
     return {name: (x if x.dim() == 2 else torch.cat([x[i, r] for i, r in enumerate(rows)])).float()
             for name, x in inputs.items()}

@@ -362,11 +362,11 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         report = _prepare(model, adversary, cfg, concepts, progress)
     mask = adversary.mask if cfg.saliency else {n: torch.arange(p.numel(), dtype=torch.int32)
                                                  for n, p in net.named_parameters() if p.is_floating_point()}
-    change = params.MaskedChange(net, mask)
-    base = fingerprint(net, list(change.params))
-    trainable = list(change.params.values())
-    masks = {change.params[n]: change.indices[n].to(torch.int32) for n in change.params} if cfg.saliency else None
-    optimizer = SalientAdamW(trainable, lr=cfg.lr, weight_decay=0.0, masks=masks)
+    change = params.CompactDelta(net, mask)
+    base = fingerprint(net, list(change.weights))
+    trainable = change.trainable
+    optimizer = SalientAdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    change.bind(optimizer)
     loss_fn = fade_loss(model, adversary, cfg, teacher=change.off)
     net.train()
     try:
@@ -377,10 +377,10 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()
         change.restore()
-    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.params}
+    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.weights}
     return Edit(method="fade", model_kind=model.kind, concepts=[c.to_dict() for c in concepts], config=asdict(cfg),
                 base_fingerprint=base, entries=entries,
                 report={**report, "d_pretrained_accuracy": adversary.pretrained,
                         "trained_entries": sum(i.numel() for i in change.indices.values()),
-                        "trained_tensors": len(change.params), "d_accuracy": adversary.curve,
+                        "trained_tensors": len(change.weights), "d_accuracy": adversary.curve,
                         "stopped_early": stats["steps"] < cfg.steps, **stats})
