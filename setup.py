@@ -81,7 +81,8 @@ if __name__ == "__main__":  # as pip and setuptools run it; the tests import it 
         python_requires=">=3.11",
         packages=find_packages(include=["fasterase", "fasterase.*"]) + ["fasterase.kernels"],
         package_dir={"fasterase.kernels": "kernels"},
-        package_data={"fasterase.toy": ["weights/*.safetensors"]},
+        package_data={"fasterase.toy": ["weights/*.safetensors"],
+                      "fasterase.models": ["configs/*/*.json", "configs/*/*/*.json"]},
         install_requires=[
             "torch>=2.4",
             "diffusers>=0.32",
