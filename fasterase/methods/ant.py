@@ -207,23 +207,29 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
     prompts = concept.prompts(augment=True)
     order = torch.randperm(len(prompts), generator=loop.step_generator(cfg.seed, 1)).tolist()
     chosen = [prompts[i] for i in order[:cfg.saliency_prompts]]
-    names = [n for n, p in net.named_parameters() if p.is_floating_point()]
-    tensors = [net.get_parameter(n) for n in names]
-    was = [p.requires_grad for p in tensors]
+    tensors = {n: p for n, p in net.named_parameters() if p.is_floating_point()}
+    total = sum(p.numel() for p in tensors.values())
+    was = [p.requires_grad for p in tensors.values()]
     loss = trajectory_loss(model, hp, cfg, teacher=contextlib.nullcontext)  # the network is the frozen model
     score = saliency.SaliencyScore()
     start = time.perf_counter()
     maps = [(i, j) for i in range(len(chosen)) for j in range(cfg.saliency_seeds)]
     try:
-        for p in tensors:
+        for p in tensors.values():
             p.requires_grad_(True)
         for i, j in tqdm(maps, desc=f"saliency {concept.name}", disable=not progress, leave=False):
             # seed s_j: the same noise, t1 and t2 for every prompt
             value = loss(model.encode([chosen[i]]), loop.step_generator(cfg.seed, 2, j))
-            grads = torch.autograd.grad(value, tensors)
-            score.add(dict(zip(names, grads)))
+            # two backward passes over one forward, a layer's gradient at a time: the map's rms, then
+            # the score (never a copy of every gradient)
+            squares = {}
+            saliency.visit_gradients(value, tensors, lambda n, g: squares.__setitem__(n, g.float().square().sum()),
+                                     retain_graph=True)
+            rms = score.map_rms([squares[n] for n in tensors], total)
+            saliency.visit_gradients(value, tensors, lambda n, g: score.update(n, g, rms))
+            score.end_map()
     finally:
-        for p, w in zip(tensors, was):
+        for p, w in zip(tensors.values(), was):
             p.requires_grad_(w)
     mask = saliency.check_not_empty(score, cfg.saliency_threshold, "saliency_threshold")
     meta = {"saliency_key": key, "saliency_maps": score.maps, "saliency_prompts": len(chosen),

@@ -232,7 +232,7 @@ def _load(model, dtype: torch.dtype | None) -> Denoiser:
         from diffusers import DiffusionPipeline
 
         dtype = dtype or _folder_dtype(path, ADAPTERS[pipeline_class][0])
-        return _wrap(DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype))
+        return _wrap(DiffusionPipeline.from_pretrained(str(path), dtype=dtype))
     if hasattr(model, "components") and hasattr(model, "scheduler"):
         return _wrap(model)
     raise UserError(f"model of type {type(model).__name__} is not accepted; {_accepted()}")
