@@ -200,7 +200,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     toy world preserves the shapes no erased concept names by default). options: the method's config fields
     (see fasterase.methods() and each method's config). copy=True edits a copy and leaves the
     given pipeline untouched; otherwise it is edited in place. device: "cpu", "cuda", "cuda:N"
-    (default: the GPU if there is one, else the CPU); dtype: "fp32", "bf16" or "fp16" for every
+    (default: a name or folder loads on the GPU if there is one, else the CPU; a pipeline stays
+    where it is); dtype: "fp32", "bf16" or "fp16" for every
     component (default: the model's own); resolution: the training and sampling image size in px,
     an int or (height, width) (default: the model's own). The frozen model stays in that dtype; what trains (LoRA
     weights, selected entries, discriminators) is held in fp32. While the method runs, the text
@@ -213,7 +214,9 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     cfg = _options(m, options)
     if getattr(cfg, "checkpoint", None) is not None:
         loop.check_checkpoint(cfg.checkpoint)  # a bad path, or a file that is not a checkpoint, before any work
-    device, dtype = models.resolve_device(device), models.resolve_dtype(dtype)  # before any weights load
+    if device is not None:
+        models.resolve_device(device)  # before any weights load
+    models.resolve_dtype(dtype)
     if copy and not isinstance(model, (str, Path)):  # the given pipeline stays as it is, where it is
         given = model if isinstance(model, models.Denoiser) else None
         den = models.load(copylib.deepcopy(given.pipeline if given else model), device, dtype)

@@ -199,21 +199,24 @@ def _folder_dtype(path: Path, network: str) -> torch.dtype:
 def load(model, device=None, dtype=None) -> Denoiser:
     """The Denoiser for `model` (see module docstring); anything else is a UserError.
 
-    device: where the pipeline runs (see resolve_device; default the GPU if there is one, else the
-    CPU); a pipeline is moved there in place. dtype: every component's dtype (see resolve_dtype);
-    default: a folder's own (its network's saved dtype, for every component, never part-upcast),
-    a pipeline's own, the toy pipelines' fp32. Both are checked before any weights load.
+    device: where the pipeline runs (see resolve_device); a pipeline given is moved there in place.
+    Default: a name or folder loads on the GPU if there is one, else the CPU; a pipeline given stays
+    where it is. dtype: every component's dtype (see resolve_dtype); default: a folder's own (its
+    network's saved dtype, for every component, never part-upcast), a pipeline's own, the toy
+    pipelines' fp32. Both are checked before any weights load.
     """
-    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    fresh = isinstance(model, (str, Path))
+    dev = resolve_device(device) if device is not None or fresh else None
+    dt = resolve_dtype(dtype)
     if isinstance(model, Denoiser):
         denoiser = model
     else:
         denoiser = _load(model, dt)
-        denoiser.name = str(model) if isinstance(model, (str, Path)) else type(denoiser.pipeline).__name__
+        denoiser.name = str(model) if fresh else type(denoiser.pipeline).__name__
     pipe = denoiser.pipeline
     if dt is not None and dt != denoiser.network.dtype:
         pipe.to(dtype=dt)
-    if denoiser.network.device != dev:
+    if dev is not None and denoiser.network.device != dev:
         pipe.to(dev)
     return denoiser
 

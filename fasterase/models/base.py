@@ -297,11 +297,12 @@ class Denoiser(ABC):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, batch_size: int = 256) -> torch.Tensor:
-        """Images (N, 3, H, W) in [0, 1] from the diffusers pipeline itself, seeded per batch."""
+        """Images (N, 3, H, W) in [0, 1], fp32 on the CPU, from the diffusers pipeline itself, seeded
+        per batch."""
         self.pipeline.set_progress_bar_config(disable=True)
         out = []
         for start in range(0, len(prompts), batch_size):
             g = torch.Generator().manual_seed(seed + start)
             chunk = prompts[start:start + batch_size]
             out.append(self.pipeline(chunk, generator=g, output_type="pt", **self.sample_kwargs).images)
-        return torch.cat(out).float().clamp(0, 1)
+        return torch.cat(out).float().clamp(0, 1).cpu()
