@@ -105,12 +105,13 @@ class CompactDelta:
 
     `off()` puts the base values in (the frozen teacher), `restore()` leaves the network
     bit-identical to how it came. masks: {parameter name: sorted int32 indices into the flattened
-    parameter}.
+    parameter}, kept as int32. Per selected entry: 4 bytes of index, its base value, 4 of master and
+    4 of gradient (and the optimizer's states).
     """
 
     def __init__(self, network: torch.nn.Module, masks: dict[str, torch.Tensor]):
         self.weights = {n: network.get_parameter(n) for n, idx in masks.items() if idx.numel()}
-        self.indices = {n: masks[n].to(w.device).long() for n, w in self.weights.items()}
+        self.indices = {n: masks[n].to(w.device, torch.int32) for n, w in self.weights.items()}
         self.base = {n: w.detach().view(-1)[self.indices[n]].clone() for n, w in self.weights.items()}
         self.values = {n: torch.nn.Parameter(b.to(torch.float32, copy=True)) for n, b in self.base.items()}
         network.requires_grad_(False)
@@ -141,7 +142,7 @@ class CompactDelta:
     @torch.no_grad()
     def _put(self, values: dict[str, torch.Tensor]) -> None:
         for n, w in self.weights.items():
-            w.view(-1).index_copy_(0, self.indices[n], values[n].to(w.dtype))
+            w.view(-1).index_put_((self.indices[n],), values[n].to(w.dtype))
 
     def sync(self) -> None:
         """The network computes with the masters (rounded to each parameter's dtype)."""
