@@ -11,7 +11,12 @@ from fasterase.optim import SalientAdamW
 from fasterase.training import params
 
 FAST = {"esd": {"steps": 2, "batch_size": 2, "sample_steps": 4},
-        "ant": {"steps": 2, "batch_size": 2, "sample_steps": 10, "saliency_prompts": 2, "saliency_seeds": 1}}
+        "ant": {"steps": 2, "batch_size": 2, "sample_steps": 10, "saliency_prompts": 2, "saliency_seeds": 1},
+        "uce": {},
+        "fade": {"steps": 2, "batch_size": 2, "rollouts": 4, "refresh_every": 2, "sample_steps": 6,
+                 "d_pretrain_steps": 30, "d_batch": 16, "d_steps": 1, "saliency_samples": 2},
+        "trace": {"steps": 2, "batch_size": 2, "rollouts": 2, "refresh_every": 2, "sample_steps": 8,
+                  "d_pretrain_steps": 30, "d_batch": 16}}
 
 
 @pytest.mark.parametrize("device, needle", [("meta", "cpu or cuda"), ("gpu!", "not a device name"),
@@ -58,6 +63,16 @@ def test_half_precision_pipelines_train_in_fp32(name, dtype, method, monkeypatch
     assert torch.isfinite(torch.tensor(result.report["last_loss"]))
     images = result.model.generate(["a red square"], seed=0)
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("method", ["uce", "fade", "trace"])
+@pytest.mark.parametrize("name, dtype", [("toy-sd", "bf16"), ("toy-flux", "fp16")])
+def test_every_method_runs_in_half_precision(name, dtype, method):
+    result = fasterase.erase(name, "circle", method=method, dtype=dtype, progress=False, **FAST[method])
+    want = models.resolve_dtype(dtype)
+    assert {p.dtype for n, p in result.model.network.named_parameters() if "lora" not in n} == {want}
+    assert torch.isfinite(torch.tensor(result.report.get("last_loss", 0.0)))
+    assert torch.isfinite(result.model.generate(["a red square"], seed=0)).all()
 
 
 def test_fp16_pipeline_object_through_the_api():
