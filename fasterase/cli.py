@@ -117,7 +117,8 @@ def cmd_eval(args) -> int:
         if args.repeats is not None:
             raise UserError("--repeats sets how often each prompt is scored; outside the toy world nothing is "
                             "scored and the grid shows each prompt once")
-    model = models.load(name)
+    # in the dtype the edit was made in, whose base values its fingerprint holds
+    model = models.load(name, dtype=edit.report.get("dtype") if edit else None)
     toy = components.is_toy(model.pipeline)
     if edit:
         edit.apply(model)

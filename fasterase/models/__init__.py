@@ -182,14 +182,15 @@ def _folder_dtype(path: Path, network: str) -> torch.dtype:
     (nothing is loaded): what the folder loads as when no dtype is asked for."""
     from safetensors import safe_open
 
-    files = sorted((path / network).glob("*.safetensors"))
+    # the files diffusers loads: not variants (".fp16.", ".non_ema.") beside them
+    files = sorted(f for f in (path / network).glob("*.safetensors") if f.name.count(".") == 1)
     for file in files:
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
                 dtype = f.get_slice(key).get_dtype()
                 if dtype in ("F32", "BF16", "F16"):
                     return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
-    for file in sorted((path / network).glob("*.bin")):  # a pickled checkpoint: mapped, not read whole
+    for file in sorted(f for f in (path / network).glob("*.bin") if f.name.count(".") == 1):  # a pickled checkpoint: mapped, not read whole
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         return next(v.dtype for v in state.values() if v.is_floating_point())
     raise UserError(f"model folder {path} has no weights for its {network} ({path / network} holds no "
