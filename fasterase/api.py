@@ -220,7 +220,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     if copy and not isinstance(model, (str, Path)):  # the given pipeline stays as it is, where it is
         given = model if isinstance(model, models.Denoiser) else None
         den = models.load(copylib.deepcopy(given.pipeline if given else model), device, dtype)
-        den.name = given.name if given else den.name
+        if given:
+            den.name = given.name
     else:  # a name or folder loads afresh: a copy already
         den = models.load(model, device, dtype)
     if resolution is not None:
