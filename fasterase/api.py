@@ -190,6 +190,7 @@ def _peak_memory_mb() -> dict:
 
 
 def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, progress: bool = True,
+          device=None, dtype=None, resolution=None, gradient_checkpointing: bool = False,
           **options) -> EraseResult:
     """Erase `concepts` from `model` with `method`.
 
@@ -198,16 +199,33 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     ("circle, square" is two). preserve: concept names to keep drawable, named the same way (the
     toy world preserves the shapes no erased concept names by default). options: the method's config fields
     (see fasterase.methods() and each method's config). copy=True edits a copy and leaves the
-    given pipeline untouched; otherwise it is edited in place.
+    given pipeline untouched; otherwise it is edited in place. device: "cpu", "cuda", "cuda:N"
+    (default: a name or folder loads on the GPU if there is one, else the CPU; a pipeline stays
+    where it is); dtype: "fp32", "bf16" or "fp16" for every
+    component (default: the model's own); resolution: the training and sampling image size in px,
+    an int or (height, width) (default: the model's own). The frozen model stays in that dtype; what trains (LoRA
+    weights, selected entries, discriminators) is held in fp32. While the method runs, the text
+    encoders wait on the CPU (moved in only to encode), and gradient_checkpointing=True switches on
+    diffusers' gradient checkpointing of the network (less activation memory, one more forward).
     """
+    if not isinstance(gradient_checkpointing, bool):
+        raise UserError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
     m = registry.get(method)
     cfg = _options(m, options)
     if getattr(cfg, "checkpoint", None) is not None:
         loop.check_checkpoint(cfg.checkpoint)  # a bad path, or a file that is not a checkpoint, before any work
-    den = models.load(model)
-    if copy:
-        copied = models.load(copylib.deepcopy(den.pipeline))
-        copied.name, den = den.name, copied
+    if device is not None:
+        models.resolve_device(device)  # before any weights load
+    models.resolve_dtype(dtype)
+    if copy and not isinstance(model, (str, Path)):  # the given pipeline stays as it is, where it is
+        given = model if isinstance(model, models.Denoiser) else None
+        den = models.load(copylib.deepcopy(given.pipeline if given else model), device, dtype)
+        if given:
+            den.name = given.name
+    else:  # a name or folder loads afresh: a copy already
+        den = models.load(model, device, dtype)
+    if resolution is not None:
+        den.set_resolution(resolution)
     check_no_merged_lora(den.network)
     cs = _resolve_concepts(den, concepts, preserve)
     _check_idle(m, cfg, set(options) | ({"preserve"} if preserve is not None else set()), den, cs)
@@ -215,20 +233,31 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
+    if gradient_checkpointing:
+        den.network.enable_gradient_checkpointing()
+    try:
+        with den.text_encoders_offloaded():
+            edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
+    finally:
+        if gradient_checkpointing:
+            den.network.disable_gradient_checkpointing()
     if _changes_nothing(edit, den.network):
         raise UserError(f"{method} changed no weight of the model for {', '.join(cs.names)}: nothing was erased, "
                         f"and the model is as it was (check the concepts' prompts and the method's options)")
     edit.apply(den)  # rolls itself back if it fails
     report = {"model": _model_record(den), "method": method, "concepts": cs.names, "preserve": list(cs.preserve),
               "config": vars(cfg).copy(), "steps": edit.report.get("steps", 0),
-              "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(), **edit.report}
+              "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(),
+              "device": str(den.network.device), "dtype": str(den.network.dtype).removeprefix("torch."),
+              "gradient_checkpointing": gradient_checkpointing, "resolution": [den.height, den.width],
+              **edit.report}
     edit.report = report
     return EraseResult(den.pipeline, den, edit, report)
 
 
-def load(model, path) -> object:
-    """Apply a saved edit to `model` (a pipeline, folder or toy name); returns the pipeline."""
-    den = models.load(model)
+def load(model, path, device=None, dtype=None) -> object:
+    """Apply a saved edit to `model` (a pipeline, folder or toy name), on `device` in `dtype` (as
+    erase() takes them); returns the pipeline."""
+    den = models.load(model, device, dtype)
     Edit.load(path).apply(den)
     return den.pipeline

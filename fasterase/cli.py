@@ -27,6 +27,16 @@ def _csv(text: str) -> list[str]:
     return items
 
 
+def _resolution(text: str):
+    try:
+        sides = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW in px, got {text!r}") from None
+    if len(sides) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"expected N or HxW in px, got {text!r}")
+    return sides[0] if len(sides) == 1 else tuple(sides)
+
+
 def _settings(pairs: list[str]) -> dict:
     """--set key=value pairs; values are read as JSON (numbers, true/false, null) or else text."""
     out = {}
@@ -71,7 +81,9 @@ def cmd_erase(args) -> int:
         if out.parent == ckpt.parent and out.name.startswith(f"{ckpt.name}."):  # ANT's per-concept FILE.k
             raise UserError(f"--out {out} could be one of the checkpoint files {ckpt}.N of a run with several "
                             "concepts; name --out or the checkpoint differently")
-    result = erase(args.model, args.concept, method=args.method, preserve=args.preserve, **settings)
+    result = erase(args.model, args.concept, method=args.method, preserve=args.preserve, device=args.device,
+                   dtype=args.dtype, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
+                   **settings)
     result.edit.save(out, overwrite=args.overwrite, pipeline=result.model if args.save_pipeline else None)
     r = result.report
     print(f"erased {', '.join(r['concepts'])} from {r['model']} with {r['method']} in {r['wall_time_s']:.1f} s; "
@@ -105,7 +117,8 @@ def cmd_eval(args) -> int:
         if args.repeats is not None:
             raise UserError("--repeats sets how often each prompt is scored; outside the toy world nothing is "
                             "scored and the grid shows each prompt once")
-    model = models.load(name)
+    # in the dtype the edit was made in, whose base values its fingerprint holds
+    model = models.load(name, dtype=edit.report.get("dtype") if edit else None)
     toy = components.is_toy(model.pipeline)
     if edit:
         edit.apply(model)
@@ -192,6 +205,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder to write the edit to")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out that holds an edit (never a model's or any other folder)")
+    e.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU if there is one, else the CPU)")
+    e.add_argument("--dtype", help="fp32, bf16 or fp16: the frozen model's dtype (default: the model's own); "
+                                   "what trains is held in fp32")
+    e.add_argument("--resolution", type=_resolution, help="training and sampling size in px: N or HxW "
+                                                            "(default: the model's own)")
+    e.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the network's activations in the backward pass (less memory, slower)")
     e.add_argument("--save-pipeline", action="store_true",
                    help="also save the edited pipeline, LoRA fused into its weights, in OUT/pipeline")
     e.set_defaults(run=cmd_erase)

@@ -158,12 +158,13 @@ def test_unconditional_terms_move_the_weights(name):
     model = models.load(name)
     net = model.network
     names = [n for n, p in net.named_parameters() if p.dim() == 2][:6]
-    change = params.MaskedChange(net, {n: torch.arange(net.get_parameter(n).numel(), dtype=torch.int32)
+    change = params.CompactDelta(net, {n: torch.arange(net.get_parameter(n).numel(), dtype=torch.int32)
                                        for n in names})
     with torch.no_grad():
         for n in names:
-            p = net.get_parameter(n)
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            v = change.values[n]
+            v.add_(0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1)))
+    change.sync()
     cond = model.encode(["a red circle"])
     x = model.noise(1, torch.Generator().manual_seed(0))
     grads = []

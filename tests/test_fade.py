@@ -158,7 +158,7 @@ def test_teacher_is_the_switched_off_edit(monkeypatch):
     cs = fasterase.api._resolve_concepts(model, "circle", None)
     original = {k: v.clone() for k, v in net.state_dict().items()}
     calls, inside = [], []
-    real_predict, real_off = model.predict, params.MaskedChange.off
+    real_predict, real_off = model.predict, params.CompactDelta.off
 
     def spy(x, tau, cond):
         same = all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
@@ -180,7 +180,7 @@ def test_teacher_is_the_switched_off_edit(monkeypatch):
         return Tracked()
 
     monkeypatch.setattr(model, "predict", spy)
-    monkeypatch.setattr(params.MaskedChange, "off", off)
+    monkeypatch.setattr(params.CompactDelta, "off", off)
     fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 3}), progress=False)
     teacher = [c for c in calls if c[0]]
     assert len(teacher) == 3 and all(same and not grad for _, same, grad in teacher)
@@ -188,23 +188,33 @@ def test_teacher_is_the_switched_off_edit(monkeypatch):
 
 
 def test_removal_gradient_reaches_only_the_trained_entries(monkeypatch):
-    """The optimizer gets gradients on the salient tensors only; every other parameter has none."""
+    """The optimizer steps the salient entries' fp32 masters only, each with a gradient of just its
+    entries; no network parameter holds a gradient."""
     model = models.load("toy-sd")
     cs = fasterase.api._resolve_concepts(model, "circle", None)
-    grads = {}
+    grads, changes = {}, []
     real = fade.SalientAdamW.step
+    real_init = params.CompactDelta.__init__
 
     def spy(self, closure=None):
         for group in self.param_groups:
             for p in group["params"]:
-                grads[id(p)] = p.grad is not None and bool(p.grad.abs().sum() > 0)
+                grads[id(p)] = (p.grad is not None and bool(p.grad.abs().sum() > 0), p.grad.numel())
+        assert all(p.grad is None for p in model.network.parameters())
         return real(self, closure)
 
+    def init(self, *a):
+        real_init(self, *a)
+        changes.append(self)
+
     monkeypatch.setattr(fade.SalientAdamW, "step", spy)
+    monkeypatch.setattr(params.CompactDelta, "__init__", init)
     edit = fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 1}), progress=False)
-    assert grads and any(grads.values())
-    trained = {id(model.network.get_parameter(n)) for n in edit.entries}
-    assert set(grads) == trained  # the optimizer holds the salient tensors only
+    (change,) = changes
+    assert grads and any(nonzero for nonzero, _ in grads.values())
+    assert set(change.values) == set(edit.entries)
+    # the optimizer holds the salient entries only, a gradient entry for each
+    assert grads == {id(v): (grads[id(v)][0], edit.entries[n][0].numel()) for n, v in change.values.items()}
     assert all(not p.requires_grad for p in model.network.parameters())  # and leaves every weight frozen
 
 

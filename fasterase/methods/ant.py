@@ -207,23 +207,29 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
     prompts = concept.prompts(augment=True)
     order = torch.randperm(len(prompts), generator=loop.step_generator(cfg.seed, 1)).tolist()
     chosen = [prompts[i] for i in order[:cfg.saliency_prompts]]
-    names = [n for n, p in net.named_parameters() if p.is_floating_point()]
-    tensors = [net.get_parameter(n) for n in names]
-    was = [p.requires_grad for p in tensors]
+    tensors = {n: p for n, p in net.named_parameters() if p.is_floating_point()}
+    total = sum(p.numel() for p in tensors.values())
+    was = [p.requires_grad for p in tensors.values()]
     loss = trajectory_loss(model, hp, cfg, teacher=contextlib.nullcontext)  # the network is the frozen model
     score = saliency.SaliencyScore()
     start = time.perf_counter()
     maps = [(i, j) for i in range(len(chosen)) for j in range(cfg.saliency_seeds)]
     try:
-        for p in tensors:
+        for p in tensors.values():
             p.requires_grad_(True)
         for i, j in tqdm(maps, desc=f"saliency {concept.name}", disable=not progress, leave=False):
             # seed s_j: the same noise, t1 and t2 for every prompt
             value = loss(model.encode([chosen[i]]), loop.step_generator(cfg.seed, 2, j))
-            grads = torch.autograd.grad(value, tensors)
-            score.add(dict(zip(names, grads)))
+            # two backward passes over one forward, a layer's gradient at a time: the map's rms, then
+            # the score (never a copy of every gradient)
+            squares = {}
+            saliency.visit_gradients(value, tensors, lambda n, g: squares.__setitem__(n, g.float().square().sum()),
+                                     retain_graph=True)
+            rms = score.map_rms([squares[n] for n in tensors], total)
+            saliency.visit_gradients(value, tensors, lambda n, g: score.update(n, g, rms))
+            score.end_map()
     finally:
-        for p, w in zip(tensors, was):
+        for p, w in zip(tensors.values(), was):
             p.requires_grad_(w)
     mask = saliency.check_not_empty(score, cfg.saliency_threshold, "saliency_threshold")
     meta = {"saliency_key": key, "saliency_maps": score.maps, "saliency_prompts": len(chosen),
@@ -244,11 +250,11 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
         mask = {n: torch.arange(p.numel(), dtype=torch.int32) for n, p in net.named_parameters()
                 if p.is_floating_point()}
         report = {}
-    change = params.MaskedChange(net, mask)
-    base = fingerprint(net, list(change.params))
-    trainable = list(change.params.values())
-    masks = {change.params[n]: change.indices[n].to(torch.int32) for n in change.params} if cfg.saliency else None
-    optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0, masks=masks)
+    change = params.CompactDelta(net, mask)
+    base = fingerprint(net, list(change.weights))
+    trainable = change.trainable
+    optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0)
+    change.bind(optimizer)
     loss_fn = _training_loss(model, prompts, hp, cfg, teacher=change.off)
     net.train()
     try:
@@ -259,12 +265,12 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()
         change.restore()
-    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.params}
+    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.weights}
     return Edit(method="ant", model_kind=model.kind, concepts=[concept.to_dict()], config=asdict(cfg),
                 base_fingerprint=base, entries=entries,
                 report={**report, **{f"resolved_{k}": v for k, v in hp.items()},
                         "trained_entries": sum(i.numel() for i in change.indices.values()),
-                        "trained_tensors": len(change.params), **stats})
+                        "trained_tensors": len(change.weights), **stats})
 
 
 # --- several concepts: one LoRA each, fused in closed form (eq. 7) --------------------------------
@@ -281,7 +287,7 @@ def _word_rows(model: Denoiser, prompts: list[str], words: list[str]) -> dict[st
     """Eq. (7)'s embeddings: what feeds each fused projection on the tokens of `words` in each
     prompt. The pooled-text embedder reads one row per prompt, the prompt's pooled embedding,
     which is then the row of the prompt's concept."""
-    inputs = model.kv_inputs(model.encode(prompts))
+    inputs = model.kv_inputs(model.encode(prompts), [p.name for p in _fusion_projections(model)])
     rows = model.word_rows(prompts, words)
     return {name: (x if x.dim() == 2 else torch.cat([x[i, r] for i, r in enumerate(rows)])).float()
             for name, x in inputs.items()}

@@ -59,7 +59,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: UCEConfig, progress: bool = 
     erase = [p for c in concepts for p in c.prompts(augment=True)]
     guide = [p for c in concepts for p in c.anchor_prompts(augment=True)]
     preserve = concepts.preserve_prompts(concepts.concepts[0])
-    inputs = {k: model.kv_inputs(model.encode(prompts)) if prompts else None
+    names = [p.name for p in projections]
+    inputs = {k: model.kv_inputs(model.encode(prompts), names) if prompts else None
               for k, prompts in (("erase", erase), ("guide", guide), ("preserve", preserve))}
     # Group the projections that read the very same inputs: they share one solve.
     groups: dict[tuple, list] = {}

@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..errors import UserError
 from .base import Cond, Denoiser, KVProjection
 from .flux import FluxDenoiser
 from .unet import UNetDenoiser
 
-__all__ = ["Cond", "Denoiser", "KVProjection", "FluxDenoiser", "UNetDenoiser", "load", "register", "BUILTINS"]
+__all__ = ["Cond", "Denoiser", "KVProjection", "FluxDenoiser", "UNetDenoiser", "load", "register", "BUILTINS",
+           "DTYPES", "resolve_device", "resolve_dtype"]
 
 # pipeline class -> (its network's component name, the network class it must be, the adapter)
 ADAPTERS = {"StableDiffusionPipeline": ("unet", "UNet2DConditionModel", UNetDenoiser),
@@ -138,16 +141,88 @@ def _wrap(pipeline, owner: Builtin | None = None) -> Denoiser:
     return den
 
 
-def load(model) -> Denoiser:
-    """The Denoiser for `model` (see module docstring); anything else is a UserError."""
+# The dtypes a model may be loaded in, by the names the CLI and API take.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_device(device) -> torch.device:
+    """The device to run on: `device` (a name such as "cpu", "cuda", "cuda:1", or a torch.device)
+    checked against what this machine has; None: the GPU if there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"device {device!r} is not a device name; valid: cpu, cuda, cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise UserError(f"device {device!r}: fasterase runs on cpu or cuda, not {dev.type}")
+    if not torch.cuda.is_available():
+        raise UserError(f"device {device!r}: this torch sees no CUDA GPU (torch {torch.__version__}); valid here: cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    """`dtype` as a torch dtype ("fp32", "bf16", "fp16", their long names, or a torch dtype); None
+    stays None: the checkpoint's own dtype."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise UserError(f"dtype {dtype!r} is not one fasterase loads models in; valid: fp32, bf16, fp16")
+
+
+def _folder_dtype(path: Path, network: str) -> torch.dtype:
+    """The dtype the folder's denoising network is saved in, read from its weight files' headers
+    (nothing is loaded): what the folder loads as when no dtype is asked for."""
+    from safetensors import safe_open
+
+    # the files diffusers loads: not variants (".fp16.", ".non_ema.") beside them
+    files = sorted(f for f in (path / network).glob("*.safetensors") if f.name.count(".") == 1)
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                dtype = f.get_slice(key).get_dtype()
+                if dtype in ("F32", "BF16", "F16"):
+                    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    for file in sorted(f for f in (path / network).glob("*.bin") if f.name.count(".") == 1):  # a pickled checkpoint: mapped, not read whole
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        return next(v.dtype for v in state.values() if v.is_floating_point())
+    raise UserError(f"model folder {path} has no weights for its {network} ({path / network} holds no "
+                    f".safetensors or .bin file)")
+
+
+def load(model, device=None, dtype=None) -> Denoiser:
+    """The Denoiser for `model` (see module docstring); anything else is a UserError.
+
+    device: where the pipeline runs (see resolve_device); a pipeline given is moved there in place.
+    Default: a name or folder loads on the GPU if there is one, else the CPU; a pipeline given stays
+    where it is. dtype: every component's dtype (see resolve_dtype); default: a folder's own (its
+    network's saved dtype, for every component, never part-upcast), a pipeline's own, the toy
+    pipelines' fp32. Both are checked before any weights load.
+    """
+    fresh = isinstance(model, (str, Path))
+    dev = resolve_device(device) if device is not None or fresh else None
+    dt = resolve_dtype(dtype)
     if isinstance(model, Denoiser):
-        return model
-    denoiser = _load(model)
-    denoiser.name = str(model) if isinstance(model, (str, Path)) else type(denoiser.pipeline).__name__
+        denoiser = model
+    else:
+        denoiser = _load(model, dt)
+        denoiser.name = str(model) if fresh else type(denoiser.pipeline).__name__
+    pipe = denoiser.pipeline
+    if dt is not None and dt != denoiser.network.dtype:
+        pipe.to(dtype=dt)
+    if dev is not None and denoiser.network.device != dev:
+        pipe.to(dev)
     return denoiser
 
 
-def _load(model) -> Denoiser:
+def _load(model, dtype: torch.dtype | None) -> Denoiser:
     if isinstance(model, (str, Path)):
         name = str(model)
         if name in BUILTINS:
@@ -156,10 +231,12 @@ def _load(model) -> Denoiser:
         if not (path / "model_index.json").is_file():
             raise UserError(f"model {name!r} is neither a built-in name nor a local diffusers folder "
                             f"(no model_index.json there); {_accepted()}")
-        _check(*_folder_parts(path))
+        pipeline_class, parts = _folder_parts(path)
+        _check(pipeline_class, parts)
         from diffusers import DiffusionPipeline
 
-        return _wrap(DiffusionPipeline.from_pretrained(str(path)))
+        dtype = dtype or _folder_dtype(path, ADAPTERS[pipeline_class][0])
+        return _wrap(DiffusionPipeline.from_pretrained(str(path), dtype=dtype))
     if hasattr(model, "components") and hasattr(model, "scheduler"):
         return _wrap(model)
     raise UserError(f"model of type {type(model).__name__} is not accepted; {_accepted()}")

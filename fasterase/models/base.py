@@ -6,6 +6,7 @@ t' is a tau: early steps are tau > t', late steps tau < t'.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -57,6 +58,25 @@ class Denoiser(ABC):
         self.sample_kwargs: dict = {}
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes (px) must be multiples of this: the VAE's downsampling times what the network
+        halves (the UNet's down blocks; FLUX's 2x2 latent patches)."""
+        if self.kind == "sd":
+            return self.pipeline.vae_scale_factor * 2 ** (len(self.network.config.down_block_types) - 1)
+        return self.pipeline.vae_scale_factor * 2
+
+    def set_resolution(self, resolution) -> None:
+        """set_size from a user's `resolution`: an int (square) or (height, width), in px, positive
+        multiples of size_multiple (UserError otherwise)."""
+        size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        m = self.size_multiple
+        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % m == 0
+                                     for v in size):
+            raise UserError(f"resolution {resolution!r} is not valid for this model: give an int or (height, width) "
+                            f"in px, positive multiples of {m}")
+        self.set_size(*size)
+
     def set_size(self, height: int, width: int) -> None:
         """The image size (px) of training noise, rollouts and generate(): the model's default, or
         what the registered name samples at (the toy world's 32x48)."""
@@ -72,13 +92,56 @@ class Denoiser(ABC):
     @abstractmethod
     def _encode(self, prompts: list[str]) -> Cond: ...
 
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The pipeline's text encoders (CLIP; FLUX's T5 too)."""
+        p = self.pipeline
+        return [m for m in (getattr(p, "text_encoder", None), getattr(p, "text_encoder_2", None)) if m is not None]
+
+    @contextlib.contextmanager
+    def text_encoders_offloaded(self):
+        """For the block's duration the text encoders wait on the CPU (FLUX's T5-XXL is about 9.5 GB in
+        bf16) and come to the network's device only while encode() runs them; on a CPU-only run
+        nothing moves. Training encodes its prompts once, first, so they stay off the GPU while it
+        trains."""
+        device = self.network.device
+        if device.type == "cpu":
+            yield
+            return
+        self._text_device = device
+        for m in self.text_encoders:
+            m.to("cpu")
+        try:
+            yield
+        finally:
+            self._text_device = None
+            for m in self.text_encoders:
+                m.to(device)
+
+    _text_device: torch.device | None = None  # set while the text encoders are offloaded
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        if self._text_device is None:
+            yield
+            return
+        for m in self.text_encoders:
+            m.to(self._text_device)
+        try:
+            yield
+        finally:
+            for m in self.text_encoders:
+                m.to("cpu")
+
     @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> Cond:
-        """Text conditioning, cached per prompt so text encoders run once per prompt."""
+        """Text conditioning, cached per prompt (in the network's dtype, on its device) so text
+        encoders run once per prompt."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
-            cond = self._encode(missing)
+            with self._encoders_on_device():
+                cond = self._encode(missing)
             for i, p in enumerate(missing):
                 self._cache[p] = (cond.embeds[i], None if cond.pooled is None else cond.pooled[i])
         rows = [self._cache[p] for p in prompts]
@@ -138,25 +201,41 @@ class Denoiser(ABC):
     def cross_attention_kv(self) -> list[KVProjection]:
         """Every key/value (and text-embedding) projection that reads text tokens."""
 
-    def kv_inputs(self, cond: Cond) -> dict[str, torch.Tensor]:
-        """What feeds each projection of cross_attention_kv() for this conditioning.
+    def direct_kv_inputs(self, cond: Cond) -> dict[str, torch.Tensor]:
+        """The inputs of the projections fed by the encoded prompt itself, read without running the
+        network: {projection name: tensor in the network's dtype}."""
+        return {}
 
-        Found by running the network once with hooks, so projections fed through
-        time-modulated norms (FLUX joint blocks) get their real inputs (at tau = 0.5).
+    kv_batch: int = 8  # prompts per hooked forward pass of kv_inputs
+
+    def kv_inputs(self, cond: Cond, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """What feeds each projection of cross_attention_kv() (or those `names`) for this conditioning.
+
+        Those fed by the encoded prompt itself come from it (direct_kv_inputs: no network run, any
+        resolution); the others (FLUX's joint-block add_k / add_v, behind time-modulated norms) from
+        forward passes with hooks, `kv_batch` prompts at a time, on noise at tau = 0.5 at the model's
+        size.
         """
-        seen: dict[str, torch.Tensor] = {}
-        hooks = [
-            p.module.register_forward_pre_hook(lambda m, a, name=p.name: seen.setdefault(name, a[0].detach()))
-            for p in self.cross_attention_kv()
-        ]
+        projections = [p for p in self.cross_attention_kv() if names is None or p.name in names]
+        direct = self.direct_kv_inputs(cond)
+        inputs = {p.name: direct[p.name] for p in projections if p.name in direct}
+        hooked = [p for p in projections if p.name not in inputs]
+        if not hooked:
+            return inputs
+        seen: dict[str, list[torch.Tensor]] = {p.name: [] for p in hooked}
+        hooks = [p.module.register_forward_pre_hook(lambda m, a, name=p.name: seen[name].append(a[0].detach()))
+                 for p in hooked]
+        noise = self.noise(len(cond), torch.Generator().manual_seed(0))
         try:
             with torch.no_grad():
-                n = len(cond)
-                self.predict(self.noise(n, torch.Generator().manual_seed(0)), torch.full((n,), 0.5), cond)
+                for start in range(0, len(cond), self.kv_batch):
+                    rows = slice(start, start + self.kv_batch)
+                    part = Cond(cond.embeds[rows], None if cond.pooled is None else cond.pooled[rows])
+                    self.predict(noise[rows], torch.full((len(part),), 0.5), part)
         finally:
             for h in hooks:
                 h.remove()
-        return seen
+        return {**inputs, **{name: torch.cat(parts) for name, parts in seen.items()}}
 
     # --- sampling -----------------------------------------------------------------------------
     @abstractmethod
@@ -218,11 +297,12 @@ class Denoiser(ABC):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seed: int, batch_size: int = 256) -> torch.Tensor:
-        """Images (N, 3, H, W) in [0, 1] from the diffusers pipeline itself, seeded per batch."""
+        """Images (N, 3, H, W) in [0, 1], fp32 on the CPU, from the diffusers pipeline itself, seeded
+        per batch."""
         self.pipeline.set_progress_bar_config(disable=True)
         out = []
         for start in range(0, len(prompts), batch_size):
             g = torch.Generator().manual_seed(seed + start)
             chunk = prompts[start:start + batch_size]
             out.append(self.pipeline(chunk, generator=g, output_type="pt", **self.sample_kwargs).images)
-        return torch.cat(out).float().clamp(0, 1)
+        return torch.cat(out).float().clamp(0, 1).cpu()

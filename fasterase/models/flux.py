@@ -42,7 +42,8 @@ class FluxDenoiser(Denoiser):
         embeds, pooled, _ = self.pipeline.encode_prompt(
             prompts, prompt_2=None, device=self.network.device, max_sequence_length=self.max_sequence_length
         )
-        return Cond(embeds.float(), pooled.float())
+        dtype = self.network.dtype  # cached in the network's dtype
+        return Cond(embeds.to(dtype), pooled.to(dtype))
 
     def predict(self, x, tau, cond, guidance: float | None = None):
         """Velocity at noise level tau (= sigma). A guidance-distilled FLUX (dev) takes the
@@ -94,6 +95,11 @@ class FluxDenoiser(Denoiser):
                 out.append(KVProjection(f"transformer_blocks.{i}.attn.{proj}", getattr(block.attn, proj),
                                         "modulated, normalised text stream of the joint block"))
         return out
+
+    def direct_kv_inputs(self, cond):
+        net = self.network
+        return {"context_embedder": cond.embeds.to(net.device, net.dtype),
+                "time_text_embed.text_embedder.linear_1": cond.pooled.to(net.device, net.dtype)}
 
     def sampler(self, steps):
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.pipeline.scheduler.config)

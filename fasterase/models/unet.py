@@ -27,7 +27,7 @@ class UNetDenoiser(Denoiser):
 
     def _encode(self, prompts):
         embeds, _ = self.pipeline.encode_prompt(prompts, self.network.device, 1, False)
-        return Cond(embeds.float())
+        return Cond(embeds.to(self.network.dtype))  # cached in the network's dtype
 
     def timestep(self, tau: torch.Tensor) -> torch.Tensor:
         """Integer training timestep of noise level tau (t = tau * T, within [0, T-1])."""
@@ -64,6 +64,13 @@ class UNetDenoiser(Denoiser):
                 for proj in ("to_k", "to_v"):
                     out.append(KVProjection(f"{name}.{proj}", getattr(module, proj), "text encoder hidden states"))
         return out
+
+    def direct_kv_inputs(self, cond):
+        # every attn2 to_k / to_v reads the text encoder's hidden states, unless the block normalises
+        # them first (norm_cross; not in SD 1.x / 2.x)
+        text = cond.embeds.to(self.network.device, self.network.dtype)
+        return {p.name: text for p in self.cross_attention_kv()
+                if self.network.get_submodule(p.name.rsplit(".", 1)[0]).norm_cross is None}
 
     def sampler(self, steps):
         # clip_sample is for pixel-space models; SD pipelines switch it off (absent from Euler configs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -119,7 +120,8 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
           checkpoint_every: int = 50, progress: bool = True, desc: str = "erase", run: dict | None = None,
           max_skipped_steps: int = 0, companion: Companion | None = None) -> dict:
     """Run `steps` optimizer steps of loss_fn(step, generator); returns {'steps' (taken), 'last_loss',
-    'skipped_steps'}. A `companion` is checkpointed with the parameters, adds to the progress bar,
+    'skipped_steps', 'train_time_s' (wall seconds of the steps taken in this call)}. A `companion`
+    is checkpointed with the parameters, adds to the progress bar,
     and ends training before `steps` when its finished() says so (checked after every step).
 
     A step whose gradients are not all finite is skipped (nothing changes, whatever the optimizer)
@@ -154,7 +156,7 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
             companion.load_state_dict(state["companion"])
         start, skipped, loss_value = state["step"], state["skipped_steps"], state["last_loss"]
         if state["finished"]:
-            return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped}
+            return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped, "train_time_s": 0.0}
 
     # the companion as it was at the end of the last finished step: an interrupt lands inside a step, after
     # the companion may have moved (FADE: a buffer refresh, D steps) but before the parameters did
@@ -174,7 +176,7 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
                 Path(tmp).unlink(missing_ok=True)
                 raise
 
-    done = start
+    done, began = start, time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress, leave=False)
     try:
         for step in bar:
@@ -208,4 +210,5 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     finally:
         bar.close()
     save(done, finished=True)
-    return {"steps": done, "last_loss": loss_value, "skipped_steps": skipped}
+    return {"steps": done, "last_loss": loss_value, "skipped_steps": skipped,
+            "train_time_s": time.perf_counter() - began}

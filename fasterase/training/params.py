@@ -38,7 +38,8 @@ def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed:
              adapter: str = ADAPTER) -> list[torch.nn.Parameter]:
     """A fresh LoRA adapter named `adapter` (alpha = rank, so diffusers loads it with the same scale)
     on `modules`, active beside the adapters already on; the base is frozen and only this adapter's
-    factors train (earlier trained adapters are frozen too). Returns them."""
+    factors train (earlier trained adapters are frozen too), held in fp32 whatever the base's dtype
+    (peft computes them in fp32 and casts the sum back). Returns them."""
     if adapter in getattr(network, "peft_config", {}):
         raise RuntimeError(f"the network already carries a {adapter!r} adapter; remove that edit first")
     active = network.active_adapters() if getattr(network, "peft_config", {}) else []
@@ -51,6 +52,7 @@ def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed:
     network.requires_grad_(False)
     params = [p for n, p in network.named_parameters() if f".{adapter}." in n]
     for p in params:
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
 
@@ -89,46 +91,84 @@ def lora_state(network: torch.nn.Module, prefix: str, adapters: tuple[str, ...] 
             for k in states[0]}
 
 
-class MaskedChange:
-    """A fine-tune of selected entries of some parameters, in place, that can be switched off.
+class CompactDelta:
+    """A fine-tune of selected entries of some parameters, held as compact fp32 masters over the
+    frozen base, that can be switched off.
 
-    Only the base values of the selected entries are kept (|M*| numbers, not a model copy), so
-    `off()` gives the frozen teacher by swapping them in, and `restore()` puts the network back
-    bit-identical. masks: {parameter name: sorted int32 indices into the flattened parameter}.
+    For each touched parameter W (any float dtype) it keeps the sorted indices of its selected
+    entries, their base values and `values`, one fp32 parameter of just those entries: what the
+    optimizer trains (so gradients, optimizer states and checkpoints scale with the selected entries,
+    and a bf16 base loses no small update). The network computes with W itself, whose selected
+    entries hold `values` rounded to W's dtype (sync(), after every optimizer step once bind() is
+    called). Autograd computes W's gradient one layer at a time; a hook gathers its selected entries
+    into values.grad and frees it at once, so no whole-network gradient is ever held.
+
+    `off()` puts the base values in (the frozen teacher), `restore()` leaves the network
+    bit-identical to how it came. masks: {parameter name: sorted int32 indices into the flattened
+    parameter}, kept as int32. Per selected entry: 4 bytes of index, its base value, 4 of master and
+    4 of gradient (and the optimizer's states).
     """
 
     def __init__(self, network: torch.nn.Module, masks: dict[str, torch.Tensor]):
-        self.params = {n: network.get_parameter(n) for n, idx in masks.items() if idx.numel()}
-        self.indices = {n: masks[n].to(self.params[n].device).long() for n in self.params}
-        self.base = {n: p.detach().view(-1)[self.indices[n]].clone() for n, p in self.params.items()}
+        self.weights = {n: network.get_parameter(n) for n, idx in masks.items() if idx.numel()}
+        self.indices = {n: masks[n].to(w.device, torch.int32) for n, w in self.weights.items()}
+        self.base = {n: w.detach().view(-1)[self.indices[n]].clone() for n, w in self.weights.items()}
+        self.values = {n: torch.nn.Parameter(b.to(torch.float32, copy=True)) for n, b in self.base.items()}
         network.requires_grad_(False)
-        for p in self.params.values():
-            p.requires_grad_(True)
+        self._hooks = []
+        for n, w in self.weights.items():
+            w.requires_grad_(True)
+            self._hooks.append(w.register_post_accumulate_grad_hook(self._gather(n)))
+
+    def _gather(self, name: str):
+        def hook(w: torch.Tensor) -> None:
+            grad = w.grad.reshape(-1)[self.indices[name]].float()
+            master = self.values[name]
+            master.grad = grad if master.grad is None else master.grad.add_(grad)
+            w.grad = None
+        return hook
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The fp32 masters, one per touched parameter, for the optimizer."""
+        return list(self.values.values())
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Write the masters into the network after each step of `optimizer` and after its state is
+        loaded (a resumed run: the training loop restores the masters first)."""
+        optimizer.register_step_post_hook(lambda *_: self.sync())
+        optimizer.register_load_state_dict_post_hook(lambda _: self.sync())
 
     @torch.no_grad()
     def _put(self, values: dict[str, torch.Tensor]) -> None:
-        for n, p in self.params.items():
-            p.view(-1).index_copy_(0, self.indices[n], values[n])
+        for n, w in self.weights.items():
+            w.view(-1).index_put_((self.indices[n],), values[n].to(w.dtype))
+
+    def sync(self) -> None:
+        """The network computes with the masters (rounded to each parameter's dtype)."""
+        self._put({n: v.detach() for n, v in self.values.items()})
 
     def current(self) -> dict[str, torch.Tensor]:
-        """The trained values of the selected entries."""
-        return {n: p.detach().view(-1)[self.indices[n]].clone() for n, p in self.params.items()}
+        """The trained values of the selected entries, in their parameters' dtypes."""
+        return {n: v.detach().to(self.weights[n].dtype).clone() for n, v in self.values.items()}
 
     @contextlib.contextmanager
     def off(self):
         """The frozen teacher: the selected entries at their base values, for the block's duration."""
-        trained = self.current()
         self._put(self.base)
         try:
             yield
         finally:
-            self._put(trained)
+            self.sync()
 
     def restore(self) -> None:
         """Put the base values back: the network is bit-identical to how it came."""
         self._put(self.base)
-        for p in self.params.values():
-            p.requires_grad_(False)
+        for h in self._hooks:
+            h.remove()
+        for w in self.weights.values():
+            w.requires_grad_(False)
+            w.grad = None
 
 
 @torch.no_grad()

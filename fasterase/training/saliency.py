@@ -25,27 +25,66 @@ class EmptySaliencyMap(UserError):
     """The user's threshold selects no parameter in every map; the message says which would."""
 
 
+def visit_gradients(loss: torch.Tensor, tensors: dict[str, torch.Tensor], visit, retain_graph: bool = False) -> None:
+    """Back-propagate `loss` and call visit(name, gradient) for each of `tensors` (leaves that require
+    grad, with no .grad) as soon as autograd has its gradient, which is then freed: one layer's
+    gradient at a time, never a copy of every gradient. A tensor the loss does not reach is an error."""
+    seen = set()
+
+    def hook(name):
+        def run(p):
+            visit(name, p.grad)
+            seen.add(name)
+            p.grad = None
+        return run
+
+    handles = [p.register_post_accumulate_grad_hook(hook(n)) for n, p in tensors.items()]
+    try:
+        loss.backward(retain_graph=retain_graph)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in tensors if n not in seen]
+    if missing:
+        raise ValueError(f"the loss does not depend on {len(missing)} of the tensors, e.g. {missing[0]}")
+
+
 class SaliencyScore:
-    """Running elementwise minimum over gradient maps of |g| / rms(g)."""
+    """Running elementwise minimum over gradient maps of |g| / rms(g), held in each gradient's dtype
+    (fp32 for an fp32 model: exact; bf16 for a bf16 one, which is its gradients' own precision)."""
 
     def __init__(self):
         self.score: dict[str, torch.Tensor] = {}
         self.maps = 0
 
-    @torch.no_grad()
-    def add(self, grads: dict[str, torch.Tensor]) -> None:
-        if self.score and grads.keys() != self.score.keys():
-            raise ValueError("every gradient map must cover the same parameters")
-        total = sum(g.numel() for g in grads.values())
-        rms = (sum(g.float().square().sum() for g in grads.values()) / max(total, 1)).sqrt()
+    @staticmethod
+    def map_rms(square_sums: list[torch.Tensor], total: int) -> torch.Tensor:
+        """rms of one map from its tensors' sums of squared fp32 gradients, in the parameters' order."""
+        rms = (sum(square_sums) / max(total, 1)).sqrt()
         if not torch.isfinite(rms):
             raise FloatingPointError("a gradient map is not finite; check the model and the loss")
         if rms == 0:
             raise ValueError("a gradient map is all zeros: the loss does not depend on these parameters")
-        for name, g in grads.items():
-            r = g.detach().float().abs() / rms
-            self.score[name] = r if name not in self.score else torch.minimum(self.score[name], r)
+        return rms
+
+    @torch.no_grad()
+    def update(self, name: str, g: torch.Tensor, rms: torch.Tensor) -> None:
+        """Fold one tensor of a map into the score (count the map with end_map())."""
+        r = (g.detach().float().abs() / rms).to(g.dtype)
+        self.score[name] = r if name not in self.score else torch.minimum(self.score[name], r)
+
+    def end_map(self) -> None:
         self.maps += 1
+
+    @torch.no_grad()
+    def add(self, grads: dict[str, torch.Tensor]) -> None:
+        """One whole map."""
+        if self.score and grads.keys() != self.score.keys():
+            raise ValueError("every gradient map must cover the same parameters")
+        rms = self.map_rms([g.float().square().sum() for g in grads.values()], sum(g.numel() for g in grads.values()))
+        for name, g in grads.items():
+            self.update(name, g, rms)
+        self.end_map()
 
     @property
     def total(self) -> int:
@@ -66,7 +105,7 @@ class SaliencyScore:
 
 
 def kth_largest(tensors: list[torch.Tensor], k: int) -> float:
-    """The k-th largest value over non-negative fp32 tensors, exactly, without concatenating them.
+    """The k-th largest value over non-negative float tensors, exactly, without concatenating them.
 
     Non-negative floats order like their bit patterns as integers, so a binary search over the
     31-bit patterns with one counting pass each finds it.

@@ -1,0 +1,74 @@
+"""Run every method a few steps on a real-size folder and print s/step and peak memory per method.
+
+    python scripts/make_real_size.py sd15 /tmp/realsize/sd15-bf16 --dtype bf16
+    python scripts/measure_real_size.py /tmp/realsize/sd15-bf16 --resolution 256
+
+Each method runs as `fasterase erase` in a fresh process (`/usr/bin/time -f %M` reads its peak
+resident memory, model loading included) with its defaults except the settings below, which cut
+the passes a step makes so a CPU finishes; the edit's report gives the training loop's own time
+(train_time_s), so s/step leaves out loading, D's pretraining and saliency ranking. Random weights
+cannot be scored: this shows that each method runs, and at what cost. Prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors import safe_open
+
+# What each method changes from its defaults here: fewer steps, rollouts and pretraining, so that a
+# CPU run ends in minutes; the per-step passes of the loss are the defaults' (batch sizes kept).
+FEW = {
+    "uce": [],
+    "esd": ["steps=2", "sample_steps=4"],
+    "ant": ["steps=2", "sample_steps=4", "saliency_prompts=1", "saliency_seeds=1"],
+    "fade": ["steps=2", "sample_steps=4", "rollouts=2", "refresh_every=2", "d_pretrain_steps=2", "d_batch=4",
+             "saliency_samples=1"],
+    "trace": ["steps=2", "sample_steps=4", "rollouts=2", "refresh_every=2", "d_pretrain_steps=2"],
+}
+
+
+def run(model: str, method: str, concept: str, resolution: str, dtype: str | None, out: Path) -> dict:
+    cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "fasterase", "erase", "--model", model,
+           "--concept", concept, "--method", method, "--resolution", resolution, "--out", str(out)]
+    cmd += ["--dtype", dtype] if dtype else []
+    for setting in FEW[method]:
+        cmd += ["--set", setting]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{method} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    peak_kib = int(done.stderr.strip().splitlines()[-1])
+    with safe_open(str(out / "edit.safetensors"), "pt") as f:
+        report = json.loads(f.metadata()["fasterase"])["report"]
+    steps = report.get("steps", 0)
+    return {"method": method, "settings": " ".join(FEW[method]) or "defaults", "wall_s": report["wall_time_s"],
+            "steps": steps, "s_per_step": report.get("train_time_s", 0.0) / steps if steps else None,
+            "peak_rss_gib": peak_kib / 2**20}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("model", help="a local diffusers folder (scripts/make_real_size.py)")
+    p.add_argument("--methods", default="uce,esd,ant,fade,trace")
+    p.add_argument("--concept", default="dog")
+    p.add_argument("--resolution", default="256")
+    p.add_argument("--dtype")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            rows.append(run(args.model, method, args.concept, args.resolution, args.dtype, Path(tmp) / method))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    print("| method | settings | erase() wall s | s/step | peak RSS GiB |\n|---|---|---|---|---|")
+    for r in rows:
+        step = f"{r['s_per_step']:.1f}" if r["s_per_step"] is not None else "-"
+        print(f"| {r['method']} | {r['settings']} | {r['wall_s']:.1f} | {step} | {r['peak_rss_gib']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Real-size readiness (issue #18): device and dtype options, fp32 trainables over a half-precision
+base, compact deltas, text projections' inputs read from the encoded prompts, gradient
+checkpointing, resolution, and folders loading in their own dtype."""
+import pytest
+import torch
+
+import fasterase
+from fasterase import cli, models
+from fasterase.errors import UserError
+from fasterase.optim import SalientAdamW
+from fasterase.training import params
+
+FAST = {"esd": {"steps": 2, "batch_size": 2, "sample_steps": 4},
+        "ant": {"steps": 2, "batch_size": 2, "sample_steps": 10, "saliency_prompts": 2, "saliency_seeds": 1},
+        "uce": {},
+        "fade": {"steps": 2, "batch_size": 2, "rollouts": 4, "refresh_every": 2, "sample_steps": 6,
+                 "d_pretrain_steps": 30, "d_batch": 16, "d_steps": 1, "saliency_samples": 2},
+        "trace": {"steps": 2, "batch_size": 2, "rollouts": 2, "refresh_every": 2, "sample_steps": 8,
+                  "d_pretrain_steps": 30, "d_batch": 16}}
+
+
+@pytest.mark.parametrize("device, needle", [("meta", "cpu or cuda"), ("gpu!", "not a device name"),
+                                            ("cuda", "no CUDA GPU")])
+def test_bad_device_is_refused_before_any_work(device, needle, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "_load", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match=needle):
+        fasterase.erase("toy-sd", "circle", method="esd", device=device)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8", torch.int32, 16])
+def test_bad_dtype_is_refused_before_any_work(dtype, monkeypatch):
+    monkeypatch.setattr(models, "_load", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match="valid: fp32, bf16, fp16"):
+        fasterase.erase("toy-sd", "circle", method="esd", dtype=dtype)
+
+
+def test_dtype_names():
+    assert models.resolve_dtype("BF16") is torch.bfloat16 and models.resolve_dtype("float16") is torch.float16
+    assert models.resolve_dtype(None) is None and models.resolve_device(None).type in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("method", ["esd", "ant"])
+@pytest.mark.parametrize("name, dtype", [("toy-sd", "bf16"), ("toy-sd", "fp16"), ("toy-flux", "bf16"),
+                                         ("toy-flux", "fp16")])
+def test_half_precision_pipelines_train_in_fp32(name, dtype, method, monkeypatch):
+    """The frozen base stays in the asked dtype; what the optimizer steps is fp32; the loss is finite;
+    the edit changes weights, applies, and the pipeline still draws finite images."""
+    stepped = []
+    for cls in (torch.optim.AdamW, SalientAdamW):
+        real = cls.step
+
+        def spy(self, *a, real=real, **k):
+            stepped.extend(p.dtype for g in self.param_groups for p in g["params"])
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(cls, "step", spy)
+    result = fasterase.erase(name, "circle", method=method, dtype=dtype, progress=False, **FAST[method])
+    want = models.resolve_dtype(dtype)
+    assert result.report["dtype"] == str(want).removeprefix("torch.")
+    assert {p.dtype for n, p in result.model.network.named_parameters() if "lora" not in n} == {want}
+    assert stepped and set(stepped) == {torch.float32}
+    assert torch.isfinite(torch.tensor(result.report["last_loss"]))
+    images = result.model.generate(["a red square"], seed=0)
+    assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("method", ["uce", "fade", "trace"])
+@pytest.mark.parametrize("name, dtype", [("toy-sd", "bf16"), ("toy-flux", "fp16")])
+def test_every_method_runs_in_half_precision(name, dtype, method):
+    result = fasterase.erase(name, "circle", method=method, dtype=dtype, progress=False, **FAST[method])
+    want = models.resolve_dtype(dtype)
+    assert {p.dtype for n, p in result.model.network.named_parameters() if "lora" not in n} == {want}
+    assert torch.isfinite(torch.tensor(result.report.get("last_loss", 0.0)))
+    assert torch.isfinite(result.model.generate(["a red square"], seed=0)).all()
+
+
+def test_fp16_pipeline_object_through_the_api():
+    """A pipeline passed in keeps its own dtype (the default) and its LoRA trains in fp32."""
+    pipe = models.load("toy-sd").pipeline.to(torch.float16)
+    result = fasterase.erase(pipe, "circle", method="esd", progress=False, **FAST["esd"])
+    assert result.pipeline is pipe and pipe.unet.dtype == torch.float16
+    assert all(v.dtype == torch.float32 for v in result.edit.lora.values())
+
+
+# --- compact deltas -------------------------------------------------------------------------------
+
+def _masks(net, share, seed):
+    g = torch.Generator().manual_seed(seed)
+    names = [n for n, p in net.named_parameters() if p.dim() > 1][:7]
+    out = {}
+    for n in names:
+        keep = torch.rand(net.get_parameter(n).numel(), generator=g) < share
+        out[n] = torch.nonzero(keep).reshape(-1).to(torch.int32)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_delta_scales_with_the_selected_entries(dtype):
+    """Gradients and optimizer states hold the selected entries only, no whole-weight gradient is
+    left behind, untouched entries stay bit-identical, and restore() gives the network back."""
+    model = models.load("toy-sd", dtype=dtype)
+    net = model.network
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    masks = _masks(net, 0.1, 0)
+    change = params.CompactDelta(net, masks)
+    optimizer = SalientAdamW(change.trainable, lr=1e-2, weight_decay=0.0, state_dtype="8bit", min_8bit_size=1)
+    change.bind(optimizer)
+    x = model.noise(2, torch.Generator().manual_seed(0))
+    cond = model.encode(["a red circle", "a blue square"])
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.predict(x, torch.full((2,), 0.5), cond).square().mean().backward()
+        optimizer.step()
+    selected = sum(i.numel() for i in masks.values())
+    assert all(v.dtype == torch.float32 and v.grad.numel() == masks[n].numel() for n, v in change.values.items())
+    assert all(p.grad is None for p in net.parameters())
+    # 8-bit moments with an fp32 absmax each per 256-entry block, and a step counter per tensor
+    assert optimizer.state_bytes() == sum(2 * i.numel() + 8 * -(-i.numel() // 256) + 4 for i in masks.values())
+    assert optimizer.state_bytes() < 3 * selected
+    for n, w in net.named_parameters():
+        flat, before = w.detach().reshape(-1), original[n].reshape(-1)
+        keep = torch.ones_like(flat, dtype=torch.bool)
+        if n in masks:
+            keep[masks[n].long()] = False
+            assert not torch.equal(flat[masks[n].long()], before[masks[n].long()])  # trained, in the network
+        assert torch.equal(flat[keep], before[keep])
+    with change.off():
+        assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
+    change.restore()
+    assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
+
+
+def test_compact_delta_keeps_small_updates_over_a_bf16_base():
+    """Updates too small for bf16 accumulate in the fp32 masters until they show in the network."""
+    net = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    change = params.CompactDelta(net, {"weight": torch.arange(64 * 64, dtype=torch.int32)})
+    optimizer = torch.optim.SGD(change.trainable, lr=1e-3)
+    change.bind(optimizer)
+    for _ in range(20):  # each step moves every entry by 1e-3, below bf16's spacing at 1.0 (2**-7)
+        optimizer.zero_grad()
+        net(torch.ones(1, 64, dtype=torch.bfloat16)).sum().mul(-1).backward()
+        optimizer.step()
+    assert torch.allclose(change.values["weight"], torch.full((64 * 64,), 1.02), atol=1e-4)
+    assert torch.equal(net.weight.reshape(-1), change.values["weight"].detach().to(torch.bfloat16))
+    assert net.weight.float().mean() > 1.0
+
+
+# --- text projections' inputs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_direct_kv_inputs_are_what_a_forward_pass_feeds(name, monkeypatch):
+    """Read from the encoded prompts: exactly what one forward pass over all prompts feeds them.
+    The others come from forward passes in batches (of two and one here), as one pass would give."""
+    model = models.load(name)
+    cond = model.encode(["a red circle", "a photo of a blue square", "a star"])
+    read = model.direct_kv_inputs(cond)
+    assert read and set(read) <= {p.name for p in model.cross_attention_kv()}
+    monkeypatch.setattr(type(model), "direct_kv_inputs", lambda self, c: {})
+    whole = model.kv_inputs(cond)  # one pass
+    assert all(torch.equal(read[k], whole[k]) for k in read)
+    monkeypatch.setattr(type(model), "kv_batch", 2)
+    batched = model.kv_inputs(cond)
+    assert batched.keys() == whole.keys()
+    assert all(torch.allclose(batched[k], whole[k], rtol=1e-5, atol=1e-6) for k in whole)
+
+
+def test_uce_runs_no_network_forward_on_sd(monkeypatch):
+    model = models.load("toy-sd")
+    monkeypatch.setattr(model, "predict", lambda *a: pytest.fail("UCE ran the network"))
+    fasterase.erase(model, "circle", method="uce", progress=False)
+
+
+# --- memory switches --------------------------------------------------------------------------------
+
+def test_gradient_checkpointing_is_switched_on_while_training(monkeypatch):
+    model = models.load("toy-sd")
+    seen = []
+    real = model.predict
+
+    def spy(*a):
+        seen.append((torch.is_grad_enabled(), model.network.is_gradient_checkpointing, model.network.training))
+        return real(*a)
+
+    monkeypatch.setattr(model, "predict", spy)
+    plain = fasterase.erase(models.load("toy-sd"), "circle", method="esd", progress=False, **FAST["esd"])
+    result = fasterase.erase(model, "circle", method="esd", progress=False, gradient_checkpointing=True,
+                             **FAST["esd"])
+    assert any(grad and ckpt and train for grad, ckpt, train in seen)
+    assert not model.network.is_gradient_checkpointing and result.report["gradient_checkpointing"]
+    # recomputation changes no value on the CPU
+    assert all(torch.equal(plain.edit.lora[k], result.edit.lora[k]) for k in plain.edit.lora)
+
+
+def test_text_encoders_come_to_the_device_only_to_encode(monkeypatch):
+    """On a GPU the text encoders wait on the CPU while the method runs; the device is faked here
+    by moving nothing and recording where they were sent."""
+    model = models.load("toy-flux")
+    moves = []
+    monkeypatch.setattr(type(model.network), "device", property(lambda self: torch.device("cuda", 0)))
+    for enc in model.text_encoders:
+        monkeypatch.setattr(enc, "to", lambda d, enc=enc: moves.append((type(enc).__name__, str(d))) or enc)
+    monkeypatch.setattr(model, "_encode", lambda prompts: moves.append("encode") or
+                        models.Cond(torch.zeros(len(prompts), 5, 8), torch.zeros(len(prompts), 8)))
+    with model.text_encoders_offloaded():
+        model.encode(["a red circle"])
+        model.encode(["a red circle"])  # cached: nothing runs, nothing moves
+    to_cpu, to_gpu = [(n, d) for n in ("CLIPTextModel", "T5EncoderModel") for d in ("cpu", "cuda:0")][::2], \
+        [(n, "cuda:0") for n in ("CLIPTextModel", "T5EncoderModel")]
+    assert moves == to_cpu + to_gpu + ["encode"] + to_cpu + to_gpu
+
+
+@pytest.mark.parametrize("resolution, needle", [(30, "multiples of"), ((32, 48, 8), "multiples of"),
+                                                (-32, "multiples of"), (True, "multiples of")])
+def test_bad_resolution(resolution, needle):
+    with pytest.raises(UserError, match=needle):
+        fasterase.erase("toy-sd", "circle", method="esd", resolution=resolution)
+
+
+def test_resolution_sets_training_and_sampling_size(monkeypatch):
+    sizes = []
+    model = models.load("toy-sd")
+    real = model.predict
+    monkeypatch.setattr(model, "predict", lambda x, *a: sizes.append(tuple(x.shape[-2:])) or real(x, *a))
+    result = fasterase.erase(model, "circle", method="esd", progress=False, resolution=(64, 32), **FAST["esd"])
+    f = model.pipeline.vae_scale_factor
+    assert set(sizes) == {(64 // f, 32 // f)} and result.report["resolution"] == [64, 32]
+    assert model.generate(["a red square"], seed=0).shape[-2:] == (64, 32)
+
+
+# --- folders ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("asked", [None, "fp32"])
+def test_folder_loads_in_its_own_dtype_or_the_asked_one(tmp_path, asked):
+    models.load("toy-flux").pipeline.to(torch.bfloat16).save_pretrained(tmp_path / "flux")
+    model = models.load(tmp_path / "flux", dtype=asked)
+    want = torch.float32 if asked else torch.bfloat16
+    assert {m.dtype for m in (model.network, model.pipeline.vae, *model.text_encoders)} == {want}
+    assert torch.isfinite(model.generate(["a red circle"], seed=0)).all()
+
+
+def test_cli_erase_with_device_and_dtype(tmp_path, capsys):
+    out = tmp_path / "edit"
+    code = cli.main(["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--device", "cpu",
+                     "--dtype", "bf16", "--resolution", "32x48", "--out", str(out), "--set", "steps=2",
+                     "--set", "batch_size=2", "--set", "sample_steps=4"])
+    assert code == 0
+    report = fasterase.edit.Edit.load(out).report
+    assert (report["device"], report["dtype"], report["resolution"]) == ("cpu", "bfloat16", [32, 48])
+    assert cli.main(["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--dtype", "int4",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "valid: fp32, bf16, fp16" in capsys.readouterr().err
