@@ -145,7 +145,8 @@ def cmd_plan(args) -> int:
     from .plan import plan
 
     result = plan(args.model, args.method, _settings(args.set), resolution=args.resolution, batch_size=args.batch_size,
-                  gpus=args.gpus, gpu_mem=args.gpu_mem, dtype=args.dtype, salient_share=args.salient_share)
+                  gpus=args.gpus, gpu_mem=args.gpu_mem, dtype=args.dtype, salient_share=args.salient_share,
+                  gradient_checkpointing=args.gradient_checkpointing)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     return 0
 
@@ -243,6 +244,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32: the pipeline's weights (default bf16)")
     pl.add_argument("--salient-share", type=float,
                     help="ANT: the share of entries its saliency map keeps (default 0.15, measured on toy-flux)")
+    pl.add_argument("--gradient-checkpointing", action="store_true",
+                    help="plan with erase's --gradient-checkpointing (less activation memory)")
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     pl.add_argument("--json", action="store_true", help="print one JSON object (bytes) instead of a table")
     pl.set_defaults(run=cmd_plan)

@@ -12,29 +12,29 @@ shapes preserved (erase's default there); elsewhere one concept with the generic
 (concepts.DEFAULT_TEMPLATES) and nothing preserved. Every part and its source:
 
 - weights of the network, the VAE and the text encoders in --dtype: parameter and buffer counts of
-  the modules built from their configs. The methods keep the whole pipeline where it was put: the
-  text encoders stay after the prompts are encoded.
-- prompt cache: Denoiser.encode keeps every prompt's embedding in fp32 (tokens x width, FLUX also
+  the modules built from their configs. The pipeline loads whole onto the GPU; while the method runs
+  the text encoders wait on the CPU and come back only while a prompt is encoded
+  (Denoiser.text_encoders_offloaded): the "encoding" column is that moment (nothing trains yet: the
+  methods encode their prompts before their first step), the other columns leave them out.
+- prompt cache: Denoiser.encode keeps every prompt's embedding in --dtype (tokens x width, FLUX also
   the pooled vector), for the distinct prompts the method encodes.
 - trainable state, gradients, optimizer states: counted from the parameters the method trains.
   LoRAs (ESD, TRACE) are set up on the meta network by the method's own code (training.params.add_lora:
-  their dtype is the base's) and train with torch's AdamW: two states of the parameter's dtype an entry.
-  ANT's and FADE's salient entries (training.params.MaskedChange) are a share of every tensor's
+  fp32 factors) and train with torch's AdamW: two fp32 states an entry.
+  ANT's and FADE's salient entries (training.params.CompactDelta) are a share of every tensor's
   entries: FADE's saliency_share; ANT's is known only once its maps are computed (--salient-share,
-  default ANT_SHARE). Per entry: the int64 index and the base value MaskedChange keeps, the int32 mask
-  SalientAdamW keeps and the int32 saliency mask the method keeps. SalientAdamW's 8-bit states
+  default ANT_SHARE). Per entry: the int32 index, the base value in --dtype and the fp32 master
+  CompactDelta keeps, and the master's fp32 gradient. SalientAdamW's 8-bit states over the masters
   (ops/quant.py): 2 bytes an entry and two fp32 absmax per 256 entries; fp32, 8 bytes an entry, for a
-  tensor with fewer than 4096 (optim.SalientAdamW's min_8bit_size). MaskedChange trains whole tensors,
-  so every tensor holding a selected entry (all of them, assumed here) gets a whole gradient, which
-  lives from one step's backward through the next step's forward passes (training.loop.train calls
-  zero_grad after loss_fn): it is counted beside the activations.
-- saliency sums: ANT's running minimum and FADE's sum of |gradient| hold an fp32 value for every
-  parameter (training.saliency.SaliencyScore, methods/fade.py concept_saliency), beside the whole
-  gradients autograd.grad returns, which the saliency column counts beside the activations as if they
-  all arrived before any activation is freed (an upper bound). Compact alternatives: ANT's intersection
-  needs, after the first map, only the entries still at or above gamma (indices and values, a set that
-  only shrinks); FADE's ranking could sum in 16 bits, or hold a tensor's sums on the GPU only while its
-  gradient arrives (the host keeps the rest).
+  tensor with fewer than 4096 (optim.SalientAdamW's min_8bit_size). Every tensor holding a selected
+  entry (all of them, assumed here) requires grad, so autograd makes its whole gradient, which a hook
+  gathers into the master's gradient and frees at once: one layer's whole gradient (the largest
+  tensor's, with its gathered fp32 copy) is counted.
+- saliency sums: ANT's running minimum and FADE's sum of |gradient| hold a value in --dtype for every
+  parameter (training.saliency.SaliencyScore, methods/fade.py concept_saliency); each layer's gradient
+  is folded in and freed as autograd makes it (training.saliency.visit_gradients): one layer's gradient
+  and its fp32 temporaries are counted. ANT runs two backward passes over one forward (the map's rms,
+  then the score; the first keeps the graph): its graph's peak is the measured one.
 - activations: measured, not estimated. Every network call of a step (a Pass: predict() or guided()
   on the rows the method calls it with, with or without a graph) runs on the meta network under a
   dispatch mode that counts the bytes of the tensor storages created and not yet freed (_LiveBytes),
@@ -44,15 +44,16 @@ shapes preserved (erase's default there); elsewhere one concept with the generic
   also sees what gradient checkpointing keeps outside autograd (each block's inputs) and the blocks'
   recompute in the backward. A step's activations: the largest, over its calls in order, of the bytes
   the earlier calls keep plus the call's own peak; parameters' gradients are freed as they arrive
-  (counted above). Attention runs as a GPU's fused kernel (_fused_attention). The same with diffusers'
-  gradient checkpointing on (enable_gradient_checkpointing; its recompute runs on meta) gives the
-  checkpointed total, shown and not counted: no method enables it yet.
+  (counted above). Attention runs as a GPU's fused kernel (_fused_attention). With
+  --gradient-checkpointing (erase's option: diffusers' enable_gradient_checkpointing; its recompute
+  runs on meta) the activations are measured with it on; without, the checkpointed total is shown
+  beside the total as a hint.
 - rollout buffers (FADE, TRACE), the discriminator, TRACE's copies of the refined projections, UCE's
   closed form: from their shapes, as the code keeps them (the method's docstring here and each part's
   note say how).
 
 Not counted: the CUDA context and the allocator's cache and fragmentation, the text encoders'
-pass over the prompts (before training, a few prompts), the optimizer step's temporaries, the loss
+activations over the prompts (a few prompts, no graph), the optimizer step's temporaries, the loss
 terms on the network's outputs (a few latent-sized tensors), the saliency updates' per-tensor
 temporaries, and safety checkers or other components no method runs.
 
@@ -94,7 +95,7 @@ MAX_GPUS = 1024
 # The parts in the order the table shows them, after the network's weights.
 ORDER = ("VAE", "text encoders", "prompt cache", "refined projections", "trainable state", "gradients",
          "optimizer states", "saliency sums", "rollout buffer", "discriminator", "closed form", "activations")
-CHECKPOINTED = "with gradient checkpointing"
+CHECKPOINTED = "with --gradient-checkpointing"
 PROMPT = "a prompt"  # the text of every measured call's rows (the embeddings are meta: only their shape counts)
 TRACE_HELD_OUT = 16  # methods/trace.py, Trajectories.train_scorer: max(16, rollouts) held-out concept prompts
 _MIN_8BIT = SalientAdamW.__init__.__kwdefaults__["min_8bit_size"]  # smaller states stay fp32
@@ -246,8 +247,8 @@ class Meter:
 
 @dataclass
 class Column:
-    """One moment of the run: bytes per part, and the activations with gradient checkpointing (None when
-    no graph is built then)."""
+    """One moment of the run: bytes per part, and the activations with gradient checkpointing when the plan
+    is without it (None when no graph is built then, or when the plan checkpoints already)."""
 
     lines: dict[str, int]
     checkpointed: int | None = None
@@ -267,6 +268,7 @@ class Plan:
     dtype: str
     gpus: int
     gpu_mem: float  # GB
+    gradient_checkpointing: bool
     columns: dict[str, Column]
     notes: dict[str, str]  # part -> what it holds
     suggestions: list[tuple[str, int]] = field(default_factory=list)  # (option, peak bytes with it)
@@ -288,6 +290,7 @@ class Plan:
         name, peak = self.peak
         return {"model": self.model, "method": self.method, "config": self.config, "height": self.height,
                 "width": self.width, "dtype": self.dtype, "gpus": self.gpus, "gpu_mem_gb": self.gpu_mem,
+                "gradient_checkpointing": self.gradient_checkpointing,
                 "unit": "bytes (GB = 1e9 bytes)",
                 "columns": {k: {"lines": c.lines, "total": c.total, "checkpointed_activations": c.checkpointed,
                                 "total_with_checkpointing": self.checkpointed_total(k)}
@@ -309,7 +312,8 @@ class Plan:
         batch = self.config.get("batch_size")
         head = (f"{self.method} on {self.model} at {self.height}x{self.width} px"
                 + (f", {batch} prompt{'s' if batch > 1 else ''} a step" if batch else "") + f", {self.dtype}, {self.gpus} GPU"
-                + ("s" if self.gpus > 1 else "") + f" of {self.gpu_mem:g} GB (GB = 1e9 bytes)")
+                + ("s" if self.gpus > 1 else "") + f" of {self.gpu_mem:g} GB"
+                + (", gradient checkpointing" if self.gradient_checkpointing else "") + " (GB = 1e9 bytes)")
         rows = [f"{'GB':<{width}}" + "".join(f"{n:>12}" for n in names)]
         rows += [row(p, [self.columns[n].lines.get(p) for n in names]) for p in parts]
         rows.append(row("total", [self.columns[n].total for n in names]))
@@ -325,8 +329,8 @@ class Plan:
             verdict += f"; try {' or '.join(fixes)}" if fixes else "; no single option tried makes it fit"
         notes = [f"  {p}: {self.notes[p]}" for p in parts if p in self.notes]
         if CHECKPOINTED in rows[-1]:
-            notes.append(f"  {CHECKPOINTED}: the total with diffusers' gradient checkpointing, which no method "
-                         "enables yet (not in the total)")
+            notes.append(f"  {CHECKPOINTED}: the total with erase's gradient_checkpointing (diffusers'), not in "
+                         "the total")
         if self.gpus > 1:
             notes.append("  GPUs: ZeRO-2 data parallel as DESIGN.md plans it (gradients and optimizer states split, "
                          "the batch divided); no method runs under DeepSpeed yet")
@@ -336,8 +340,10 @@ class Plan:
 class _Planner:
     """One model at one dtype and resolution: the method models, sharing measured calls."""
 
-    def __init__(self, model: str, described: meta.MetaModel, dtype: str, resolution: int | None):
+    def __init__(self, model: str, described: meta.MetaModel, dtype: str, resolution: int | None,
+                 checkpointing: bool = False):
         self.model, self.described, self.dtype = model, described, dtype
+        self.checkpointing = checkpointing
         self.torch_dtype = DTYPES[dtype]
         self.resolution = resolution
         self.den = self._denoiser()  # for shapes and the methods' checks
@@ -376,34 +382,44 @@ class _Planner:
     # --- parts common to every method ---
     def resident(self, prompts: int) -> tuple[dict[str, int], dict[str, str]]:
         d = self.described
-        encoders = [m for n, m in d.others.items() if n.startswith("text_encoder")]
         cond = self.den.encode([PROMPT])
-        per_prompt = sum(t.numel() * t.element_size() for t in (cond.embeds, cond.pooled) if t is not None)
+        per_prompt = sum(t.numel() * self.bytes for t in (cond.embeds, cond.pooled) if t is not None)
         lines = {f"{d.network_name} weights": meta.entry_bytes(self.den.network, self.torch_dtype),
                  "VAE": meta.entry_bytes(d.others["vae"], self.torch_dtype),
-                 "text encoders": sum(meta.entry_bytes(m, self.torch_dtype) for m in encoders),
                  "prompt cache": prompts * per_prompt}
         notes = {f"{d.network_name} weights": f"{sum(self.entries) / 1e9:.3g} B parameters in {self.dtype}",
                  "text encoders": f"{', '.join(n for n in d.others if n.startswith('text_encoder'))} in {self.dtype}, "
-                                  "kept after encoding",
-                 "prompt cache": f"{prompts} prompts' embeddings in fp32 ({tuple(cond.embeds.shape[1:])} each)"}
+                                  "on the GPU only while prompts are encoded (the encoding column)",
+                 "prompt cache": f"{prompts} prompts' embeddings in {self.dtype} ({tuple(cond.embeds.shape[1:])} each)"}
         return lines, notes
 
-    def salient(self, share: float, masked: bool, gpus: int) -> tuple[dict[str, int], dict[str, str], int]:
-        """MaskedChange with a `share` of every tensor's entries selected (a tensor left with none is not
-        touched): the per-entry bookkeeping, the touched tensors' whole gradients, SalientAdamW's states (with
-        index masks: `masked`); and the number of entries selected."""
-        selected = [(round(share * n), n) for n in self.entries if round(share * n)]
-        k = sum(s for s, _ in selected)
-        per_entry = 8 + self.bytes + 4 + (4 if masked else 0)
-        states = sum(2 * s + 8 * num_blocks(s) if s >= _MIN_8BIT else 8 * s for s, _ in selected) + 4 * len(selected)
+    def encoding(self, lines: dict[str, int]) -> Column:
+        """The moment prompts are encoded: the pipeline's weights, the text encoders back on the GPU."""
+        encoders = [m for n, m in self.described.others.items() if n.startswith("text_encoder")]
+        keep = (f"{self.described.network_name} weights", "VAE", "prompt cache")
+        return Column({**{k: lines[k] for k in keep},
+                       "text encoders": sum(meta.entry_bytes(m, self.torch_dtype) for m in encoders)})
+
+    def layer_gradient(self, temporaries: int) -> int:
+        """One layer's whole gradient (the largest tensor's) in --dtype with `temporaries` fp32 copies of it."""
+        return max(self.entries) * (self.bytes + 4 * temporaries)
+
+    def salient(self, share: float, gpus: int) -> tuple[dict[str, int], dict[str, str], int]:
+        """CompactDelta with a `share` of every tensor's entries selected (a tensor left with none is not
+        touched): the per-entry bookkeeping, the masters' gradients and one layer's whole gradient, and
+        SalientAdamW's states; and the number of entries selected."""
+        selected = [round(share * n) for n in self.entries if round(share * n)]
+        k = sum(selected)
+        per_entry = 4 + self.bytes + 4
+        states = sum(2 * s + 8 * num_blocks(s) if s >= _MIN_8BIT else 8 * s for s in selected) + 4 * len(selected)
         lines = {"trainable state": k * per_entry,
-                 "gradients": math.ceil(sum(n for _, n in selected) * self.bytes / gpus),
+                 "gradients": math.ceil(4 * k / gpus) + self.layer_gradient(1),
                  "optimizer states": math.ceil(states / gpus)}
         notes = {"trainable state": f"{k / 1e6:.4g} M salient entries ({share:.3g} of each tensor), {per_entry} bytes "
-                                    f"each: int64 index, {self.dtype} base value, int32 masks",
-                 "gradients": f"whole, every tensor in {self.dtype} (MaskedChange trains whole tensors)",
-                 "optimizer states": "SalientAdamW, 8-bit blockwise (fp32 under 4096 entries)"}
+                                    f"each: int32 index, {self.dtype} base value, fp32 master",
+                 "gradients": "the masters' fp32 gradients, and one layer's whole gradient in "
+                              f"{self.dtype} (gathered and freed as autograd makes it)",
+                 "optimizer states": "SalientAdamW over the masters, 8-bit blockwise (fp32 under 4096 entries)"}
         return lines, notes, k
 
     def lora_parts(self, meter: Meter, gpus: int) -> tuple[dict[str, int], dict[str, str]]:
@@ -413,7 +429,7 @@ class _Planner:
                  "optimizer states": math.ceil(2 * size / gpus)}
         notes = {"trainable state": f"LoRA factors, {sum(p.numel() for p in meter.trainable) / 1e6:.4g} M entries "
                                     f"in {', '.join(dtypes)}",
-                 "optimizer states": "torch AdamW, two states of the parameter's dtype an entry"}
+                 "optimizer states": f"torch AdamW, two {', '.join(dtypes)} states an entry"}
         return lines, notes
 
     def buffer(self, steps: int, rows: int, copies: int) -> int:
@@ -424,17 +440,20 @@ class _Planner:
         return per_entry * sum(p.numel() for p in meter.discriminator().parameters())
 
 
-def _column(meter: Meter, lines: dict, calls: list) -> Column:
-    grad = any(c.grad for c in calls)
-    return Column({**lines, "activations": meter.activations(calls)},
-                  meter.activations(calls, checkpointing=True) if grad else None)
+def _column(p: _Planner, meter: Meter, lines: dict, calls: list) -> Column:
+    """A moment's parts and its calls' activations, with --gradient-checkpointing as the plan has it (and,
+    without it, the activations with it as a hint)."""
+    hint = any(c.grad for c in calls) and not p.checkpointing
+    return Column({**lines, "activations": meter.activations(calls, p.checkpointing)},
+                  meter.activations(calls, checkpointing=True) if hint else None)
 
 
 # --- the methods, as their code runs ------------------------------------------------------------------
 
 def _uce(p: _Planner, cfg, gpus: int):
-    """methods/uce.py: kv_inputs runs the network once (no graph) on the erase, guide and preserve prompts in
-    turn, keeping what feeds every text projection (all of cross_attention_kv, also those not edited); then one
+    """methods/uce.py: kv_inputs of the edited projections on the erase, guide and preserve prompts in turn (read
+    from the encoded prompts where a projection reads them directly, else a hooked forward, no graph, in
+    batches of kv_batch), all three sets' inputs kept to the end; then one
     closed form per group of projections reading the same input (training.closed_form.uce_weights): its
     sources and targets in fp32 and fp64, R = D C M^-1 (fp64), the in x in transform built in fp64 (eye, product,
     sum: ops.rank_update.closed_form_transform), fp32 copies of the group's weights; and the edited weights in
@@ -448,7 +467,8 @@ def _uce(p: _Planner, cfg, gpus: int):
         den.encode(prompts)
     live = _LiveBytes()
     with _fused_attention(), live:  # uce.run keeps all three sets' inputs to the end
-        erase, _guide, preserve = [den.kv_inputs(den.encode(prompts)) if prompts else None for prompts in sets]
+        erase, _guide, preserve = [den.kv_inputs(den.encode(prompts), [q.name for q in edited]) if prompts else None
+                                   for prompts in sets]
     groups: dict[tuple, list] = {}
     for proj in edited:
         x = erase[proj.name]
@@ -463,8 +483,10 @@ def _uce(p: _Planner, cfg, gpus: int):
     lines.update({"closed form": max(solves) + weights * p.bytes, "activations": live.peak})
     notes["closed form"] = (f"{len(edited)} projections in {len(groups)} solves: the largest solve's sources, targets, "
                             f"R and transform in fp32 and fp64, its weights in fp32, and the edit in {p.dtype}")
-    notes["activations"] = (f"the network on {max(len(s) for s in sets)} prompts without a graph, and the inputs of "
-                            f"all {len(projections)} text projections for {sum(1 for s in sets if s)} prompt sets")
+    hooked = [q for q in edited if q.name not in den.direct_kv_inputs(den.encode([PROMPT]))]
+    notes["activations"] = (f"the inputs of {len(edited)} text projections for {sum(1 for s in sets if s)} prompt sets"
+                            + (f", {len(hooked)} of them from forwards without a graph on up to {den.kv_batch} prompts"
+                               if hooked else ", read from the encoded prompts"))
     return {"closed form": Column(lines)}, notes
 
 
@@ -480,37 +502,36 @@ def _esd(p: _Planner, cfg, gpus: int):
     notes.update(lora_notes)
     notes["activations"] = f"{parameters}: rollout guided on {b}, teacher on {2 * b}, edited prediction on {b} rows"
     calls = [Pass(b, guided=True), Pass(2 * b), Pass(b, grad=True)]
-    return {"step": _column(meter, {**lines, **trained}, calls)}, notes
+    return {"step": _column(p, meter, {**lines, **trained}, calls)}, notes
 
 
 def _ant(p: _Planner, cfg, gpus: int, share: float):
     """methods/ant.py, one concept. Saliency (batch 1 per map): the rollout to t1 and t2 and the moves to them
     (guided, no graph), the frozen teacher on the concept and empty prompts at both (no graph), the same
-    prediction with a graph over every parameter; autograd.grad's whole gradients and SaliencyScore's fp32
-    minimum. A training step: the same on batch_size prompts, the teacher switched on by MaskedChange.off
-    (a copy of the trained entries meanwhile). split=False: one tau."""
+    prediction with a graph over every parameter, back-propagated twice (visit_gradients: a layer's gradient
+    at a time, with two fp32 temporaries of it), and SaliencyScore's minimum in --dtype. A training step: the
+    same on batch_size prompts, the teacher switched on by CompactDelta.off (in place). split=False: one tau."""
     taus = 2 if cfg.split else 1
     meter = p.every_entry()
     b = math.ceil(cfg.batch_size / gpus)
     concept = p.concepts.concepts[0]
     lines, notes = p.resident(len(set(concept.prompts() + concept.prompts(augment=True) + [""])))
     share = share if cfg.saliency else 1.0
-    trained, salient_notes, k = p.salient(share, cfg.saliency, gpus)
+    trained, salient_notes, _ = p.salient(share, gpus)
     notes.update(salient_notes)
 
-    def calls(n: int, extra: int = 0) -> list:
-        return [Pass(n, guided=True), Pass(taus * n, guided=True), Pass(2 * taus * n, extra=extra),
-                Pass(2 * taus * n, grad=True)]
+    def calls(n: int) -> list:
+        return [Pass(n, guided=True), Pass(taus * n, guided=True), Pass(2 * taus * n), Pass(2 * taus * n, grad=True)]
 
     columns = {}
     if cfg.saliency:
-        columns["saliency"] = _column(meter, {**lines, "gradients": sum(p.entries) * p.bytes,
-                                              "saliency sums": 4 * sum(p.entries)}, calls(1))
-        notes["saliency sums"] = "fp32 running minimum over the maps, one per parameter"
-    columns["step"] = _column(meter, {**lines, **trained}, calls(b, k * p.bytes))
+        columns["saliency"] = _column(p, meter, {**lines, "gradients": p.layer_gradient(2),
+                                                 "saliency sums": p.bytes * sum(p.entries)}, calls(1))
+        notes["saliency sums"] = f"running minimum over the maps in {p.dtype}, one per parameter"
+    columns["step"] = _column(p, meter, {**lines, **trained}, calls(b))
     notes["activations"] = (f"rollout guided on {b} rows, the move to {taus} taus guided on {taus * b}, teacher on "
-                            f"{2 * taus * b} (with a copy of the trained entries), prediction on {2 * taus * b} rows "
-                            f"with every parameter requiring grad; saliency maps at 1 prompt")
+                            f"{2 * taus * b}, prediction on {2 * taus * b} rows with every parameter requiring grad; "
+                            "saliency maps at 1 prompt")
     return columns, notes
 
 
@@ -519,36 +540,37 @@ def _fade(p: _Planner, cfg, gpus: int):
     graph, of `rollouts` concept prompts, as many neutral and (when preserved) preserved ones, keeping every
     grid step's x_t and one-step x0 in fp32 (lists, then stacked), while the loop's checkpoint snapshot still
     holds the old buffer. A step: d_steps discriminator steps on d_batch latents, the teacher on batch_size
-    rows (no graph; MaskedChange.off's copy), L_rem's guided prediction and D on it, L_pres's prediction,
+    rows (no graph; CompactDelta.off, in place), L_rem's guided prediction and D on it, L_pres's prediction,
     both graphs alive until backward; on a refresh step the old buffer is still held. Saliency: one
-    concept and one neutral prompt per map, a graph over every parameter, fp32 sums beside whole
-    gradients. D: fp32 weights, gradients and AdamW states, and the snapshot's copy of weights and states."""
+    concept and one neutral prompt per map, a graph over every parameter, sums in --dtype, a layer's
+    gradient at a time. D: fp32 weights, gradients and AdamW states, and the snapshot's copy of weights and states."""
     meter = p.every_entry()
     pairs = prompt_pairs(p.concepts, cfg.neutral)
     rows = cfg.rollouts * (3 if pairs.preserved else 2)
     b = math.ceil(cfg.batch_size / gpus)
     lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
-    trained, salient_notes, k = p.salient(cfg.saliency_share if cfg.saliency else 1.0, cfg.saliency, gpus)
+    trained, salient_notes, _ = p.salient(cfg.saliency_share if cfg.saliency else 1.0, gpus)
     notes.update(salient_notes)
     d = p.discriminator(meter, 4 * 7)
     columns = {}
     if cfg.saliency:
-        columns["saliency"] = _column(meter, {**lines, "gradients": sum(p.entries) * p.bytes,
-                                              "saliency sums": 4 * sum(p.entries),
-                                              "rollout buffer": p.buffer(cfg.sample_steps, rows, 2),
-                                              "discriminator": p.discriminator(meter, 4 * 4)}, [Pass(2, grad=True)])
-        notes["saliency sums"] = "fp32 sum of |gradient|, one per parameter"
+        columns["saliency"] = _column(p, meter, {**lines, "gradients": p.layer_gradient(1),
+                                                 "saliency sums": p.bytes * sum(p.entries),
+                                                 "rollout buffer": p.buffer(cfg.sample_steps, rows, 2),
+                                                 "discriminator": p.discriminator(meter, 4 * 4)},
+                                      [Pass(2, grad=True)])
+        notes["saliency sums"] = f"sum of |gradient| in {p.dtype}, one per parameter"
     base = {**lines, **trained, "discriminator": d}
-    columns["refresh"] = _column(meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 6)},
+    columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 6)},
                                  [Pass(rows, guided=True)])
     step = [DiscriminatorPass(cfg.d_batch, train=True)]
     if cfg.lambda_pres > 0:
-        step.append(Pass(b, extra=k * p.bytes))
+        step.append(Pass(b))
     step += [Pass(b, guided=True, grad=True)]
     step += [DiscriminatorPass(b, train=False)] if cfg.removal == "adversarial" else [Pass(b, guided=True)]
     if cfg.lambda_pres > 0:
         step.append(Pass(b, grad=True))
-    columns["step"] = _column(meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 4)}, step)
+    columns["step"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 4)}, step)
     notes["rollout buffer"] = (f"{cfg.sample_steps} steps x {rows} rows of x_t and x0 in fp32: 2 copies while "
                                "computing saliency, 6 at a refresh (old, new lists, stacked), 4 on a refresh step")
     notes["discriminator"] = "fp32 weights, gradients, AdamW states and the checkpoint snapshot's copies"
@@ -587,13 +609,13 @@ def _trace(p: _Planner, cfg, gpus: int):
         first, held = 2 * max(cfg.d_batch, 2 * cfg.rollouts), 2 * max(TRACE_HELD_OUT, cfg.rollouts)
         scoring = {**lines, "trainable state": trained["trainable state"],
                    "discriminator": p.discriminator(meter, 4 * 4)}
-        moments = [_column(meter, {**scoring, "rollout buffer": p.buffer(cfg.sample_steps, first, 4)},
+        moments = [_column(p, meter, {**scoring, "rollout buffer": p.buffer(cfg.sample_steps, first, 4)},
                            [Pass(first, guided=True)]),
-                   _column(meter, {**scoring, "rollout buffer": p.buffer(cfg.sample_steps, first, 1)
+                   _column(p, meter, {**scoring, "rollout buffer": p.buffer(cfg.sample_steps, first, 1)
                                    + p.buffer(cfg.sample_steps, held, 4)}, [Pass(held, guided=True)])]
         columns["scorer"] = max(moments, key=lambda c: c.total)
     base = {**lines, **trained, "discriminator": p.discriminator(meter, 4 * 3) if scorer else 0}
-    columns["refresh"] = _column(meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 5)},
+    columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 5)},
                                  [Pass(rows, guided=True)])
     step = [Pass(b, guided=True, grad=True)]
     if scorer and cfg.lambda_score > 0:
@@ -601,7 +623,7 @@ def _trace(p: _Planner, cfg, gpus: int):
     step.append(Pass(b, guided=True, grad=True))
     if cfg.trajectory and cfg.lambda_drift > 0:
         step += [Pass(b), Pass(b, grad=True)]
-    columns["step"] = _column(meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 4)}, step)
+    columns["step"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 4)}, step)
     notes["rollout buffer"] = (f"{cfg.sample_steps + 1} steps x {rows} rows of x in fp32: 5 copies at a refresh, 4 on "
                                f"a refresh step" + (f"; the scorer's rollouts: x and x0 of {first} rows (lists, "
                                                      f"stacked), then of {held} held-out rows beside the first x0"
@@ -641,11 +663,12 @@ SHRINK = {"esd": {"batch_size": 1}, "ant": {"batch_size": 1}, "trace": {"batch_s
 
 def plan(model: str, method: str, options: dict | None = None, *, resolution: int | None = None,
          batch_size: int | None = None, gpus: int = 1, gpu_mem: float = 80.0, dtype: str = "bf16",
-         salient_share: float | None = None) -> Plan:
+         salient_share: float | None = None, gradient_checkpointing: bool = False) -> Plan:
     """The Plan of `method` on `model` (a toy name, sd15, flux-dev, or a local diffusers folder) with the
     method's `options` (validated as erase validates them), at `resolution` px square (default: the model's
     own size), `batch_size` prompts a step (the method's batch_size), in `dtype` on `gpus` GPUs of `gpu_mem`
-    GB each; `salient_share` (ANT only): the share of entries its saliency map keeps (default ANT_SHARE).
+    GB each, with erase's `gradient_checkpointing`; `salient_share` (ANT only): the share of entries its
+    saliency map keeps (default ANT_SHARE).
     When it does not fit, `suggestions` holds each option that alone would make it fit, with its peak."""
     m = get(method)
     options = dict(options or {})
@@ -681,7 +704,7 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
         if not isinstance(resolution, int) or resolution < step or resolution % step:
             raise UserError(f"--resolution must be a positive multiple of {step} px for {model} (the VAE's scale"
                             f"{' times the 2x2 patches' if described.kind == 'flux' else ''}), got {resolution!r}")
-    p = _Planner(model, described, dtype, resolution)
+    p = _Planner(model, described, dtype, resolution, gradient_checkpointing)
     api._check_idle(m, cfg, set(options), p.den, p.concepts)
     result = _plan(p, method, cfg, gpus, gpu_mem, share)
     if not result.fits:
@@ -691,8 +714,9 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
 
 def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float) -> Plan:
     columns, notes = _columns(p, method, cfg, gpus, share)
-    return Plan(p.model, method, dataclasses.asdict(cfg), p.den.height, p.den.width, p.dtype, gpus, gpu_mem, columns,
-                notes)
+    columns = {"encoding": p.encoding(next(iter(columns.values())).lines), **columns}
+    return Plan(p.model, method, dataclasses.asdict(cfg), p.den.height, p.den.width, p.dtype, gpus, gpu_mem,
+                p.checkpointing, columns, notes)
 
 
 def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[tuple[str, int]]:
@@ -714,12 +738,13 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
             if peak <= limit:
                 out.append((f"--gpus {gpus}", peak))
                 break
-    checkpointed = max(result.checkpointed_total(c) or result.columns[c].total for c in result.columns)
-    if checkpointed <= limit:
-        out.append(("gradient checkpointing (no method enables it yet)", checkpointed))
+    if not result.gradient_checkpointing:
+        checkpointed = max(result.checkpointed_total(c) or result.columns[c].total for c in result.columns)
+        if checkpointed <= limit:
+            out.append(("--gradient-checkpointing", checkpointed))
     if result.dtype == "fp32":
-        peak = _plan(_Planner(p.model, p.described, "bf16", p.resolution), m.name, cfg, result.gpus, result.gpu_mem,
-                     share).peak[1]
+        bf16 = _Planner(p.model, p.described, "bf16", p.resolution, p.checkpointing)
+        peak = _plan(bf16, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
         if peak <= limit:
             out.append(("--dtype bf16", peak))
     return out
