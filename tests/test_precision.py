@@ -7,6 +7,7 @@ import torch
 import fasterase
 from fasterase import cli, models
 from fasterase.errors import UserError
+from fasterase.methods import ant, fade
 from fasterase.optim import SalientAdamW
 from fasterase.training import params
 
@@ -128,6 +129,32 @@ def test_compact_delta_scales_with_the_selected_entries(dtype):
     with change.off():
         assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
     change.restore()
+    assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("method, step", [("ant", "fingerprint"), ("ant", "SalientAdamW"),
+                                          ("ant", "_training_loss"), ("fade", "fingerprint"),
+                                          ("fade", "SalientAdamW"), ("fade", "fade_loss")])
+def test_a_failure_after_the_compact_delta_gives_the_network_back(method, step, monkeypatch):
+    """A step between CompactDelta and training that raises leaves no hook, no requires_grad and
+    no changed weight behind."""
+    module = {"ant": ant, "fade": fade}[method]
+    model = models.load("toy-sd")
+    net = model.network
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(module, step, boom)
+    concepts = fasterase.api._resolve_concepts(model, "circle", None)
+    with pytest.raises(RuntimeError, match="boom"):
+        if method == "ant":
+            ant._single(model, concepts.concepts[0], ant.ANTConfig(**FAST["ant"], saliency=False), False)
+        else:
+            fade.run(model, concepts, fade.FADEConfig(**FAST["fade"], saliency=False), False)
+    assert not any(w.requires_grad for w in net.parameters())
+    assert not any(w._post_accumulate_grad_hooks for w in net.parameters())
     assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
 
 
