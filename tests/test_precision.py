@@ -239,6 +239,20 @@ def test_text_encoders_come_to_the_device_only_to_encode(monkeypatch):
     assert moves == to_cpu + to_gpu + ["encode"] + to_cpu + to_gpu
 
 
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_encode_cache_follows_a_cast_or_moved_pipeline(name, monkeypatch):
+    """Prompts encoded before the pipeline was cast or moved are encoded again, in the new dtype and
+    on the new device."""
+    model = models.load(name)
+    assert model.encode(["a red circle"]).embeds.dtype == torch.float32
+    assert models.load(model, dtype="bf16") is model
+    cond = model.encode(["a red circle"])
+    assert cond.embeds.dtype == torch.bfloat16 and (cond.pooled is None or cond.pooled.dtype == torch.bfloat16)
+    monkeypatch.setattr(type(model.network), "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(model, "_encode", lambda prompts: models.Cond(torch.zeros(len(prompts), 5, 8)))
+    assert model.encode(["a red circle"]).embeds.shape == (1, 5, 8)  # encoded again, not the CPU's
+
+
 @pytest.mark.parametrize("resolution, needle", [(30, "multiples of"), ((32, 48, 8), "multiples of"),
                                                 (-32, "multiples of"), (True, "multiples of")])
 def test_bad_resolution(resolution, needle):
