@@ -84,6 +84,24 @@ def test_fp16_pipeline_object_through_the_api():
     assert all(v.dtype == torch.float32 for v in result.edit.lora.values())
 
 
+@pytest.mark.parametrize("asked", [{"steps": -1}, {"bogus": 1}, {"preserve": ["circle"]}, {"resolution": 30}])
+def test_a_refused_run_leaves_the_pipeline_in_its_dtype(asked):
+    """Options, concepts and resolution are checked before the pipeline given is cast."""
+    pipe = models.load("toy-sd").pipeline
+    with pytest.raises(UserError):
+        fasterase.erase(pipe, "circle", method="esd", dtype="bf16", progress=False, **asked)
+    assert {p.dtype for p in pipe.unet.parameters()} == {p.dtype for p in pipe.text_encoder.parameters()} == \
+        {torch.float32}
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_pipeline_given_is_cast_once_checked(copy):
+    pipe = models.load("toy-sd").pipeline
+    result = fasterase.erase(pipe, "circle", method="esd", dtype="bf16", copy=copy, progress=False, **FAST["esd"])
+    assert result.model.network.dtype == torch.bfloat16 and result.report["dtype"] == "bfloat16"
+    assert (result.pipeline is pipe) != copy and pipe.unet.dtype == (torch.float32 if copy else torch.bfloat16)
+
+
 # --- compact deltas -------------------------------------------------------------------------------
 
 def _masks(net, share, seed):
