@@ -246,6 +246,7 @@ def test_text_encoders_come_to_the_device_only_to_encode(monkeypatch):
     moves = []
     monkeypatch.setattr(type(model.network), "device", property(lambda self: torch.device("cuda", 0)))
     for enc in model.text_encoders:
+        monkeypatch.setattr(type(enc), "device", property(lambda self: torch.device("cuda", 0)))
         monkeypatch.setattr(enc, "to", lambda d, enc=enc: moves.append((type(enc).__name__, str(d))) or enc)
     monkeypatch.setattr(model, "_encode", lambda prompts: moves.append("encode") or
                         models.Cond(torch.zeros(len(prompts), 5, 8), torch.zeros(len(prompts), 8)))
@@ -255,6 +256,21 @@ def test_text_encoders_come_to_the_device_only_to_encode(monkeypatch):
     to_cpu, to_gpu = [(n, d) for n in ("CLIPTextModel", "T5EncoderModel") for d in ("cpu", "cuda:0")][::2], \
         [(n, "cuda:0") for n in ("CLIPTextModel", "T5EncoderModel")]
     assert moves == to_cpu + to_gpu + ["encode"] + to_cpu + to_gpu
+
+
+def test_text_encoders_go_back_each_to_its_own_device(monkeypatch):
+    """A text encoder the user keeps on the CPU beside a GPU network stays there after the run."""
+    model = models.load("toy-flux")
+    moves = []
+    where = {"CLIPTextModel": torch.device("cuda", 0), "T5EncoderModel": torch.device("cpu")}
+    monkeypatch.setattr(type(model.network), "device", property(lambda self: torch.device("cuda", 0)))
+    for enc in model.text_encoders:
+        monkeypatch.setattr(type(enc), "device", property(lambda self: where[type(self).__name__]))
+        monkeypatch.setattr(enc, "to", lambda d, enc=enc: moves.append((type(enc).__name__, str(d))) or enc)
+    with model.text_encoders_offloaded():
+        pass
+    assert moves == [("CLIPTextModel", "cpu"), ("T5EncoderModel", "cpu"),
+                     ("CLIPTextModel", "cuda:0"), ("T5EncoderModel", "cpu")]
 
 
 @pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])

@@ -110,14 +110,15 @@ class Denoiser(ABC):
             yield
             return
         self._text_device = device
-        for m in self.text_encoders:
+        was = [(m, m.device) for m in self.text_encoders]  # each goes back where it was, not to the network's device
+        for m, _ in was:
             m.to("cpu")
         try:
             yield
         finally:
             self._text_device = None
-            for m in self.text_encoders:
-                m.to(device)
+            for m, d in was:
+                m.to(d)
 
     _text_device: torch.device | None = None  # set while the text encoders are offloaded
 
