@@ -217,19 +217,22 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     if device is not None:
         models.resolve_device(device)  # before any weights load
     models.resolve_dtype(dtype)
-    if copy and not isinstance(model, (str, Path)):  # the given pipeline stays as it is, where it is
+    if isinstance(model, (str, Path)):  # a name or folder loads afresh (a copy already), in its dtype
+        den = models.load(model, device, dtype)
+    elif copy:  # the given pipeline stays as it is, where it is
         given = model if isinstance(model, models.Denoiser) else None
-        den = models.load(copylib.deepcopy(given.pipeline if given else model), device, dtype)
+        den = models.load(copylib.deepcopy(given.pipeline if given else model))
         if given:
             den.name = given.name
-    else:  # a name or folder loads afresh: a copy already
-        den = models.load(model, device, dtype)
+    else:
+        den = models.load(model)
     if resolution is not None:
         den.set_resolution(resolution)
     check_no_merged_lora(den.network)
     cs = _resolve_concepts(den, concepts, preserve)
     _check_idle(m, cfg, set(options) | ({"preserve"} if preserve is not None else set()), den, cs)
     _check_prompts(den, cs)
+    models.load(den, device, dtype)  # cast and moved once the run is checked: a refused one leaves it as it was
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

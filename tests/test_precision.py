@@ -7,6 +7,7 @@ import torch
 import fasterase
 from fasterase import cli, models
 from fasterase.errors import UserError
+from fasterase.methods import ant, fade
 from fasterase.optim import SalientAdamW
 from fasterase.training import params
 
@@ -83,6 +84,24 @@ def test_fp16_pipeline_object_through_the_api():
     assert all(v.dtype == torch.float32 for v in result.edit.lora.values())
 
 
+@pytest.mark.parametrize("asked", [{"steps": -1}, {"bogus": 1}, {"preserve": ["circle"]}, {"resolution": 30}])
+def test_a_refused_run_leaves_the_pipeline_in_its_dtype(asked):
+    """Options, concepts and resolution are checked before the pipeline given is cast."""
+    pipe = models.load("toy-sd").pipeline
+    with pytest.raises(UserError):
+        fasterase.erase(pipe, "circle", method="esd", dtype="bf16", progress=False, **asked)
+    assert {p.dtype for p in pipe.unet.parameters()} == {p.dtype for p in pipe.text_encoder.parameters()} == \
+        {torch.float32}
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_pipeline_given_is_cast_once_checked(copy):
+    pipe = models.load("toy-sd").pipeline
+    result = fasterase.erase(pipe, "circle", method="esd", dtype="bf16", copy=copy, progress=False, **FAST["esd"])
+    assert result.model.network.dtype == torch.bfloat16 and result.report["dtype"] == "bfloat16"
+    assert (result.pipeline is pipe) != copy and pipe.unet.dtype == (torch.float32 if copy else torch.bfloat16)
+
+
 # --- compact deltas -------------------------------------------------------------------------------
 
 def _masks(net, share, seed):
@@ -128,6 +147,32 @@ def test_compact_delta_scales_with_the_selected_entries(dtype):
     with change.off():
         assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
     change.restore()
+    assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.parametrize("method, step", [("ant", "fingerprint"), ("ant", "SalientAdamW"),
+                                          ("ant", "_training_loss"), ("fade", "fingerprint"),
+                                          ("fade", "SalientAdamW"), ("fade", "fade_loss")])
+def test_a_failure_after_the_compact_delta_gives_the_network_back(method, step, monkeypatch):
+    """A step between CompactDelta and training that raises leaves no hook, no requires_grad and
+    no changed weight behind."""
+    module = {"ant": ant, "fade": fade}[method]
+    model = models.load("toy-sd")
+    net = model.network
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(module, step, boom)
+    concepts = fasterase.api._resolve_concepts(model, "circle", None)
+    with pytest.raises(RuntimeError, match="boom"):
+        if method == "ant":
+            ant._single(model, concepts.concepts[0], ant.ANTConfig(**FAST["ant"], saliency=False), False)
+        else:
+            fade.run(model, concepts, fade.FADEConfig(**FAST["fade"], saliency=False), False)
+    assert not any(w.requires_grad for w in net.parameters())
+    assert not any(w._post_accumulate_grad_hooks for w in net.parameters())
     assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
 
 
@@ -201,6 +246,7 @@ def test_text_encoders_come_to_the_device_only_to_encode(monkeypatch):
     moves = []
     monkeypatch.setattr(type(model.network), "device", property(lambda self: torch.device("cuda", 0)))
     for enc in model.text_encoders:
+        monkeypatch.setattr(type(enc), "device", property(lambda self: torch.device("cuda", 0)))
         monkeypatch.setattr(enc, "to", lambda d, enc=enc: moves.append((type(enc).__name__, str(d))) or enc)
     monkeypatch.setattr(model, "_encode", lambda prompts: moves.append("encode") or
                         models.Cond(torch.zeros(len(prompts), 5, 8), torch.zeros(len(prompts), 8)))
@@ -210,6 +256,35 @@ def test_text_encoders_come_to_the_device_only_to_encode(monkeypatch):
     to_cpu, to_gpu = [(n, d) for n in ("CLIPTextModel", "T5EncoderModel") for d in ("cpu", "cuda:0")][::2], \
         [(n, "cuda:0") for n in ("CLIPTextModel", "T5EncoderModel")]
     assert moves == to_cpu + to_gpu + ["encode"] + to_cpu + to_gpu
+
+
+def test_text_encoders_go_back_each_to_its_own_device(monkeypatch):
+    """A text encoder the user keeps on the CPU beside a GPU network stays there after the run."""
+    model = models.load("toy-flux")
+    moves = []
+    where = {"CLIPTextModel": torch.device("cuda", 0), "T5EncoderModel": torch.device("cpu")}
+    monkeypatch.setattr(type(model.network), "device", property(lambda self: torch.device("cuda", 0)))
+    for enc in model.text_encoders:
+        monkeypatch.setattr(type(enc), "device", property(lambda self: where[type(self).__name__]))
+        monkeypatch.setattr(enc, "to", lambda d, enc=enc: moves.append((type(enc).__name__, str(d))) or enc)
+    with model.text_encoders_offloaded():
+        pass
+    assert moves == [("CLIPTextModel", "cpu"), ("T5EncoderModel", "cpu"),
+                     ("CLIPTextModel", "cuda:0"), ("T5EncoderModel", "cpu")]
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_encode_cache_follows_a_cast_or_moved_pipeline(name, monkeypatch):
+    """Prompts encoded before the pipeline was cast or moved are encoded again, in the new dtype and
+    on the new device."""
+    model = models.load(name)
+    assert model.encode(["a red circle"]).embeds.dtype == torch.float32
+    assert models.load(model, dtype="bf16") is model
+    cond = model.encode(["a red circle"])
+    assert cond.embeds.dtype == torch.bfloat16 and (cond.pooled is None or cond.pooled.dtype == torch.bfloat16)
+    monkeypatch.setattr(type(model.network), "device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(model, "_encode", lambda prompts: models.Cond(torch.zeros(len(prompts), 5, 8)))
+    assert model.encode(["a red circle"]).embeds.shape == (1, 5, 8)  # encoded again, not the CPU's
 
 
 @pytest.mark.parametrize("resolution, needle", [(30, "multiples of"), ((32, 48, 8), "multiples of"),

@@ -251,13 +251,13 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
                 if p.is_floating_point()}
         report = {}
     change = params.CompactDelta(net, mask)
-    base = fingerprint(net, list(change.weights))
-    trainable = change.trainable
-    optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0)
-    change.bind(optimizer)
-    loss_fn = _training_loss(model, prompts, hp, cfg, teacher=change.off)
-    net.train()
-    try:
+    try:  # from here on any failure leaves the network as it came
+        base = fingerprint(net, list(change.weights))
+        trainable = change.trainable
+        optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0)
+        change.bind(optimizer)
+        loss_fn = _training_loss(model, prompts, hp, cfg, teacher=change.off)
+        net.train()
         stats = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed, cfg.checkpoint,
                            progress=progress, desc=f"ant {concept.name}",
                            run=loop.identity("ant", [concept], cfg, base), max_skipped_steps=cfg.max_skipped_steps)

@@ -363,13 +363,13 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
     mask = adversary.mask if cfg.saliency else {n: torch.arange(p.numel(), dtype=torch.int32)
                                                  for n, p in net.named_parameters() if p.is_floating_point()}
     change = params.CompactDelta(net, mask)
-    base = fingerprint(net, list(change.weights))
-    trainable = change.trainable
-    optimizer = SalientAdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    change.bind(optimizer)
-    loss_fn = fade_loss(model, adversary, cfg, teacher=change.off)
-    net.train()
-    try:
+    try:  # from here on any failure leaves the network as it came
+        base = fingerprint(net, list(change.weights))
+        trainable = change.trainable
+        optimizer = SalientAdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+        change.bind(optimizer)
+        loss_fn = fade_loss(model, adversary, cfg, teacher=change.off)
+        net.train()
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
                            desc=f"fade {','.join(concepts.names)}", run=loop.identity("fade", concepts, cfg, base),
                            max_skipped_steps=cfg.max_skipped_steps, companion=adversary)

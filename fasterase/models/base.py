@@ -57,6 +57,7 @@ class Denoiser(ABC):
         # pipeline call arguments for evaluation images (a registered pipeline brings its own)
         self.sample_kwargs: dict = {}
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache_where: tuple[torch.dtype, torch.device] | None = None  # the cache's dtype and device
 
     @property
     def size_multiple(self) -> int:
@@ -109,14 +110,15 @@ class Denoiser(ABC):
             yield
             return
         self._text_device = device
-        for m in self.text_encoders:
+        was = [(m, m.device) for m in self.text_encoders]  # each goes back where it was, not to the network's device
+        for m, _ in was:
             m.to("cpu")
         try:
             yield
         finally:
             self._text_device = None
-            for m in self.text_encoders:
-                m.to(device)
+            for m, d in was:
+                m.to(d)
 
     _text_device: torch.device | None = None  # set while the text encoders are offloaded
 
@@ -136,8 +138,12 @@ class Denoiser(ABC):
     @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> Cond:
         """Text conditioning, cached per prompt (in the network's dtype, on its device) so text
-        encoders run once per prompt."""
+        encoders run once per prompt. A cast or moved pipeline starts a new cache: the old one's
+        embeddings are of the old dtype and device."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        where = (self.network.dtype, self.network.device)
+        if self._cache_where != where:
+            self._cache, self._cache_where = {}, where
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             with self._encoders_on_device():
