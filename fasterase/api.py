@@ -190,7 +190,7 @@ def _peak_memory_mb() -> dict:
 
 
 def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, progress: bool = True,
-          device=None, dtype=None, resolution=None, gradient_checkpointing: bool = False,
+          device=None, dtype=None, resolution=None, gradient_checkpointing: bool = False, micro_batch=None,
           **options) -> EraseResult:
     """Erase `concepts` from `model` with `method`.
 
@@ -206,10 +206,15 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     an int or (height, width) (default: the model's own). The frozen model stays in that dtype; what trains (LoRA
     weights, selected entries, discriminators) is held in fp32. While the method runs, the text
     encoders wait on the CPU (moved in only to encode), and gradient_checkpointing=True switches on
-    diffusers' gradient checkpointing of the network (less activation memory, one more forward).
+    diffusers' gradient checkpointing of the network (less activation memory, one more forward);
+    micro_batch: rows per network call of the passes without a graph (rollouts, the frozen teacher;
+    default: each pass whole), the same results in less activation memory.
     """
     if not isinstance(gradient_checkpointing, bool):
         raise UserError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
+    if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+                                    or micro_batch < 1):
+        raise UserError(f"micro_batch must be a whole number of rows >= 1 (or None: whole passes), got {micro_batch!r}")
     m = registry.get(method)
     cfg = _options(m, options)
     if getattr(cfg, "checkpoint", None) is not None:
@@ -238,10 +243,12 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
         torch.cuda.reset_peak_memory_stats()
     if gradient_checkpointing:
         den.network.enable_gradient_checkpointing()
+    den.micro_batch = micro_batch
     try:
         with den.text_encoders_offloaded():
             edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
     finally:
+        den.micro_batch = None
         if gradient_checkpointing:
             den.network.disable_gradient_checkpointing()
     if _changes_nothing(edit, den.network):
@@ -252,7 +259,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
               "config": vars(cfg).copy(), "steps": edit.report.get("steps", 0),
               "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(),
               "device": str(den.network.device), "dtype": str(den.network.dtype).removeprefix("torch."),
-              "gradient_checkpointing": gradient_checkpointing, "resolution": [den.height, den.width],
+              "gradient_checkpointing": gradient_checkpointing, "micro_batch": micro_batch,
+              "resolution": [den.height, den.width],
               **edit.report}
     edit.report = report
     return EraseResult(den.pipeline, den, edit, report)

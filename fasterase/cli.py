@@ -83,7 +83,7 @@ def cmd_erase(args) -> int:
                             "concepts; name --out or the checkpoint differently")
     result = erase(args.model, args.concept, method=args.method, preserve=args.preserve, device=args.device,
                    dtype=args.dtype, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
-                   **settings)
+                   micro_batch=args.micro_batch, **settings)
     result.edit.save(out, overwrite=args.overwrite, pipeline=result.model if args.save_pipeline else None)
     r = result.report
     print(f"erased {', '.join(r['concepts'])} from {r['model']} with {r['method']} in {r['wall_time_s']:.1f} s; "
@@ -146,7 +146,7 @@ def cmd_plan(args) -> int:
 
     result = plan(args.model, args.method, _settings(args.set), resolution=args.resolution, batch_size=args.batch_size,
                   gpus=args.gpus, gpu_mem=args.gpu_mem, dtype=args.dtype, salient_share=args.salient_share,
-                  gradient_checkpointing=args.gradient_checkpointing)
+                  gradient_checkpointing=args.gradient_checkpointing, micro_batch=args.micro_batch)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     return 0
 
@@ -213,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
                                                             "(default: the model's own)")
     e.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the network's activations in the backward pass (less memory, slower)")
+    e.add_argument("--micro-batch", type=int, metavar="ROWS",
+                   help="rows per network call of the passes without a graph (rollouts, teacher): less memory")
     e.add_argument("--save-pipeline", action="store_true",
                    help="also save the edited pipeline, LoRA fused into its weights, in OUT/pipeline")
     e.set_defaults(run=cmd_erase)
@@ -246,6 +248,7 @@ def parser() -> argparse.ArgumentParser:
                     help="ANT: the share of entries its saliency map keeps (default 0.15, measured on toy-flux)")
     pl.add_argument("--gradient-checkpointing", action="store_true",
                     help="plan with erase's --gradient-checkpointing (less activation memory)")
+    pl.add_argument("--micro-batch", type=int, metavar="ROWS", help="plan with erase's --micro-batch")
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     pl.add_argument("--json", action="store_true", help="print one JSON object (bytes) instead of a table")
     pl.set_defaults(run=cmd_plan)

@@ -47,7 +47,8 @@ shapes preserved (erase's default there); elsewhere one concept with the generic
   (counted above). Attention runs as a GPU's fused kernel (_fused_attention). With
   --gradient-checkpointing (erase's option: diffusers' enable_gradient_checkpointing; its recompute
   runs on meta) the activations are measured with it on; without, the checkpointed total is shown
-  beside the total as a hint.
+  beside the total as a hint. With --micro-batch N (erase's micro_batch) the calls without a graph
+  run N rows at a time, as Denoiser.predict runs them.
 - rollout buffers (FADE, TRACE), the discriminator, TRACE's copies of the refined projections, UCE's
   closed form: from their shapes, as the code keeps them (the method's docstring here and each part's
   note say how).
@@ -192,11 +193,14 @@ class Meter:
                 self.d = ConceptDiscriminator(channels, 1)
         return self.d
 
-    def measure(self, call, checkpointing: bool = False) -> tuple[int, int]:
+    def measure(self, call, checkpointing: bool = False, micro_batch: int | None = None) -> tuple[int, int]:
         """(kept, peak) bytes of one call: what stays alive after its forward when it keeps a graph (else
-        0), and the largest count during its forward and backward."""
-        key = (call if isinstance(call, DiscriminatorPass) else dataclasses.replace(call, extra=0), checkpointing)
+        0), and the largest count during its forward and backward; a call without a graph runs
+        `micro_batch` rows at a time (Denoiser.predict)."""
+        key = (call if isinstance(call, DiscriminatorPass) else dataclasses.replace(call, extra=0), checkpointing,
+               micro_batch)
         if key not in self._cache:
+            self.den.micro_batch = micro_batch
             self._cache[key] = self._measure(key[0], checkpointing)
         return self._cache[key]
 
@@ -233,11 +237,11 @@ class Meter:
             return self.den.guided(x, tau, cond, self.den.default_guidance)
         return self.den.predict(x, tau, cond)
 
-    def activations(self, calls: list, checkpointing: bool = False) -> int:
+    def activations(self, calls: list, checkpointing: bool = False, micro_batch: int | None = None) -> int:
         """Peak bytes of calls run in order, each kept graph alive until the step's backward."""
         held = peak = 0
         for call in calls:
-            kept, top = self.measure(call, checkpointing)
+            kept, top = self.measure(call, checkpointing, micro_batch)
             peak = max(peak, held + top + call.extra)
             held += kept
         return peak
@@ -269,6 +273,7 @@ class Plan:
     gpus: int
     gpu_mem: float  # GB
     gradient_checkpointing: bool
+    micro_batch: int | None
     columns: dict[str, Column]
     notes: dict[str, str]  # part -> what it holds
     suggestions: list[tuple[str, int]] = field(default_factory=list)  # (option, peak bytes with it)
@@ -290,7 +295,7 @@ class Plan:
         name, peak = self.peak
         return {"model": self.model, "method": self.method, "config": self.config, "height": self.height,
                 "width": self.width, "dtype": self.dtype, "gpus": self.gpus, "gpu_mem_gb": self.gpu_mem,
-                "gradient_checkpointing": self.gradient_checkpointing,
+                "gradient_checkpointing": self.gradient_checkpointing, "micro_batch": self.micro_batch,
                 "unit": "bytes (GB = 1e9 bytes)",
                 "columns": {k: {"lines": c.lines, "total": c.total, "checkpointed_activations": c.checkpointed,
                                 "total_with_checkpointing": self.checkpointed_total(k)}
@@ -313,7 +318,8 @@ class Plan:
         head = (f"{self.method} on {self.model} at {self.height}x{self.width} px"
                 + (f", {batch} prompt{'s' if batch > 1 else ''} a step" if batch else "") + f", {self.dtype}, {self.gpus} GPU"
                 + ("s" if self.gpus > 1 else "") + f" of {self.gpu_mem:g} GB"
-                + (", gradient checkpointing" if self.gradient_checkpointing else "") + " (GB = 1e9 bytes)")
+                + (", gradient checkpointing" if self.gradient_checkpointing else "")
+                + (f", micro-batch {self.micro_batch}" if self.micro_batch else "") + " (GB = 1e9 bytes)")
         rows = [f"{'GB':<{width}}" + "".join(f"{n:>12}" for n in names)]
         rows += [row(p, [self.columns[n].lines.get(p) for n in names]) for p in parts]
         rows.append(row("total", [self.columns[n].total for n in names]))
@@ -341,9 +347,9 @@ class _Planner:
     """One model at one dtype and resolution: the method models, sharing measured calls."""
 
     def __init__(self, model: str, described: meta.MetaModel, dtype: str, resolution: int | None,
-                 checkpointing: bool = False):
+                 checkpointing: bool = False, micro_batch: int | None = None):
         self.model, self.described, self.dtype = model, described, dtype
-        self.checkpointing = checkpointing
+        self.checkpointing, self.micro_batch = checkpointing, micro_batch
         self.torch_dtype = DTYPES[dtype]
         self.resolution = resolution
         self.den = self._denoiser()  # for shapes and the methods' checks
@@ -444,8 +450,8 @@ def _column(p: _Planner, meter: Meter, lines: dict, calls: list) -> Column:
     """A moment's parts and its calls' activations, with --gradient-checkpointing as the plan has it (and,
     without it, the activations with it as a hint)."""
     hint = any(c.grad for c in calls) and not p.checkpointing
-    return Column({**lines, "activations": meter.activations(calls, p.checkpointing)},
-                  meter.activations(calls, checkpointing=True) if hint else None)
+    return Column({**lines, "activations": meter.activations(calls, p.checkpointing, p.micro_batch)},
+                  meter.activations(calls, True, p.micro_batch) if hint else None)
 
 
 # --- the methods, as their code runs ------------------------------------------------------------------
@@ -663,11 +669,12 @@ SHRINK = {"esd": {"batch_size": 1}, "ant": {"batch_size": 1}, "trace": {"batch_s
 
 def plan(model: str, method: str, options: dict | None = None, *, resolution: int | None = None,
          batch_size: int | None = None, gpus: int = 1, gpu_mem: float = 80.0, dtype: str = "bf16",
-         salient_share: float | None = None, gradient_checkpointing: bool = False) -> Plan:
+         salient_share: float | None = None, gradient_checkpointing: bool = False,
+         micro_batch: int | None = None) -> Plan:
     """The Plan of `method` on `model` (a toy name, sd15, flux-dev, or a local diffusers folder) with the
     method's `options` (validated as erase validates them), at `resolution` px square (default: the model's
     own size), `batch_size` prompts a step (the method's batch_size), in `dtype` on `gpus` GPUs of `gpu_mem`
-    GB each, with erase's `gradient_checkpointing`; `salient_share` (ANT only): the share of entries its
+    GB each, with erase's `gradient_checkpointing` and `micro_batch`; `salient_share` (ANT only): the share of entries its
     saliency map keeps (default ANT_SHARE).
     When it does not fit, `suggestions` holds each option that alone would make it fit, with its peak."""
     m = get(method)
@@ -678,6 +685,9 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
         raise UserError(f"--gpus must be an integer from 1 to {MAX_GPUS}, got {gpus!r}")
     if not isinstance(gpu_mem, (int, float)) or not 0 < gpu_mem < math.inf:
         raise UserError(f"--gpu-mem must be a positive number of GB (1 GB = 1e9 bytes), got {gpu_mem!r}")
+    if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+                                    or micro_batch < 1):
+        raise UserError(f"--micro-batch must be a whole number of rows >= 1, got {micro_batch!r}")
     if batch_size is not None:
         if "batch_size" not in {f.name for f in dataclasses.fields(m.config)}:
             trained = [n for n, r in REGISTRY.items() if "batch_size" in {f.name for f in dataclasses.fields(r.config)}]
@@ -704,7 +714,7 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
         if not isinstance(resolution, int) or resolution < step or resolution % step:
             raise UserError(f"--resolution must be a positive multiple of {step} px for {model} (the VAE's scale"
                             f"{' times the 2x2 patches' if described.kind == 'flux' else ''}), got {resolution!r}")
-    p = _Planner(model, described, dtype, resolution, gradient_checkpointing)
+    p = _Planner(model, described, dtype, resolution, gradient_checkpointing, micro_batch)
     api._check_idle(m, cfg, set(options), p.den, p.concepts)
     result = _plan(p, method, cfg, gpus, gpu_mem, share)
     if not result.fits:
@@ -716,7 +726,7 @@ def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float
     columns, notes = _columns(p, method, cfg, gpus, share)
     columns = {"encoding": p.encoding(next(iter(columns.values())).lines), **columns}
     return Plan(p.model, method, dataclasses.asdict(cfg), p.den.height, p.den.width, p.dtype, gpus, gpu_mem,
-                p.checkpointing, columns, notes)
+                p.checkpointing, p.micro_batch, columns, notes)
 
 
 def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[tuple[str, int]]:
@@ -742,8 +752,16 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
         checkpointed = max(result.checkpointed_total(c) or result.columns[c].total for c in result.columns)
         if checkpointed <= limit:
             out.append(("--gradient-checkpointing", checkpointed))
+    for rows in (16, 8, 4, 2, 1):  # the largest micro-batch that fits
+        if result.micro_batch is None or rows < result.micro_batch:
+            p.micro_batch, was = rows, p.micro_batch
+            peak = _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
+            p.micro_batch = was
+            if peak <= limit:
+                out.append((f"--micro-batch {rows}", peak))
+                break
     if result.dtype == "fp32":
-        bf16 = _Planner(p.model, p.described, "bf16", p.resolution, p.checkpointing)
+        bf16 = _Planner(p.model, p.described, "bf16", p.resolution, p.checkpointing, p.micro_batch)
         peak = _plan(bf16, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
         if peak <= limit:
             out.append(("--dtype bf16", peak))

@@ -7,12 +7,16 @@ Each method runs as `fasterase erase` in a fresh process (`/usr/bin/time -f %M` 
 resident memory, model loading included) with its defaults except the settings below, which cut
 the passes a step makes so a CPU finishes; the edit's report gives the training loop's own time
 (train_time_s), so s/step leaves out loading, D's pretraining and saliency ranking. Random weights
-cannot be scored: this shows that each method runs, and at what cost. Prints a Markdown table.
+cannot be scored: this shows that each method runs, and at what cost. Beside each run: the memory
+planner's prediction of the same run on the CPU (fasterase/plan.py: its peak with the text encoders
+kept, as nothing moves on a CPU; ANT at the share its saliency map kept) plus the RSS of a process
+that has imported fasterase and torch. Prints a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -21,15 +25,41 @@ from pathlib import Path
 from safetensors import safe_open
 
 # What each method changes from its defaults here: fewer steps, rollouts and pretraining, so that a
-# CPU run ends in minutes; the per-step passes of the loss are the defaults' (batch sizes kept).
+# CPU run ends in minutes; the per-step passes of the loss are the defaults' (batch sizes kept). FADE and
+# TRACE refuse to train when their discriminator cannot tell the concept's generations from the neutral
+# ones; on random weights it needs more pretraining steps (and FADE's check any accuracy above chance:
+# stop_delta=0) to pass.
 FEW = {
     "uce": [],
     "esd": ["steps=2", "sample_steps=4"],
     "ant": ["steps=2", "sample_steps=4", "saliency_prompts=1", "saliency_seeds=1"],
-    "fade": ["steps=2", "sample_steps=4", "rollouts=2", "refresh_every=2", "d_pretrain_steps=2", "d_batch=4",
-             "saliency_samples=1"],
-    "trace": ["steps=2", "sample_steps=4", "rollouts=2", "refresh_every=2", "d_pretrain_steps=2"],
+    "fade": ["steps=2", "sample_steps=4", "rollouts=2", "refresh_every=2", "d_pretrain_steps=100", "d_batch=4",
+             "saliency_samples=1", "stop_delta=0"],
+    "trace": ["steps=2", "sample_steps=4", "rollouts=2", "refresh_every=2", "d_pretrain_steps=100"],
 }
+
+
+# Every tensor above 64 KiB its own mapping, unmapped when freed, so that RSS follows the live tensors
+# rather than the high-water mark of glibc's heap (tests/test_plan.py measures the same way).
+ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def baseline_rss() -> int:
+    """KiB of resident memory a process holds once torch, diffusers and fasterase are imported."""
+    done = subprocess.run(["/usr/bin/time", "-f", "%M", sys.executable, "-c", "import fasterase.plan"],
+                          capture_output=True, text=True, check=True, env=ENV)
+    return int(done.stderr.strip().splitlines()[-1])
+
+
+def planned_cpu(model: str, method: str, resolution: str, dtype: str | None, share: float | None) -> int:
+    """Bytes the planner says the run holds at its peak on a CPU (the text encoders stay)."""
+    from fasterase.cli import _settings
+    from fasterase.plan import plan
+
+    result = plan(model, method, _settings(FEW[method]), resolution=int(resolution), dtype=dtype or "bf16",
+                  salient_share=share)
+    encoders = result.columns["encoding"].lines["text encoders"]
+    return max(c.total + (0 if name == "encoding" else encoders) for name, c in result.columns.items())
 
 
 def run(model: str, method: str, concept: str, resolution: str, dtype: str | None, out: Path) -> dict:
@@ -38,14 +68,15 @@ def run(model: str, method: str, concept: str, resolution: str, dtype: str | Non
     cmd += ["--dtype", dtype] if dtype else []
     for setting in FEW[method]:
         cmd += ["--set", setting]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     if done.returncode != 0:
         raise SystemExit(f"{method} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     peak_kib = int(done.stderr.strip().splitlines()[-1])
     with safe_open(str(out / "edit.safetensors"), "pt") as f:
         report = json.loads(f.metadata()["fasterase"])["report"]
     steps = report.get("steps", 0)
-    return {"method": method, "settings": " ".join(FEW[method]) or "defaults", "wall_s": report["wall_time_s"],
+    share = report["saliency_selected"] / report["saliency_candidates"] if method == "ant" else None
+    return {"planned_gib": planned_cpu(model, method, resolution, dtype, share) / 2**30, "share": share,"method": method, "settings": " ".join(FEW[method]) or "defaults", "wall_s": report["wall_time_s"],
             "steps": steps, "s_per_step": report.get("train_time_s", 0.0) / steps if steps else None,
             "peak_rss_gib": peak_kib / 2**20}
 
@@ -58,15 +89,19 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", default="256")
     p.add_argument("--dtype")
     args = p.parse_args(argv)
-    rows = []
+    rows, base = [], baseline_rss() / 2**20
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             rows.append(run(args.model, method, args.concept, args.resolution, args.dtype, Path(tmp) / method))
             print(json.dumps(rows[-1]), file=sys.stderr)
-    print("| method | settings | erase() wall s | s/step | peak RSS GiB |\n|---|---|---|---|---|")
+    print(f"Planned: the planner's CPU peak + {base:.2f} GiB (the RSS of a process with fasterase imported).\n")
+    print("| method | settings | erase() wall s | s/step | peak RSS GiB | planned GiB | planned / measured |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         step = f"{r['s_per_step']:.1f}" if r["s_per_step"] is not None else "-"
-        print(f"| {r['method']} | {r['settings']} | {r['wall_s']:.1f} | {step} | {r['peak_rss_gib']:.2f} |")
+        planned = r["planned_gib"] + base
+        print(f"| {r['method']} | {r['settings']} | {r['wall_s']:.1f} | {step} | {r['peak_rss_gib']:.2f} | "
+              f"{planned:.2f} | {planned / r['peak_rss_gib']:.2f} |")
     return 0
 
 

@@ -112,6 +112,7 @@ def test_cli_plan_table_and_json(capsys):
     (["--method", "esd", "--resolution", "30"], ["multiple of 4"]),
     (["--method", "esd", "--gpus", "0"], ["--gpus", "from 1"]),
     (["--method", "esd", "--gpu-mem", "-1"], ["--gpu-mem", "positive"]),
+    (["--method", "esd", "--micro-batch", "0"], ["--micro-batch", "whole number"]),
     (["--method", "esd", "--salient-share", "0.1"], ["ANT's", "esd trains no saliency map"]),
     (["--method", "fade", "--salient-share", "0.1"], ["saliency_share"]),
     (["--method", "ant", "--salient-share", "2"], ["(0, 1]"]),
@@ -143,6 +144,22 @@ def test_cli_gradient_checkpointing(capsys):
     step, step_gc = plain["columns"]["step"], checkpointed["columns"]["step"]
     assert step_gc["lines"]["activations"] == step["checkpointed_activations"] < step["lines"]["activations"]
     assert step_gc["checkpointed_activations"] is None and step_gc["total"] == step["total_with_checkpointing"]
+
+
+def test_micro_batch_cuts_the_passes_without_a_graph():
+    """--micro-batch runs the calls without a graph in chunks on meta, as Denoiser.predict does: TRACE's
+    scorer rollouts (no graph) need less, its step (graphs) the same; a plan that does not fit suggests it."""
+    whole = planner.plan("toy-sd", "trace", resolution=128)
+    split = planner.plan("toy-sd", "trace", resolution=128, micro_batch=2)
+    assert split.to_json()["micro_batch"] == 2 and "micro-batch 2" in split.table().splitlines()[0]
+    assert split.columns["scorer"].lines["activations"] < whole.columns["scorer"].lines["activations"] / 4
+    assert split.columns["step"].lines["activations"] == whole.columns["step"].lines["activations"]
+    limit = (whole.peak[1] - 0.5 * whole.columns["scorer"].lines["activations"]) / 1e9
+    suggested = dict(planner.plan("toy-sd", "trace", resolution=128, gpu_mem=limit).suggestions)
+    fitting = [k for k in suggested if k.startswith("--micro-batch ")]
+    assert fitting, suggested
+    rows = int(fitting[0].split()[1])
+    assert planner.plan("toy-sd", "trace", resolution=128, gpu_mem=limit, micro_batch=rows).fits
 
 
 @pytest.mark.parametrize("model", ["toy-sd", "toy-flux", "sd15"])

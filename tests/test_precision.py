@@ -6,6 +6,7 @@ import torch
 
 import fasterase
 from fasterase import cli, models
+from fasterase.edit import Edit
 from fasterase.errors import UserError
 from fasterase.methods import ant, fade
 from fasterase.optim import SalientAdamW
@@ -237,6 +238,53 @@ def test_gradient_checkpointing_is_switched_on_while_training(monkeypatch):
     assert not model.network.is_gradient_checkpointing and result.report["gradient_checkpointing"]
     # recomputation changes no value on the CPU
     assert all(torch.equal(plain.edit.lora[k], result.edit.lora[k]) for k in plain.edit.lora)
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_micro_batch_splits_passes_without_a_graph(name):
+    """Without a graph, micro_batch rows a network call, the same outputs (fp32: within rounding of the
+    batch's own matmuls); with a graph, one call."""
+    model = models.load(name)
+    calls = []
+    model.network.register_forward_pre_hook(lambda m, a, kw: calls.append(len((a or [kw["hidden_states"]])[0])),
+                                            with_kwargs=True)
+    x, tau = model.noise(7, torch.Generator().manual_seed(0)), torch.linspace(0.1, 0.9, 7)
+    cond = model.encode([f"a red circle {i}" for i in range(7)])
+    with torch.no_grad():
+        whole = model.guided(x, tau, cond, 4.0)
+        model.micro_batch = 3
+        split = model.guided(x, tau, cond, 4.0)
+    rows = 7 if model.kind == "flux" and model.guidance_embeds else 14  # guided: both branches in one batch
+    assert calls == [rows] + [min(3, rows - i) for i in range(0, rows, 3)]
+    # fp32 GEMMs block differently by batch size: a few ulps through the network, times the CFG scale
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
+    calls.clear()
+    x.requires_grad_()
+    model.predict(x, tau, cond).sum().backward()
+    assert calls == [7]
+
+
+def test_erase_micro_batch(capsys, tmp_path):
+    """erase(micro_batch=) runs the rollouts and the teacher in chunks, gives the edit of a whole-pass run
+    (up to fp32 rounding), records it, and is reset after; a bad value is refused before any work."""
+    plain = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST["esd"])
+    model = models.load("toy-sd")
+    split = fasterase.erase(model, "circle", method="esd", progress=False, micro_batch=1, **FAST["esd"])
+    assert split.report["micro_batch"] == 1 and plain.report["micro_batch"] is None and model.micro_batch is None
+    # Adam divides by sqrt(v): an entry whose gradient is near zero moves by up to lr on a rounding
+    # difference, so compare each trained change as a whole: the B factors, which start at zero (a chunk's
+    # GEMMs round differently, ~1e-6 relative)
+    trained = [k for k in plain.edit.lora if "lora_B" in k]
+    assert trained and all(plain.edit.lora[k].norm() > 0 for k in trained)
+    for k in trained:
+        assert (split.edit.lora[k] - plain.edit.lora[k]).norm() <= 1e-2 * plain.edit.lora[k].norm(), k
+    for bad in (0, 2.5, True, "4"):
+        with pytest.raises(UserError, match="micro_batch must be a whole number"):
+            fasterase.erase("toy-sd", "circle", method="esd", micro_batch=bad)
+    out = tmp_path / "edit"
+    assert cli.main(["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--micro-batch", "2",
+                     "--out", str(out), *[a for k, v in FAST["esd"].items() for a in ("--set", f"{k}={v}")]]) == 0
+    assert Edit.load(out).report["micro_batch"] == 2
 
 
 def test_text_encoders_come_to_the_device_only_to_encode(monkeypatch):

@@ -26,6 +26,9 @@ class Cond:
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def __getitem__(self, rows: slice) -> "Cond":
+        return Cond(self.embeds[rows], None if self.pooled is None else self.pooled[rows])
+
     def repeat(self, n: int) -> "Cond":
         """Each row repeated n times in place (row i -> rows i*n .. i*n+n-1)."""
         pooled = None if self.pooled is None else self.pooled.repeat_interleave(n, 0)
@@ -182,9 +185,22 @@ class Denoiser(ABC):
         return out
 
     # --- network ------------------------------------------------------------------------------
+    micro_batch: int | None = None  # rows per network call of a pass without a graph; None: all at once
+
+    def predict(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond, **kwargs) -> torch.Tensor:
+        """Network output (noise for SD-epsilon, v for SD-v, velocity for FLUX) at noise level tau
+        (x: (N, ...) latents, tau: (N,), cond: N rows; fp32 out). Without a graph (rollouts, the
+        frozen teacher) it runs `micro_batch` rows at a time when set: activation memory of a chunk,
+        the same outputs. A pass with a graph runs whole (its graph is kept until backward anyway)."""
+        step = self.micro_batch
+        if step is None or torch.is_grad_enabled() or len(x) <= step:
+            return self._predict(x, tau, cond, **kwargs)
+        return torch.cat([self._predict(x[i:i + step], tau[i:i + step], cond[i:i + step], **kwargs)
+                          for i in range(0, len(x), step)])
+
     @abstractmethod
-    def predict(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Network output (noise for SD-epsilon, v for SD-v, velocity for FLUX) at noise level tau."""
+    def _predict(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """predict() on one batch."""
 
     @abstractmethod
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -45,7 +45,7 @@ class FluxDenoiser(Denoiser):
         dtype = self.network.dtype  # cached in the network's dtype
         return Cond(embeds.to(dtype), pooled.to(dtype))
 
-    def predict(self, x, tau, cond, guidance: float | None = None):
+    def _predict(self, x, tau, cond, guidance: float | None = None):
         """Velocity at noise level tau (= sigma). A guidance-distilled FLUX (dev) takes the
         guidance scale as an input; it defaults to default_guidance there and is unused otherwise."""
         net = self.network
@@ -60,7 +60,7 @@ class FluxDenoiser(Denoiser):
 
     def guided(self, x, tau, cond, guidance):
         if self.guidance_embeds:  # guidance-distilled: one pass with the scale as input
-            return self.predict(x, tau, cond, guidance)
+            return self.predict(x, tau, cond, guidance=guidance)
         return super().guided(x, tau, cond, guidance)
 
     def noise(self, batch, generator=None):

@@ -33,7 +33,7 @@ class UNetDenoiser(Denoiser):
         """Integer training timestep of noise level tau (t = tau * T, within [0, T-1])."""
         return (tau * self.num_train_timesteps).round().long().clamp(0, self.num_train_timesteps - 1)
 
-    def predict(self, x, tau, cond):
+    def _predict(self, x, tau, cond):
         unet = self.network
         return unet(x.to(unet.dtype), self.timestep(tau).to(x.device), cond.embeds.to(unet.dtype)).sample.float()
 
