@@ -183,9 +183,10 @@ def _model_record(den: models.Denoiser) -> str:
     return den.name
 
 
-def _peak_memory_mb() -> dict:
-    if torch.cuda.is_available():
-        return {"peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20}
+def _peak_memory_mb(device: torch.device) -> dict:
+    """The run's peak: allocated on its GPU (reset when it started), else the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20}
     return {"peak_process_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -239,8 +240,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     _check_prompts(den, cs)
     models.load(den, device, dtype)  # cast and moved once the run is checked: a refused one leaves it as it was
     start = time.perf_counter()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    if den.network.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(den.network.device)
     if gradient_checkpointing:
         den.network.enable_gradient_checkpointing()
     den.micro_batch = micro_batch
@@ -257,7 +258,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     edit.apply(den)  # rolls itself back if it fails
     report = {"model": _model_record(den), "method": method, "concepts": cs.names, "preserve": list(cs.preserve),
               "config": vars(cfg).copy(), "steps": edit.report.get("steps", 0),
-              "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(),
+              "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(den.network.device),
               "device": str(den.network.device), "dtype": str(den.network.dtype).removeprefix("torch."),
               "gradient_checkpointing": gradient_checkpointing, "micro_batch": micro_batch,
               "resolution": [den.height, den.width],

@@ -77,6 +77,28 @@ def test_every_method_runs_in_half_precision(name, dtype, method):
     assert torch.isfinite(result.model.generate(["a red square"], seed=0)).all()
 
 
+def test_fade_saliency_sums_overflowing_fp16_are_a_clear_error(monkeypatch):
+    """FADE sums |gradient| in the parameters' dtype: in fp16 a sum past 65504 is inf, which would rank
+    wrongly; it stops and says which dtypes hold it."""
+    def huge(loss, tensors, visit, retain_graph=False):
+        for name, p in tensors.items():
+            visit(name, torch.full_like(p, 6e4))
+
+    monkeypatch.setattr(fade.saliency, "visit_gradients", huge)
+    with pytest.raises(FloatingPointError, match="not finite; run the model in bf16 or fp32"):
+        fasterase.erase("toy-flux", "circle", method="fade", dtype="fp16", progress=False, **FAST["fade"])
+
+
+def test_a_cpu_run_reports_its_rss_even_beside_a_gpu(monkeypatch):
+    """The report's peak is the run's own device's: a CPU run on a machine with a GPU reads the process's
+    RSS, not that GPU's counter."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: pytest.fail("read a GPU's counter"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: pytest.fail("reset a GPU's counter"))
+    result = fasterase.erase("toy-sd", "circle", method="uce", device="cpu", progress=False)
+    assert result.report["peak_process_rss_mb"] > 0 and "peak_cuda_mb" not in result.report
+
+
 def test_fp16_pipeline_object_through_the_api():
     """A pipeline passed in keeps its own dtype (the default) and its LoRA trains in fp32."""
     pipe = models.load("toy-sd").pipeline.to(torch.float16)

@@ -314,6 +314,9 @@ def concept_saliency(model: Denoiser, adversary: Adversary, cfg: FADEConfig, g: 
     finally:
         for p, w in zip(tensors.values(), was):
             p.requires_grad_(w)
+    if not all(bool(torch.isfinite(s).all()) for s in sums.values()):  # fp16 tops out at 65504
+        raise FloatingPointError(f"FADE's saliency sums of |gradient| in {next(iter(sums.values())).dtype} are not "
+                                 "finite; run the model in bf16 or fp32 (--dtype), or lower saliency_samples")
     mask = saliency.top_share(sums, cfg.saliency_share)
     return mask, {"saliency_samples": cfg.saliency_samples, "saliency_selected": saliency.selected(mask),
                   "saliency_candidates": sum(s.numel() for s in sums.values()), "saliency_tensors": len(mask),
