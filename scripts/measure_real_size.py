@@ -38,7 +38,7 @@ FEW = {
     "ant": ["steps=2", "sample_steps=4", "saliency_prompts=1", "saliency_seeds=1"],
     "fade": ["steps=2", "sample_steps=4", "rollouts=2", "refresh_every=2", "d_pretrain_steps=2", "d_batch=4",
              "saliency_samples=1"],
-    "trace": ["steps=2", "sample_steps=4", "rollouts=2", "refresh_every=2", "scorer=none"],
+    "trace": ["steps=2", "sample_steps=10", "rollouts=2", "refresh_every=2", "scorer=none"],  # t0 needs steps on both sides
 }
 
 
