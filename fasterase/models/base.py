@@ -245,15 +245,14 @@ class Denoiser(ABC):
         if not hooked:
             return inputs
         seen: dict[str, list[torch.Tensor]] = {p.name: [] for p in hooked}
+        noise = self.noise(len(cond), torch.Generator().manual_seed(0))
         hooks = [p.module.register_forward_pre_hook(lambda m, a, name=p.name: seen[name].append(a[0].detach()))
                  for p in hooked]
-        noise = self.noise(len(cond), torch.Generator().manual_seed(0))
         try:
             with torch.no_grad():
                 for start in range(0, len(cond), self.kv_batch):
-                    rows = slice(start, start + self.kv_batch)
-                    part = Cond(cond.embeds[rows], None if cond.pooled is None else cond.pooled[rows])
-                    self.predict(noise[rows], torch.full((len(part),), 0.5), part)
+                    part = cond[start:start + self.kv_batch]
+                    self.predict(noise[start:start + self.kv_batch], torch.full((len(part),), 0.5), part)
         finally:
             for h in hooks:
                 h.remove()
