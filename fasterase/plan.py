@@ -256,6 +256,7 @@ class Column:
 
     lines: dict[str, int]
     checkpointed: int | None = None
+    graph: bool = False  # a pass with a graph runs at this moment
 
     @property
     def total(self) -> int:
@@ -449,9 +450,9 @@ class _Planner:
 def _column(p: _Planner, meter: Meter, lines: dict, calls: list) -> Column:
     """A moment's parts and its calls' activations, with --gradient-checkpointing as the plan has it (and,
     without it, the activations with it as a hint)."""
-    hint = any(c.grad for c in calls) and not p.checkpointing
+    graph = any(c.grad for c in calls)
     return Column({**lines, "activations": meter.activations(calls, p.checkpointing, p.micro_batch)},
-                  meter.activations(calls, True, p.micro_batch) if hint else None)
+                  meter.activations(calls, True, p.micro_batch) if graph and not p.checkpointing else None, graph)
 
 
 # --- the methods, as their code runs ------------------------------------------------------------------
@@ -730,17 +731,10 @@ def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float
 
 
 def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[tuple[str, int]]:
-    """Each single change that makes the plan fit, with the largest value that does."""
+    """Each single change that makes the plan fit, with the largest value that does; when none does,
+    gradient checkpointing with each smaller option."""
     limit = result.gpu_mem * GB
-    out = []
-    for name, low in SHRINK.get(m.name, {}).items():
-        value = options.get(name, getattr(m.config(), name))
-        for smaller in _halvings(value, low):
-            cfg = api._options(m, {**options, name: smaller})
-            peak = _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
-            if peak <= limit:
-                out.append((f"--set {name}={smaller:g}", peak))
-                break
+    out = _shrunk(p, m, options, result, share, "")
     cfg = api._options(m, options)
     for gpus in (2, 4, 8):
         if gpus > result.gpus:
@@ -752,7 +746,8 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
         checkpointed = max(result.checkpointed_total(c) or result.columns[c].total for c in result.columns)
         if checkpointed <= limit:
             out.append(("--gradient-checkpointing", checkpointed))
-    for rows in (16, 8, 4, 2, 1):  # the largest micro-batch that fits
+    peak_without_graph = not result.columns[result.peak[0]].graph  # what micro-batching shrinks
+    for rows in (16, 8, 4, 2, 1) if peak_without_graph else ():  # the largest micro-batch that fits
         if result.micro_batch is None or rows < result.micro_batch:
             p.micro_batch, was = rows, p.micro_batch
             peak = _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
@@ -765,4 +760,22 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
         peak = _plan(bf16, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
         if peak <= limit:
             out.append(("--dtype bf16", peak))
+    if not out and not p.checkpointing:
+        p.checkpointing = True
+        out = _shrunk(p, m, options, result, share, "--gradient-checkpointing ")
+        p.checkpointing = False
+    return out
+
+
+def _shrunk(p: _Planner, m, options: dict, result: Plan, share: float, prefix: str) -> list[tuple[str, int]]:
+    """Each of the method's SHRINK options at the largest value that fits, as planned by p."""
+    out = []
+    for name, low in SHRINK.get(m.name, {}).items():
+        value = options.get(name, getattr(m.config(), name))
+        for smaller in _halvings(value, low):
+            cfg = api._options(m, {**options, name: smaller})
+            peak = _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
+            if peak <= result.gpu_mem * GB:
+                out.append((f"{prefix}--set {name}={smaller:g}", peak))
+                break
     return out
