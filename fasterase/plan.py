@@ -711,10 +711,9 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
         raise UserError("--salient-share sizes ANT's saliency map, and saliency=false trains every entry without one")
     described = meta.describe(model)
     if resolution is not None:
-        step = described.vae_scale_factor * (2 if described.kind == "flux" else 1)
-        if not isinstance(resolution, int) or resolution < step or resolution % step:
-            raise UserError(f"--resolution must be a positive multiple of {step} px for {model} (the VAE's scale"
-                            f"{' times the 2x2 patches' if described.kind == 'flux' else ''}), got {resolution!r}")
+        if not isinstance(resolution, int) or isinstance(resolution, bool):
+            raise UserError(f"--resolution is a square image's side in px, got {resolution!r}")
+        described.denoiser(torch.float32).set_resolution(resolution)  # erase's own rule and error
     p = _Planner(model, described, dtype, resolution, gradient_checkpointing, micro_batch)
     api._check_idle(m, cfg, set(options), p.den, p.concepts)
     result = _plan(p, method, cfg, gpus, gpu_mem, share)

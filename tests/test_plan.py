@@ -20,6 +20,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from fasterase import plan as planner
 from fasterase.cli import main
+from fasterase.errors import UserError
 from fasterase.models import meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_cli_plan_table_and_json(capsys):
     (["--method", "esd", "--batch-size", "2", "--set", "batch_size=3"], ["disagree"]),
     (["--method", "esd", "--batch-size", "x"], ["--batch-size", "invalid int"]),
     (["--method", "esd", "--dtype", "int8"], ["unknown dtype", "bf16, fp16, fp32"]),
-    (["--method", "esd", "--resolution", "30"], ["multiple of 4"]),
+    (["--method", "esd", "--resolution", "30"], ["multiples of 8"]),
     (["--method", "esd", "--gpus", "0"], ["--gpus", "from 1"]),
     (["--method", "esd", "--gpu-mem", "-1"], ["--gpu-mem", "positive"]),
     (["--method", "esd", "--micro-batch", "0"], ["--micro-batch", "whole number"]),
@@ -317,3 +318,19 @@ def test_plan_matches_the_measured_peak(method, options):
 if __name__ == "__main__":
     model_name, method_name, side, settings = sys.argv[1:]
     print(json.dumps(_measure(model_name, method_name, int(side), json.loads(settings))))
+
+
+@pytest.mark.parametrize("model, resolution, valid", [("toy-sd", 40, True), ("toy-sd", 36, False),
+                                                     ("toy-flux", 36, False), ("toy-flux", 40, True),
+                                                     ("sd15", 520, True), ("sd15", 516, False)])
+def test_plan_takes_the_resolutions_erase_takes(model, resolution, valid):
+    """The planner checks --resolution by the denoiser's own rule (SD: 8 px as the pipeline checks, not
+    the UNet's 64; FLUX: twice the VAE's factor)."""
+    den = meta.describe(model).denoiser(torch.float32)
+    if valid:
+        den.set_resolution(resolution)
+        assert planner.plan(model, "esd", resolution=resolution).columns["step"]
+        return
+    for check in (den.set_resolution, lambda r: planner.plan(model, "esd", resolution=r)):
+        with pytest.raises(UserError, match="multiples of"):
+            check(resolution)

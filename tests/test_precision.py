@@ -365,14 +365,16 @@ def test_bad_resolution(resolution, needle):
 
 
 def test_resolution_sets_training_and_sampling_size(monkeypatch):
+    height, width = 64, 32
     sizes = []
     model = models.load("toy-sd")
     real = model.predict
     monkeypatch.setattr(model, "predict", lambda x, *a: sizes.append(tuple(x.shape[-2:])) or real(x, *a))
-    result = fasterase.erase(model, "circle", method="esd", progress=False, resolution=(64, 32), **FAST["esd"])
+    result = fasterase.erase(model, "circle", method="esd", progress=False, resolution=(height, width), **FAST["esd"])
     f = model.pipeline.vae_scale_factor
-    assert set(sizes) == {(64 // f, 32 // f)} and result.report["resolution"] == [64, 32]
-    assert model.generate(["a red square"], seed=0).shape[-2:] == (64, 32)
+    assert set(sizes) == {(height // f, width // f)} and result.report["resolution"] == [height, width]
+    image = model.generate(["a red square"], seed=0)
+    assert image.shape[-2:] == (height, width) and torch.isfinite(image).all()
 
 
 # --- folders ------------------------------------------------------------------------------------------

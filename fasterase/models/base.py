@@ -7,6 +7,7 @@ t' is a tau: early steps are tau > t', late steps tau < t'.
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -64,11 +65,12 @@ class Denoiser(ABC):
 
     @property
     def size_multiple(self) -> int:
-        """Image sizes (px) must be multiples of this: the VAE's downsampling times what the network
-        halves (the UNet's down blocks; FLUX's 2x2 latent patches)."""
-        if self.kind == "sd":
-            return self.pipeline.vae_scale_factor * 2 ** (len(self.network.config.down_block_types) - 1)
-        return self.pipeline.vae_scale_factor * 2
+        """Image sizes (px) must be multiples of this: FLUX's VAE downsampling times its 2x2 latent
+        patches; SD's 8 px that StableDiffusionPipeline checks (and the VAE's factor): the UNet takes
+        any latent size, passing its skip connections' sizes to its upsamplers."""
+        if self.kind == "flux":
+            return self.pipeline.vae_scale_factor * 2
+        return math.lcm(self.pipeline.vae_scale_factor, 8)
 
     def set_resolution(self, resolution) -> None:
         """set_size from a user's `resolution`: an int (square) or (height, width), in px, positive
