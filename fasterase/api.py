@@ -208,8 +208,10 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     weights, selected entries, discriminators) is held in fp32. While the method runs, the text
     encoders wait on the CPU (moved in only to encode), and gradient_checkpointing=True switches on
     diffusers' gradient checkpointing of the network (less activation memory, one more forward);
-    micro_batch: rows per network call of the passes without a graph (rollouts, the frozen teacher;
-    default: each pass whole), the same results in less activation memory.
+    micro_batch: rows per network call (default: each pass whole): passes without a graph (rollouts,
+    the frozen teacher) free a chunk's activations once it is done, passes with one are checkpointed
+    per chunk and recomputed one chunk at a time in backward (gradient accumulation; one more forward):
+    the same results up to rounding, in less activation memory (Denoiser.predict).
     """
     if not isinstance(gradient_checkpointing, bool):
         raise UserError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")

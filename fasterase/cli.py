@@ -214,7 +214,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the network's activations in the backward pass (less memory, slower)")
     e.add_argument("--micro-batch", type=int, metavar="ROWS",
-                   help="rows per network call of the passes without a graph (rollouts, teacher): less memory")
+                   help="rows per network call, passes with a graph accumulated chunk by chunk: less memory")
     e.add_argument("--save-pipeline", action="store_true",
                    help="also save the edited pipeline, LoRA fused into its weights, in OUT/pipeline")
     e.set_defaults(run=cmd_erase)

@@ -47,8 +47,9 @@ shapes preserved (erase's default there); elsewhere one concept with the generic
   (counted above). Attention runs as a GPU's fused kernel (_fused_attention). With
   --gradient-checkpointing (erase's option: diffusers' enable_gradient_checkpointing; its recompute
   runs on meta) the activations are measured with it on; without, the checkpointed total is shown
-  beside the total as a hint. With --micro-batch N (erase's micro_batch) the calls without a graph
-  run N rows at a time, as Denoiser.predict runs them.
+  beside the total as a hint. With --micro-batch N (erase's micro_batch) every call runs N rows at a
+  time, as Denoiser.predict runs them: a call with a graph keeps its chunks' inputs and outputs, and
+  its backward recomputes one chunk at a time (the saliency maps' calls run whole).
 - rollout buffers (FADE, TRACE), the discriminator, TRACE's copies of the refined projections, UCE's
   closed form: from their shapes, as the code keeps them (the method's docstring here and each part's
   note say how).
@@ -160,6 +161,7 @@ class Pass:
     guided: bool = False
     grad: bool = False
     extra: int = 0
+    whole: bool = False  # a saliency map's graph, run whole whatever micro_batch (Denoiser.whole_graphs)
 
 
 @dataclass(frozen=True)
@@ -195,12 +197,12 @@ class Meter:
 
     def measure(self, call, checkpointing: bool = False, micro_batch: int | None = None) -> tuple[int, int]:
         """(kept, peak) bytes of one call: what stays alive after its forward when it keeps a graph (else
-        0), and the largest count during its forward and backward; a call without a graph runs
+        0), and the largest count during its forward and backward; a call runs
         `micro_batch` rows at a time (Denoiser.predict)."""
         key = (call if isinstance(call, DiscriminatorPass) else dataclasses.replace(call, extra=0), checkpointing,
                micro_batch)
         if key not in self._cache:
-            self.den.micro_batch = micro_batch
+            self.den.micro_batch = None if getattr(call, "whole", False) else micro_batch
             self._cache[key] = self._measure(key[0], checkpointing)
         return self._cache[key]
 
@@ -532,8 +534,9 @@ def _ant(p: _Planner, cfg, gpus: int, share: float):
 
     columns = {}
     if cfg.saliency:
+        saliency_map = calls(1)[:-1] + [Pass(2 * taus, grad=True, whole=True)]
         columns["saliency"] = _column(p, meter, {**lines, "gradients": p.layer_gradient(2),
-                                                 "saliency sums": p.bytes * sum(p.entries)}, calls(1))
+                                                 "saliency sums": p.bytes * sum(p.entries)}, saliency_map)
         notes["saliency sums"] = f"running minimum over the maps in {p.dtype}, one per parameter"
     columns["step"] = _column(p, meter, {**lines, **trained}, calls(b))
     notes["activations"] = (f"rollout guided on {b} rows, the move to {taus} taus guided on {taus * b}, teacher on "
@@ -565,7 +568,7 @@ def _fade(p: _Planner, cfg, gpus: int):
                                                  "saliency sums": p.bytes * sum(p.entries),
                                                  "rollout buffer": p.buffer(cfg.sample_steps, rows, 2),
                                                  "discriminator": p.discriminator(meter, 4 * 4)},
-                                      [Pass(2, grad=True)])
+                                      [Pass(2, grad=True, whole=True)])
         notes["saliency sums"] = f"sum of |gradient| in {p.dtype}, one per parameter"
     base = {**lines, **trained, "discriminator": d}
     columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 6)},
@@ -745,8 +748,7 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
         checkpointed = max(result.checkpointed_total(c) or result.columns[c].total for c in result.columns)
         if checkpointed <= limit:
             out.append(("--gradient-checkpointing", checkpointed))
-    peak_without_graph = not result.columns[result.peak[0]].graph  # what micro-batching shrinks
-    for rows in (16, 8, 4, 2, 1) if peak_without_graph else ():  # the largest micro-batch that fits
+    for rows in (16, 8, 4, 2, 1):  # the largest micro-batch that fits
         if result.micro_batch is None or rows < result.micro_batch:
             p.micro_batch, was = rows, p.micro_batch
             peak = _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]

@@ -54,21 +54,25 @@ def baseline_rss() -> int:
     return int(done.stderr.strip().splitlines()[-1])
 
 
-def planned_cpu(model: str, method: str, resolution: str, dtype: str | None, share: float | None) -> int:
+def planned_cpu(model: str, method: str, resolution: str, dtype: str | None, share: float | None,
+                memory: dict) -> int:
     """Bytes the planner says the run holds at its peak on a CPU (the text encoders stay)."""
     from fasterase.cli import _settings
     from fasterase.plan import plan
 
     result = plan(model, method, _settings(FEW[method]), resolution=int(resolution), dtype=dtype or "bf16",
-                  salient_share=share)
+                  salient_share=share, **memory)
     encoders = result.columns["encoding"].lines["text encoders"]
     return max(c.total + (0 if name == "encoding" else encoders) for name, c in result.columns.items())
 
 
-def run(model: str, method: str, concept: str, resolution: str, dtype: str | None, out: Path) -> dict:
+def run(model: str, method: str, concept: str, resolution: str, dtype: str | None, memory: dict, out: Path) -> dict:
+    """memory: erase's gradient_checkpointing and micro_batch."""
     cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "fasterase", "erase", "--model", model,
            "--concept", concept, "--method", method, "--resolution", resolution, "--out", str(out)]
     cmd += ["--dtype", dtype] if dtype else []
+    cmd += ["--gradient-checkpointing"] if memory["gradient_checkpointing"] else []
+    cmd += ["--micro-batch", str(memory["micro_batch"])] if memory["micro_batch"] else []
     for setting in FEW[method]:
         cmd += ["--set", setting]
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
@@ -80,7 +84,8 @@ def run(model: str, method: str, concept: str, resolution: str, dtype: str | Non
     steps = report.get("steps", 0)
     share = report["saliency_selected"] / report["saliency_candidates"] if method == "ant" else None
     return {"method": method, "settings": " ".join(FEW[method]) or "defaults", "wall_s": report["wall_time_s"],
-            "planned_gib": planned_cpu(model, method, resolution, dtype, share) / 2**30, "share": share, "steps": steps, "s_per_step": report.get("train_time_s", 0.0) / steps if steps else None,
+            "planned_gib": planned_cpu(model, method, resolution, dtype, share, memory) / 2**30, "share": share,
+            "steps": steps, "s_per_step": report.get("train_time_s", 0.0) / steps if steps else None,
             "peak_rss_gib": peak_kib / 2**20}
 
 
@@ -91,11 +96,19 @@ def main(argv=None) -> int:
     p.add_argument("--concept", default="dog")
     p.add_argument("--resolution", default="256")
     p.add_argument("--dtype")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--steps", type=int, help="training steps of every method (default: FEW's)")
     args = p.parse_args(argv)
+    memory = {"gradient_checkpointing": args.gradient_checkpointing, "micro_batch": args.micro_batch}
+    if args.steps:
+        for settings in FEW.values():
+            settings[:] = [s for s in settings if not s.startswith("steps=")] + [f"steps={args.steps}"]
     rows, base = [], baseline_rss() / 2**20
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
-            rows.append(run(args.model, method, args.concept, args.resolution, args.dtype, Path(tmp) / method))
+            rows.append(run(args.model, method, args.concept, args.resolution, args.dtype, memory,
+                            Path(tmp) / method))
             print(json.dumps(rows[-1]), file=sys.stderr)
     print(f"Planned: the planner's CPU peak + {base:.2f} GiB (the RSS of a process with fasterase imported).\n")
     print("| method | settings | erase() wall s | s/step | peak RSS GiB | planned GiB | planned / measured |\n"

@@ -218,12 +218,61 @@ def test_removal_gradient_reaches_only_the_trained_entries(monkeypatch):
     assert all(not p.requires_grad for p in model.network.parameters())  # and leaves every weight frozen
 
 
-def test_several_concepts_one_run_one_head_each():
+def test_several_concepts_one_run_one_head_each(monkeypatch):
+    """Appendix B: one D with a head per concept, and L_rem reads each generation's own concept's head."""
     model = models.load("toy-sd")
     cs = fasterase.api._resolve_concepts(model, ["circle", "square"], None)
-    edit = fade.run(model, cs, fade.FADEConfig(**FAST), progress=False)
+    heads, read = [], []
+    real_init, real_removal = fade.Adversary.__init__, fade.removal_loss
+    monkeypatch.setattr(fade.Adversary, "__init__",
+                        lambda self, *a: real_init(self, *a) or heads.append(self.d.head.out_features))
+    monkeypatch.setattr(fade, "removal_loss",
+                        lambda logits, kind: read.append(kind.tolist()) or real_removal(logits, kind))
+    edit = fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 6, "batch_size": 4}), progress=False)
     assert [c["name"] for c in edit.concepts] == ["circle", "square"]
-    assert edit.report["trained_entries"] > 0
+    assert heads == [2] and edit.report["trained_entries"] > 0
+    assert {k for kinds in read for k in kinds} == {0, 1}  # both concepts' generations, each on its own head
+    logits, kind = torch.tensor([[3.0, -2.0], [0.5, 1.5]]), torch.tensor([1, 0])
+    expected = torch.nn.functional.softplus(torch.tensor([-2.0, 0.5])).mean()
+    torch.testing.assert_close(real_removal(logits, kind), expected)
+
+
+def test_ablations_change_what_they_say(monkeypatch):
+    """Table 2's variants: removal=l2 never reads D in the model's loss, lambda_pres=0 never runs the
+    switched-off teacher, saliency=False trains every entry."""
+    model = models.load("toy-sd")
+    cs = fasterase.api._resolve_concepts(model, ["circle"], None)
+
+    def forbidden(*a, **k):
+        raise AssertionError("called")
+
+    with monkeypatch.context() as m:
+        m.setattr(fade, "removal_loss", forbidden)
+        l2 = fade.run(model, cs, fade.FADEConfig(**FAST, removal="l2"), progress=False)
+    net = model.network
+    assert any(not torch.equal(values, net.get_parameter(n).detach().reshape(-1)[idx.long()])
+               for n, (idx, values) in l2.entries.items())  # trained without D
+    with monkeypatch.context() as m:
+        m.setattr(params.CompactDelta, "off", forbidden)
+        fade.run(model, cs, fade.FADEConfig(**FAST, lambda_pres=0.0), progress=False)
+    every = fade.run(model, cs, fade.FADEConfig(**FAST, saliency=False), progress=False)
+    total = sum(p.numel() for p in model.network.parameters() if p.is_floating_point())
+    assert every.report["trained_entries"] == total
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Another method's (or another concept set's) checkpoint is named as such before D or the buffer is
+    touched, not read as this run's."""
+    model = models.load("toy-sd")
+    cs = fasterase.api._resolve_concepts(model, ["circle"], None)
+    ckpt = tmp_path / "other.ckpt"
+    other = fasterase.api._resolve_concepts(model, ["circle", "square"], None)
+    for method, concepts, needle in (("trace", cs, "method"), ("fade", other, "concepts")):
+        run = loop.identity(method, concepts, fade.FADEConfig(), "x")
+        torch.save({"fasterase_checkpoint": loop.FORMAT, "run": run, "companion": {"d": {}}}, ckpt)
+        monkeypatch.setattr(fade.Adversary, "refresh", lambda *a: pytest.fail("the run started"))
+        with pytest.raises(UserError, match=f"belongs to another run: its {needle}"):
+            fade.run(model, cs, fade.FADEConfig(**FAST, checkpoint=str(ckpt)), progress=False)
 
 
 def test_stops_when_the_discriminator_is_at_chance(monkeypatch):

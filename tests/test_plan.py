@@ -148,14 +148,15 @@ def test_cli_gradient_checkpointing(capsys):
     assert step_gc["checkpointed_activations"] is None and step_gc["total"] == step["total_with_checkpointing"]
 
 
-def test_micro_batch_cuts_the_passes_without_a_graph():
-    """--micro-batch runs the calls without a graph in chunks on meta, as Denoiser.predict does: TRACE's
-    scorer rollouts (no graph) need less, its step (graphs) the same; a plan that does not fit suggests it."""
+def test_micro_batch_cuts_every_pass():
+    """--micro-batch runs every call in chunks on meta, as Denoiser.predict does: TRACE's scorer rollouts
+    (no graph) and its step (graphs, recomputed a chunk at a time) need less; a plan that does not fit
+    suggests it."""
     whole = planner.plan("toy-sd", "trace", resolution=128)
     split = planner.plan("toy-sd", "trace", resolution=128, micro_batch=2)
     assert split.to_json()["micro_batch"] == 2 and "micro-batch 2" in split.table().splitlines()[0]
     assert split.columns["scorer"].lines["activations"] < whole.columns["scorer"].lines["activations"] / 4
-    assert split.columns["step"].lines["activations"] == whole.columns["step"].lines["activations"]
+    assert split.columns["step"].lines["activations"] < whole.columns["step"].lines["activations"] / 2
     limit = (whole.peak[1] - 0.5 * whole.columns["scorer"].lines["activations"]) / 1e9
     suggested = dict(planner.plan("toy-sd", "trace", resolution=128, gpu_mem=limit).suggestions)
     fitting = [k for k in suggested if k.startswith("--micro-batch ")]
@@ -250,7 +251,7 @@ def test_checkpointing_recomputes_on_meta():
     assert kept_gc < kept / 2 and kept_gc < peak_gc < peak
 
 
-def _measure(model: str, method: str, resolution: int, options: dict) -> dict:
+def _measure(model: str, method: str, resolution: int, options: dict, micro_batch: int | None = None) -> dict:
     """Peak RSS of `method` run on `model` at resolution x resolution px, beyond the RSS just before it
     starts (model loaded, a warm-up run at the model's own size done, freed heap returned): VmHWM after
     resetting it (/proc/self/clear_refs), minus VmRSS then. With share: ANT's saliency map's share."""
@@ -269,6 +270,7 @@ def _measure(model: str, method: str, resolution: int, options: dict) -> dict:
         del warm
         den = models.load(model)
         den.set_size(resolution, resolution)
+        den.micro_batch = micro_batch
         concepts, cfg = api._resolve_concepts(den, "circle", None), api._options(m, options)
         os.environ["FASTERASE_CACHE"] = f"{tmp}/measured"
         gc.collect()
@@ -283,13 +285,14 @@ def _measure(model: str, method: str, resolution: int, options: dict) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,options", [
-    ("esd", {"steps": 2, "sample_steps": 4}),
-    ("ant", {"steps": 2, "sample_steps": 4, "saliency_prompts": 1, "saliency_seeds": 2}),
+@pytest.mark.parametrize("method,options,micro_batch", [
+    ("esd", {"steps": 2, "sample_steps": 4}, None),
+    ("ant", {"steps": 2, "sample_steps": 4, "saliency_prompts": 1, "saliency_seeds": 2}, None),
+    ("ant", {"steps": 2, "sample_steps": 4, "saliency_prompts": 1, "saliency_seeds": 2}, 2),
     ("fade", {"steps": 2, "sample_steps": 4, "d_pretrain_steps": 20, "saliency_samples": 2, "rollouts": 8,
-              "d_batch": 16}),
+              "d_batch": 16}, None),
 ])
-def test_plan_matches_the_measured_peak(method, options):
+def test_plan_matches_the_measured_peak(method, options, micro_batch):
     """The plan's peak, less what is resident before the method starts (the pipeline's weights: network,
     VAE, text encoders), within 20% of the memory the method really adds at its peak on toy-sd.
 
@@ -301,23 +304,20 @@ def test_plan_matches_the_measured_peak(method, options):
     subprocess fixes the threshold at 64 KiB (MALLOC_MMAP_THRESHOLD_), so every tensor above it is a mapping
     of its own, unmapped when freed: RSS then counts live tensors, as a GPU's max_memory_allocated does.
     The CPU runs attention with a flash kernel that keeps what the plan's fused kernel keeps. The options
-    shorten the runs without changing any call's size; ANT is planned at the share its saliency map kept."""
+    shorten the runs without changing any call's size; ANT is planned at the share its saliency map kept.
+    With micro_batch every pass runs in chunks, the graphs' recomputed one at a time in backward."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, __file__, "toy-sd", method, "128", json.dumps(options)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    done = subprocess.run([sys.executable, __file__, "toy-sd", method, "128", json.dumps(options),
+                           json.dumps(micro_batch)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     share = measured["share"] if method == "ant" else None  # FADE's is its option saliency_share
-    result = planner.plan("toy-sd", method, options, resolution=128, dtype="fp32", salient_share=share)
+    result = planner.plan("toy-sd", method, options, resolution=128, dtype="fp32", salient_share=share,
+                          micro_batch=micro_batch)
     column = result.columns[result.peak[0]]
     resident = sum(column.lines.get(k, 0) for k in ("unet weights", "VAE", "text encoders"))
     planned = result.peak[1] - resident
     assert abs(measured["delta_bytes"] - planned) <= 0.2 * planned, (measured, planned)
-
-
-if __name__ == "__main__":
-    model_name, method_name, side, settings = sys.argv[1:]
-    print(json.dumps(_measure(model_name, method_name, int(side), json.loads(settings))))
 
 
 @pytest.mark.parametrize("model, resolution, valid", [("toy-sd", 40, True), ("toy-sd", 36, False),
@@ -334,3 +334,9 @@ def test_plan_takes_the_resolutions_erase_takes(model, resolution, valid):
     for check in (den.set_resolution, lambda r: planner.plan(model, "esd", resolution=r)):
         with pytest.raises(UserError, match="multiples of"):
             check(resolution)
+
+
+if __name__ == "__main__":
+    model_name, method_name, side, settings, rows = sys.argv[1:]
+    print(json.dumps(_measure(model_name, method_name, int(side), json.loads(settings), json.loads(rows))))
+

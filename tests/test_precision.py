@@ -265,7 +265,7 @@ def test_gradient_checkpointing_is_switched_on_while_training(monkeypatch):
 @pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
 def test_micro_batch_splits_passes_without_a_graph(name):
     """Without a graph, micro_batch rows a network call, the same outputs (fp32: within rounding of the
-    batch's own matmuls); with a graph, one call."""
+    batch's own matmuls)."""
     model = models.load(name)
     calls = []
     model.network.register_forward_pre_hook(lambda m, a, kw: calls.append(len((a or [kw["hidden_states"]])[0])),
@@ -280,10 +280,51 @@ def test_micro_batch_splits_passes_without_a_graph(name):
     assert calls == [rows] + [min(3, rows - i) for i in range(0, rows, 3)]
     # fp32 GEMMs block differently by batch size: a few ulps through the network, times the CFG scale
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
-    calls.clear()
-    x.requires_grad_()
-    model.predict(x, tau, cond).sum().backward()
-    assert calls == [7]
+
+
+@pytest.mark.parametrize("name", ["toy-sd", "toy-flux"])
+def test_micro_batch_accumulates_passes_with_a_graph(name):
+    """With a graph, micro_batch rows a call forward and again in backward, one chunk back-propagated at a
+    time (each parameter's gradient arrives once per chunk): the gradients of the whole call (compact
+    deltas, LoRA factors, and the latents when they require grad) up to fp32 rounding; whole_graphs()
+    runs a graph pass in one call."""
+    model = models.load(name)
+    net = model.network
+    masks = {n: torch.arange(0, p.numel(), 3, dtype=torch.int32) for n, p in list(net.named_parameters())[:8]}
+    change = params.CompactDelta(net, masks)
+    lora = params.add_lora(net, params.layer_names(net, r".*to_k"), 2, 0)
+    for p in change.weights.values():
+        p.requires_grad_(True)  # add_lora froze the rest of the network
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a LoRA starts as no change: give B values, so A has a gradient too
+        for p in lora:
+            p.normal_(0, 0.1, generator=g)
+    x, tau = model.noise(5, g), torch.rand(5, generator=g)
+    cond = model.encode([f"a blue square {i}" for i in range(5)])
+    weight = torch.arange(1.0, 6.0).view(-1, *[1] * (x.dim() - 1))
+    calls, arrivals = [], []
+    net.register_forward_pre_hook(lambda m, a, kw: calls.append(len((a or [kw["hidden_states"]])[0])),
+                                  with_kwargs=True)
+    first = next(iter(change.weights.values()))
+    first.register_post_accumulate_grad_hook(lambda p: arrivals.append(1))
+    grads = []
+    try:
+        for step in (None, 2):
+            model.micro_batch = step
+            leaf = x.clone().requires_grad_()
+            for p in change.trainable + lora:
+                p.grad = None
+            (model.predict(leaf, tau, cond).square() * weight).sum().backward()
+            grads.append([p.grad.clone() for p in change.trainable + lora] + [leaf.grad])
+        assert calls == [5, 2, 2, 1, 2, 2, 1] and len(arrivals) == 1 + 3
+        for whole, split in zip(*grads):
+            torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5 * whole.abs().max().item())
+        calls.clear()
+        with model.whole_graphs():
+            model.predict(x, tau, cond).sum().backward()
+        assert calls == [5]
+    finally:
+        change.restore()
 
 
 def test_erase_micro_batch(capsys, tmp_path):

@@ -190,7 +190,7 @@ def _saliency_key(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig) -
                                              "saliency_prompts", "saliency_seeds", "seed")}
     loss = {k: hp[k] for k in ("t_split", "lambda1", "lambda2", "lambda3")}
     key = {"model": fingerprint(net, [n for n, _ in net.named_parameters()]), "concept": concept.to_dict(),
-           "loss": loss, "settings": settings, "taus": "U(t', 1], U(0, t']"}
+           "loss": loss, "settings": settings, "taus": "U(t', 1], U(0, t']", "size": [model.height, model.width]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -217,17 +217,19 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
     try:
         for p in tensors.values():
             p.requires_grad_(True)
-        for i, j in tqdm(maps, desc=f"saliency {concept.name}", disable=not progress, leave=False):
-            # seed s_j: the same noise, t1 and t2 for every prompt
-            value = loss(model.encode([chosen[i]]), loop.step_generator(cfg.seed, 2, j))
-            # two backward passes over one forward, a layer's gradient at a time: the map's rms, then
-            # the score (never a copy of every gradient)
-            squares = {}
-            saliency.visit_gradients(value, tensors, lambda n, g: squares.__setitem__(n, g.float().square().sum()),
-                                     retain_graph=True)
-            rms = score.map_rms([squares[n] for n in tensors], total)
-            saliency.visit_gradients(value, tensors, lambda n, g: score.update(n, g, rms))
-            score.end_map()
+        with model.whole_graphs():  # visit_gradients reads each gradient whole, twice
+            for i, j in tqdm(maps, desc=f"saliency {concept.name}", disable=not progress, leave=False):
+                # seed s_j: the same noise, t1 and t2 for every prompt
+                value = loss(model.encode([chosen[i]]), loop.step_generator(cfg.seed, 2, j))
+                # two backward passes over one forward, a layer's gradient at a time: the map's rms, then
+                # the score (never a copy of every gradient)
+                squares = {}
+                saliency.visit_gradients(value, tensors,
+                                         lambda n, g: squares.__setitem__(n, g.float().square().sum()),
+                                         retain_graph=True)
+                rms = score.map_rms([squares[n] for n in tensors], total)
+                saliency.visit_gradients(value, tensors, lambda n, g: score.update(n, g, rms))
+                score.end_map()
     finally:
         for p, w in zip(tensors.values(), was):
             p.requires_grad_(w)

@@ -529,10 +529,7 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
         traj = Trajectories(model, prompts, pairs, len(concepts), cfg, teacher)
         saved = loop.check_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
         if saved is not None and saved.is_file():
-            if loop.read_checkpoint(saved).get("run") != loop.identity("trace", concepts, cfg, base):
-                raise UserError(f"checkpoint {saved} belongs to another run (another method, concepts, options or "
-                                "base model); use another checkpoint file, or delete this one to start afresh")
-            traj.load_state_dict(loop.companion_in(saved))
+            traj.load_state_dict(loop.companion_in(saved, loop.identity("trace", concepts, cfg, base)))
         elif traj.d is not None:
             traj.train_scorer(progress)
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .micro_batch import chunked
 
 
 @dataclass
@@ -187,18 +188,41 @@ class Denoiser(ABC):
         return out
 
     # --- network ------------------------------------------------------------------------------
-    micro_batch: int | None = None  # rows per network call of a pass without a graph; None: all at once
+    micro_batch: int | None = None  # rows per network call; None: all at once
+    _whole_graphs: bool = False  # see whole_graphs()
 
     def predict(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond, **kwargs) -> torch.Tensor:
         """Network output (noise for SD-epsilon, v for SD-v, velocity for FLUX) at noise level tau
-        (x: (N, ...) latents, tau: (N,), cond: N rows; fp32 out). Without a graph (rollouts, the
-        frozen teacher) it runs `micro_batch` rows at a time when set: activation memory of a chunk,
-        the same outputs. A pass with a graph runs whole (its graph is kept until backward anyway)."""
+        (x: (N, ...) latents, tau: (N,), cond: N rows; fp32 out).
+
+        With `micro_batch` set it runs that many rows at a time, the same outputs. Without a graph
+        (rollouts, the frozen teacher) a chunk's activations go once it is done. With one, backward
+        runs each chunk again and back-propagates it on its own (models/micro_batch.py): one chunk's
+        graph alive at a time, the parameters' gradients accumulated over the chunks to the whole
+        batch's, for one more forward pass. Saliency maps, which read each parameter's whole
+        gradient as it arrives, run their graphs whole (whole_graphs())."""
         step = self.micro_batch
-        if step is None or torch.is_grad_enabled() or len(x) <= step:
+        if step is None or len(x) <= step:
             return self._predict(x, tau, cond, **kwargs)
-        return torch.cat([self._predict(x[i:i + step], tau[i:i + step], cond[i:i + step], **kwargs)
-                          for i in range(0, len(x), step)])
+        inputs = [t for t in (x, tau, cond.embeds, cond.pooled) if t is not None]
+        graph = torch.is_grad_enabled() and any(t.requires_grad for t in [*inputs, *self.network.parameters()])
+        if not graph:
+            return torch.cat([self._predict(x[i:i + step], tau[i:i + step], cond[i:i + step], **kwargs)
+                              for i in range(0, len(x), step)])
+        if self._whole_graphs:
+            return self._predict(x, tau, cond, **kwargs)
+        return chunked(lambda x, tau, embeds, pooled=None: self._predict(x, tau, Cond(embeds, pooled), **kwargs),
+                       step, *inputs)
+
+    @contextlib.contextmanager
+    def whole_graphs(self):
+        """Passes with a graph run whole inside the block (micro_batch still splits those without):
+        a hook that reads a parameter's gradient as autograd delivers it must see the whole batch's."""
+        was, self._whole_graphs = self._whole_graphs, True
+        try:
+            yield
+        finally:
+            self._whole_graphs = was
 
     @abstractmethod
     def _predict(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond) -> torch.Tensor:

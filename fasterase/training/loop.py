@@ -100,10 +100,20 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def companion_in(path: str | os.PathLike) -> dict | None:
-    """The companion state of the checkpoint at `path`, if there is one (check_checkpoint first)."""
+def companion_in(path: str | os.PathLike, run: dict) -> dict | None:
+    """The companion state of the checkpoint at `path`, if there is one (check_checkpoint first), once
+    its run is this `run` (identity(); a base fingerprint of None, not known yet, is left to train());
+    a checkpoint of another run is a UserError naming what differs."""
     ckpt = Path(path).expanduser().resolve()
-    return read_checkpoint(ckpt).get("companion") if ckpt.is_file() else None
+    if not ckpt.is_file():
+        return None
+    state = read_checkpoint(ckpt)
+    saved = state.get("run") or {}
+    differ = [d for k, v in run.items() if v is not None for d in _differences(saved.get(k), v, k)]
+    if differ:
+        raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} differ from this "
+                        "run's; use another checkpoint file, or delete this one to start afresh")
+    return state.get("companion")
 
 
 def grads_finite(params: list[torch.nn.Parameter]) -> bool:
