@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy as copylib
 import dataclasses
 import math
+import numbers
 import resource
 import time
 import typing
@@ -215,9 +216,11 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     """
     if not isinstance(gradient_checkpointing, bool):
         raise UserError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
-    if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+    if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, numbers.Integral)
                                     or micro_batch < 1):
-        raise UserError(f"micro_batch must be a whole number of rows >= 1 (or None: whole passes), got {micro_batch!r}")
+        raise UserError(f"micro_batch (--micro-batch) must be a whole number of rows >= 1 (or None: whole passes), "
+                        f"got {micro_batch!r}")
+    micro_batch = None if micro_batch is None else int(micro_batch)
     m = registry.get(method)
     cfg = _options(m, options)
     if getattr(cfg, "checkpoint", None) is not None:

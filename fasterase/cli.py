@@ -243,7 +243,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch-size", type=int, help="prompts per training step (the method's batch_size)")
     pl.add_argument("--gpus", type=int, default=1, help="GPUs sharing the run, as ZeRO-2 would (default 1)")
     pl.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB, 1 GB = 1e9 bytes (default 80)")
-    pl.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32: the pipeline's weights (default bf16)")
+    pl.add_argument("--dtype", help="bf16, fp16 or fp32: the pipeline's weights (default: what erase loads "
+                    "it in, a folder's stored dtype, the toy pipelines' fp32; bf16 for sd15 and flux-dev)")
     pl.add_argument("--salient-share", type=float,
                     help="ANT: the share of entries its saliency map keeps (default 0.15, measured on toy-flux)")
     pl.add_argument("--gradient-checkpointing", action="store_true",

@@ -199,12 +199,19 @@ class Meter:
         """(kept, peak) bytes of one call: what stays alive after its forward when it keeps a graph (else
         0), and the largest count during its forward and backward; a call runs
         `micro_batch` rows at a time (Denoiser.predict)."""
+        if micro_batch is not None and (isinstance(call, DiscriminatorPass) or call.whole
+                                        or micro_batch >= self._rows(call)):
+            micro_batch = None  # the call runs whole (Denoiser.predict): one measurement for every micro_batch
         key = (call if isinstance(call, DiscriminatorPass) else dataclasses.replace(call, extra=0), checkpointing,
                micro_batch)
         if key not in self._cache:
-            self.den.micro_batch = None if getattr(call, "whole", False) else micro_batch
+            self.den.micro_batch = micro_batch
             self._cache[key] = self._measure(key[0], checkpointing)
         return self._cache[key]
+
+    def _rows(self, call: Pass) -> int:
+        """Rows of the network's batch: guided() batches both branches unless the guidance scale is an input."""
+        return call.rows * (2 if call.guided and not getattr(self.den, "guidance_embeds", False) else 1)
 
     def _measure(self, call, checkpointing: bool) -> tuple[int, int]:
         if isinstance(call, DiscriminatorPass):
@@ -672,18 +679,19 @@ SHRINK = {"esd": {"batch_size": 1}, "ant": {"batch_size": 1}, "trace": {"batch_s
 
 
 def plan(model: str, method: str, options: dict | None = None, *, resolution: int | None = None,
-         batch_size: int | None = None, gpus: int = 1, gpu_mem: float = 80.0, dtype: str = "bf16",
+         batch_size: int | None = None, gpus: int = 1, gpu_mem: float = 80.0, dtype: str | None = None,
          salient_share: float | None = None, gradient_checkpointing: bool = False,
          micro_batch: int | None = None) -> Plan:
     """The Plan of `method` on `model` (a toy name, sd15, flux-dev, or a local diffusers folder) with the
     method's `options` (validated as erase validates them), at `resolution` px square (default: the model's
-    own size), `batch_size` prompts a step (the method's batch_size), in `dtype` on `gpus` GPUs of `gpu_mem`
-    GB each, with erase's `gradient_checkpointing` and `micro_batch`; `salient_share` (ANT only): the share of entries its
+    own size), `batch_size` prompts a step (the method's batch_size), in `dtype` (default: what erase loads
+    the model in, a folder's stored dtype, the toy pipelines' fp32; bf16 for sd15 and flux-dev, configs
+    without weights) on `gpus` GPUs of `gpu_mem` GB each, with erase's `gradient_checkpointing` and `micro_batch`; `salient_share` (ANT only): the share of entries its
     saliency map keeps (default ANT_SHARE).
     When it does not fit, `suggestions` holds each option that alone would make it fit, with its peak."""
     m = get(method)
     options = dict(options or {})
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
         raise UserError(f"--gpus must be an integer from 1 to {MAX_GPUS}, got {gpus!r}")
@@ -713,6 +721,8 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
     if salient_share is not None and not cfg.saliency:
         raise UserError("--salient-share sizes ANT's saliency map, and saliency=false trains every entry without one")
     described = meta.describe(model)
+    if dtype is None:
+        dtype = "bf16" if described.dtype is None else next(k for k, v in DTYPES.items() if v == described.dtype)
     if resolution is not None:
         if not isinstance(resolution, int) or isinstance(resolution, bool):
             raise UserError(f"--resolution is a square image's side in px, got {resolution!r}")

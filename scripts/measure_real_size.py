@@ -54,23 +54,13 @@ def baseline_rss() -> int:
     return int(done.stderr.strip().splitlines()[-1])
 
 
-def folder_dtype(model: str) -> str:
-    """The dtype the folder's network weights are stored in (erase's default), as plan() names it."""
-    names = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
-    for f in sorted(Path(model).glob("*/diffusion_pytorch_model*.safetensors")):
-        with open(f, "rb") as raw:
-            header = json.loads(raw.read(int.from_bytes(raw.read(8), "little")))
-        return names[next(v["dtype"] for k, v in header.items() if k != "__metadata__")]
-    raise SystemExit(f"{model} has no network weights in safetensors")
-
-
 def planned_cpu(model: str, method: str, resolution: str, dtype: str | None, share: float | None,
                 memory: dict) -> int:
     """Bytes the planner says the run holds at its peak on a CPU (the text encoders stay)."""
     from fasterase.cli import _settings
     from fasterase.plan import plan
 
-    result = plan(model, method, _settings(FEW[method]), resolution=int(resolution), dtype=dtype or folder_dtype(model),
+    result = plan(model, method, _settings(FEW[method]), resolution=int(resolution), dtype=dtype,
                   salient_share=share, **memory)
     encoders = result.columns["encoding"].lines["text encoders"]
     return max(c.total + (0 if name == "encoding" else encoders) for name, c in result.columns.items())

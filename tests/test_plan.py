@@ -6,6 +6,7 @@ Run as a script, this file is that measurement (one method on one toy model, in 
 prints {"delta_bytes": ..., "share": ...}; see test_plan_matches_the_measured_peak.
 """
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -45,7 +46,10 @@ def check_sums(report: dict) -> None:
 
 @pytest.fixture(scope="module")
 def flux_ant():
-    return planner.plan("flux-dev", "ant", resolution=512, gpu_mem=80)
+    # planned for a GPU it fits, then read at 80 GB: a plan that does not fit searches suggestions, each
+    # a whole plan again (micro-batches of FLUX.1-dev's passes take minutes on a CI core); the toy tests
+    # below cover the search
+    return dataclasses.replace(planner.plan("flux-dev", "ant", resolution=512, gpu_mem=10_000), gpu_mem=80)
 
 
 def test_flux_dev_ant_breakdown(flux_ant):
@@ -76,10 +80,10 @@ def test_flux_dev_ant_breakdown(flux_ant):
     peak = report["peak"]["bytes"]
     assert f"does not fit: {report['peak']['column']} needs {peak / 1e9:.2f} GB, {(peak - 80e9) / 1e9:.2f} GB over" \
            in table
-    suggested = dict(flux_ant.suggestions)
     fitting = planner.plan("flux-dev", "ant", resolution=512, gpu_mem=80, gradient_checkpointing=True)
     assert fitting.fits and "gradient checkpointing" in fitting.table().splitlines()[0]
-    assert fitting.peak[1] == suggested["--gradient-checkpointing"]
+    # the table's "with --gradient-checkpointing" hint is that plan's peak
+    assert fitting.peak[1] == max(flux_ant.checkpointed_total(c) or flux_ant.columns[c].total for c in columns)
 
 
 def test_flux_dev_uce_fits():
@@ -96,7 +100,7 @@ def test_cli_plan_table_and_json(capsys):
     assert set(report["columns"]) == {"encoding", "step"} and report["method"] == "esd"
     code, out, err = run(capsys, "plan", "--model", "toy-sd", "--method", "esd", "--batch-size", "2")
     assert code == 0
-    assert out.startswith("esd on toy-sd at 32x48 px, 2 prompts a step, bf16, 1 GPU of 80 GB")
+    assert out.startswith("esd on toy-sd at 32x48 px, 2 prompts a step, fp32, 1 GPU of 80 GB")
     assert "fits in 80 GB" in out
 
 
@@ -208,13 +212,20 @@ def test_checkpointing_with_a_smaller_option_when_no_single_one_fits():
 
 
 def test_a_folder_plans_like_its_name(tmp_path):
-    """--model DIR reads the folder's configs: a saved toy-sd plans as toy-sd does."""
+    """--model DIR reads the folder's configs: a saved toy-sd plans as toy-sd does, and by default in
+    the dtype erase would load each in (the toy pipeline's fp32, the folder's stored dtype)."""
     from fasterase import models
 
-    models.load("toy-sd").pipeline.save_pretrained(tmp_path / "toy")
+    pipe = models.load("toy-sd").pipeline
+    pipe.save_pretrained(tmp_path / "toy")
     by_name = planner.plan("toy-sd", "fade", resolution=64).to_json()
     by_folder = planner.plan(str(tmp_path / "toy"), "fade", resolution=64).to_json()
-    assert by_folder["columns"] == by_name["columns"]
+    assert by_folder["columns"] == by_name["columns"] and by_name["dtype"] == "fp32"
+    pipe.to(torch.bfloat16).save_pretrained(tmp_path / "toy-bf16")
+    stored = planner.plan(str(tmp_path / "toy-bf16"), "fade", resolution=64).to_json()
+    assert stored["dtype"] == "bf16"
+    assert stored["columns"] == planner.plan("toy-sd", "fade", resolution=64, dtype="bf16").to_json()["columns"]
+    assert planner.plan("sd15", "esd", resolution=64).to_json()["dtype"] == "bf16"  # configs: no stored dtype
 
 
 @pytest.mark.parametrize("model", ["toy-sd", "toy-flux"])

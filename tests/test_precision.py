@@ -327,6 +327,30 @@ def test_micro_batch_accumulates_passes_with_a_graph(name):
         change.restore()
 
 
+def test_micro_batch_recompute_draws_the_same_dropout():
+    """A chunk's recompute in backward restores the random state its forward ran with: with dropout in
+    training mode the gradients are those of the same chunks run with a graph from the same seed, and the
+    random stream after backward is where forward left it."""
+    from fasterase.models.micro_batch import chunked
+
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)).train()
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1))
+    weight = torch.arange(1.0, 8.0).view(-1, 1)
+    grads, outs, after = [], [], []
+    for split in (True, False):
+        net.zero_grad()
+        torch.manual_seed(0)
+        out = chunked(net, 3, x) if split else torch.cat([net(x[i:i + 3]) for i in range(0, 7, 3)])
+        after.append(torch.rand(4))
+        (out * weight).sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in net.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(after[0], after[1], rtol=0, atol=0)
+    for split, reference in zip(*grads):
+        torch.testing.assert_close(split, reference, rtol=1e-6, atol=1e-6)
+
+
 def test_erase_micro_batch(capsys, tmp_path):
     """erase(micro_batch=) runs the rollouts and the teacher in chunks, gives the edit of a whole-pass run
     (up to fp32 rounding), records it, and is reset after; a bad value is refused before any work."""
@@ -342,7 +366,7 @@ def test_erase_micro_batch(capsys, tmp_path):
     for k in trained:
         assert (split.edit.lora[k] - plain.edit.lora[k]).norm() <= 1e-2 * plain.edit.lora[k].norm(), k
     for bad in (0, 2.5, True, "4"):
-        with pytest.raises(UserError, match="micro_batch must be a whole number"):
+        with pytest.raises(UserError, match=r"micro_batch \(--micro-batch\) must be a whole number"):
             fasterase.erase("toy-sd", "circle", method="esd", micro_batch=bad)
     out = tmp_path / "edit"
     assert cli.main(["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--micro-batch", "2",

@@ -177,7 +177,7 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     raise UserError(f"dtype {dtype!r} is not one fasterase loads models in; valid: fp32, bf16, fp16")
 
 
-def _folder_dtype(path: Path, network: str) -> torch.dtype:
+def folder_dtype(path: Path, network: str) -> torch.dtype:
     """The dtype the folder's denoising network is saved in, read from its weight files' headers
     (nothing is loaded): what the folder loads as when no dtype is asked for."""
     from safetensors import safe_open
@@ -235,7 +235,7 @@ def _load(model, dtype: torch.dtype | None) -> Denoiser:
         _check(pipeline_class, parts)
         from diffusers import DiffusionPipeline
 
-        dtype = dtype or _folder_dtype(path, ADAPTERS[pipeline_class][0])
+        dtype = dtype or folder_dtype(path, ADAPTERS[pipeline_class][0])
         return _wrap(DiffusionPipeline.from_pretrained(str(path), dtype=dtype))
     if hasattr(model, "components") and hasattr(model, "scheduler"):
         return _wrap(model)

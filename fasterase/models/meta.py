@@ -22,7 +22,7 @@ from diffusers.configuration_utils import FrozenDict
 from torch import nn
 
 from ..errors import UserError
-from . import ADAPTERS, BUILTINS, Denoiser, _accepted, _check, _folder_parts, real_configs
+from . import ADAPTERS, BUILTINS, Denoiser, _accepted, _check, _folder_parts, folder_dtype, real_configs
 
 # FluxPipeline's default max_sequence_length: the T5 rows of a prompt when the folder holds no tokenizer.
 FLUX_TOKENS = 512
@@ -57,6 +57,7 @@ class MetaModel:
     tokens: int  # token rows of a prompt's embedding (SD: CLIP's 77; FLUX: T5's max_sequence_length)
     others: dict[str, nn.Module]  # the VAE and the text encoders by component name (on meta, or a toy's own)
     size: tuple[int, int] | None  # (height, width) px a registered name samples at; None: the adapter's default
+    dtype: torch.dtype | None  # what load() loads it in by default; None: a real model's configs, shipped without weights
 
     @property
     def network_name(self) -> str:
@@ -110,7 +111,8 @@ class _Parts:
 
 def describe(model: str) -> MetaModel:
     """The MetaModel of a registered name, a real model's name (real_configs.NAMES) or a local diffusers
-    folder; anything else, or a pipeline no adapter handles, is a UserError (before any weights load)."""
+    folder (its weight files' headers read for their dtype, no weights loaded); anything else, a pipeline
+    no adapter handles, or a folder without its network's weights is a UserError."""
     if model in BUILTINS:
         return _builtin(model)
     path = real_configs.folder(model) if model in real_configs.NAMES else Path(model).expanduser()
@@ -131,8 +133,10 @@ def describe(model: str) -> MetaModel:
         tokens = min(FLUX_TOKENS, length)
     net_cls, net_config = parts[network_name]
     sched_cls, sched_config = parts["scheduler"]
+    dtype = None if model in real_configs.NAMES else folder_dtype(path, network_name)
     return MetaModel(cls, getattr(diffusers, net_cls), net_config,
-                     getattr(diffusers, sched_cls).from_config(sched_config), parts["vae"][1], tokens, others, None)
+                     getattr(diffusers, sched_cls).from_config(sched_config), parts["vae"][1], tokens, others, None,
+                     dtype)
 
 
 def _builtin(name: str) -> MetaModel:
@@ -146,4 +150,4 @@ def _builtin(name: str) -> MetaModel:
     kwargs = BUILTINS[name].sample_kwargs
     size = (kwargs["height"], kwargs["width"]) if "height" in kwargs else None
     return MetaModel(cls, type(net), dict(net.config), pipe.scheduler, dict(pipe.vae.config), tokens,
-                     others, size)
+                     others, size, net.dtype)

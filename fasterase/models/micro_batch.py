@@ -7,6 +7,12 @@ parameter's gradient arrives chunk by chunk and is accumulated where it lands (.
 CompactDelta gathers with), never held whole for every parameter at once. torch's non-reentrant
 checkpoint would hold that whole-network gradient: one autograd task sums every chunk's contribution
 to a parameter before accumulating it. Cost: one more forward pass.
+
+Each chunk's random state (CPU, and the GPU's when the rows are there) is saved before its forward and
+restored for its recompute, so dropout draws the same masks twice. Limits, none reached by the methods:
+a weight changed in place between forward and backward is read changed by the recompute (autograd would
+refuse); torch.autograd.grad() cannot ask for the parameters' gradients (they arrive only through the
+nested backward); keyword tensors of `run` are not split by rows (only positional ones are).
 """
 from __future__ import annotations
 
@@ -21,19 +27,24 @@ class _Chunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run: Callable, step: int, anchor: torch.Tensor, x: torch.Tensor, *tensors: torch.Tensor):
-        ctx.run, ctx.step = run, step
+        ctx.run, ctx.step, ctx.states = run, step, []
         ctx.save_for_backward(x, *tensors)
+        outs = []
         with torch.no_grad():
-            return torch.cat([run(x[i:i + step], *(t[i:i + step] for t in tensors))
-                              for i in range(0, len(x), step)])
+            for i in range(0, len(x), step):
+                ctx.states.append(_rng_state(x.device))
+                outs.append(run(x[i:i + step], *(t[i:i + step] for t in tensors)))
+        return torch.cat(outs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         inputs = ctx.saved_tensors
+        device = inputs[0].device
         grads = [torch.zeros_like(t) if t.requires_grad else None for t in inputs]
-        for i in range(0, len(grad), ctx.step):
+        for i, state in zip(range(0, len(grad), ctx.step), ctx.states):
             rows = [t[i:i + ctx.step].detach().requires_grad_(t.requires_grad) for t in inputs]
-            with torch.enable_grad():
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+                _set_rng_state(device, state)
                 out = ctx.run(*rows)
             if out.requires_grad:
                 torch.autograd.backward(out, grad[i:i + ctx.step])
@@ -41,6 +52,16 @@ class _Chunks(torch.autograd.Function):
                 if whole is not None and r.grad is not None:
                     whole[i:i + ctx.step] = r.grad
         return None, None, None, *grads
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def chunked(run: Callable[..., torch.Tensor], step: int, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
