@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,13 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _launched_device(local_rank: int) -> str | None:
+    """A launched process's GPU: the one of its local rank (None on a machine without one)."""
+    import torch
+
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else None
+
+
 def cmd_erase(args) -> int:
     from . import erase
     from .edit import target_folder
@@ -81,9 +89,22 @@ def cmd_erase(args) -> int:
         if out.parent == ckpt.parent and out.name.startswith(f"{ckpt.name}."):  # ANT's per-concept FILE.k
             raise UserError(f"--out {out} could be one of the checkpoint files {ckpt}.N of a run with several "
                             "concepts; name --out or the checkpoint differently")
-    result = erase(args.model, args.concept, method=args.method, preserve=args.preserve, device=args.device,
+    device, rank = args.device, 0
+    local_rank = args.local_rank if args.local_rank is not None else os.environ.get("LOCAL_RANK")
+    if local_rank is not None:  # started by a launcher (deepspeed, torchrun): one process per GPU, ZeRO-2 by default
+        from dataclasses import fields
+
+        from .methods import get
+
+        if "zero" in {f.name for f in fields(get(args.method).config)}:
+            settings.setdefault("zero", 2)
+        device = device or _launched_device(int(local_rank))
+        rank = int(os.environ.get("RANK", 0))
+    result = erase(args.model, args.concept, method=args.method, preserve=args.preserve, device=device,
                    dtype=args.dtype, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
-                   micro_batch=args.micro_batch, **settings)
+                   micro_batch=args.micro_batch, progress=rank == 0, **settings)
+    if rank != 0:  # every process ends with the same edit; one writes it
+        return 0
     result.edit.save(out, overwrite=args.overwrite, pipeline=result.model if args.save_pipeline else None)
     r = result.report
     print(f"erased {', '.join(r['concepts'])} from {r['model']} with {r['method']} in {r['wall_time_s']:.1f} s; "
@@ -187,6 +208,8 @@ def cmd_demo(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="fasterase", description="Concept erasure for diffusion models.")
+    # the deepspeed launcher starts `python -m fasterase --local_rank=N erase ...`
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     d = sub.add_parser("demo", help="erase 'circle' from the toy pipelines; before/after table and grid")
@@ -241,7 +264,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--method", required=True, help="see `fasterase methods`")
     pl.add_argument("--resolution", type=int, help="image height and width in px (default: the model's own size)")
     pl.add_argument("--batch-size", type=int, help="prompts per training step (the method's batch_size)")
-    pl.add_argument("--gpus", type=int, default=1, help="GPUs sharing the run, as ZeRO-2 would (default 1)")
+    pl.add_argument("--gpus", type=int, default=1,
+                    help="GPUs, one process each, the methods under DeepSpeed ZeRO (--set zero=2|3, 2 by default; "
+                         "default 1)")
     pl.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU in GB, 1 GB = 1e9 bytes (default 80)")
     pl.add_argument("--dtype", help="bf16, fp16 or fp32: the pipeline's weights (default: what erase loads "
                     "it in, a folder's stored dtype, the toy pipelines' fp32; bf16 for sd15 and flux-dev)")

@@ -59,9 +59,12 @@ activations over the prompts (a few prompts, no graph), the optimizer step's tem
 terms on the network's outputs (a few latent-sized tensors), the saliency updates' per-tensor
 temporaries, and safety checkers or other components no method runs.
 
---gpus N: the design's scale path (DeepSpeed ZeRO-2, data parallel), which no method uses yet:
-each GPU runs ceil(batch_size / N) of a step's prompts and holds 1/N of the gradients and optimizer
-states; everything else is whole on every GPU.
+--gpus N with --set zero=2|3 (the default stage on several GPUs is 2): the methods under DeepSpeed ZeRO
+as training.engine runs them. The optimizer's states and DeepSpeed's fp32 copy and gradient partition
+are split N ways; every process runs the whole batch and holds the whole trainable values and their
+gradients (the engine hands DeepSpeed finished gradients); DeepSpeed adds a gradient bucket, and under
+ZeRO-3 the trainables' shadows gathered whole for the step. Under ZeRO the client optimizer sees one flat
+partition, so its 8-bit states are one blockwise tensor.
 """
 from __future__ import annotations
 
@@ -84,7 +87,7 @@ from .ops.quant import num_blocks
 from .optim import SalientAdamW
 from .toy import components
 from .toy import concepts as toy_concepts
-from .training import params
+from .training import engine, params
 from .training.discriminator import ConceptDiscriminator
 from .training.prompt_pairs import prompt_pairs
 
@@ -96,7 +99,7 @@ ANT_SHARE = 0.15
 MAX_GPUS = 1024
 # The parts in the order the table shows them, after the network's weights.
 ORDER = ("VAE", "text encoders", "prompt cache", "refined projections", "trainable state", "gradients",
-         "optimizer states", "saliency sums", "rollout buffer", "discriminator", "closed form", "activations")
+         "optimizer states", "ZeRO buffers", "saliency sums", "rollout buffer", "discriminator", "closed form", "activations")
 CHECKPOINTED = "with --gradient-checkpointing"
 PROMPT = "a prompt"  # the text of every measured call's rows (the embeddings are meta: only their shape counts)
 TRACE_HELD_OUT = 16  # methods/trace.py, Trajectories.train_scorer: max(16, rollouts) held-out concept prompts
@@ -328,6 +331,7 @@ class Plan:
         head = (f"{self.method} on {self.model} at {self.height}x{self.width} px"
                 + (f", {batch} prompt{'s' if batch > 1 else ''} a step" if batch else "") + f", {self.dtype}, {self.gpus} GPU"
                 + ("s" if self.gpus > 1 else "") + f" of {self.gpu_mem:g} GB"
+                + (f", DeepSpeed ZeRO-{self.config['zero']}" if self.config.get("zero") else "")
                 + (", gradient checkpointing" if self.gradient_checkpointing else "")
                 + (f", micro-batch {self.micro_batch}" if self.micro_batch else "") + " (GB = 1e9 bytes)")
         rows = [f"{'GB':<{width}}" + "".join(f"{n:>12}" for n in names)]
@@ -347,9 +351,8 @@ class Plan:
         if CHECKPOINTED in rows[-1]:
             notes.append(f"  {CHECKPOINTED}: the total with erase's gradient_checkpointing (diffusers'), not in "
                          "the total")
-        if self.gpus > 1:
-            notes.append("  GPUs: ZeRO-2 data parallel as DESIGN.md plans it (gradients and optimizer states split, "
-                         "the batch divided); no method runs under DeepSpeed yet")
+        if self.gpus > 1 and not self.config.get("zero"):
+            notes.append(f"  GPUs: {self.method} trains nothing; every GPU holds what one does")
         return "\n".join([head, *rows, verdict, "where", *notes])
 
 
@@ -420,32 +423,37 @@ class _Planner:
         """One layer's whole gradient (the largest tensor's) in --dtype with `temporaries` fp32 copies of it."""
         return max(self.entries) * (self.bytes + 4 * temporaries)
 
-    def salient(self, share: float, gpus: int) -> tuple[dict[str, int], dict[str, str], int]:
+    def salient(self, share: float, gpus: int, zero: int) -> tuple[dict[str, int], dict[str, str], int]:
         """CompactDelta with a `share` of every tensor's entries selected (a tensor left with none is not
         touched): the per-entry bookkeeping, the masters' gradients and one layer's whole gradient, and
-        SalientAdamW's states; and the number of entries selected."""
+        SalientAdamW's states (under ZeRO, zero_parts); and the number of entries selected."""
         selected = [round(share * n) for n in self.entries if round(share * n)]
         k = sum(selected)
         per_entry = 4 + self.bytes + 4
-        states = sum(2 * s + 8 * num_blocks(s) if s >= _MIN_8BIT else 8 * s for s in selected) + 4 * len(selected)
-        lines = {"trainable state": k * per_entry,
-                 "gradients": math.ceil(4 * k / gpus) + self.layer_gradient(1),
-                 "optimizer states": math.ceil(states / gpus)}
+        lines = {"trainable state": k * per_entry, "gradients": 4 * k + self.layer_gradient(1),
+                 "optimizer states": sum(_salient_states(s) for s in selected)}
         notes = {"trainable state": f"{k / 1e6:.4g} M salient entries ({share:.3g} of each tensor), {per_entry} bytes "
                                     f"each: int32 index, {self.dtype} base value, fp32 master",
                  "gradients": "the masters' fp32 gradients, and one layer's whole gradient in "
                               f"{self.dtype} (gathered and freed as autograd makes it)",
                  "optimizer states": "SalientAdamW over the masters, 8-bit blockwise (fp32 under 4096 entries)"}
+        if zero:
+            zero_lines, zero_notes = zero_parts(k, gpus, zero)
+            lines.update(zero_lines)
+            notes.update(zero_notes)
         return lines, notes, k
 
-    def lora_parts(self, meter: Meter, gpus: int) -> tuple[dict[str, int], dict[str, str]]:
+    def lora_parts(self, meter: Meter, gpus: int, zero: int) -> tuple[dict[str, int], dict[str, str]]:
+        k = sum(p.numel() for p in meter.trainable)
         size = sum(p.numel() * p.element_size() for p in meter.trainable)
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in meter.trainable})
-        lines = {"trainable state": size, "gradients": math.ceil(size / gpus),
-                 "optimizer states": math.ceil(2 * size / gpus)}
-        notes = {"trainable state": f"LoRA factors, {sum(p.numel() for p in meter.trainable) / 1e6:.4g} M entries "
-                                    f"in {', '.join(dtypes)}",
+        lines = {"trainable state": size, "gradients": size, "optimizer states": 2 * size}
+        notes = {"trainable state": f"LoRA factors, {k / 1e6:.4g} M entries in {', '.join(dtypes)}",
                  "optimizer states": f"torch AdamW, two {', '.join(dtypes)} states an entry"}
+        if zero:
+            zero_lines, zero_notes = zero_parts(k, gpus, zero)
+            lines.update(zero_lines)
+            notes.update(zero_notes)
         return lines, notes
 
     def buffer(self, steps: int, rows: int, copies: int) -> int:
@@ -454,6 +462,27 @@ class _Planner:
 
     def discriminator(self, meter: Meter, per_entry: int) -> int:
         return per_entry * sum(p.numel() for p in meter.discriminator().parameters())
+
+
+def _salient_states(n: int) -> int:
+    """SalientAdamW's states over n entries of one tensor: 8-bit blockwise, fp32 under its minimum."""
+    return (2 * n + 8 * num_blocks(n) if n >= _MIN_8BIT else 8 * n) + 4
+
+
+def zero_parts(k: int, gpus: int, zero: int) -> tuple[dict[str, int], dict[str, str]]:
+    """k fp32 trainable entries under DeepSpeed ZeRO-`zero` on `gpus` processes (training.engine): the client
+    optimizer's 8-bit states over each process's flat partition, DeepSpeed's fp32 copy and gradient
+    partition, its gradient bucket, and under ZeRO-3 the partitioned shadows and their whole gathered copy."""
+    share = -(-k // gpus)
+    bucket = min(engine.BUCKET, k)
+    buffers = 2 * 4 * share + 4 * bucket + (4 * share + 4 * k if zero == 3 else 0)
+    return ({"optimizer states": _salient_states(share), "ZeRO buffers": buffers},
+            {"optimizer states": f"SalientAdamW, DeepSpeed's client optimizer, 8-bit blockwise over this GPU's flat "
+                                 f"partition of {share / 1e6:.4g} M entries",
+             "ZeRO buffers": f"ZeRO-{zero} over {gpus} GPU{'s' if gpus > 1 else ''}: DeepSpeed's fp32 copy and gradient "
+                             f"partition, a gradient bucket of {bucket / 1e6:.4g} M fp32 entries"
+                             + (", the shadows' partition and their whole copy gathered for the step"
+                                if zero == 3 else "")})
 
 
 def _column(p: _Planner, meter: Meter, lines: dict, calls: list) -> Column:
@@ -512,9 +541,9 @@ def _esd(p: _Planner, cfg, gpus: int):
     `rank` on the parameter set (esd-u for objects, esd-x for styles), torch AdamW."""
     parameters = esd.parameter_set(cfg, p.concepts)
     meter = p.lora(lambda den: esd.parameter_modules(den.network, den.kind, parameters), cfg.rank, cfg.seed)
-    b = math.ceil(cfg.batch_size / gpus)
+    b = cfg.batch_size
     lines, notes = p.resident(len(set(p.concepts.concepts[0].prompts() + [""])))
-    trained, lora_notes = p.lora_parts(meter, gpus)
+    trained, lora_notes = p.lora_parts(meter, gpus, cfg.zero)
     notes.update(lora_notes)
     notes["activations"] = f"{parameters}: rollout guided on {b}, teacher on {2 * b}, edited prediction on {b} rows"
     calls = [Pass(b, guided=True), Pass(2 * b), Pass(b, grad=True)]
@@ -529,11 +558,11 @@ def _ant(p: _Planner, cfg, gpus: int, share: float):
     same on batch_size prompts, the teacher switched on by CompactDelta.off (in place). split=False: one tau."""
     taus = 2 if cfg.split else 1
     meter = p.every_entry()
-    b = math.ceil(cfg.batch_size / gpus)
+    b = cfg.batch_size
     concept = p.concepts.concepts[0]
     lines, notes = p.resident(len(set(concept.prompts() + concept.prompts(augment=True) + [""])))
     share = share if cfg.saliency else 1.0
-    trained, salient_notes, _ = p.salient(share, gpus)
+    trained, salient_notes, _ = p.salient(share, gpus, cfg.zero)
     notes.update(salient_notes)
 
     def calls(n: int) -> list:
@@ -564,9 +593,9 @@ def _fade(p: _Planner, cfg, gpus: int):
     meter = p.every_entry()
     pairs = prompt_pairs(p.concepts, cfg.neutral)
     rows = cfg.rollouts * (3 if pairs.preserved else 2)
-    b = math.ceil(cfg.batch_size / gpus)
+    b = cfg.batch_size
     lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
-    trained, salient_notes, _ = p.salient(cfg.saliency_share if cfg.saliency else 1.0, gpus)
+    trained, salient_notes, _ = p.salient(cfg.saliency_share if cfg.saliency else 1.0, gpus, cfg.zero)
     notes.update(salient_notes)
     d = p.discriminator(meter, 4 * 7)
     columns = {}
@@ -616,9 +645,9 @@ def _trace(p: _Planner, cfg, gpus: int):
     if not cfg.finetune:
         return {"refinement": Column(lines)}, notes
     meter = p.lora(lambda den: [q.name for q in den.cross_attention_kv()], cfg.rank, cfg.seed)
-    trained, lora_notes = p.lora_parts(meter, gpus)
+    trained, lora_notes = p.lora_parts(meter, gpus, cfg.zero)
     notes.update(lora_notes)
-    b = math.ceil(cfg.batch_size / gpus)
+    b = cfg.batch_size
     rows = 2 * cfg.rollouts  # concept rows and as many clean ones (one concept: no pair rows)
     scorer = cfg.scorer == "discriminator"
     columns = {}
@@ -717,6 +746,12 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
         if not isinstance(salient_share, (int, float)) or not 0 < salient_share <= 1:
             raise UserError(f"--salient-share must be a share of entries in (0, 1], got {salient_share!r}")
     share = ANT_SHARE if salient_share is None else salient_share
+    trains = "zero" in {f.name for f in dataclasses.fields(m.config)}
+    if gpus > 1 and trains:  # several GPUs: the methods run under ZeRO, stage 2 unless asked otherwise
+        options.setdefault("zero", 2)
+        if not options["zero"]:
+            raise UserError(f"--gpus {gpus} runs {method} under DeepSpeed ZeRO; zero=0 is one process: "
+                            "set zero=2 or 3, or plan one GPU")
     cfg = api._options(m, options)
     if salient_share is not None and not cfg.saliency:
         raise UserError("--salient-share sizes ANT's saliency map, and saliency=false trains every entry without one")
@@ -748,12 +783,6 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
     limit = result.gpu_mem * GB
     out = _shrunk(p, m, options, result, share, "")
     cfg = api._options(m, options)
-    for gpus in (2, 4, 8):
-        if gpus > result.gpus:
-            peak = _plan(p, m.name, cfg, gpus, result.gpu_mem, share).peak[1]
-            if peak <= limit:
-                out.append((f"--gpus {gpus}", peak))
-                break
     if not result.gradient_checkpointing:
         checkpointed = max(result.checkpointed_total(c) or result.columns[c].total for c in result.columns)
         if checkpointed <= limit:

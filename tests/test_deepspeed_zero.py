@@ -1,142 +1,345 @@
-"""SalientAdamW as a DeepSpeed ZeRO-2 / ZeRO-3 client optimizer over compact deltas, on the CPU.
+"""The training methods under DeepSpeed ZeRO-2 / ZeRO-3 (training.engine), on the CPU.
 
-The scale path trains, for each frozen weight, one flat parameter holding only its selected
-entries (a compact delta applied over the frozen base), so ZeRO's flattening cannot break the
-saliency mask.  Single process, gloo, DS_ACCELERATOR=cpu, run as a subprocess (this file is also the script) so
-DeepSpeed's environment, process group and imports stay out of the test session; compared with
-the same training without DeepSpeed.
+DeepSpeed's CPU accelerator, gloo, one process; run as a subprocess (this file is also the script)
+so DeepSpeed's environment, process group and the patches it makes to torch stay out of the test
+session. Each case there is compared with the same training in the plain engine:
+- with fp32 optimizer states the ZeRO runs must give the plain run's values bit for bit;
+- with 8-bit states ZeRO flattens every trainable into one partition, so 8-bit blocks of 256 straddle
+  tensors and each state is quantised against another block's absmax: the values agree to 1% (the
+  Frobenius norm of the difference against the plain run's change), a bound the fp32 case shows is
+  quantisation alone.
 """
-import contextlib
 import importlib.util
 import os
-import socket
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from fasterase.optim import SalientAdamW
+from fasterase.errors import UserError
+from fasterase.training import engine
 
-HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
-STEPS = 6
-
-
-class CompactDeltaLinear(torch.nn.Module):
-    """A frozen linear layer plus a trainable delta on the selected entries of its weight."""
-
-    def __init__(self, base: torch.nn.Linear, selected: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight", base.weight.detach().clone())
-        self.register_buffer("bias", base.bias.detach().clone())
-        self.register_buffer("index", selected.reshape(-1).nonzero().view(-1))
-        self.delta = torch.nn.Parameter(torch.zeros(self.index.numel()))
-
-    def forward(self, x):
-        w = self.weight.reshape(-1).index_add(0, self.index, self.delta).view_as(self.weight)
-        return torch.nn.functional.linear(x, w, self.bias)
+ODD_SIZES = [5, 1, 7, 300, 4097]
+METHODS = {
+    "esd": {"steps": 3, "batch_size": 2, "sample_steps": 4},
+    "ant": {"steps": 3, "batch_size": 2, "sample_steps": 4, "saliency_prompts": 2, "saliency_seeds": 1},
+    "fade": {"steps": 2, "batch_size": 2, "rollouts": 4, "refresh_every": 2, "sample_steps": 6,
+             "d_pretrain_steps": 30, "d_batch": 16, "d_steps": 1, "saliency_samples": 2, "stop_patience": 100},
+    "trace": {"steps": 2, "batch_size": 2, "rollouts": 2, "refresh_every": 2, "sample_steps": 8,
+              "d_pretrain_steps": 30, "d_batch": 16},
+}
+RESUME_STEPS = 4
+# fp32-state runs compared with the plain engine: every method under ZeRO-2 (CompactDelta masters, LoRAs,
+# FADE's and TRACE's companions beside the engine), ZeRO-3 on one method of each kind of trainable
+FP32_STAGES = {"esd": (2, 3), "ant": (2, 3), "fade": (2,), "trace": (2,)}
 
 
-class Net(torch.nn.Module):
-    def __init__(self, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        dense = [torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)]
-        self.layers = torch.nn.ModuleList(
-            CompactDeltaLinear(layer, torch.rand(layer.weight.shape, generator=g) < 0.3) for layer in dense)
+# --- the subprocess ----------------------------------------------------------------------------------
 
-    def forward(self, x):
-        return self.layers[1](torch.tanh(self.layers[0](x)))
+def _engine_run(stage: int, states: str) -> list[torch.Tensor]:
+    """Four steps of the engine over trainables of odd sizes, the third with a NaN gradient."""
+    from fasterase.optim import SalientAdamW
 
-
-def batches():
-    g = torch.Generator().manual_seed(7)
-    return [(torch.randn(4, 16, generator=g), torch.randn(4, 8, generator=g)) for _ in range(STEPS)]
-
-
-def train_plain(state_dtype):
-    net = Net(0)
-    opt = SalientAdamW(net.parameters(), state_dtype=state_dtype, min_8bit_size=1, **HYPER)
-    for x, y in batches():
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(x), y).backward()
-        opt.step()
-    return [layer.delta.detach().clone() for layer in net.layers]
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in ODD_SIZES]
+    stepper = engine.make(params, SalientAdamW(params, lr=1e-2, weight_decay=0.01, state_dtype=states,
+                                               min_8bit_size=1), stage)
+    taken = []
+    for step in range(4):
+        stepper.zero_grad()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        if step == 2:
+            params[3].grad[7] = float("nan")
+        taken.append(stepper.step())
+    stepper.close()
+    return [p.detach().clone() for p in params], taken
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as s:
+def _values(edit) -> dict[str, torch.Tensor]:
+    return dict(edit.lora) if edit.lora else {k: v for k, (_, v) in edit.entries.items()}
+
+
+def _erase(method: str, zero: int, **extra):
+    import fasterase
+
+    return fasterase.erase("toy-sd", "circle", method=method, zero=zero, progress=False,
+                           **{**METHODS[method], **extra}).edit
+
+
+def _resume(method: str, zero: int, ckpt: str) -> dict:
+    """`method` stopped by an interrupt in its third step and resumed, beside an uninterrupted run."""
+    from fasterase.methods import ant, esd
+
+    module, name = {"ant": (ant, "ant_loss"), "esd": (esd, "negative_guidance_loss")}[method]
+    full = _values(_erase(method, zero, steps=RESUME_STEPS))
+    real, calls = getattr(module, name), []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    setattr(module, name, interrupted)
+    try:
+        _erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        setattr(module, name, real)
+    resumed = _values(_erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt))
+    return {"full": full, "resumed": resumed}
+
+
+def main(out_path: str, work: str) -> None:
+    import deepspeed  # noqa: F401  (imported on the CPU accelerator: DS_ACCELERATOR=cpu)
+    from deepspeed.accelerator import get_accelerator
+
+    from fasterase.optim import SalientAdamW
+
+    if get_accelerator().device_name() != "cpu":
+        raise SystemExit(f"DeepSpeed picked accelerator {get_accelerator().device_name()!r}, not cpu")
+    os.environ["FASTERASE_CACHE"] = work
+    results = {"engine": {(z, s): _engine_run(z, s) for z in (0, 2, 3) for s in ("fp32", "8bit")}}
+
+    # what steps under ZeRO: record the client optimizer DeepSpeed holds and its states' dtypes
+    seen = []
+    close = engine.Zero.close
+
+    def record(self):
+        opt = self.engine.basic_optimizer
+        seen.append((type(opt).__name__, sorted({str(t.dtype) for s in opt.state.values()
+                                                for k, t in s.items() if k in ("exp_avg", "exp_avg_sq")})))
+        close(self)
+
+    engine.Zero.close = record
+    edit = _erase("ant", 2, steps=2)
+    results["ant_8bit_report"] = {"engine": edit.report["engine"], "stepped_by": seen[-1]}
+
+    results["8bit"] = {(m, z): _values(_erase(m, z)) for m in ("esd", "ant") for z in (0, 2)}
+    results["resume"] = {(m, z): _resume(m, z, os.path.join(work, f"{m}{z}.ckpt")) for m, z in
+                         [("ant", 2), ("ant", 3), ("esd", 2)]}
+    # the ant ZeRO-2 checkpoint, as if another number of processes had written it
+    ckpt = os.path.join(work, "ant2.ckpt")
+    state = torch.load(ckpt, weights_only=True)
+    state["optimizer"]["engine"]["world_size"] = 2
+    torch.save(state, ckpt)
+    try:
+        _erase("ant", 2, steps=RESUME_STEPS, checkpoint=ckpt)
+        results["other_world_size"] = None
+    except UserError as e:
+        results["other_world_size"] = str(e)
+
+    # fp32 states everywhere (the LoRA methods' plain AdamW too): the engines must agree exactly
+    SalientAdamW.__init__.__kwdefaults__["state_dtype"] = "fp32"
+    engine.adamw = lambda params, lr, zero: SalientAdamW(params, lr=lr, weight_decay=0.0)
+    linear = torch.nn.functional.linear
+    results["fp32"] = {(m, z): _values(_erase(m, z)) for m, stages in FP32_STAGES.items() for z in (0, *stages)}
+    results["linear_untouched"] = torch.nn.functional.linear is linear
+    torch.save(results, out_path)
+
+
+# --- the tests ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    work = tmp_path_factory.mktemp("zero")
+    out = work / "results.pt"
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    for k in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    result = subprocess.run([sys.executable, __file__, str(out), str(work)], env=env, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return torch.load(out, weights_only=False)
+
+
+def _relative(a: dict, b: dict, base: dict | None = None) -> float:
+    """|a - b| / |b - base| over every tensor (Frobenius); base None: |a - b| / |b|."""
+    num = sum((a[k].double() - b[k].double()).square().sum() for k in b)
+    den = sum((b[k].double() - (0 if base is None else base[k].double())).square().sum() for k in b)
+    return float((num / den).sqrt())
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_engine_steps_like_the_plain_one_on_odd_sizes(zero_runs, stage):
+    """fp32 states: the same values after every step, the NaN step skipped by both."""
+    plain, plain_taken = zero_runs["engine"][(0, "fp32")]
+    values, taken = zero_runs["engine"][(stage, "fp32")]
+    assert taken == plain_taken == [True, True, False, True]
+    for a, b in zip(values, plain):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_engine_8bit_states_track_the_plain_engine(zero_runs, stage):
+    plain, _ = zero_runs["engine"][(0, "8bit")]
+    values, taken = zero_runs["engine"][(stage, "8bit")]
+    assert taken == [True, True, False, True]
+    g = torch.Generator().manual_seed(0)
+    start = {str(i): torch.randn(n, generator=g) for i, n in enumerate(ODD_SIZES)}
+    a, b = ({str(i): v for i, v in enumerate(vs)} for vs in (values, plain))
+    assert _relative(a, b, start) <= 0.01
+
+
+@pytest.mark.parametrize("method, stage", [(m, z) for m, stages in FP32_STAGES.items() for z in stages])
+def test_every_training_method_under_zero_ends_with_the_plain_edit(zero_runs, method, stage):
+    plain = zero_runs["fp32"][(method, 0)]
+    values = zero_runs["fp32"][(method, stage)]
+    assert values.keys() == plain.keys()
+    assert any(v.abs().max() > 0 for v in plain.values())
+    assert all(torch.equal(values[k], plain[k]) for k in plain)
+
+
+def test_zero3_leaves_torch_as_it_was(zero_runs):
+    """DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear for good unless told not to."""
+    assert zero_runs["linear_untouched"]
+
+
+@pytest.mark.parametrize("method", ["esd", "ant"])
+def test_zero2_with_8bit_states_tracks_the_plain_run(zero_runs, method):
+    plain, zero = zero_runs["8bit"][(method, 0)], zero_runs["8bit"][(method, 2)]
+    assert _relative(zero, plain) <= 0.01
+
+
+def test_under_zero_the_optimizer_stepping_is_ours_with_8bit_states(zero_runs):
+    report = zero_runs["ant_8bit_report"]
+    assert report["stepped_by"] == ("SalientAdamW", ["torch.uint8"])
+    assert report["engine"] == {"engine": "deepspeed-zero2", "world_size": 1, "optimizer": "SalientAdamW",
+                                "optimizer_states": "8bit", "trainable_dtype": "float32"}
+
+
+@pytest.mark.parametrize("case", [("ant", 2), ("ant", 3), ("esd", 2)])
+def test_a_run_resumed_under_zero_matches_the_uninterrupted_one(zero_runs, case):
+    run = zero_runs["resume"][case]
+    assert run["full"].keys() == run["resumed"].keys()
+    assert all(torch.equal(run["full"][k], run["resumed"][k]) for k in run["full"])
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_by_name(zero_runs):
+    message = zero_runs["other_world_size"]
+    assert message is not None and "2 processes" in message and "this run has 1" in message
+
+
+# --- two processes, started as a launcher starts them --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """ESD on toy-sd from the CLI in two processes started by the deepspeed launcher (`deepspeed --num_gpus 2
+    --module fasterase erase ...`, on its CPU accelerator), and in one process with zero=2."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    work = tmp_path_factory.mktemp("launched")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", FASTERASE_CACHE=str(work / "cache"))
+    for k in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    args = ["-m", "fasterase", "erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd"]
+    args += [f"--set={k}={v}" for k, v in METHODS["esd"].items()]
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                str(_free_port()), "--module"]
+    two = subprocess.run([*launcher, *args[1:], "--out", str(work / "two")], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = subprocess.run([sys.executable, *args, "--set", "zero=2", "--out", str(work / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    return work, two.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-CONFIGS = [(2, "fp32"), (3, "fp32"), (2, "8bit")]
+def test_two_launched_processes_train_under_zero2_and_one_writes_the_edit(launched):
+    from fasterase.edit import Edit
+
+    work, stdout = launched
+    assert stdout.count("edit saved to") == 1
+    assert sorted(p.name for p in (work / "two").iterdir()) == ["edit.safetensors", "pytorch_lora_weights.safetensors"]
+    two, one = Edit.load(work / "two"), Edit.load(work / "one")
+    assert two.report["engine"]["engine"] == "deepspeed-zero2" and two.report["engine"]["world_size"] == 2
+    assert two.report["config"]["zero"] == 2  # the launcher's default stage
+    # each process's 8-bit states cover its half of the flat partition: blocks differ from one process's
+    assert _relative(two.lora, one.lora) <= 0.01
 
 
-@pytest.fixture(scope="module")
-def deepspeed_deltas(tmp_path_factory):
-    """{(stage, state_dtype): trained deltas}, from one DeepSpeed subprocess."""
-    if importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed not installed")
-    out = tmp_path_factory.mktemp("deepspeed") / "deltas.pt"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(out)
+# --- options, checked before any work (no DeepSpeed needed) ------------------------------------------
+
+@pytest.mark.parametrize("zero", [1, True, "2", 4])
+def test_bad_zero_stage_is_refused(zero):
+    with pytest.raises(UserError, match=re.escape("must be 0 (plain PyTorch), 2 or 3 (DeepSpeed ZeRO stage)")):
+        engine.check_options("ESD", zero, None, None)
 
 
-def train_deepspeed(deepspeed, stage, state_dtype):
-    net = Net(0)
-    opt = SalientAdamW(net.parameters(), state_dtype=state_dtype, min_8bit_size=1, **HYPER)
-    config = {
-        "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
-    for x, y in batches():
-        loss = torch.nn.functional.mse_loss(engine(x), y)
-        engine.backward(loss)
-        engine.step()
-    if stage == 3:
-        params = [layer.delta for layer in engine.module.layers]
-        with deepspeed.zero.GatheredParameters(params):
-            return [p.detach().clone() for p in params]
-    return [layer.delta.detach().clone() for layer in engine.module.layers]
+def test_deepspeed_config_needs_zero_and_is_checked(tmp_path):
+    good = tmp_path / "ds.json"
+    good.write_text('{"zero_optimization": {"contiguous_gradients": true}}')
+    with pytest.raises(UserError, match="needs zero=2 or zero=3"):
+        engine.check_options("ESD", 0, str(good), None)
+    engine.check_options("ESD", 2, str(good), None)
+    with pytest.raises(UserError, match="cannot read it"):
+        engine.check_options("ESD", 2, str(tmp_path / "missing.json"), None)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="is not JSON"):
+        engine.check_options("ESD", 2, str(bad), None)
+    ours = tmp_path / "ours.json"
+    ours.write_text('{"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 1}}')
+    with pytest.raises(UserError, match="optimizer, zero_optimization.stage, which fasterase sets itself"):
+        engine.check_options("ESD", 2, str(ours), None)
 
 
-def main(out_path: str) -> None:
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+def test_a_launched_run_refuses_a_checkpoint_before_any_work(monkeypatch):
+    import fasterase
+    from fasterase import models
 
-    if get_accelerator().device_name() != "cpu":
-        raise SystemExit(f"DeepSpeed picked accelerator {get_accelerator().device_name()!r}, not cpu")
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.save({config: train_deepspeed(deepspeed, *config) for config in CONFIGS}, out_path)
-    torch.distributed.destroy_process_group()
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_matches_plain_training_fp32_states(deepspeed_deltas, stage):
-    expected = train_plain("fp32")
-    for a, b in zip(deepspeed_deltas[(stage, "fp32")], expected):
-        assert a.abs().max() > 0
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(models, "_load", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match="under ZeRO with 2 processes is not supported"):
+        fasterase.erase("toy-sd", "circle", method="esd", zero=2, checkpoint="run.ckpt")
 
 
-def test_zero2_8bit_states_track_plain_training(deepspeed_deltas):
-    """ZeRO flattens the deltas into one partition, so 8-bit blocks straddle tensors and the
-    quantisation differs: the trained deltas agree to 5% of their magnitude."""
-    expected = train_plain("8bit")
-    for a, b in zip(deepspeed_deltas[(2, "8bit")], expected):
-        assert (a - b).abs().max() <= 0.05 * b.abs().max()
+def test_a_method_refuses_a_bad_zero_before_any_work(monkeypatch):
+    import fasterase
+    from fasterase import models
+
+    monkeypatch.setattr(models, "_load", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(UserError, match="option zero must be"):
+        fasterase.erase("toy-sd", "circle", method="ant", zero=4)
+
+
+def test_zero_needs_salient_adamw_over_unmasked_trainables():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(UserError, match="SalientAdamW as its client optimizer, got AdamW"):
+        engine.Zero([p], torch.optim.AdamW([p]), 2)
+
+
+def test_checkpointing_several_processes_is_refused_before_the_first_step(tmp_path, monkeypatch):
+    from fasterase.training import loop
+
+    class TwoProcesses(engine.Plain):
+        world_size = 2
+        closed = False
+
+        def close(self):
+            TwoProcesses.closed = True
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    monkeypatch.setattr(engine, "make", lambda params, optimizer, *a: TwoProcesses(params, optimizer))
+    with pytest.raises(UserError, match="under ZeRO with 2 processes is not supported"):
+        loop.train(lambda step, g: pytest.fail("a step ran"), [p], torch.optim.SGD([p], lr=1.0), 3, 0,
+                   checkpoint=str(tmp_path / "run.ckpt"), progress=False)
+    assert TwoProcesses.closed and not (tmp_path / "run.ckpt").exists()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fasterase.errors import UserError
-from fasterase.training import loop
+from fasterase.training import engine, loop
 
 
 def make():
@@ -185,9 +185,9 @@ def test_skip_covers_every_device():
     before = [w.detach().clone() for w in ws]
     ws[0].grad = torch.ones(300)
     ws[1].grad = torch.ones(300, device="cuda")
-    assert loop.grads_finite(ws)
+    assert engine.grads_finite(ws)
     ws[1].grad[5] = float("nan")
-    assert not loop.grads_finite(ws)
+    assert not engine.grads_finite(ws)
     o = SalientAdamW(ws, lr=0.1)
     o.step()
     assert o.last_step_skipped

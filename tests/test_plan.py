@@ -22,6 +22,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from fasterase import plan as planner
 from fasterase.cli import main
 from fasterase.errors import UserError
+from fasterase.methods import esd
 from fasterase.models import meta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,13 +178,24 @@ def test_every_method_on_every_model(model, method):
     assert all(v >= 0 for c in report["columns"].values() for v in c["lines"].values())
 
 
-def test_gpus_split_gradients_optimizer_states_and_batch():
-    one = planner.plan("toy-sd", "esd", resolution=64).columns["step"]
-    two = planner.plan("toy-sd", "esd", resolution=64, gpus=2).columns["step"]
-    half = planner.plan("toy-sd", "esd", resolution=64, batch_size=2).columns["step"]
-    for part in ("gradients", "optimizer states"):
-        assert two.lines[part] == -(-one.lines[part] // 2)
-    assert two.lines["activations"] == half.lines["activations"] < one.lines["activations"]
+def test_gpus_run_the_methods_under_zero_splitting_the_optimizer_states():
+    """--gpus 2 plans ZeRO-2 (training.engine): every GPU runs the whole batch with the whole values and
+    gradients; the 8-bit states over half the entries and DeepSpeed's buffers are added."""
+    one = planner.plan("toy-sd", "esd", resolution=64)
+    two = planner.plan("toy-sd", "esd", resolution=64, gpus=2)
+    three = planner.plan("toy-sd", "esd", {"zero": 3}, resolution=64, gpus=2)
+    assert two.config["zero"] == 2 and three.config["zero"] == 3
+    k = sum(p.numel() for p in planner._Planner("toy-sd", planner.meta.describe("toy-sd"), "fp32", 64).lora(
+        lambda den: esd.parameter_modules(den.network, den.kind, "esd-u"), 4, 0).trainable)
+    half = -(-k // 2)
+    a, b, c = (plan.columns["step"].lines for plan in (one, two, three))
+    for part in ("trainable state", "gradients", "activations"):
+        assert a[part] == b[part] == c[part]
+    assert b["optimizer states"] == 2 * half + 8 * -(-half // 256) + 4 < a["optimizer states"] == 8 * k
+    assert b["ZeRO buffers"] == 8 * half + 4 * k and c["ZeRO buffers"] == b["ZeRO buffers"] + 4 * half + 4 * k
+    assert "DeepSpeed ZeRO-2" in two.table() and "ZeRO buffers" not in a
+    with pytest.raises(UserError, match="zero=0 is one process"):
+        planner.plan("toy-sd", "esd", {"zero": 0}, resolution=64, gpus=2)
 
 
 def test_a_suggestion_makes_it_fit():
@@ -205,7 +217,7 @@ def test_checkpointing_with_a_smaller_option_when_no_single_one_fits():
         return planner.plan("toy-sd", "esd", resolution=128, **kw).peak[1]
 
     both = peak(batch_size=1, gradient_checkpointing=True)
-    alone = min(peak(batch_size=1), peak(gradient_checkpointing=True), peak(gpus=8))
+    alone = min(peak(batch_size=1), peak(gradient_checkpointing=True))
     assert both < alone
     result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=(both + alone) / 2 / 1e9)
     assert result.suggestions == [("--gradient-checkpointing --set batch_size=1", both)]

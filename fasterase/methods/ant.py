@@ -39,7 +39,7 @@ from ..edit import Edit, fingerprint, remove_adapter
 from ..errors import UserError
 from ..models import Cond, Denoiser
 from ..optim import SalientAdamW
-from ..training import loop, params, saliency, sampling
+from ..training import engine, loop, params, saliency, sampling
 from ..training.closed_form import fuse_lora_deltas
 from ..training.losses import trajectory_aware_loss
 from . import ranges
@@ -85,6 +85,8 @@ class ANTConfig:
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from (one per concept with several)
     max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
+    zero: int = 0  # 0: plain PyTorch; 2 or 3: DeepSpeed ZeRO stage (training.engine)
+    deepspeed_config: str | None = None  # with zero: a DeepSpeed JSON config for its other settings
 
     def __post_init__(self):
         if self.t_split is not None and not 0.0 < self.t_split < 1.0:
@@ -257,12 +259,12 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
         base = fingerprint(net, list(change.weights))
         trainable = change.trainable
         optimizer = SalientAdamW(trainable, lr=hp["lr"], weight_decay=0.0)
-        change.bind(optimizer)
         loss_fn = _training_loss(model, prompts, hp, cfg, teacher=change.off)
         net.train()
         stats = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed, cfg.checkpoint,
                            progress=progress, desc=f"ant {concept.name}",
-                           run=loop.identity("ant", [concept], cfg, base), max_skipped_steps=cfg.max_skipped_steps)
+                           run=loop.identity("ant", [concept], cfg, base), max_skipped_steps=cfg.max_skipped_steps,
+                           zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, after_step=change.sync)
         values = change.current()
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()
@@ -310,7 +312,7 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
         prompts = concept.prompts()
         model.encode(prompts + [""])
         trainable = params.add_lora(net, modules, cfg.rank, cfg.seed + k)
-        optimizer = torch.optim.AdamW(trainable, lr=hp["lr"], weight_decay=0.0)
+        optimizer = engine.adamw(trainable, hp["lr"], cfg.zero)
         loss_fn = _training_loss(model, prompts, hp, cfg, teacher=lambda: params.lora_off(net))
         checkpoint = f"{cfg.checkpoint}.{k}" if cfg.checkpoint else None
         net.train()
@@ -318,7 +320,8 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
             stats[concept.name] = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed + k, checkpoint,
                                              progress=progress, desc=f"ant {concept.name} ({k + 1}/{len(concepts)})",
                                              run=loop.identity("ant", concepts, cfg, base),
-                                             max_skipped_steps=cfg.max_skipped_steps)
+                                             max_skipped_steps=cfg.max_skipped_steps, zero=cfg.zero,
+                                             deepspeed_config=cfg.deepspeed_config)
             deltas.append({m: params.lora_delta(net, m) for m in modules})
         finally:
             net.eval()
@@ -338,7 +341,8 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
                 report={"fused_layers": len(weights), "preserve_prompts": len(preserve),
                         "steps": sum(s["steps"] for s in stats.values()),
                         "skipped_steps": sum(s["skipped_steps"] for s in stats.values()),
-                        "last_loss": {k: s["last_loss"] for k, s in stats.items()}})
+                        "last_loss": {k: s["last_loss"] for k, s in stats.items()},
+                        "engine": next(iter(stats.values()))["engine"]})
 
 
 def run(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool = True) -> Edit:

@@ -33,7 +33,7 @@ from ..concepts import ConceptSet
 from ..edit import Edit, fingerprint, remove_adapter
 from ..errors import UserError
 from ..models import Denoiser
-from ..training import loop, params, sampling
+from ..training import engine, loop, params, sampling
 from ..training.losses import negative_guidance_loss
 from . import ranges
 
@@ -66,6 +66,8 @@ class ESDConfig:
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from
     max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
+    zero: int = 0  # 0: plain PyTorch; 2 or 3: DeepSpeed ZeRO stage (training.engine)
+    deepspeed_config: str | None = None  # with zero: a DeepSpeed JSON config for its other settings
 
     def __post_init__(self):
         if self.parameters not in (None, "esd-x", "esd-u"):
@@ -93,7 +95,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
     prompts = [p for c in concepts for p in c.prompts()]
     model.encode(prompts + [""])  # fill the prompt cache once
     trainable = params.add_lora(net, modules, cfg.rank, cfg.seed)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    optimizer = engine.adamw(trainable, cfg.lr, cfg.zero)
 
     def loss_fn(step: int, g: torch.Generator) -> torch.Tensor:
         pick = torch.randint(len(prompts), (cfg.batch_size,), generator=g).tolist()
@@ -111,7 +113,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
     try:
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint,
                            progress=progress, desc=f"esd {','.join(concepts.names)}",
-                           run=loop.identity("esd", concepts, cfg, base), max_skipped_steps=cfg.max_skipped_steps)
+                           run=loop.identity("esd", concepts, cfg, base), max_skipped_steps=cfg.max_skipped_steps,
+                           zero=cfg.zero, deepspeed_config=cfg.deepspeed_config)
         lora = params.lora_state(net, "unet" if model.kind == "sd" else "transformer")
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()

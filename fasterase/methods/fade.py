@@ -109,6 +109,8 @@ class FADEConfig:
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from (D and the buffer included)
     max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
+    zero: int = 0  # 0: plain PyTorch; 2 or 3: DeepSpeed ZeRO stage (training.engine)
+    deepspeed_config: str | None = None  # with zero: a DeepSpeed JSON config for its other settings
 
     def __post_init__(self):
         ranges.check_common("FADE", self)
@@ -378,12 +380,12 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         base = fingerprint(net, list(change.weights))
         trainable = change.trainable
         optimizer = SalientAdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-        change.bind(optimizer)
         loss_fn = fade_loss(model, adversary, cfg, teacher=change.off)
         net.train()
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
                            desc=f"fade {','.join(concepts.names)}", run=loop.identity("fade", concepts, cfg, base),
-                           max_skipped_steps=cfg.max_skipped_steps, companion=adversary)
+                           max_skipped_steps=cfg.max_skipped_steps, companion=adversary, zero=cfg.zero,
+                           deepspeed_config=cfg.deepspeed_config, after_step=change.sync)
         values = change.current()
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
+from ..training import engine
 
 MAX_SCALE = 1e6
 # A regulariser below this vanishes in float32 next to the Gram matrix's entries (~1e2 for text
@@ -46,7 +47,7 @@ def check(method: str, name: str, value, low: float, high: float = math.inf, *, 
 
 
 def check_common(method: str, cfg) -> None:
-    """The options every training method shares: seed, steps, batch, rollouts, checkpoint."""
+    """The options every training method shares: seed, steps, batch, rollouts, checkpoint, engine."""
     check(method, "seed", cfg.seed, 0, MAX_SEED, integer=True)
     for k in ("steps", "rank"):
         if getattr(cfg, k, None) is not None:
@@ -61,6 +62,7 @@ def check_common(method: str, cfg) -> None:
     check(method, "max_skipped_steps", cfg.max_skipped_steps, 0, integer=True)
     if cfg.checkpoint is not None and (not isinstance(cfg.checkpoint, str) or not cfg.checkpoint.strip()):
         raise UserError(f"{method} option checkpoint must be a file path (or unset), got {cfg.checkpoint!r}")
+    engine.check_options(method, cfg.zero, cfg.deepspeed_config, cfg.checkpoint)
 
 
 def check_rank(method: str, rank: int, network, modules: list[str]) -> None:

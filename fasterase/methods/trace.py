@@ -91,7 +91,7 @@ from ..concepts import ConceptSet
 from ..edit import ADAPTER, Edit, fingerprint, remove_adapter
 from ..errors import UserError
 from ..models import Cond, Denoiser
-from ..training import loop, params, sampling
+from ..training import engine, loop, params, sampling
 from ..training.discriminator import ConceptDiscriminator, accuracy, removal_loss, train_step
 from ..training.prompt_pairs import PromptPairs, prompt_pairs
 from . import ranges
@@ -131,6 +131,8 @@ class TRACEConfig:
     seed: int = 0
     checkpoint: str | None = None
     max_skipped_steps: int = 10
+    zero: int = 0  # 0: plain PyTorch; 2 or 3: DeepSpeed ZeRO stage (training.engine)
+    deepspeed_config: str | None = None  # with zero: a DeepSpeed JSON config for its other settings
 
     def __post_init__(self):
         ranges.check_common("TRACE", self)
@@ -532,14 +534,15 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
             traj.load_state_dict(loop.companion_in(saved, loop.identity("trace", concepts, cfg, base)))
         elif traj.d is not None:
             traj.train_scorer(progress)
-        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+        optimizer = engine.adamw(trainable, cfg.lr, cfg.zero)
         loss_fn = trace_loss(model, traj, groups, len(concepts), cfg, teacher)
         net.train()
         try:
             stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
                                desc=f"trace {','.join(concepts.names)}",
                                run=loop.identity("trace", concepts, cfg, base),
-                               max_skipped_steps=cfg.max_skipped_steps, companion=traj)
+                               max_skipped_steps=cfg.max_skipped_steps, companion=traj, zero=cfg.zero,
+                               deepspeed_config=cfg.deepspeed_config)
         finally:
             net.eval()
         lora = params.lora_state(net, "unet" if model.kind == "sd" else "transformer", tuple(names))

@@ -19,10 +19,11 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from . import engine as engines
 
 # Options that do not change what a run trains, so not part of its identity.
-NOT_IDENTITY = ("checkpoint", "max_skipped_steps")
-FORMAT = 1  # marks a checkpoint file as train()'s
+NOT_IDENTITY = ("checkpoint", "max_skipped_steps", "deepspeed_config")
+FORMAT = 2  # marks a checkpoint file as train()'s
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -116,23 +117,19 @@ def companion_in(path: str | os.PathLike, run: dict) -> dict | None:
     return state.get("companion")
 
 
-def grads_finite(params: list[torch.nn.Parameter]) -> bool:
-    """Whether every gradient is finite, on every device (one reduction per device)."""
-    flags: dict[torch.device, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad is not None:
-            flags.setdefault(p.grad.device, []).append(torch.isfinite(p.grad).all())
-    return all(bool(torch.stack(f).all()) for f in flags.values())
-
-
 def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[torch.nn.Parameter],
           optimizer: torch.optim.Optimizer, steps: int, seed: int, checkpoint: str | os.PathLike | None = None,
           checkpoint_every: int = 50, progress: bool = True, desc: str = "erase", run: dict | None = None,
-          max_skipped_steps: int = 0, companion: Companion | None = None) -> dict:
+          max_skipped_steps: int = 0, companion: Companion | None = None, zero: int = 0,
+          deepspeed_config: str | None = None, after_step: Callable[[], None] | None = None) -> dict:
     """Run `steps` optimizer steps of loss_fn(step, generator); returns {'steps' (taken), 'last_loss',
-    'skipped_steps', 'train_time_s' (wall seconds of the steps taken in this call)}. A `companion`
+    'skipped_steps', 'train_time_s' (wall seconds of the steps taken in this call), 'engine' (how
+    it was stepped: training.engine's describe())}. A `companion`
     is checkpointed with the parameters, adds to the progress bar,
     and ends training before `steps` when its finished() says so (checked after every step).
+    The optimizer steps plainly, or under DeepSpeed ZeRO stage `zero` (2 or 3, `deepspeed_config`
+    a JSON file of further DeepSpeed settings; training.engine). `after_step()` runs after every
+    step taken and after a resume (CompactDelta.sync: the network computes with the new values).
 
     A step whose gradients are not all finite is skipped (nothing changes, whatever the optimizer)
     and counted; past `max_skipped_steps` skipped steps training stops (NonFiniteGradients), as it
@@ -147,9 +144,21 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     """
     if max_skipped_steps < 0:
         raise UserError(f"max_skipped_steps must be >= 0, got {max_skipped_steps}")
-    start, skipped, loss_value = 0, 0, float("nan")
     ckpt = check_checkpoint(checkpoint) if checkpoint is not None else None
     this = {"run": run, "seed": seed, "steps": steps, "parameters": [tuple(p.shape) for p in params]}
+    stepper = engines.make(params, optimizer, zero, deepspeed_config)
+    try:
+        if ckpt:
+            engines.check_checkpointable(stepper.world_size)
+        return _train(loss_fn, params, stepper, steps, seed, ckpt, this, checkpoint_every, progress, desc,
+                      max_skipped_steps, companion, after_step or (lambda: None))
+    finally:
+        stepper.close()
+
+
+def _train(loss_fn, params, stepper, steps, seed, ckpt, this, checkpoint_every, progress, desc, max_skipped_steps,
+           companion, after_step) -> dict:
+    start, skipped, loss_value = 0, 0, float("nan")
     if ckpt and ckpt.exists():
         state = read_checkpoint(ckpt)
         differ = _differences({k: state.get(k) for k in this}, this)
@@ -161,12 +170,14 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
         with torch.no_grad():
             for p, v in zip(params, state["params"]):
                 p.copy_(v)
-        optimizer.load_state_dict(state["optimizer"])
+        stepper.load_state_dict(state["optimizer"])
+        after_step()
         if companion is not None:
             companion.load_state_dict(state["companion"])
         start, skipped, loss_value = state["step"], state["skipped_steps"], state["last_loss"]
         if state["finished"]:
-            return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped, "train_time_s": 0.0}
+            return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped, "train_time_s": 0.0,
+                    "engine": stepper.describe()}
 
     # the companion as it was at the end of the last finished step: an interrupt lands inside a step, after
     # the companion may have moved (FADE: a buffer refresh, D steps) but before the parameters did
@@ -178,7 +189,7 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
             os.close(fd)
             try:
                 torch.save({"fasterase_checkpoint": FORMAT, **this, "params": [p.detach().clone() for p in params],
-                            "optimizer": optimizer.state_dict(), "step": step, "skipped_steps": skipped,
+                            "optimizer": stepper.state_dict(), "step": step, "skipped_steps": skipped,
                             "last_loss": loss_value, "finished": finished,
                             "companion": snapshot}, tmp)
                 os.replace(tmp, ckpt)
@@ -194,10 +205,10 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}; stopping. "
                                     "Lower the learning rate or check the inputs.")
-            optimizer.zero_grad(set_to_none=True)
+            stepper.zero_grad()
             loss.backward()
-            if grads_finite(params):
-                optimizer.step()
+            if stepper.step():
+                after_step()
             else:
                 skipped += 1
                 if skipped > max_skipped_steps:
@@ -221,4 +232,4 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
         bar.close()
     save(done, finished=True)
     return {"steps": done, "last_loss": loss_value, "skipped_steps": skipped,
-            "train_time_s": time.perf_counter() - began}
+            "train_time_s": time.perf_counter() - began, "engine": stepper.describe()}

@@ -99,8 +99,8 @@ class CompactDelta:
     entries, their base values and `values`, one fp32 parameter of just those entries: what the
     optimizer trains (so gradients, optimizer states and checkpoints scale with the selected entries,
     and a bf16 base loses no small update). The network computes with W itself, whose selected
-    entries hold `values` rounded to W's dtype (sync(), after every optimizer step once bind() is
-    called). Autograd computes W's gradient one layer at a time; a hook gathers its selected entries
+    entries hold `values` rounded to W's dtype (sync(), which the training loop calls after every
+    optimizer step). Autograd computes W's gradient one layer at a time; a hook gathers its selected entries
     into values.grad and frees it at once, so no whole-network gradient is ever held.
 
     `off()` puts the base values in (the frozen teacher), `restore()` leaves the network
@@ -132,12 +132,6 @@ class CompactDelta:
     def trainable(self) -> list[torch.nn.Parameter]:
         """The fp32 masters, one per touched parameter, for the optimizer."""
         return list(self.values.values())
-
-    def bind(self, optimizer: torch.optim.Optimizer) -> None:
-        """Write the masters into the network after each step of `optimizer` and after its state is
-        loaded (a resumed run: the training loop restores the masters first)."""
-        optimizer.register_step_post_hook(lambda *_: self.sync())
-        optimizer.register_load_state_dict_post_hook(lambda _: self.sync())
 
     @torch.no_grad()
     def _put(self, values: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,294 @@
+"""What steps the trainable parameters: plain PyTorch, or DeepSpeed ZeRO stage 2 or 3.
+
+Every training method builds its trainables (LoRA factors, CompactDelta masters) and a client
+optimizer (SalientAdamW under ZeRO, 8-bit states by default), and the training loop asks an engine
+to step them once the method's backward has filled their gradients.
+
+How a gradient reaches DeepSpeed. ZeRO-2 and ZeRO-3 reduce a gradient in a hook the moment autograd
+accumulates it, and refuse a second arrival in one step; but our backward delivers gradients its own
+way: a micro-batched pass back-propagates chunk by chunk (one arrival per chunk), and CompactDelta
+gathers its masters' gradients in a hook on the base weights (autograd never accumulates them).
+So DeepSpeed gets parameters of its own, one "shadow" per trainable, and, after the method's
+backward, one backward of the surrogate loss sum_i <shadow_i, grad_i>, whose gradient with respect
+to shadow_i is grad_i exactly: every gradient arrives once, finished. ZeRO-2 keeps full values on
+every process, so each trainable then computes with its shadow's storage (no second copy); ZeRO-3
+partitions the shadows, so after each step the trainables are refreshed from them.
+
+What ZeRO splits between processes here is the optimizer's side: its states, DeepSpeed's fp32 copy and
+gradient partitions. Every process holds the whole frozen base, the whole trainable values and their
+whole gradients (the method's backward makes them before the engine hands them over), and computes
+the same batch (the step's generator is seeded by (seed, step) alone): several processes share the
+optimizer's memory, not the work. A checkpoint holds one process's state, so only runs of one process
+checkpoint (training.loop refuses the others before the first step).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..optim import SalientAdamW
+
+STAGES = (0, 2, 3)  # 0: plain PyTorch
+# DeepSpeed's gradient bucket, in entries: its default, 5e8, is 2 GB in fp32; our gradients are all ready
+# at once, so a smaller bucket costs only more, smaller reductions
+BUCKET = 50_000_000
+
+
+def grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    """Whether every gradient is finite, on every device (one reduction per device)."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            flags.setdefault(p.grad.device, []).append(torch.isfinite(p.grad).all())
+    return all(bool(torch.stack(f).all()) for f in flags.values())
+
+
+def adamw(params: list[torch.nn.Parameter], lr: float, zero: int) -> torch.optim.Optimizer:
+    """The optimizer of a method's LoRA factors: torch's AdamW in plain runs, SalientAdamW with 8-bit
+    states as DeepSpeed's client optimizer (no weight decay either way)."""
+    if zero:
+        return SalientAdamW(params, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def check_options(method: str, zero, deepspeed_config, checkpoint) -> None:
+    """The engine options every training method shares, checked before any work (a launcher's
+    WORLD_SIZE tells how many processes there will be)."""
+    if zero not in STAGES or isinstance(zero, bool):
+        raise UserError(f"{method} option zero must be 0 (plain PyTorch), 2 or 3 (DeepSpeed ZeRO stage), got {zero!r}")
+    if zero and checkpoint:
+        check_checkpointable(int(os.environ.get("WORLD_SIZE", "1")))
+    if deepspeed_config is not None:
+        if not zero:
+            raise UserError(f"{method} option deepspeed_config needs zero=2 or zero=3")
+        read_config(deepspeed_config)
+
+
+def check_checkpointable(world_size: int) -> None:
+    """A checkpoint holds one process's optimizer state: runs of several processes cannot checkpoint."""
+    if world_size > 1:
+        raise UserError(f"checkpointing under ZeRO with {world_size} processes is not supported: each holds its "
+                        "own partition of the optimizer; run without checkpoint, or in one process")
+
+
+def read_config(path: str) -> dict:
+    """A DeepSpeed config file (JSON), with the keys the engine sets itself refused by name."""
+    file = Path(path).expanduser()
+    try:
+        config = json.loads(file.read_text())
+    except OSError as e:
+        raise UserError(f"deepspeed_config {file}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"deepspeed_config {file} is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"deepspeed_config {file} must hold a JSON object, got {type(config).__name__}")
+    ours = {"optimizer": "the client optimizer is SalientAdamW", "zero_optimization.stage": "set with zero=2|3",
+            "fp16": "trainables are fp32", "bf16": "trainables are fp32", "scheduler": "methods keep lr fixed",
+            "gradient_accumulation_steps": "one batch per step", "train_batch_size": "set by the method's batch_size"}
+    stage = "stage" in config.get("zero_optimization", {})
+    taken = [k for k in ours if (k in config if "." not in k else stage)]
+    if taken:
+        raise UserError(f"deepspeed_config {file} sets {', '.join(taken)}, which fasterase sets itself ("
+                        + "; ".join(f"{k}: {ours[k]}" for k in taken) + "); leave them out")
+    return config
+
+
+class Plain:
+    """One optimizer step after the method's backward, skipped when a gradient is not finite."""
+
+    world_size = 1
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
+        self.params, self.optimizer = params, optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> bool:
+        """Step if every gradient is finite; whether it stepped."""
+        if not grads_finite(self.params):
+            return False
+        self.optimizer.step()
+        return True
+
+    def state_dict(self) -> dict:
+        return {"engine": self.describe(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def describe(self) -> dict:
+        return {"engine": "plain", "world_size": 1, **optimizer_report(self.optimizer, self.params)}
+
+    def close(self) -> None:
+        pass
+
+
+def optimizer_report(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict:
+    """The optimizer, the dtype of its states and of the trainables, for an edit's report."""
+    states = optimizer.state_dtype if isinstance(optimizer, SalientAdamW) else "fp32"
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    return {"optimizer": type(optimizer).__name__, "optimizer_states": states, "trainable_dtype": ",".join(dtypes)}
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_deepspeed(device: torch.device):
+    """deepspeed, imported on the accelerator of `device`, with its process group up: started by
+    the `deepspeed` launcher (its environment), or else as a single process."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("zero=2|3 needs DeepSpeed: pip install 'fasterase[scale]'")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if device.type == "cpu" else device.type)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator().device_name()
+    if accelerator != device.type:
+        raise UserError(f"DeepSpeed runs on its {accelerator!r} accelerator but the trainables are on {device}; "
+                        f"set DS_ACCELERATOR={device.type} (or train on the accelerator's device)")
+    if not torch.distributed.is_initialized():
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1",
+                     "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(k, v)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+    return deepspeed
+
+
+class _Surrogate(torch.nn.Module):
+    """DeepSpeed's model: the shadows, and forward(grads) = sum_i <shadow_i, grad_i>."""
+
+    def __init__(self, shadows: list[torch.nn.Parameter]):
+        super().__init__()
+        for i, s in enumerate(shadows):
+            self.register_parameter(f"p{i}", s)
+
+    def forward(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        return sum((getattr(self, f"p{i}") * g).sum() for i, g in enumerate(grads))
+
+
+class Zero:
+    """DeepSpeed ZeRO stage 2 or 3 over the trainables, with `optimizer` (SalientAdamW) as its client
+    optimizer (see the module's docstring). Raises UserError without DeepSpeed, for another
+    optimizer, or when DeepSpeed would not step with it."""
+
+    def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, stage: int,
+                 config_file: str | None = None):
+        if not isinstance(optimizer, SalientAdamW):
+            raise UserError(f"ZeRO steps with SalientAdamW as its client optimizer, got {type(optimizer).__name__}")
+        if optimizer.masks:
+            raise UserError("under ZeRO the trainables are flattened together: train compact deltas, not masks")
+        self.params, self.stage = params, stage
+        ds = _start_deepspeed(params[0].device)
+        self.deepspeed = ds
+        self.world_size = torch.distributed.get_world_size()
+        with torch.no_grad():
+            self.shadows = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        # the client optimizer steps the shadows (DeepSpeed puts its flat partitions in their place)
+        optimizer.param_groups[0]["params"] = list(self.shadows)
+        optimizer.state.clear()
+        # DeepSpeed clips gradients to norm 1.0 unless told otherwise; the plain engine does not clip
+        config = {"gradient_clipping": 0.0, **(read_config(config_file) if config_file else {}),
+                  "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+                  "steps_per_print": 2**62, "wall_clock_breakdown": False}
+        # ZeRO-3 otherwise replaces torch.nn.functional.linear for good (its "memory efficient linear", for
+        # partitioned layers, which the surrogate has none of): the network's layers would run through it
+        config["zero_optimization"] = {"reduce_bucket_size": min(BUCKET, sum(p.numel() for p in params)),
+                                       "memory_efficient_linear": False,
+                                       **config.get("zero_optimization", {}), "stage": stage}
+        self.engine, _, _, _ = ds.initialize(model=_Surrogate(self.shadows), optimizer=optimizer, config=config)
+        if self.engine.basic_optimizer is not optimizer:  # DeepSpeed may swap a client optimizer (ZeRO-Offload)
+            raise UserError(f"DeepSpeed replaced SalientAdamW by {type(self.engine.basic_optimizer).__name__}; "
+                            "remove what asks for it from deepspeed_config")
+        if stage == 2:  # full values on every process: the trainables compute with the shadows' storage
+            for p, s in zip(params, self.shadows):
+                p.data = s.data
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> bool:
+        """Hand the finished gradients to DeepSpeed and step, if every gradient is finite."""
+        if not grads_finite(self.params):
+            return False
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self.zero_grad()
+        self.engine.backward(self.engine(grads))
+        self.engine.step()
+        self._pull()
+        return True
+
+    @torch.no_grad()
+    def _pull(self) -> None:
+        """ZeRO-3: the trainables take the shadows' new values (gathered)."""
+        if self.stage == 3:
+            with self.deepspeed.zero.GatheredParameters(self.shadows):
+                for p, s in zip(self.params, self.shadows):
+                    p.copy_(s)
+
+    def state_dict(self) -> dict:
+        """One process's state (the training loop checkpoints only runs of one process)."""
+        return {"engine": self.describe(), "optimizer": _plain_entries(self.engine.optimizer.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The DeepSpeed optimizer's state, fp32 copies and 8-bit states included; the trainables'
+        values must be restored first (they are what ZeRO-2's values are)."""
+        if state.get("engine", {}).get("world_size", 1) != self.world_size:
+            raise UserError(f"the checkpoint was written by {state['engine']['world_size']} processes and this run "
+                            f"has {self.world_size}: ZeRO partitions differ; resume with the same number")
+        if self.stage == 3:
+            with torch.no_grad(), self.deepspeed.zero.GatheredParameters(self.shadows, modifier_rank=0):
+                for p, s in zip(self.params, self.shadows):
+                    s.copy_(p)
+        full = {**self.engine.optimizer.state_dict(), **state["optimizer"]}
+        self.engine.optimizer.load_state_dict([full], load_optimizer_states=True, load_from_fp32_weights=True)
+        self._pull()
+
+    def describe(self) -> dict:
+        return {"engine": f"deepspeed-zero{self.stage}", "world_size": self.world_size,
+                **optimizer_report(self.engine.basic_optimizer, self.params)}
+
+    def close(self) -> None:
+        """The trainables keep their values in storage of their own (ZeRO-2 shared DeepSpeed's)."""
+        if self.stage == 2:
+            for p in self.params:
+                p.data = p.data.clone()
+        self.engine.destroy()
+
+
+def _plain_entries(state: dict) -> dict:
+    """The entries of a DeepSpeed optimizer's state that torch.load(weights_only=True) reads back
+    (tensors, containers, numbers, text: the client optimizer's state, the fp32 partitions, the
+    paddings). The others are DeepSpeed's own objects (its loss scaler, parameter maps, stage enum),
+    which a checkpoint must not unpickle; a resuming engine rebuilds the same ones itself."""
+    kept = {}
+    for k, v in state.items():
+        buffer = io.BytesIO()
+        torch.save(v, buffer)
+        buffer.seek(0)
+        try:
+            torch.load(buffer, weights_only=True)
+        except Exception:  # pickle.UnpicklingError and what the unpickler raises on a refused global
+            continue
+        kept[k] = v
+    return kept
+
+
+def make(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, zero: int = 0,
+         deepspeed_config: str | None = None) -> Plain | Zero:
+    """The engine for `zero` (0: plain PyTorch; 2, 3: DeepSpeed ZeRO stage)."""
+    return Zero(params, optimizer, zero, deepspeed_config) if zero else Plain(params, optimizer)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Erase a concept from FLUX.1-dev on one node: one process per GPU under DeepSpeed ZeRO (training.engine).
+#
+#   scripts/erase_flux.sh FLUX_FOLDER CONCEPT [METHOD] [OUT] [more fasterase erase options...]
+#
+# Environment: GPUS (default: every GPU nvidia-smi lists), GPU_MEM (GB per GPU, default 80), ZERO (2 or 3,
+# default 2), RESOLUTION (px, default 1024, FLUX.1-dev's own). It first prints `fasterase plan` for the
+# node (memory per GPU, part by part) and stops there if the plan does not fit; else it starts the
+# deepspeed launcher with `--module fasterase erase`. Every process runs the whole batch; ZeRO splits
+# the optimizer's states between them; rank 0 writes the edit to OUT.
+set -euo pipefail
+
+if [ $# -lt 2 ]; then
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+fi
+MODEL=$1; CONCEPT=$2; METHOD=${3:-ant}; OUT=${4:-edits/flux-$METHOD}
+shift $(( $# < 4 ? $# : 4 ))
+GPUS=${GPUS:-$(nvidia-smi --list-gpus | wc -l)}
+GPU_MEM=${GPU_MEM:-80}
+ZERO=${ZERO:-2}
+RESOLUTION=${RESOLUTION:-1024}
+OPTIONS=(--dtype bf16 --resolution "$RESOLUTION" --gradient-checkpointing --micro-batch 4)
+
+PLAN=$(fasterase plan --model "$MODEL" --method "$METHOD" --gpus "$GPUS" --gpu-mem "$GPU_MEM" \
+    --set "zero=$ZERO" "${OPTIONS[@]}")
+echo "$PLAN"
+if grep -q '^does not fit' <<< "$PLAN"; then
+    echo "the plan does not fit $GPUS x $GPU_MEM GB (its suggestions are above); nothing started" >&2
+    exit 1
+fi
+
+deepspeed --num_gpus "$GPUS" --module fasterase erase --model "$MODEL" --concept "$CONCEPT" --method "$METHOD" \
+    --set "zero=$ZERO" "${OPTIONS[@]}" --out "$OUT" "$@"
