@@ -38,14 +38,15 @@ FP32_STAGES = {"esd": (2, 3), "ant": (2, 3), "fade": (2,), "trace": (2,)}
 
 # --- the subprocess ----------------------------------------------------------------------------------
 
-def _engine_run(stage: int, states: str) -> list[torch.Tensor]:
-    """Four steps of the engine over trainables of odd sizes, the third with a NaN gradient."""
+def _engine_run(stage: int, states: str, config_file: str | None = None):
+    """Four steps of the engine over trainables of odd sizes, the third with a NaN gradient: the values,
+    which steps were taken, and the engine's description."""
     from fasterase.optim import SalientAdamW
 
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in ODD_SIZES]
     stepper = engine.make(params, SalientAdamW(params, lr=1e-2, weight_decay=0.01, state_dtype=states,
-                                               min_8bit_size=1), stage)
+                                               min_8bit_size=1), stage, config_file)
     taken = []
     for step in range(4):
         stepper.zero_grad()
@@ -54,8 +55,9 @@ def _engine_run(stage: int, states: str) -> list[torch.Tensor]:
         if step == 2:
             params[3].grad[7] = float("nan")
         taken.append(stepper.step())
+    described = stepper.describe()
     stepper.close()
-    return [p.detach().clone() for p in params], taken
+    return [p.detach().clone() for p in params], taken, described
 
 
 def _values(edit) -> dict[str, torch.Tensor]:
@@ -104,6 +106,10 @@ def main(out_path: str, work: str) -> None:
         raise SystemExit(f"DeepSpeed picked accelerator {get_accelerator().device_name()!r}, not cpu")
     os.environ["FASTERASE_CACHE"] = work
     results = {"engine": {(z, s): _engine_run(z, s) for z in (0, 2, 3) for s in ("fp32", "8bit")}}
+    offload = os.path.join(work, "offload.json")
+    with open(offload, "w") as f:
+        f.write('{"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}')
+    results["offload"] = _engine_run(2, "8bit", offload)
 
     # what steps under ZeRO: record the client optimizer DeepSpeed holds and its states' dtypes
     seen = []
@@ -169,8 +175,8 @@ def _relative(a: dict, b: dict, base: dict | None = None) -> float:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_engine_steps_like_the_plain_one_on_odd_sizes(zero_runs, stage):
     """fp32 states: the same values after every step, the NaN step skipped by both."""
-    plain, plain_taken = zero_runs["engine"][(0, "fp32")]
-    values, taken = zero_runs["engine"][(stage, "fp32")]
+    plain, plain_taken, _ = zero_runs["engine"][(0, "fp32")]
+    values, taken, _ = zero_runs["engine"][(stage, "fp32")]
     assert taken == plain_taken == [True, True, False, True]
     for a, b in zip(values, plain):
         assert torch.equal(a, b)
@@ -178,8 +184,8 @@ def test_engine_steps_like_the_plain_one_on_odd_sizes(zero_runs, stage):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_engine_8bit_states_track_the_plain_engine(zero_runs, stage):
-    plain, _ = zero_runs["engine"][(0, "8bit")]
-    values, taken = zero_runs["engine"][(stage, "8bit")]
+    plain, _, _ = zero_runs["engine"][(0, "8bit")]
+    values, taken, _ = zero_runs["engine"][(stage, "8bit")]
     assert taken == [True, True, False, True]
     g = torch.Generator().manual_seed(0)
     start = {str(i): torch.randn(n, generator=g) for i, n in enumerate(ODD_SIZES)}
@@ -205,6 +211,15 @@ def test_zero3_leaves_torch_as_it_was(zero_runs):
 def test_zero2_with_8bit_states_tracks_the_plain_run(zero_runs, method):
     plain, zero = zero_runs["8bit"][(method, 0)], zero_runs["8bit"][(method, 2)]
     assert _relative(zero, plain) <= 0.01
+
+
+def test_optimizer_offload_keeps_our_8bit_optimizer(zero_runs):
+    """ZeRO-Offload (optimizer on the CPU): DeepSpeed steps SalientAdamW, not its CPU Adam, with the
+    same values as without offload (on the CPU accelerator the offload moves nothing)."""
+    values, taken, described = zero_runs["offload"]
+    assert described["optimizer"] == "SalientAdamW" and described["optimizer_states"] == "8bit"
+    assert taken == [True, True, False, True]
+    assert all(torch.equal(a, b) for a, b in zip(values, zero_runs["engine"][(2, "8bit")][0]))
 
 
 def test_under_zero_the_optimizer_stepping_is_ours_with_8bit_states(zero_runs):
