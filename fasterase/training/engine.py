@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import io
 import json
 import os
 import socket
@@ -270,22 +269,22 @@ class Zero:
         self.engine.destroy()
 
 
+def _plain(value) -> bool:
+    """Whether torch.load(weights_only=True) reads `value` back: tensors, numbers, text, None, and
+    lists, tuples and dicts of them."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return value is None or type(value) in (torch.Tensor, torch.nn.Parameter, int, float, bool, str)
+
+
 def _plain_entries(state: dict) -> dict:
     """The entries of a DeepSpeed optimizer's state that torch.load(weights_only=True) reads back
     (tensors, containers, numbers, text: the client optimizer's state, the fp32 partitions, the
     paddings). The others are DeepSpeed's own objects (its loss scaler, parameter maps, stage enum),
     which a checkpoint must not unpickle; a resuming engine rebuilds the same ones itself."""
-    kept = {}
-    for k, v in state.items():
-        buffer = io.BytesIO()
-        torch.save(v, buffer)
-        buffer.seek(0)
-        try:
-            torch.load(buffer, weights_only=True)
-        except Exception:  # pickle.UnpicklingError and what the unpickler raises on a refused global
-            continue
-        kept[k] = v
-    return kept
+    return {k: v for k, v in state.items() if _plain(v)}
 
 
 def make(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, zero: int = 0,
