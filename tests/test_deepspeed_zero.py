@@ -307,6 +307,10 @@ def test_deepspeed_config_needs_zero_and_is_checked(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(UserError, match="is not JSON"):
         engine.check_options("ESD", 2, str(bad), None)
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text('{"zero_optimization": "yes"}')
+    with pytest.raises(UserError, match="zero_optimization must be a JSON object, got str"):
+        engine.check_options("ESD", 2, str(scalar), None)
     ours = tmp_path / "ours.json"
     ours.write_text('{"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 1}}')
     with pytest.raises(UserError, match="optimizer, zero_optimization.stage, which fasterase sets itself"):

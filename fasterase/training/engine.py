@@ -89,6 +89,9 @@ def read_config(path: str) -> dict:
         raise UserError(f"deepspeed_config {file} is not JSON: {e}") from None
     if not isinstance(config, dict):
         raise UserError(f"deepspeed_config {file} must hold a JSON object, got {type(config).__name__}")
+    if not isinstance(config.get("zero_optimization", {}), dict):
+        raise UserError(f"deepspeed_config {file}: zero_optimization must be a JSON object, got "
+                        f"{type(config['zero_optimization']).__name__}")
     ours = {"optimizer": "the client optimizer is SalientAdamW", "zero_optimization.stage": "set with zero=2|3",
             "fp16": "trainables are fp32", "bf16": "trainables are fp32", "scheduler": "methods keep lr fixed",
             "gradient_accumulation_steps": "one batch per step", "train_batch_size": "set by the method's batch_size"}
