@@ -275,10 +275,17 @@ def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path, monkey
             fade.run(model, cs, fade.FADEConfig(**FAST, checkpoint=str(ckpt)), progress=False)
 
 
-def test_stops_when_the_discriminator_is_at_chance(monkeypatch):
+@pytest.mark.parametrize("reads,stop", [
+    # refreshes at steps 0, 2, 4, 6: three in a row within 0.5 +- 0.05 after step 6
+    ([(0.9, 0.8, 0.2), (0.52, 0.5, 0.49), (0.47, 0.53, 0.51), (0.5, 0.5, 0.5)], 7),
+    # accuracy at chance, but D calls every sample "absent" (it lags the model): training goes on
+    ([(0.9, 0.8, 0.2)] + [(0.5, 0.1, 0.1)] * 3, None),
+])
+def test_stops_when_the_discriminator_is_at_chance(monkeypatch, reads, stop):
+    """Sec. 4.3's rule: D's held-back accuracy and its mean outputs on x_c and on x_-c near 0.5."""
     model = models.load("toy-sd")
     cs = fasterase.api._resolve_concepts(model, "circle", None)
-    accs = iter([0.9, 0.52, 0.47, 0.5, 0.5, 0.5, 0.5])
+    values = iter(reads + [(0.5, 0.5, 0.5)] * 20)
     real = fade.Adversary.held_back_accuracy
     calls = []
 
@@ -287,15 +294,27 @@ def test_stops_when_the_discriminator_is_at_chance(monkeypatch):
         calls.append(step)
         if len(calls) == 1:  # the check after pretraining keeps its real value
             return value
-        self.curve[-1] = (step, next(accs))
+        self.curve[-1] = (step, *next(values))
         return self.curve[-1][1]
 
     monkeypatch.setattr(fade.Adversary, "held_back_accuracy", fake)
-    edit = fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 40, "refresh_every": 2, "stop_patience": 3}),
+    steps = 8 if stop is None else 40
+    edit = fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": steps, "refresh_every": 2, "stop_patience": 3}),
                     progress=False)
-    # refreshes at steps 0, 2, 4, 6 read 0.9, 0.52, 0.47, 0.5: three in a row within 0.5 +- 0.05 after step 6
-    assert edit.report["stopped_early"] and edit.report["steps"] == 7
-    assert edit.report["d_accuracy"] == [(0, 0.9), (2, 0.52), (4, 0.47), (6, 0.5)]
+    assert edit.report["steps"] == (steps if stop is None else stop)
+    assert edit.report["stopped_early"] == (stop is not None)
+    assert edit.report["d_accuracy"] == [(2 * i, *r) for i, r in enumerate(reads)]
+
+
+def test_mean_outputs_read_each_generations_own_head():
+    """D's mean probability on the concept generations' own heads, and on the neutral ones' paired heads."""
+    logits = torch.tensor([[0.0, 5.0], [-5.0, 2.0], [1.0, -1.0], [3.0, 0.0]])
+    concept = torch.tensor([0, 1, -1, -1])
+    head = torch.tensor([0, 1, 0, 1])
+    p_concept, p_neutral = discriminator.mean_outputs(logits, concept, head)
+    s = torch.sigmoid
+    assert p_concept == pytest.approx(float((s(torch.tensor(0.0)) + s(torch.tensor(2.0))) / 2))
+    assert p_neutral == pytest.approx(float((s(torch.tensor(1.0)) + s(torch.tensor(0.0))) / 2))
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):

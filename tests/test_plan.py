@@ -156,18 +156,19 @@ def test_cli_gradient_checkpointing(capsys):
 def test_micro_batch_cuts_every_pass():
     """--micro-batch runs every call in chunks on meta, as Denoiser.predict does: TRACE's scorer rollouts
     (no graph) and its step (graphs, recomputed a chunk at a time) need less; a plan that does not fit
-    suggests it."""
-    whole = planner.plan("toy-sd", "trace", resolution=128)
-    split = planner.plan("toy-sd", "trace", resolution=128, micro_batch=2)
-    assert split.to_json()["micro_batch"] == 2 and "micro-batch 2" in split.table().splitlines()[0]
+    suggests it. (Fewer D rows than the default: each chunk is a whole network call on meta.)"""
+    options = {"d_batch": 8, "batch_size": 8}
+    whole = planner.plan("toy-sd", "trace", options, resolution=128)
+    split = planner.plan("toy-sd", "trace", options, resolution=128, micro_batch=4)
+    assert split.to_json()["micro_batch"] == 4 and "micro-batch 4" in split.table().splitlines()[0]
     assert split.columns["scorer"].lines["activations"] < whole.columns["scorer"].lines["activations"] / 4
     assert split.columns["step"].lines["activations"] < whole.columns["step"].lines["activations"] / 2
     limit = (whole.peak[1] - 0.5 * whole.columns["scorer"].lines["activations"]) / 1e9
-    suggested = dict(planner.plan("toy-sd", "trace", resolution=128, gpu_mem=limit).suggestions)
+    suggested = dict(planner.plan("toy-sd", "trace", options, resolution=128, gpu_mem=limit).suggestions)
     fitting = [k for k in suggested if k.startswith("--micro-batch ")]
     assert fitting, suggested
     rows = int(fitting[0].split()[1])
-    assert planner.plan("toy-sd", "trace", resolution=128, gpu_mem=limit, micro_batch=rows).fits
+    assert planner.plan("toy-sd", "trace", options, resolution=128, gpu_mem=limit, micro_batch=rows).fits
 
 
 @pytest.mark.parametrize("model", ["toy-sd", "toy-flux", "sd15"])

@@ -26,9 +26,12 @@ Where this departs from the paper, and why:
   alone (the paper's eq.) left the late steps of every prompt free, and the adversarial game has a
   trivial equilibrium there, every output destroyed alike (toy-sd circle, lr 1e-4 and 3e-4: D at
   chance after 65-89 steps, and no shape drawn at all; bench/RESULTS.md).
-- D's accuracy is measured prequentially: on each refresh's new clean samples (the rollouts' last
-  step) before D trains on them, so they are held back from it; training stops when it stays within
-  0.5 +- stop_delta for stop_patience refreshes in a row (Sec. 4.3's stopping rule).
+- D is measured prequentially: on each refresh's new clean samples (the rollouts' last step) before
+  D trains on them, so they are held back from it. Training stops when, for stop_patience refreshes
+  in a row, D's accuracy and its mean outputs on the concept's and on the neutral samples all lie
+  within 0.5 +- stop_delta (Sec. 4.3: "output ~ 0.5 for both x_c and x_-c inputs"). Accuracy alone
+  also reads 0.5 when D calls every sample "absent" (it lags a model that changed), and stopped a
+  toy-sd "red" run at step 193 with the other colours damaged (bench/RESULTS.md).
 - Salient entries: summed |gradient| over concept generations of |eps(x_t, y_c) - eps(x_t, y_-c)|^2,
   Sec. 4.2's example concept loss, top `saliency_share` kept, trained with SalientAdamW (8-bit
   states), every other weight bit-identical; the Edit stores only the changed entries.
@@ -41,9 +44,8 @@ Where this departs from the paper, and why:
 - L_rem's gradient reaches both branches of the guided prediction (x_c is a guided sample), the
   empty prompt's too, and nothing holds the empty prompt: a drift there would reach every prompt's
   guided sampling. The toy measurements show none (Acc_s 0.996 / 1.000), but it is not excluded.
-- The stopping rule reads D's accuracy on 2 * `rollouts` fresh samples (32 at the defaults: a
-  standard error of about 0.09, above stop_delta), and a D fooled into "absent" for every sample also
-  scores 0.5; the paper's rule, D's outputs near 0.5, is not what is measured.
+- The stopping rule reads 2 * `rollouts` fresh samples (32 at the defaults: the accuracy's standard
+  error is about 0.09, above stop_delta; stop_patience refreshes in a row guard against one lucky read).
 - P_c holds the concept's templates and attributes, not its synonyms (the paper's P_c may hold
   them): evaluation keeps the toy world's synonyms for Acc_g, so no method sees them.
 - Sizes (computed from the shapes, not measured): the buffer keeps every grid step's x_t and x_0 in
@@ -73,7 +75,7 @@ from ..models import Cond, Denoiser
 from ..optim import SalientAdamW
 from ..training import loop, params, saliency, sampling
 from ..training.prompt_pairs import PromptPairs, prompt_pairs
-from ..training.discriminator import ConceptDiscriminator, accuracy, removal_loss, train_step
+from ..training.discriminator import ConceptDiscriminator, accuracy, mean_outputs, removal_loss, train_step
 from . import ranges
 
 NEUTRAL, PRESERVED = -1, -2  # buffer row kinds besides concept indices
@@ -104,8 +106,8 @@ class FADEConfig:
     rollouts: int = 16  # (ours) concept prompts per buffer refresh (with as many neutral, and preserved, prompts)
     refresh_every: int = 4  # (ours) steps between buffer refreshes
     sample_steps: int = 20  # (ours) sampler steps of the rollouts
-    stop_delta: float = 0.05  # (ours; the paper: "consistently" near 0.5) stop when D's held-back accuracy is
-    stop_patience: int = 3  # (ours) ... within 0.5 +- stop_delta on this many refreshes in a row
+    stop_delta: float = 0.05  # (ours; the paper: "consistently" near 0.5) stop when D's held-back accuracy and
+    stop_patience: int = 3  # (ours) ... mean outputs are within 0.5 +- stop_delta on this many refreshes in a row
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from (D and the buffer included)
     max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
@@ -159,7 +161,8 @@ class Adversary:
         self.d.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.d.parameters(), lr=cfg.lr * cfg.d_lr_ratio, weight_decay=0.0)
         self.buffer: dict[str, torch.Tensor] = {}
-        self.curve: list[tuple[int, float]] = []  # (step, D's held-back accuracy)
+        # (step, D's held-back accuracy, its mean output on the concept's samples, on the neutral ones)
+        self.curve: list[tuple[int, float, float, float]] = []
         self.mask: dict[str, torch.Tensor] = {}  # the salient entries trained
         self.pretrained = float("nan")  # D's held-back accuracy after pretraining
         self.last = {"d_loss": float("nan"), "rem": float("nan"), "pres": float("nan")}
@@ -176,18 +179,22 @@ class Adversary:
         self.d.load_state_dict(state["d"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer = dict(state["buffer"])
-        self.curve = [(int(s), float(a)) for s, a in state["curve"]]
+        if any(len(c) != 4 for c in state["curve"]):
+            raise UserError("this FADE checkpoint was written by an older fasterase (its discriminator curve holds "
+                            "accuracy only); name a new checkpoint file to start over")
+        self.curve = [(int(s), float(a), float(pc), float(pn)) for s, a, pc, pn in state["curve"]]
         self.last = dict(state["last"])
         self.mask, self.pretrained = dict(state["mask"]), float(state["pretrained"])
 
     def postfix(self) -> dict:
-        acc = f"{self.curve[-1][1]:.2f}" if self.curve else "-"
+        acc, out = (f"{self.curve[-1][1]:.2f}", "{:.2f}/{:.2f}".format(*self.curve[-1][2:])) if self.curve else "--"
         return {"rem": f"{self.last['rem']:.3g}", "pres": f"{self.last['pres']:.3g}",
-                "d_loss": f"{self.last['d_loss']:.3g}", "d_acc": acc}
+                "d_loss": f"{self.last['d_loss']:.3g}", "d_acc": acc, "d_out": out}
 
     def finished(self) -> bool:
-        recent = [a for _, a in self.curve[-self.cfg.stop_patience:]]
-        return len(recent) == self.cfg.stop_patience and all(abs(a - 0.5) <= self.cfg.stop_delta for a in recent)
+        recent = self.curve[-self.cfg.stop_patience:]
+        return len(recent) == self.cfg.stop_patience and all(abs(v - 0.5) <= self.cfg.stop_delta
+                                                              for _, *values in recent for v in values)
 
     # --- the buffer ---
     @torch.no_grad()
@@ -230,13 +237,15 @@ class Adversary:
 
     # --- D ---
     def held_back_accuracy(self, step: int) -> float:
-        """D on the buffer's clean end (the last grid step), before it trains on these rollouts."""
+        """D on the buffer's clean end (the last grid step), before it trains on these rollouts: its
+        accuracy, returned, and with its mean outputs (discriminator.mean_outputs) added to the curve."""
         kind = self.buffer["kind"]
         rows = torch.nonzero(kind >= NEUTRAL).reshape(-1)
-        x0 = self.buffer["x0"][-1, rows]
+        head = torch.tensor([self.prompts.concept[int(i)][1] for i in self.buffer["pair"][rows]])
         with torch.no_grad():
-            acc = accuracy(self.d(self.model.latent_image(x0)), kind[rows])
-        self.curve.append((step, acc))
+            logits = self.d(self.model.latent_image(self.buffer["x0"][-1, rows]))
+        acc = accuracy(logits, kind[rows])
+        self.curve.append((step, acc, *mean_outputs(logits, kind[rows], head)))
         return acc
 
     def train_d(self, g: torch.Generator) -> float:

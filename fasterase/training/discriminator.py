@@ -61,6 +61,16 @@ def accuracy(logits: torch.Tensor, concept: torch.Tensor) -> float:
     return float(right.float().mean())
 
 
+@torch.no_grad()
+def mean_outputs(logits: torch.Tensor, concept: torch.Tensor, head: torch.Tensor) -> tuple[float, float]:
+    """D's mean probability "present" on each generation's own head (`head` (N,) long: its concept, or
+    the concept a neutral generation is paired with), over the concept generations and over the neutral
+    ones: both 0.5 when D cannot tell them apart (fade.txt Sec. 4.3: "output ~ 0.5 for both x_c and x_-c")."""
+    p = torch.sigmoid(logits.float()).gather(1, head.to(logits.device)[:, None]).squeeze(1)
+    present = concept.to(logits.device) >= 0
+    return float(p[present].mean()), float(p[~present].mean())
+
+
 def train_step(d: ConceptDiscriminator, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
                concept: torch.Tensor) -> float:
     """One optimizer step of D on discriminator_loss; D's parameters require grad only inside it, so
