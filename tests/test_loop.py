@@ -95,6 +95,17 @@ def test_checkpoint_records_the_run_identity(tmp_path):
                run=ident(checkpoint="elsewhere.ckpt", max_skipped_steps=0))
 
 
+def test_another_runs_checkpoint_is_refused_before_the_engine_starts(tmp_path, monkeypatch):
+    """A plain run's checkpoint named by a ZeRO run (another config) is refused before DeepSpeed starts."""
+    ckpt = tmp_path / "run.ckpt"
+    w, o = make()
+    loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=ident())
+    monkeypatch.setattr(loop.engines, "make", lambda *a, **k: pytest.fail("the engine started"))
+    w, o = make()
+    with pytest.raises(UserError, match="another run: its run.config.zero"):
+        loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=ident(zero=2), zero=2)
+
+
 def test_finished_checkpoint_gives_its_result_without_training(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     w, o = make()

