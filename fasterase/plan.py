@@ -638,7 +638,7 @@ def _trace(p: _Planner, cfg, gpus: int):
     prediction, all graphs alive until backward; on a refresh step the old buffer is still held. One LoRA of
     rank `rank` on every text projection, torch AdamW."""
     refined = [q.module.weight for q in trace.refined_projections(p.den)] if cfg.refine else []
-    pairs = prompt_pairs(p.concepts, cfg.neutral)
+    pairs = trace.target_pairs(p.concepts, cfg)
     lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
     lines["refined projections"] = 2 * sum(w.numel() for w in refined) * p.bytes
     notes["refined projections"] = f"{len(refined)} projections, original and refined copies in {p.dtype}"

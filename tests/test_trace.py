@@ -10,13 +10,12 @@ from safetensors.torch import load_file
 
 import fasterase
 from fasterase import models, ops
-from fasterase.concepts import as_concepts
+from fasterase.concepts import Concept, as_concepts
 from fasterase.edit import EDIT_FILE, Edit
 from fasterase.errors import UserError
 from fasterase.methods import trace
 from fasterase.toy import concepts as toy_concepts
 from fasterase.training import loop, params, sampling
-from fasterase.training.prompt_pairs import prompt_pairs
 from edit_testing import interrupted_step
 
 MODELS = ["toy-sd", "toy-flux"]
@@ -92,6 +91,19 @@ def test_anchor_token_needs_an_anchor():
     fasterase.erase("toy-sd", "red", method="trace", finetune=False, neutral_token="anchor", progress=False)  # grey
 
 
+def test_the_target_replaces_the_concept_by_one_word():
+    """L_traj regresses onto x*: every concept prompt's target names the same word, the first preserved
+    concept (or `neutral`), never FADE's preserved names in turn."""
+    cs = as_concepts([toy_concepts.concept("circle")], preserve=["square", "triangle", "star"])
+    pairs = trace.target_pairs(cs, trace.TRACEConfig())
+    assert len(pairs.neutral) == len(pairs.concept) > 3
+    assert all("square" in t and "circle" not in t for t in pairs.neutral)
+    assert [t for t, _ in pairs.concept] == [t.replace("square", "circle") for t in pairs.neutral]
+    assert all("star" in t for t in trace.target_pairs(cs, trace.TRACEConfig(neutral="star")).neutral)
+    alone = as_concepts([Concept("circle", anchor="disc")])
+    assert all("disc" in t for t in trace.target_pairs(alone, trace.TRACEConfig()).neutral)
+
+
 # --- phase 2 ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
@@ -125,7 +137,7 @@ def _two_concept_setup(name="toy-sd", **options):
             torch.nn.init.normal_(p.data, std=0.05)
     teacher = lambda: params.lora_off(model.network, tuple(names))  # noqa: E731
     pairs = trace._pair_prompts(cs) if cfg.integration else []
-    traj = trace.Trajectories(model, prompt_pairs(cs, None), pairs, 2, cfg, teacher)
+    traj = trace.Trajectories(model, trace.target_pairs(cs, cfg), pairs, 2, cfg, teacher)
     traj.refresh(loop.step_generator(0, 9))
     return model, cs, cfg, groups, traj, teacher
 

@@ -67,6 +67,12 @@ Where this departs from the paper, and why:
 - The clean prompts' x_0 term is in latents, not a CLIP-feature distance: the toy world has no
   CLIP, and latents are what the trajectory terms already compare.
 - Clean prompts: the preserved concepts' prompts, or with none preserved the neutral pairs.
+- The target's replacement word (the paper does not name one): one word for every prompt, the first
+  preserved concept's name (or the concept's anchor with none preserved), not FADE's preserved names
+  in turn (target_pairs). L_traj regresses the concept prompts' predictions onto x*_0, so the
+  target must be one image per prompt and noise that the text alone selects: with a different shape
+  per template and colour, toy-flux drew a blend the detector read as a circle in 25% of circle
+  prompts (bench/RESULTS.md; with one word, none).
 - L_int penalises the concepts' presence in the pair prompts' outputs outright, not its increase
   over the single-concept prompts' (the paper compares the two): erased, both should be absent.
 - e_u as a learned vector (an option the paper mentions) is not offered: the paper gives no
@@ -111,7 +117,7 @@ class TRACEConfig:
     separate: bool = True  # one LoRA per concept; False: one LoRA for all (Table 2)
     t0: float = 0.86  # noise level where the target switches to the neutral prompt (1 = pure noise); module doc
     trajectory: bool = True  # False: the target switches at the first step, L_traj on every step, no drift term
-    neutral: str | None = None  # replaces the concept's name in the target (see prompt_pairs)
+    neutral: str | None = None  # replaces the concept's name in the target; None: target_pairs' choice
     lambda_traj: float = 1.0
     lambda_score: float = 0.1
     lambda_keep: float = 3.0  # measured on toy-sd (1.0 cost the other shapes 8% of their colour)
@@ -503,11 +509,20 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool 
                 base_fingerprint=base, weights=weights, lora=lora, report=report)
 
 
+def target_pairs(concepts: ConceptSet, cfg: TRACEConfig) -> PromptPairs:
+    """The concept prompts and their targets' prompts (training.prompt_pairs) with the concept's name
+    replaced by cfg.neutral, or when unset by ONE word for every prompt: the first preserved concept's
+    name, or with none preserved each concept's anchor (module doc: the target must be a function of
+    the prompt)."""
+    neutral = cfg.neutral if cfg.neutral is not None or not concepts.preserve else concepts.preserve[0]
+    return prompt_pairs(concepts, neutral)
+
+
 def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: list[str],
               original: dict[str, torch.Tensor], refined: dict[str, torch.Tensor], base: str,
               progress: bool) -> tuple[dict, dict]:
     net = model.network
-    prompts = prompt_pairs(concepts, cfg.neutral)
+    prompts = target_pairs(concepts, cfg)
     pairs = _pair_prompts(concepts) if len(concepts) > 1 and cfg.integration and cfg.scorer != "none" else []
     model.encode([t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved + [t for t, _ in pairs] + [""])
     names = [f"{ADAPTER}_{k}" for k in range(len(concepts))] if cfg.separate and len(concepts) > 1 else [ADAPTER]
