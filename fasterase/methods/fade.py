@@ -187,7 +187,10 @@ class Adversary:
         self.mask, self.pretrained = dict(state["mask"]), float(state["pretrained"])
 
     def postfix(self) -> dict:
-        acc, out = (f"{self.curve[-1][1]:.2f}", "{:.2f}/{:.2f}".format(*self.curve[-1][2:])) if self.curve else "--"
+        acc, out = "-", "-"
+        if self.curve:
+            _, a, p_concept, p_neutral = self.curve[-1]
+            acc, out = f"{a:.2f}", f"{p_concept:.2f}/{p_neutral:.2f}"
         return {"rem": f"{self.last['rem']:.3g}", "pres": f"{self.last['pres']:.3g}",
                 "d_loss": f"{self.last['d_loss']:.3g}", "d_acc": acc, "d_out": out}
 
