@@ -306,6 +306,18 @@ def test_stops_when_the_discriminator_is_at_chance(monkeypatch, reads, stop):
     assert edit.report["d_accuracy"] == [(2 * i, *r) for i, r in enumerate(reads)]
 
 
+def test_a_checkpoint_from_before_the_outputs_is_refused():
+    """A checkpoint whose D curve holds accuracy only (older fasterase) is refused by name, not misread."""
+    model = models.load("toy-sd")
+    cs = as_concepts([toy_concepts.concept("circle")])
+    cfg = fade.FADEConfig(**FAST)
+    adv = fade.Adversary(model, prompt_pairs(cs, cfg.neutral), 1, cfg)
+    state = adv.state_dict()
+    state["curve"] = [[0, 0.9], [2, 0.5]]
+    with pytest.raises(UserError, match="older fasterase"):
+        adv.load_state_dict(state)
+
+
 def test_mean_outputs_read_each_generations_own_head():
     """D's mean probability on the concept generations' own heads, and on the neutral ones' paired heads."""
     logits = torch.tensor([[0.0, 5.0], [-5.0, 2.0], [1.0, -1.0], [3.0, 0.0]])

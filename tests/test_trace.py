@@ -102,6 +102,8 @@ def test_the_target_replaces_the_concept_by_one_word():
     assert all("star" in t for t in trace.target_pairs(cs, trace.TRACEConfig(neutral="star")).neutral)
     alone = as_concepts([Concept("circle", anchor="disc")])
     assert all("disc" in t for t in trace.target_pairs(alone, trace.TRACEConfig()).neutral)
+    assert trace.target_words(cs, trace.TRACEConfig()) == ["square"]
+    assert trace.target_words(alone, trace.TRACEConfig()) == ["disc"]
 
 
 # --- phase 2 ------------------------------------------------------------------------------------
@@ -336,6 +338,7 @@ def test_erase_through_the_api_on_flux():
     ({"separate": False}, "several concepts"),
     ({"t0": 0.99}, "no sampler step on one side"),
     ({"scorer": "none", "int_every": 2}, "trains no scorer"),
+    ({"neutral": "red circle"}, "names a concept being erased"),
 ])
 def test_bad_options(options, needle):
     with pytest.raises(UserError, match=needle):
@@ -343,5 +346,5 @@ def test_bad_options(options, needle):
 
 
 def test_a_concept_the_model_does_not_draw_is_refused():
-    with pytest.raises(UserError, match="no better than"):  # the neutral pair is the concept prompt itself
-        fasterase.erase("toy-sd", "circle", method="trace", progress=False, **{**FAST, "neutral": "circle"})
+    with pytest.raises(UserError, match="no better than"):  # the neutral pair draws the concept: its synonym
+        fasterase.erase("toy-sd", "circle", method="trace", progress=False, **{**FAST, "neutral": "disk"})

@@ -192,7 +192,7 @@ class Adversary:
             _, a, p_concept, p_neutral = self.curve[-1]
             acc, out = f"{a:.2f}", f"{p_concept:.2f}/{p_neutral:.2f}"
         return {"rem": f"{self.last['rem']:.3g}", "pres": f"{self.last['pres']:.3g}",
-                "d_loss": f"{self.last['d_loss']:.3g}", "d_acc": acc, "d_out": out}
+                "d_loss": f"{self.last['d_loss']:.3g}", "d_acc": acc, "D(x_c)/D(x_-c)": out}
 
     def finished(self) -> bool:
         recent = self.curve[-self.cfg.stop_patience:]

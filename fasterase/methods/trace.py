@@ -513,9 +513,23 @@ def target_pairs(concepts: ConceptSet, cfg: TRACEConfig) -> PromptPairs:
     """The concept prompts and their targets' prompts (training.prompt_pairs) with the concept's name
     replaced by cfg.neutral, or when unset by ONE word for every prompt: the first preserved concept's
     name, or with none preserved each concept's anchor (module doc: the target must be a function of
-    the prompt)."""
-    neutral = cfg.neutral if cfg.neutral is not None or not concepts.preserve else concepts.preserve[0]
+    the prompt). UserError when cfg.neutral names a concept being erased."""
+    neutral = _target_word(concepts, cfg)
+    if neutral is not None and any(set(n.lower().split()) <= set(neutral.lower().split()) for n in concepts.names):
+        raise UserError(f"TRACE option neutral={neutral!r} names a concept being erased ({', '.join(concepts.names)}): "
+                        "the target would draw it; give another word")
     return prompt_pairs(concepts, neutral)
+
+
+def target_words(concepts: ConceptSet, cfg: TRACEConfig) -> list[str]:
+    """The word each concept's name is replaced by in its target (target_pairs), for the report."""
+    neutral = _target_word(concepts, cfg)
+    return [c.anchor if neutral is None else neutral for c in concepts]
+
+
+def _target_word(concepts: ConceptSet, cfg: TRACEConfig) -> str | None:
+    """cfg.neutral, else the first preserved concept; None: each concept's anchor."""
+    return cfg.neutral if cfg.neutral is not None or not concepts.preserve else concepts.preserve[0]
 
 
 def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: list[str],
@@ -565,4 +579,4 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
         for a in names:
             remove_adapter(net, a)
     return lora, {"loras": len(names), "lora_rank": cfg.rank * len(names), "scorer_accuracy": traj.scorer_accuracy,
-                  "last_terms": dict(traj.last), **stats}
+                  "target_words": target_words(concepts, cfg), "last_terms": dict(traj.last), **stats}
