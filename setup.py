@@ -96,7 +96,7 @@ if __name__ == "__main__":  # as pip and setuptools run it; the tests import it 
             "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
         extras_require={
-            "test": ["pytest", "pytest-benchmark"],
+            "test": ["pytest", "pytest-benchmark", "pytest-xdist"],
             "scale": ["deepspeed", "bitsandbytes"],
         },
         entry_points={"console_scripts": ["fasterase = fasterase.cli:main"]},

@@ -2,6 +2,9 @@
 
 Without a GPU, Triton kernels run in its interpreter, which must be switched on before Triton is
 first imported (diffusers may import it while fasterase loads), so it is set here, first.
+
+Under pytest-xdist (`-n N`, the README's test command) each worker gets one torch thread, and so do
+the processes the tests start: N workers of two threads each on N cores spin against each other.
 """
 import os
 import tempfile
@@ -10,6 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 # saliency maps and other caches of the run stay out of the user's ~/.cache
 os.environ["FASTERASE_CACHE"] = tempfile.mkdtemp(prefix="fasterase-test-cache-")
 

@@ -144,6 +144,7 @@ def test_only_salient_entries_change(name):
     edit = fade.run(model, cs, fade.FADEConfig(**FAST), progress=False)
     assert all(torch.equal(before[k], v) for k, v in state(model).items())  # run() leaves the model as it was
     report = edit.report
+    assert edit.config["lambda_pres"] == fade.LAMBDA_PRES["object"]  # the concept type's, recorded
     assert 0 < report["saliency_selected"] == report["trained_entries"] < report["saliency_candidates"]
     assert report["trained_entries"] <= 0.05 * report["saliency_candidates"] + 50  # the top share (ties kept)
     edit.apply(model)
@@ -375,6 +376,18 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
 def test_bad_options(options, needle):
     with pytest.raises(UserError, match=needle):
         fasterase.erase("toy-sd", "circle", method="fade", progress=False, **{**FAST, **options})
+
+
+def test_lambda_pres_by_concept_type():
+    """Unset, lambda_pres is the concepts' type's (the largest of several types); set, the user's."""
+    circle, red = toy_concepts.concept("circle"), toy_concepts.concept("red")
+    assert (circle.type, red.type) == ("object", "style")
+    assert fade.LAMBDA_PRES["object"] != fade.LAMBDA_PRES["style"]
+    lam = {name: fade.resolved(fade.FADEConfig(), as_concepts(cs)).lambda_pres
+           for name, cs in {"circle": [circle], "red": [red], "both": [red, circle]}.items()}
+    assert lam == {"circle": fade.LAMBDA_PRES["object"], "red": fade.LAMBDA_PRES["style"],
+                   "both": max(fade.LAMBDA_PRES["object"], fade.LAMBDA_PRES["style"])}
+    assert fade.resolved(fade.FADEConfig(lambda_pres=0.0), as_concepts([circle])).lambda_pres == 0.0
 
 
 def test_a_concept_the_model_does_not_draw_is_refused():
