@@ -262,7 +262,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
                         f"and the model is as it was (check the concepts' prompts and the method's options)")
     edit.apply(den)  # rolls itself back if it fails
     report = {"model": _model_record(den), "method": method, "concepts": cs.names, "preserve": list(cs.preserve),
-              "config": vars(cfg).copy(), "steps": edit.report.get("steps", 0),
+              "config": dict(edit.config), "steps": edit.report.get("steps", 0),  # as the method resolved it
               "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(den.network.device),
               "device": str(den.network.device), "dtype": str(den.network.dtype).removeprefix("torch."),
               "gradient_checkpointing": gradient_checkpointing, "micro_batch": micro_batch,

@@ -390,6 +390,11 @@ def test_lambda_pres_by_concept_type():
     assert fade.resolved(fade.FADEConfig(lambda_pres=0.0), as_concepts([circle])).lambda_pres == 0.0
 
 
+def test_the_report_records_the_resolved_lambda():
+    result = fasterase.erase("toy-sd", "red", method="fade", progress=False, **FAST)
+    assert result.edit.config["lambda_pres"] == result.report["config"]["lambda_pres"] == fade.LAMBDA_PRES["style"]
+
+
 def test_a_concept_the_model_does_not_draw_is_refused():
     """When D cannot tell the concept's generations from the neutral ones, nothing can be erased: an error,
     not an early stop that reports success."""
