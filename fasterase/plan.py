@@ -64,7 +64,9 @@ as training.engine runs them. The optimizer's states and DeepSpeed's fp32 copy a
 are split N ways; every process runs the whole batch and holds the whole trainable values and their
 gradients (the engine hands DeepSpeed finished gradients); DeepSpeed adds a gradient bucket, and under
 ZeRO-3 the trainables' shadows gathered whole for the step. Under ZeRO the client optimizer sees one flat
-partition, so its 8-bit states are one blockwise tensor.
+partition, so its 8-bit states are one blockwise tensor. ZeRO-3 also partitions the network while the
+training loop runs (_Planner.while_training); the moments before it (encoding, saliency, TRACE's
+scorer) hold it whole, as each process loads it whole.
 """
 from __future__ import annotations
 
@@ -105,6 +107,11 @@ PROMPT = "a prompt"  # the text of every measured call's rows (the embeddings ar
 TRACE_HELD_OUT = 16  # methods/trace.py, Trajectories.train_scorer: max(16, rollouts) held-out concept prompts
 _MIN_8BIT = SalientAdamW.__init__.__kwdefaults__["min_8bit_size"]  # smaller states stay fp32
 EXTRAPOLATE_AFTER = 4  # chunks; a call micro-batched into more is measured at 2 and 4 (Meter.measure)
+# DeepSpeed ZeRO-3's defaults (zero_optimization; tests/test_plan.py checks them against DeepSpeed's): parameters
+# of at most this many entries stay whole on every GPU, and the layers gathered whole for their passes hold at
+# most max_live_parameters plus a prefetch bucket
+ZERO3_PERSISTENCE_THRESHOLD = 100_000
+ZERO3_LIVE_PARAMETERS = 1_000_000_000 + 50_000_000
 
 
 # --- measuring on the meta device ---------------------------------------------------------------------
@@ -434,11 +441,29 @@ class _Planner:
                  "prompt cache": f"{prompts} prompts' embeddings in {self.dtype} ({tuple(cond.embeds.shape[1:])} each)"}
         return lines, notes
 
+    def while_training(self, lines: dict[str, int], notes: dict[str, str], gpus: int, zero: int) -> dict[str, int]:
+        """The resident parts while the training loop runs: under ZeRO-3 the network partitioned over the GPUs
+        (training.engine), i.e. a 1/gpus slice of every parameter, the small ones also whole, the layers
+        gathered for their passes (at most DeepSpeed's live-parameter limit) and the buffers whole. Loading,
+        encoding, saliency and TRACE's scorer come before, with the network whole."""
+        if zero != 3:
+            return lines
+        name = f"{self.described.network_name} weights"
+        small = sum(n for n in self.entries if n <= ZERO3_PERSISTENCE_THRESHOLD)
+        gathered = min(sum(self.entries) - small, ZERO3_LIVE_PARAMETERS)
+        slices = sum(-(-n // gpus) for n in self.entries)
+        buffers = lines[name] - sum(self.entries) * self.bytes
+        notes[name] += (f"; while training, ZeRO-3 over {gpus} GPU{'s' if gpus > 1 else ''}: a 1/{gpus} slice of "
+                        f"each, parameters of up to {ZERO3_PERSISTENCE_THRESHOLD:,} entries also whole, and up to "
+                        f"{gathered / 1e6:.4g} M entries gathered for their layers' passes")
+        return {**lines, name: (slices + small + gathered) * self.bytes + buffers}
+
     def encoding(self, lines: dict[str, int]) -> Column:
-        """The moment prompts are encoded: the pipeline's weights, the text encoders back on the GPU."""
+        """The moment prompts are encoded: the pipeline's weights (the network whole, before any training
+        loop partitions it), the text encoders back on the GPU."""
         encoders = [m for n, m in self.described.others.items() if n.startswith("text_encoder")]
-        keep = (f"{self.described.network_name} weights", "VAE", "prompt cache")
-        return Column({**{k: lines[k] for k in keep},
+        return Column({f"{self.described.network_name} weights": meta.entry_bytes(self.den.network, self.torch_dtype),
+                       "VAE": lines["VAE"], "prompt cache": lines["prompt cache"],
                        "text encoders": sum(meta.entry_bytes(m, self.torch_dtype) for m in encoders)})
 
     def layer_gradient(self, temporaries: int) -> int:
@@ -569,7 +594,7 @@ def _esd(p: _Planner, cfg, gpus: int):
     notes.update(lora_notes)
     notes["activations"] = f"{parameters}: rollout guided on {b}, teacher on {2 * b}, edited prediction on {b} rows"
     calls = [Pass(b, guided=True), Pass(2 * b), Pass(b, grad=True)]
-    return {"step": _column(p, meter, {**lines, **trained}, calls)}, notes
+    return {"step": _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls)}, notes
 
 
 def _ant(p: _Planner, cfg, gpus: int, share: float):
@@ -596,7 +621,7 @@ def _ant(p: _Planner, cfg, gpus: int, share: float):
         columns["saliency"] = _column(p, meter, {**lines, "gradients": p.layer_gradient(2),
                                                  "saliency sums": p.bytes * sum(p.entries)}, saliency_map)
         notes["saliency sums"] = f"running minimum over the maps in {p.dtype}, one per parameter"
-    columns["step"] = _column(p, meter, {**lines, **trained}, calls(b))
+    columns["step"] = _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls(b))
     notes["activations"] = (f"rollout guided on {b} rows, the move to {taus} taus guided on {taus * b}, teacher on "
                             f"{2 * taus * b}, prediction on {2 * taus * b} rows with every parameter requiring grad; "
                             "saliency maps at 1 prompt")
@@ -629,7 +654,7 @@ def _fade(p: _Planner, cfg, gpus: int):
                                                  "discriminator": p.discriminator(meter, 4 * 4)},
                                       [Pass(2, grad=True, whole=True)])
         notes["saliency sums"] = f"sum of |gradient| in {p.dtype}, one per parameter"
-    base = {**lines, **trained, "discriminator": d}
+    base = {**p.while_training(lines, notes, gpus, cfg.zero), **trained, "discriminator": d}
     columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 6)},
                                  [Pass(rows, guided=True)])
     step = [DiscriminatorPass(cfg.d_batch, train=True)]
@@ -683,7 +708,8 @@ def _trace(p: _Planner, cfg, gpus: int):
                    _column(p, meter, {**scoring, "rollout buffer": p.buffer(cfg.sample_steps, first, 1)
                                    + p.buffer(cfg.sample_steps, held, 4)}, [Pass(held, guided=True)])]
         columns["scorer"] = max(moments, key=lambda c: c.total)
-    base = {**lines, **trained, "discriminator": p.discriminator(meter, 4 * 3) if scorer else 0}
+    base = {**p.while_training(lines, notes, gpus, cfg.zero), **trained,
+            "discriminator": p.discriminator(meter, 4 * 3) if scorer else 0}
     columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 5)},
                                  [Pass(rows, guided=True)])
     step = [Pass(b, guided=True, grad=True)]

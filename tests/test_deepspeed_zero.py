@@ -3,12 +3,17 @@
 DeepSpeed's CPU accelerator, gloo, one process; run as a subprocess (this file is also the script)
 so DeepSpeed's environment, process group and the patches it makes to torch stay out of the test
 session. Each case there is compared with the same training in the plain engine:
-- with fp32 optimizer states the ZeRO runs must give the plain run's values bit for bit;
+- with fp32 optimizer states the ZeRO-2 runs must give the plain run's values bit for bit; ZeRO-3 also
+  partitions the frozen network, and DeepSpeed's hooks around every layer add nodes to the autograd
+  graph, which changes the order in which a tensor's gradient contributions are summed: the gradients
+  agree to fp32 rounding (about 1e-7 of their size) and the edits' changes to 1e-4 (measured: 3e-6 to
+  5e-6 over ESD, ANT, FADE and TRACE);
 - with 8-bit states ZeRO flattens every trainable into one partition, so 8-bit blocks of 256 straddle
   tensors and each state is quantised against another block's absmax: the values agree to 1% (the
   Frobenius norm of the difference against the plain run's change), a bound the fp32 case shows is
   quantisation alone.
 """
+import contextlib
 import importlib.util
 import os
 import re
@@ -31,9 +36,11 @@ METHODS = {
               "d_pretrain_steps": 30, "d_batch": 16},
 }
 RESUME_STEPS = 4
-# fp32-state runs compared with the plain engine: every method under ZeRO-2 (CompactDelta masters, LoRAs,
-# FADE's and TRACE's companions beside the engine), ZeRO-3 on one method of each kind of trainable
-FP32_STAGES = {"esd": (2, 3), "ant": (2, 3), "fade": (2,), "trace": (2,)}
+# fp32-state runs compared with the plain engine: every method under ZeRO-2 and ZeRO-3 (CompactDelta masters,
+# LoRAs, FADE's and TRACE's companions beside the engine, their rollouts through the partitioned network)
+FP32_STAGES = {"esd": (2, 3), "ant": (2, 3), "fade": (2, 3), "trace": (2, 3)}
+SPLIT_EVERY_PARAMETER = '{"zero_optimization": {"stage3_param_persistence_threshold": 0}}'
+ZERO3_RTOL = 1e-4  # of the edit's change: fp32 rounding in another summation order (see above)
 
 
 # --- the subprocess ----------------------------------------------------------------------------------
@@ -64,6 +71,28 @@ def _values(edit) -> dict[str, torch.Tensor]:
     return dict(edit.lora) if edit.lora else {k: v for k, (_, v) in edit.entries.items()}
 
 
+def _change(edit) -> dict[str, torch.Tensor]:
+    """What an edit changes: each LoRA's B @ A (B starts at zero), or the entries' new values less the
+    toy model's, in fp64."""
+    from fasterase import models
+
+    if edit.lora:
+        return {k: b.double().flatten(1) @ edit.lora[k.replace("lora_B", "lora_A")].double().flatten(1)
+                for k, b in edit.lora.items() if "lora_B" in k}
+    net = models.load("toy-sd").network
+    return {k: v.double() - net.get_parameter(k).detach().reshape(-1)[i.long()].double()
+            for k, (i, v) in edit.entries.items()}
+
+
+def _network_state(network) -> dict:
+    """What DeepSpeed could have left on a network: its attributes, hooks, parameter dicts."""
+    return {"attributes": sorted({k for o in (*network.modules(), *network.parameters()) for k in vars(o)
+                                  if k.startswith(("ds_", "_external", "_original", "all_parameters"))}),
+            "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks)
+                         for m in network.modules()),
+            "parameter dicts": sorted({type(m._parameters).__name__ for m in network.modules()})}
+
+
 def _erase(method: str, zero: int, **extra):
     import fasterase
 
@@ -71,12 +100,12 @@ def _erase(method: str, zero: int, **extra):
                            **{**METHODS[method], **extra}).edit
 
 
-def _resume(method: str, zero: int, ckpt: str) -> dict:
+def _resume(method: str, zero: int, ckpt: str, **extra) -> dict:
     """`method` stopped by an interrupt in its third step and resumed, beside an uninterrupted run."""
     from fasterase.methods import ant, esd
 
     module, name = {"ant": (ant, "ant_loss"), "esd": (esd, "negative_guidance_loss")}[method]
-    full = _values(_erase(method, zero, steps=RESUME_STEPS))
+    full = _values(_erase(method, zero, steps=RESUME_STEPS, **extra))
     real, calls = getattr(module, name), []
 
     def interrupted(*args):
@@ -87,12 +116,12 @@ def _resume(method: str, zero: int, ckpt: str) -> dict:
 
     setattr(module, name, interrupted)
     try:
-        _erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt)
+        _erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt, **extra)
     except KeyboardInterrupt:
         pass
     finally:
         setattr(module, name, real)
-    resumed = _values(_erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt))
+    resumed = _values(_erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt, **extra))
     return {"full": full, "resumed": resumed}
 
 
@@ -105,11 +134,22 @@ def main(out_path: str, work: str) -> None:
     if get_accelerator().device_name() != "cpu":
         raise SystemExit(f"DeepSpeed picked accelerator {get_accelerator().device_name()!r}, not cpu")
     os.environ["FASTERASE_CACHE"] = work
-    results = {"engine": {(z, s): _engine_run(z, s) for z in (0, 2, 3) for s in ("fp32", "8bit")}}
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    defaults = DeepSpeedZeroConfig()
+    zero3_defaults = (defaults.param_persistence_threshold, defaults.max_live_parameters + defaults.prefetch_bucket_size)
+    results = {"zero3_defaults": zero3_defaults,
+               "engine": {(z, s): _engine_run(z, s) for z in (0, 2, 3) for s in ("fp32", "8bit")}}
     offload = os.path.join(work, "offload.json")
     with open(offload, "w") as f:
         f.write('{"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}')
     results["offload"] = _engine_run(2, "8bit", offload)
+    # ZeRO-3 runs partition every parameter of the network (DeepSpeed keeps those under 1e5 entries whole by
+    # default: most of the toy's), so that every layer is gathered for its passes and released after
+    split = os.path.join(work, "split.json")
+    with open(split, "w") as f:
+        f.write(SPLIT_EVERY_PARAMETER)
+    zero3 = {"deepspeed_config": split}
 
     # what steps under ZeRO: record the client optimizer DeepSpeed holds and its states' dtypes
     seen = []
@@ -126,8 +166,8 @@ def main(out_path: str, work: str) -> None:
     results["ant_8bit_report"] = {"engine": edit.report["engine"], "stepped_by": seen[-1]}
 
     results["8bit"] = {(m, z): _values(_erase(m, z)) for m in ("esd", "ant") for z in (0, 2)}
-    results["resume"] = {(m, z): _resume(m, z, os.path.join(work, f"{m}{z}.ckpt")) for m, z in
-                         [("ant", 2), ("ant", 3), ("esd", 2)]}
+    results["resume"] = {(m, z): _resume(m, z, os.path.join(work, f"{m}{z}.ckpt"), **(zero3 if z == 3 else {}))
+                         for m, z in [("ant", 2), ("ant", 3), ("esd", 2), ("esd", 3)]}
     # the ant ZeRO-2 checkpoint, as if another number of processes had written it
     ckpt = os.path.join(work, "ant2.ckpt")
     state = torch.load(ckpt, weights_only=True)
@@ -143,9 +183,100 @@ def main(out_path: str, work: str) -> None:
     SalientAdamW.__init__.__kwdefaults__["state_dtype"] = "fp32"
     engine.adamw = lambda params, lr, zero: SalientAdamW(params, lr=lr, weight_decay=0.0)
     linear = torch.nn.functional.linear
-    results["fp32"] = {(m, z): _values(_erase(m, z)) for m, stages in FP32_STAGES.items() for z in (0, *stages)}
+    edits = {(m, z): _erase(m, z, **(zero3 if z == 3 else {})) for m, stages in FP32_STAGES.items() for z in (0, *stages)}
+    results["fp32"] = {k: _values(e) for k, e in edits.items()}
+    results["fp32_change"] = {k: _change(e) for k, e in edits.items()}
+    results["fp32_engine"] = {k: e.report["engine"] for k, e in edits.items()}
+    import fasterase
+
+    results["network_after"] = {z: _network_state(fasterase.erase(
+        "toy-sd", "circle", method="ant", zero=z, progress=False, **METHODS["ant"], **(zero3 if z == 3 else {})
+    ).model.network) for z in (0, 3)}
     results["linear_untouched"] = torch.nn.functional.linear is linear
     torch.save(results, out_path)
+
+
+def _summed_engine_run(stage: int) -> tuple:
+    """Three steps of the engine in this process, whose gradients differ from the other's (seeded by
+    rank), the second a NaN on rank 1 only; and the plain engine on both ranks' gradients summed. eps=1
+    makes AdamW's step depend on the gradient's size (with the usual eps it barely does)."""
+    from fasterase.optim import SalientAdamW
+
+    def grads(step: int, rank: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(100 * step + rank)
+        out = [torch.randn(n, generator=g) for n in ODD_SIZES]
+        if step == 1 and rank == 1:
+            out[2][3] = float("nan")
+        return out
+
+    runs = []
+    for zero in (stage, 0):
+        params = [torch.nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(n))) for n in ODD_SIZES]
+        stepper = engine.make(params, SalientAdamW(params, lr=0.1, eps=1.0, weight_decay=0.0, state_dtype="fp32"),
+                              zero)
+        taken = []
+        for step in range(3):
+            mine = grads(step, int(os.environ["RANK"]))
+            both = [a + b for a, b in zip(grads(step, 0), grads(step, 1))]
+            for p, g in zip(params, mine if zero else both):
+                p.grad = g
+            taken.append(stepper.step())
+        stepper.close()
+        runs.append(([p.detach().clone() for p in params], taken))
+    return runs
+
+
+def _shared_rows_call(rows: int) -> dict:
+    """toy-sd's prediction on `rows` rows and the LoRA's gradients of a loss on it, whole in this process
+    and shared out between the two (the gradients summed over them)."""
+    from fasterase import models
+    from fasterase.training import params
+
+    den = models.load("toy-sd")
+    lora = params.add_lora(den.network, ["conv_in", "conv_out"], 2, 0)
+    with torch.no_grad():  # B = 0 would leave A without gradient
+        for p in lora:
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    g = torch.Generator().manual_seed(rows)
+    x, tau = den.noise(rows, g), torch.rand(rows, generator=g)
+    cond = den.encode(["a photo of a circle"] * rows)
+    out = {}
+    for name, shared in (("whole", False), ("shared", True)):
+        for p in lora:
+            p.grad = None
+        with den.sharing_rows() if shared else contextlib.nullcontext():
+            pred = den.predict(x, tau, cond)
+        (pred.square() * torch.arange(1, rows + 1).view(-1, 1, 1, 1)).mean().backward()
+        grads = [p.grad.clone() for p in lora]
+        if shared:
+            for gr in grads:
+                torch.distributed.all_reduce(gr)
+        out[name] = (pred.detach(), grads)
+    return out
+
+
+def main_two(out_path: str, work: str) -> None:
+    """In each of two processes (torchrun): the engine's reduction, shared rows, and ESD, ANT and FADE plain
+    and under ZeRO-3 with every parameter of the network split between the two, fp32 states; rank 0
+    saves the results."""
+    from fasterase.optim import SalientAdamW
+    from fasterase.training import engine as engines
+
+    os.environ["FASTERASE_CACHE"] = os.path.join(work, f"cache{os.environ['RANK']}")
+    engines._start_deepspeed(torch.device("cpu"))
+    results = {"summed": {z: _summed_engine_run(z) for z in (2, 3)},
+               "rows": {n: _shared_rows_call(n) for n in (4, 5)}}
+    SalientAdamW.__init__.__kwdefaults__["state_dtype"] = "fp32"
+    engine.adamw = lambda params, lr, zero: SalientAdamW(params, lr=lr, weight_decay=0.0)
+    split = os.path.join(work, "split.json")
+    with open(split, "w") as f:
+        f.write(SPLIT_EVERY_PARAMETER)
+    edits = {(m, z): _erase(m, z, **({"deepspeed_config": split} if z else {}))
+             for m in ("esd", "ant", "fade") for z in (0, 3)}
+    results["change"] = {k: _change(e) for k, e in edits.items()}
+    results["engine"] = {k: e.report["engine"] for k, e in edits.items()}
+    if os.environ["RANK"] == "0":
+        torch.save(results, out_path)
 
 
 # --- the tests ---------------------------------------------------------------------------------------
@@ -193,13 +324,35 @@ def test_engine_8bit_states_track_the_plain_engine(zero_runs, stage):
     assert _relative(a, b, start) <= 0.01
 
 
-@pytest.mark.parametrize("method, stage", [(m, z) for m, stages in FP32_STAGES.items() for z in stages])
-def test_every_training_method_under_zero_ends_with_the_plain_edit(zero_runs, method, stage):
+@pytest.mark.parametrize("method", FP32_STAGES)
+def test_every_training_method_under_zero2_ends_with_the_plain_edit(zero_runs, method):
     plain = zero_runs["fp32"][(method, 0)]
-    values = zero_runs["fp32"][(method, stage)]
+    values = zero_runs["fp32"][(method, 2)]
     assert values.keys() == plain.keys()
     assert any(v.abs().max() > 0 for v in plain.values())
     assert all(torch.equal(values[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("method", FP32_STAGES)
+def test_every_training_method_under_zero3_with_the_network_partitioned_ends_with_the_plain_edit(zero_runs, method):
+    plain, change = zero_runs["fp32_change"][(method, 0)], zero_runs["fp32_change"][(method, 3)]
+    assert change.keys() == plain.keys() and any(v.abs().max() > 0 for v in plain.values())
+    assert _relative(change, plain) <= ZERO3_RTOL
+    engine3 = zero_runs["fp32_engine"][(method, 3)]
+    assert engine3["engine"] == "deepspeed-zero3" and engine3["network_held"] == 1.0  # one process: all of it
+    assert "network_held" not in zero_runs["fp32_engine"][(method, 2)]
+
+
+def test_zero3_gives_the_network_back_as_it_was(zero_runs):
+    """Gathered whole, without DeepSpeed's attributes, hooks or parameter dicts: as after a plain run."""
+    after = zero_runs["network_after"]
+    assert after[3] == after[0] and after[0]["attributes"] == [] and after[0]["parameter dicts"] == ["dict"]
+
+
+def test_the_planner_counts_deepspeeds_zero3_defaults(zero_runs):
+    from fasterase import plan
+
+    assert zero_runs["zero3_defaults"] == (plan.ZERO3_PERSISTENCE_THRESHOLD, plan.ZERO3_LIVE_PARAMETERS)
 
 
 def test_zero3_leaves_torch_as_it_was(zero_runs):
@@ -229,7 +382,7 @@ def test_under_zero_the_optimizer_stepping_is_ours_with_8bit_states(zero_runs):
                                 "optimizer_states": "8bit", "trainable_dtype": "float32"}
 
 
-@pytest.mark.parametrize("case", [("ant", 2), ("ant", 3), ("esd", 2)])
+@pytest.mark.parametrize("case", [("ant", 2), ("ant", 3), ("esd", 2), ("esd", 3)])
 def test_a_run_resumed_under_zero_matches_the_uninterrupted_one(zero_runs, case):
     run = zero_runs["resume"][case]
     assert run["full"].keys() == run["resumed"].keys()
@@ -264,6 +417,55 @@ def launched(tmp_path_factory):
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-4000:]
     return work, two.stdout
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """main_two in two processes started by torchrun (DeepSpeed's CPU accelerator, gloo)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed not installed")
+    work = tmp_path_factory.mktemp("two")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    for k in ("TRITON_INTERPRET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(_free_port()), __file__, "two", str(work / "results.pt"), str(work)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return torch.load(work / "results.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_step_with_the_sum_of_their_gradients(two_processes, stage):
+    """Each process's gradients are its rows' part: DeepSpeed averages, the engine hands them in times two,
+    so the step is the plain engine's on the sum; a NaN on one process skips the step on both."""
+    (values, taken), (plain, plain_taken) = two_processes["summed"][stage]
+    assert taken == plain_taken == [True, False, True]
+    for a, b in zip(values, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rows", [4, 5])
+def test_shared_rows_give_the_whole_output_and_gradient(two_processes, rows):
+    """Each process runs its half of the rows (5 rows run whole, their gradient halved on each): every
+    process has the whole output, and the gradients summed over the two are the whole call's."""
+    (whole, whole_grads), (shared, shared_grads) = (two_processes["rows"][rows][k] for k in ("whole", "shared"))
+    torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-6)
+    for a, b in zip(shared_grads, whole_grads):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["esd", "ant", "fade"])
+def test_zero3_splits_the_network_between_two_processes_and_ends_with_the_plain_edit(two_processes, method):
+    """Each process holds half of every weight (LoRA factors and CompactDelta's entries written into its
+    half) and computes half of every call's rows; FADE's discriminator and buffers stay the same on
+    both; the edit is the plain run's, to fp32 rounding in another summation order."""
+    plain, change = two_processes["change"][(method, 0)], two_processes["change"][(method, 3)]
+    assert change.keys() == plain.keys() and any(v.abs().max() > 0 for v in plain.values())
+    assert _relative(change, plain) <= ZERO3_RTOL
+    described = two_processes["engine"][(method, 3)]
+    assert described["world_size"] == 2 and 0.5 <= described["network_held"] <= 0.501
 
 
 def _free_port() -> int:
@@ -361,4 +563,4 @@ def test_checkpointing_several_processes_is_refused_before_the_first_step(tmp_pa
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main_two(*sys.argv[2:]) if sys.argv[1] == "two" else main(sys.argv[1], sys.argv[2])

@@ -264,7 +264,8 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
         stats = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed, cfg.checkpoint,
                            progress=progress, desc=f"ant {concept.name}",
                            run=loop.identity("ant", [concept], cfg, base), max_skipped_steps=cfg.max_skipped_steps,
-                           zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, after_step=change.sync)
+                           zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, after_step=change.sync,
+                           model=model)
         values = change.current()
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()
@@ -321,7 +322,7 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
                                              progress=progress, desc=f"ant {concept.name} ({k + 1}/{len(concepts)})",
                                              run=loop.identity("ant", concepts, cfg, base),
                                              max_skipped_steps=cfg.max_skipped_steps, zero=cfg.zero,
-                                             deepspeed_config=cfg.deepspeed_config)
+                                             deepspeed_config=cfg.deepspeed_config, model=model)
             deltas.append({m: params.lora_delta(net, m) for m in modules})
         finally:
             net.eval()

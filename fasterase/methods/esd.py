@@ -114,7 +114,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint,
                            progress=progress, desc=f"esd {','.join(concepts.names)}",
                            run=loop.identity("esd", concepts, cfg, base), max_skipped_steps=cfg.max_skipped_steps,
-                           zero=cfg.zero, deepspeed_config=cfg.deepspeed_config)
+                           zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, model=model)
         lora = params.lora_state(net, "unet" if model.kind == "sd" else "transformer")
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()

@@ -415,7 +415,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
                            desc=f"fade {','.join(concepts.names)}", run=loop.identity("fade", concepts, cfg, base),
                            max_skipped_steps=cfg.max_skipped_steps, companion=adversary, zero=cfg.zero,
-                           deepspeed_config=cfg.deepspeed_config, after_step=change.sync)
+                           deepspeed_config=cfg.deepspeed_config, after_step=change.sync, model=model)
         values = change.current()
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()

@@ -256,10 +256,11 @@ def refine(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig) -> dict[str,
 
 @torch.no_grad()
 def put(model: Denoiser, weights: dict[str, torch.Tensor]) -> None:
-    """Copy weights (by module name) into the refined projections, also under a LoRA wrapper."""
+    """Copy weights (by module name) into the refined projections, also under a LoRA wrapper, and into
+    their slices while ZeRO-3 partitions the network (params.put_entries)."""
     modules = {p.name: p.module for p in refined_projections(model)}
     for name, w in weights.items():
-        modules[name].weight.copy_(w)
+        params.put_entries(modules[name].weight, None, w)
 
 
 # --- phase 2 ----------------------------------------------------------------------------------------
@@ -571,7 +572,7 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
                                desc=f"trace {','.join(concepts.names)}",
                                run=loop.identity("trace", concepts, cfg, base),
                                max_skipped_steps=cfg.max_skipped_steps, companion=traj, zero=cfg.zero,
-                               deepspeed_config=cfg.deepspeed_config)
+                               deepspeed_config=cfg.deepspeed_config, model=model)
         finally:
             net.eval()
         lora = params.lora_state(net, "unet" if model.kind == "sd" else "transformer", tuple(names))

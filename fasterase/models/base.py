@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import UserError
 from .micro_batch import chunked
+from .shared_rows import shared_rows
 
 
 @dataclass
@@ -190,6 +191,7 @@ class Denoiser(ABC):
     # --- network ------------------------------------------------------------------------------
     micro_batch: int | None = None  # rows per network call; None: all at once
     _whole_graphs: bool = False  # see whole_graphs()
+    _shared: bool = False  # see sharing_rows()
 
     def predict(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond, **kwargs) -> torch.Tensor:
         """Network output (noise for SD-epsilon, v for SD-v, velocity for FLUX) at noise level tau
@@ -200,7 +202,14 @@ class Denoiser(ABC):
         runs each chunk again and back-propagates it on its own (models/micro_batch.py): one chunk's
         graph alive at a time, the parameters' gradients accumulated over the chunks to the whole
         batch's, for one more forward pass. Saliency maps, which read each parameter's whole
-        gradient as it arrives, run their graphs whole (whole_graphs())."""
+        gradient as it arrives, run their graphs whole (whole_graphs()). Inside sharing_rows() each
+        process of the run computes its share of the rows (models/shared_rows.py)."""
+        if self._shared:
+            return shared_rows(lambda lo, hi: self._rows(x[lo:hi], tau[lo:hi], cond[lo:hi], **kwargs), len(x))
+        return self._rows(x, tau, cond, **kwargs)
+
+    def _rows(self, x: torch.Tensor, tau: torch.Tensor, cond: Cond, **kwargs) -> torch.Tensor:
+        """predict() on this process's rows, micro-batched."""
         step = self.micro_batch
         if step is None or len(x) <= step:
             return self._predict(x, tau, cond, **kwargs)
@@ -213,6 +222,17 @@ class Denoiser(ABC):
             return self._predict(x, tau, cond, **kwargs)
         return chunked(lambda x, tau, embeds, pooled=None: self._predict(x, tau, Cond(embeds, pooled), **kwargs),
                        step, *inputs)
+
+    @contextlib.contextmanager
+    def sharing_rows(self):
+        """Every network call inside the block shares its rows out between the processes of the default
+        process group (the training loop, when DeepSpeed runs several): each computes its own rows and
+        receives the others' outputs (models/shared_rows.py)."""
+        was, self._shared = self._shared, True
+        try:
+            yield
+        finally:
+            self._shared = was
 
     @contextlib.contextmanager
     def whole_graphs(self):

@@ -14,12 +14,21 @@ to shadow_i is grad_i exactly: every gradient arrives once, finished. ZeRO-2 kee
 every process, so each trainable then computes with its shadow's storage (no second copy); ZeRO-3
 partitions the shadows, so after each step the trainables are refreshed from them.
 
-What ZeRO splits between processes here is the optimizer's side: its states, DeepSpeed's fp32 copy and
-gradient partitions. Every process holds the whole frozen base, the whole trainable values and their
-whole gradients (the method's backward makes them before the engine hands them over), and computes
-the same batch (the step's generator is seeded by (seed, step) alone): several processes share the
-optimizer's memory, not the work. A checkpoint holds one process's state, so only runs of one process
-checkpoint (training.loop refuses the others before the first step).
+What ZeRO splits between processes: the optimizer's side (its states, DeepSpeed's fp32 copy and
+gradient partitions) under both stages, and under ZeRO-3 the frozen network too: each process keeps
+one slice of every weight, and DeepSpeed gathers a layer's weights whole just before the layer runs
+(forward, and again for backward) and frees them after. The trainables inside the network (LoRA
+factors) and CompactDelta's selected entries are written into those slices (training.params.
+put_entries), so every gather reads the trained values. When training ends the network is
+gathered whole again and DeepSpeed's hooks and attributes are taken off: the network is as it came,
+with the trained values in it.
+
+Several processes also share the work: each runs the network on its share of every call's rows
+and receives the others' outputs (models/shared_rows.py, switched on by the training loop), so its
+gradients are its rows' part of the batch's; every process holds the whole trainable values and
+these gradients (the method's backward makes them before the engine hands them over). A checkpoint
+holds one process's state, so only runs of one process checkpoint (training.loop refuses the others
+before the first step).
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import torch
 
 from ..errors import UserError
 from ..optim import SalientAdamW
+from .params import put_entries
 
 STAGES = (0, 2, 3)  # 0: plain PyTorch
 # DeepSpeed's gradient bucket, in entries: its default, 5e8, is 2 GB in fp32; our gradients are all ready
@@ -121,6 +131,15 @@ class Plain:
         self.optimizer.step()
         return True
 
+    def values(self) -> list[torch.Tensor]:
+        """The trainables' whole values (copies), for a checkpoint."""
+        return [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def set_values(self, values: list[torch.Tensor]) -> None:
+        for p, v in zip(self.params, values):
+            p.copy_(v)
+
     def state_dict(self) -> dict:
         return {"engine": self.describe(), "optimizer": self.optimizer.state_dict()}
 
@@ -183,11 +202,12 @@ class _Surrogate(torch.nn.Module):
 
 class Zero:
     """DeepSpeed ZeRO stage 2 or 3 over the trainables, with `optimizer` (SalientAdamW) as its client
-    optimizer (see the module's docstring). Raises UserError without DeepSpeed, for another
-    optimizer, or when DeepSpeed would not step with it."""
+    optimizer; under ZeRO-3 `network` (the module the trainables act in, when given) is partitioned
+    too (see the module's docstring). Raises UserError without DeepSpeed, for another optimizer, or
+    when DeepSpeed would not step with it."""
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, stage: int,
-                 config_file: str | None = None):
+                 config_file: str | None = None, network: torch.nn.Module | None = None):
         if not isinstance(optimizer, SalientAdamW):
             raise UserError(f"ZeRO steps with SalientAdamW as its client optimizer, got {type(optimizer).__name__}")
         if optimizer.masks:
@@ -218,16 +238,26 @@ class Zero:
         if stage == 2:  # full values on every process: the trainables compute with the shadows' storage
             for p, s in zip(params, self.shadows):
                 p.data = s.data
+        self.network = self.base = None
+        if stage == 3 and network is not None:
+            self.network, self._own = network, _attributes(network)
+            self.base = _partition(network, config)
+            self.network_held = _held(network)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
 
     def step(self) -> bool:
-        """Hand the finished gradients to DeepSpeed and step, if every gradient is finite."""
-        if not grads_finite(self.params):
+        """Hand the finished gradients to DeepSpeed and step, if every gradient of every process is
+        finite. Each process's gradients are its rows' part of the batch's (models/shared_rows.py):
+        DeepSpeed averages them, so they go in multiplied by the number of processes."""
+        finite = torch.tensor(float(grads_finite(self.params)), device=self.params[0].device)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite:
             return False
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = [p.grad * self.world_size if p.grad is not None
+                 else torch.zeros(_shape(p), dtype=p.dtype, device=p.device) for p in self.params]
         self.zero_grad()
         self.engine.backward(self.engine(grads))
         self.engine.step()
@@ -236,11 +266,31 @@ class Zero:
 
     @torch.no_grad()
     def _pull(self) -> None:
-        """ZeRO-3: the trainables take the shadows' new values (gathered)."""
+        """ZeRO-3: the trainables take the shadows' new values (gathered), into their slices where the
+        network is partitioned."""
         if self.stage == 3:
             with self.deepspeed.zero.GatheredParameters(self.shadows):
                 for p, s in zip(self.params, self.shadows):
-                    p.copy_(s)
+                    put_entries(p, None, s)
+
+    def values(self) -> list[torch.Tensor]:
+        """The trainables' whole values (copies), for a checkpoint: ZeRO-3 gathers them from the shadows."""
+        if self.stage == 2:
+            return [p.detach().clone() for p in self.params]
+        with self.deepspeed.zero.GatheredParameters(self.shadows):
+            return [s.detach().clone() for s in self.shadows]
+
+    @torch.no_grad()
+    def set_values(self, values: list[torch.Tensor]) -> None:
+        """The trainables' values (a checkpoint's), on every process, before load_state_dict."""
+        if self.stage == 2:  # the trainables are the shadows' storage
+            for p, v in zip(self.params, values):
+                p.copy_(v)
+            return
+        with self.deepspeed.zero.GatheredParameters(self.shadows, modifier_rank=0):
+            for s, v in zip(self.shadows, values):
+                s.copy_(v)
+        self._pull()
 
     def state_dict(self) -> dict:
         """One process's state (the training loop checkpoints only runs of one process)."""
@@ -248,28 +298,82 @@ class Zero:
 
     def load_state_dict(self, state: dict) -> None:
         """The DeepSpeed optimizer's state, fp32 copies and 8-bit states included; the trainables'
-        values must be restored first (they are what ZeRO-2's values are)."""
+        values must be set first (set_values)."""
         if state.get("engine", {}).get("world_size", 1) != self.world_size:
             raise UserError(f"the checkpoint was written by {state['engine']['world_size']} processes and this run "
                             f"has {self.world_size}: ZeRO partitions differ; resume with the same number")
-        if self.stage == 3:
-            with torch.no_grad(), self.deepspeed.zero.GatheredParameters(self.shadows, modifier_rank=0):
-                for p, s in zip(self.params, self.shadows):
-                    s.copy_(p)
         full = {**self.engine.optimizer.state_dict(), **state["optimizer"]}
         self.engine.optimizer.load_state_dict([full], load_optimizer_states=True, load_from_fp32_weights=True)
         self._pull()
 
     def describe(self) -> dict:
         return {"engine": f"deepspeed-zero{self.stage}", "world_size": self.world_size,
+                **({"network_held": self.network_held} if self.network is not None else {}),
                 **optimizer_report(self.engine.basic_optimizer, self.params)}
 
     def close(self) -> None:
-        """The trainables keep their values in storage of their own (ZeRO-2 shared DeepSpeed's)."""
+        """The trainables keep their values in storage of their own (ZeRO-2 shared DeepSpeed's); a
+        partitioned network is gathered whole, without DeepSpeed's hooks and attributes."""
         if self.stage == 2:
             for p in self.params:
                 p.data = p.data.clone()
+        if self.base is not None:
+            with torch.no_grad():
+                for p in self.network.parameters():  # in the same order on every process: collective
+                    if p.numel() != p.ds_numel:
+                        p.all_gather()
+            self.base.destroy()
+            _strip(self.network, self._own)
+            self.base = None
         self.engine.destroy()
+
+
+def _partition(network: torch.nn.Module, config: dict):
+    """`network` partitioned by DeepSpeed's ZeRO-3 parameter coordinator (what a ZeRO-3 engine uses for
+    its model, here without an engine: nothing of the network trains through DeepSpeed, and an engine
+    would add hooks of its own to every call), with the zero_optimization settings of `config`."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils.timer import NoopTimer
+
+    zero = DeepSpeedConfig(config).zero_config
+    return DeepSpeedZeRoOffload(network, timers=NoopTimer(), ds_config=config, overlap_comm=zero.overlap_comm,
+                                prefetch_bucket_size=zero.prefetch_bucket_size,
+                                max_reuse_distance=zero.max_reuse_distance,
+                                max_live_parameters=zero.max_live_parameters,
+                                param_persistence_threshold=zero.param_persistence_threshold,
+                                model_persistence_threshold=zero.model_persistence_threshold,
+                                offload_param_config=zero.offload_param)
+
+
+def _held(network: torch.nn.Module) -> float:
+    """The share of a ZeRO-3 partitioned network's bytes this process holds between layers: its slices, and
+    the small parameters ZeRO-3 keeps whole beside theirs (stage3_param_persistence_threshold)."""
+    whole = held = 0
+    for p in network.parameters():
+        whole += p.ds_numel * p.element_size()
+        held += (p.ds_tensor.numel() + (p.ds_numel if p.ds_persist else 0)) * p.element_size()
+    return round(held / whole, 4)
+
+
+def _shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape, also while ZeRO-3 holds only its slice."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def _attributes(network: torch.nn.Module) -> dict[int, set[str]]:
+    """The attribute names of every module and parameter of `network`, before DeepSpeed adds its own."""
+    return {id(o): set(vars(o)) for o in (*network.modules(), *network.parameters())}
+
+
+def _strip(network: torch.nn.Module, own: dict[int, set[str]]) -> None:
+    """Take off what ZeRO-3 added to the network's modules and parameters (partitions, hooks' state,
+    its parameter dict): each is the plain module or parameter it was."""
+    for o in (*network.modules(), *network.parameters()):
+        for name in set(vars(o)) - own[id(o)]:
+            delattr(o, name)
+        if isinstance(o, torch.nn.Module):
+            o._parameters = dict(o._parameters)
 
 
 def _plain(value) -> bool:
@@ -291,6 +395,6 @@ def _plain_entries(state: dict) -> dict:
 
 
 def make(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, zero: int = 0,
-         deepspeed_config: str | None = None) -> Plain | Zero:
-    """The engine for `zero` (0: plain PyTorch; 2, 3: DeepSpeed ZeRO stage)."""
-    return Zero(params, optimizer, zero, deepspeed_config) if zero else Plain(params, optimizer)
+         deepspeed_config: str | None = None, network: torch.nn.Module | None = None) -> Plain | Zero:
+    """The engine for `zero` (0: plain PyTorch; 2, 3: DeepSpeed ZeRO stage, 3 partitioning `network`)."""
+    return Zero(params, optimizer, zero, deepspeed_config, network) if zero else Plain(params, optimizer)

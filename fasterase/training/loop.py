@@ -7,6 +7,7 @@ ever resumed by the same run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -121,14 +122,17 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
           optimizer: torch.optim.Optimizer, steps: int, seed: int, checkpoint: str | os.PathLike | None = None,
           checkpoint_every: int = 50, progress: bool = True, desc: str = "erase", run: dict | None = None,
           max_skipped_steps: int = 0, companion: Companion | None = None, zero: int = 0,
-          deepspeed_config: str | None = None, after_step: Callable[[], None] | None = None) -> dict:
+          deepspeed_config: str | None = None, after_step: Callable[[], None] | None = None,
+          model=None) -> dict:
     """Run `steps` optimizer steps of loss_fn(step, generator); returns {'steps' (taken), 'last_loss',
     'skipped_steps', 'train_time_s' (wall seconds of the steps taken in this call), 'engine' (how
     it was stepped: training.engine's describe())}. A `companion`
     is checkpointed with the parameters, adds to the progress bar,
     and ends training before `steps` when its finished() says so (checked after every step).
     The optimizer steps plainly, or under DeepSpeed ZeRO stage `zero` (2 or 3, `deepspeed_config`
-    a JSON file of further DeepSpeed settings; training.engine). `after_step()` runs after every
+    a JSON file of further DeepSpeed settings; training.engine; ZeRO-3 partitions the network of
+    `model`, the Denoiser the params train in, for the run's duration; with several processes each
+    computes its share of every network call's rows, models/shared_rows.py). `after_step()` runs after every
     step taken and after a resume (CompactDelta.sync: the network computes with the new values).
 
     A step whose gradients are not all finite is skipped (nothing changes, whatever the optimizer)
@@ -147,12 +151,14 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     ckpt = check_checkpoint(checkpoint) if checkpoint is not None else None
     this = {"run": run, "seed": seed, "steps": steps, "parameters": [tuple(p.shape) for p in params]}
     state = _resumable(ckpt, this) if ckpt else None  # another run's is refused before DeepSpeed starts
-    stepper = engines.make(params, optimizer, zero, deepspeed_config)
+    stepper = engines.make(params, optimizer, zero, deepspeed_config, model.network if model is not None else None)
     try:
         if ckpt:
             engines.check_checkpointable(stepper.world_size)
-        return _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
-                      max_skipped_steps, companion, after_step or (lambda: None))
+        shared = model.sharing_rows() if model is not None and stepper.world_size > 1 else contextlib.nullcontext()
+        with shared:
+            return _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
+                          max_skipped_steps, companion, after_step or (lambda: None))
     finally:
         stepper.close()
 
@@ -175,9 +181,7 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
            max_skipped_steps, companion, after_step) -> dict:
     start, skipped, loss_value = 0, 0, float("nan")
     if state is not None:
-        with torch.no_grad():
-            for p, v in zip(params, state["params"]):
-                p.copy_(v)
+        stepper.set_values(state["params"])
         stepper.load_state_dict(state["optimizer"])
         after_step()
         if companion is not None:
@@ -196,7 +200,7 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
             fd, tmp = tempfile.mkstemp(prefix=f".{ckpt.name}.", dir=ckpt.parent)  # never a user's file
             os.close(fd)
             try:
-                torch.save({"fasterase_checkpoint": FORMAT, **this, "params": [p.detach().clone() for p in params],
+                torch.save({"fasterase_checkpoint": FORMAT, **this, "params": stepper.values(),
                             "optimizer": stepper.state_dict(), "step": step, "skipped_steps": skipped,
                             "last_loss": loss_value, "finished": finished,
                             "companion": snapshot}, tmp)

@@ -136,7 +136,7 @@ class CompactDelta:
     @torch.no_grad()
     def _put(self, values: dict[str, torch.Tensor]) -> None:
         for n, w in self.weights.items():
-            w.view(-1).index_put_((self.indices[n],), values[n].to(w.dtype))
+            put_entries(w, self.indices[n], values[n])
 
     def sync(self) -> None:
         """The network computes with the masters (rounded to each parameter's dtype)."""
@@ -163,6 +163,30 @@ class CompactDelta:
         for w in self.weights.values():
             w.requires_grad_(False)
             w.grad = None
+
+
+@torch.no_grad()
+def put_entries(weight: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor) -> None:
+    """values (any float dtype, rounded to weight's) into the flattened weight at indices (int, any
+    order; None: every entry). A weight that DeepSpeed ZeRO-3 partitions (training.engine) keeps its
+    entries in this process's slice of the flat weight (ds_tensor), which every gather reads: each
+    process writes the entries that fall in its slice, and the whole weight too while it is gathered
+    (or kept whole, as ZeRO-3 keeps small parameters)."""
+    flat = values.reshape(-1).to(weight.dtype)
+    part = getattr(weight, "ds_tensor", None)
+    if part is None or weight.numel() == getattr(weight, "ds_numel", -1):
+        target = weight.data.view(-1)
+        target.copy_(flat) if indices is None else target.index_put_((indices,), flat)
+    if part is None:
+        return
+    size = part.ds_numel
+    lo = size * torch.distributed.get_rank(group=weight.ds_process_group)
+    if indices is None:
+        n = max(0, min(size, flat.numel() - lo))
+        part.view(-1)[:n].copy_(flat[lo:lo + n].to(part.device))
+        return
+    mine = (indices >= lo) & (indices < lo + size)
+    part.view(-1).index_put_(((indices[mine] - lo).to(part.device),), flat[mine].to(part.device))
 
 
 @torch.no_grad()
