@@ -61,8 +61,8 @@ temporaries, and safety checkers or other components no method runs.
 
 --gpus N with --set zero=2|3 (the default stage on several GPUs is 2): the methods under DeepSpeed ZeRO
 as training.engine runs them. The optimizer's states and DeepSpeed's fp32 copy and gradient partition
-are split N ways; every process runs the whole batch and holds the whole trainable values and their
-gradients (the engine hands DeepSpeed finished gradients); DeepSpeed adds a gradient bucket, and under
+are split N ways; every process runs its share of each training call's rows (Meter.shared) and holds
+the whole trainable values and their gradients (the engine hands DeepSpeed finished gradients); DeepSpeed adds a gradient bucket, and under
 ZeRO-3 the trainables' shadows gathered whole for the step. Under ZeRO the client optimizer sees one flat
 partition, so its 8-bit states are one blockwise tensor. ZeRO-3 also partitions the network while the
 training loop runs (_Planner.while_training); the moments before it (encoding, saliency, TRACE's
@@ -240,6 +240,16 @@ class Meter:
                 self.den.micro_batch = micro_batch
                 self._cache[key] = self._measure(key[0], checkpointing)
         return self._cache[key]
+
+    def shared(self, call, processes: int):
+        """What one of `processes` sharing a training call's rows runs (models/shared_rows.py): its share of
+        the network's rows when they divide evenly, the others' fp32 outputs received beside them; else
+        the whole call. The discriminator runs whole on every process."""
+        if processes == 1 or isinstance(call, DiscriminatorPass) or self._rows(call) % processes:
+            return call
+        rows = self._rows(call)
+        received = (rows - rows // processes) * math.prod(self.latent) * 4
+        return dataclasses.replace(call, rows=rows // processes, guided=False, extra=call.extra + received)
 
     def _rows(self, call: Pass) -> int:
         """Rows of the network's batch: guided() batches both branches unless the guidance scale is an input."""
@@ -532,9 +542,11 @@ def zero_parts(k: int, gpus: int, zero: int) -> tuple[dict[str, int], dict[str, 
                                 if zero == 3 else "")})
 
 
-def _column(p: _Planner, meter: Meter, lines: dict, calls: list) -> Column:
+def _column(p: _Planner, meter: Meter, lines: dict, calls: list, shared: int = 1) -> Column:
     """A moment's parts and its calls' activations, with --gradient-checkpointing as the plan has it (and,
-    without it, the activations with it as a hint)."""
+    without it, the activations with it as a hint); the training loop's calls `shared` out between that
+    many processes (Meter.shared)."""
+    calls = [meter.shared(c, shared) for c in calls]
     graph = any(c.grad for c in calls)
     return Column({**lines, "activations": meter.activations(calls, p.checkpointing, p.micro_batch)},
                   meter.activations(calls, True, p.micro_batch) if graph and not p.checkpointing else None, graph)
@@ -594,7 +606,7 @@ def _esd(p: _Planner, cfg, gpus: int):
     notes.update(lora_notes)
     notes["activations"] = f"{parameters}: rollout guided on {b}, teacher on {2 * b}, edited prediction on {b} rows"
     calls = [Pass(b, guided=True), Pass(2 * b), Pass(b, grad=True)]
-    return {"step": _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls)}, notes
+    return {"step": _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls, gpus)}, notes
 
 
 def _ant(p: _Planner, cfg, gpus: int, share: float):
@@ -621,7 +633,7 @@ def _ant(p: _Planner, cfg, gpus: int, share: float):
         columns["saliency"] = _column(p, meter, {**lines, "gradients": p.layer_gradient(2),
                                                  "saliency sums": p.bytes * sum(p.entries)}, saliency_map)
         notes["saliency sums"] = f"running minimum over the maps in {p.dtype}, one per parameter"
-    columns["step"] = _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls(b))
+    columns["step"] = _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls(b), gpus)
     notes["activations"] = (f"rollout guided on {b} rows, the move to {taus} taus guided on {taus * b}, teacher on "
                             f"{2 * taus * b}, prediction on {2 * taus * b} rows with every parameter requiring grad; "
                             "saliency maps at 1 prompt")
@@ -656,7 +668,7 @@ def _fade(p: _Planner, cfg, gpus: int):
         notes["saliency sums"] = f"sum of |gradient| in {p.dtype}, one per parameter"
     base = {**p.while_training(lines, notes, gpus, cfg.zero), **trained, "discriminator": d}
     columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 6)},
-                                 [Pass(rows, guided=True)])
+                                 [Pass(rows, guided=True)], gpus)
     step = [DiscriminatorPass(cfg.d_batch, train=True)]
     if cfg.lambda_pres > 0:
         step.append(Pass(b))
@@ -664,7 +676,7 @@ def _fade(p: _Planner, cfg, gpus: int):
     step += [DiscriminatorPass(b, train=False)] if cfg.removal == "adversarial" else [Pass(b, guided=True)]
     if cfg.lambda_pres > 0:
         step.append(Pass(b, grad=True))
-    columns["step"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 4)}, step)
+    columns["step"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 4)}, step, gpus)
     notes["rollout buffer"] = (f"{cfg.sample_steps} steps x {rows} rows of x_t and x0 in fp32: 2 copies while "
                                "computing saliency, 6 at a refresh (old, new lists, stacked), 4 on a refresh step")
     notes["discriminator"] = "fp32 weights, gradients, AdamW states and the checkpoint snapshot's copies"
@@ -711,14 +723,15 @@ def _trace(p: _Planner, cfg, gpus: int):
     base = {**p.while_training(lines, notes, gpus, cfg.zero), **trained,
             "discriminator": p.discriminator(meter, 4 * 3) if scorer else 0}
     columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 5)},
-                                 [Pass(rows, guided=True)])
+                                 [Pass(rows, guided=True)], gpus)
     step = [Pass(b, guided=True, grad=True)]
     if scorer and cfg.lambda_score > 0:
         step.append(DiscriminatorPass(b, train=False))
     step.append(Pass(b, guided=True, grad=True))
     if cfg.trajectory and cfg.lambda_drift > 0:
         step += [Pass(b), Pass(b, grad=True)]
-    columns["step"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 4)}, step)
+    columns["step"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 4)}, step,
+                              gpus)
     notes["rollout buffer"] = (f"{cfg.sample_steps + 1} steps x {rows} rows of x in fp32: 5 copies at a refresh, 4 on "
                                f"a refresh step" + (f"; the scorer's rollouts: x and x0 of {first} rows (lists, "
                                                      f"stacked), then of {held} held-out rows beside the first x0"

@@ -6,12 +6,13 @@
 # Environment: GPUS (default: every GPU nvidia-smi lists), GPU_MEM (GB per GPU, default 80), ZERO (2 or 3,
 # default 2), RESOLUTION (px, default 1024, FLUX.1-dev's own). It first prints `fasterase plan` for the
 # node (memory per GPU, part by part) and stops there if the plan does not fit; else it starts the
-# deepspeed launcher with `--module fasterase erase`. Every process runs the whole batch; ZeRO splits
-# the optimizer's states between them; rank 0 writes the edit to OUT.
+# deepspeed launcher with `--module fasterase erase`. Each process runs its share of every network
+# call's rows; ZeRO splits the optimizer's states between them (ZeRO-3: the transformer too, while the
+# training loop runs); rank 0 writes the edit to OUT.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then
-    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 MODEL=$1; CONCEPT=$2; METHOD=${3:-ant}; OUT=${4:-edits/flux-$METHOD}

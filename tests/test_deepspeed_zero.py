@@ -5,15 +5,19 @@ so DeepSpeed's environment, process group and the patches it makes to torch stay
 session. Each case there is compared with the same training in the plain engine:
 - with fp32 optimizer states the ZeRO-2 runs must give the plain run's values bit for bit; ZeRO-3 also
   partitions the frozen network, and DeepSpeed's hooks around every layer add nodes to the autograd
-  graph, which changes the order in which a tensor's gradient contributions are summed: the gradients
-  agree to fp32 rounding (about 1e-7 of their size) and the edits' changes to 1e-4 (measured: 3e-6 to
-  5e-6 over ESD, ANT, FADE and TRACE);
+  graph, which changes the order in which a tensor's gradient contributions are summed, and two
+  processes each run half of every call's rows: the gradients agree to fp32 rounding (about 1e-7 of
+  their size), and the edits' changes to ZERO3_RTOL of the change. Calibration: the plain engine run
+  with micro_batch=1 instead of whole calls, another summation order and nothing else, moves the change
+  by 2.0e-5 (ESD), 6.1e-5 (ANT), 6.3e-5 (FADE); the ZeRO-3 runs move it by 3e-6 to 6e-6 in one process
+  and by 1.4e-5 (ESD), 5.6e-6 (ANT), 6.2e-5 (FADE) in two;
 - with 8-bit states ZeRO flattens every trainable into one partition, so 8-bit blocks of 256 straddle
   tensors and each state is quantised against another block's absmax: the values agree to 1% (the
   Frobenius norm of the difference against the plain run's change), a bound the fp32 case shows is
   quantisation alone.
 """
 import contextlib
+import functools
 import importlib.util
 import os
 import re
@@ -40,7 +44,7 @@ RESUME_STEPS = 4
 # LoRAs, FADE's and TRACE's companions beside the engine, their rollouts through the partitioned network)
 FP32_STAGES = {"esd": (2, 3), "ant": (2, 3), "fade": (2, 3), "trace": (2, 3)}
 SPLIT_EVERY_PARAMETER = '{"zero_optimization": {"stage3_param_persistence_threshold": 0}}'
-ZERO3_RTOL = 1e-4  # of the edit's change: fp32 rounding in another summation order (see above)
+ZERO3_RTOL = 2.5e-4  # of the edit's change: 4x what another summation order alone moves it (see above)
 
 
 # --- the subprocess ----------------------------------------------------------------------------------
@@ -266,11 +270,20 @@ def main_two(out_path: str, work: str) -> None:
     engines._start_deepspeed(torch.device("cpu"))
     results = {"summed": {z: _summed_engine_run(z) for z in (2, 3)},
                "rows": {n: _shared_rows_call(n) for n in (4, 5)}}
-    SalientAdamW.__init__.__kwdefaults__["state_dtype"] = "fp32"
-    engine.adamw = lambda params, lr, zero: SalientAdamW(params, lr=lr, weight_decay=0.0)
     split = os.path.join(work, "split.json")
     with open(split, "w") as f:
         f.write(SPLIT_EVERY_PARAMETER)
+    # stopped in its third step (both processes), resumed from the checkpoint every process wrote at step 2
+    from fasterase.training import loop
+
+    train = loop.train
+    loop.train = functools.partial(train, checkpoint_every=2)
+    results["resume"] = {z: _resume("esd", z, os.path.join(work, f"esd{z}.ckpt"),
+                                    **({"deepspeed_config": split} if z == 3 else {})) for z in (2, 3)}
+    loop.train = train
+    results["checkpoint files"] = sorted(n for n in os.listdir(work) if ".ckpt" in n)
+    SalientAdamW.__init__.__kwdefaults__["state_dtype"] = "fp32"
+    engine.adamw = lambda params, lr, zero: SalientAdamW(params, lr=lr, weight_decay=0.0)
     edits = {(m, z): _erase(m, z, **({"deepspeed_config": split} if z else {}))
              for m in ("esd", "ant", "fade") for z in (0, 3)}
     results["change"] = {k: _change(e) for k, e in edits.items()}
@@ -456,6 +469,15 @@ def test_shared_rows_give_the_whole_output_and_gradient(two_processes, rows):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_resume_from_their_checkpoint_files_to_the_uninterrupted_run(two_processes, stage):
+    """Each process writes its optimizer partition (8-bit states) to a file of its own beside the run's."""
+    run = two_processes["resume"][stage]
+    assert run["full"].keys() == run["resumed"].keys()
+    assert all(torch.equal(run["full"][k], run["resumed"][k]) for k in run["full"])
+    assert {f"esd{stage}.ckpt", f"esd{stage}.ckpt.rank1"} <= set(two_processes["checkpoint files"])
+
+
 @pytest.mark.parametrize("method", ["esd", "ant", "fade"])
 def test_zero3_splits_the_network_between_two_processes_and_ends_with_the_plain_edit(two_processes, method):
     """Each process holds half of every weight (LoRA factors and CompactDelta's entries written into its
@@ -494,39 +516,29 @@ def test_two_launched_processes_train_under_zero2_and_one_writes_the_edit(launch
 @pytest.mark.parametrize("zero", [1, True, "2", 4])
 def test_bad_zero_stage_is_refused(zero):
     with pytest.raises(UserError, match=re.escape("must be 0 (plain PyTorch), 2 or 3 (DeepSpeed ZeRO stage)")):
-        engine.check_options("ESD", zero, None, None)
+        engine.check_options("ESD", zero, None)
 
 
 def test_deepspeed_config_needs_zero_and_is_checked(tmp_path):
     good = tmp_path / "ds.json"
     good.write_text('{"zero_optimization": {"contiguous_gradients": true}}')
     with pytest.raises(UserError, match="needs zero=2 or zero=3"):
-        engine.check_options("ESD", 0, str(good), None)
-    engine.check_options("ESD", 2, str(good), None)
+        engine.check_options("ESD", 0, str(good))
+    engine.check_options("ESD", 2, str(good))
     with pytest.raises(UserError, match="cannot read it"):
-        engine.check_options("ESD", 2, str(tmp_path / "missing.json"), None)
+        engine.check_options("ESD", 2, str(tmp_path / "missing.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(UserError, match="is not JSON"):
-        engine.check_options("ESD", 2, str(bad), None)
+        engine.check_options("ESD", 2, str(bad))
     scalar = tmp_path / "scalar.json"
     scalar.write_text('{"zero_optimization": "yes"}')
     with pytest.raises(UserError, match="zero_optimization must be a JSON object, got str"):
-        engine.check_options("ESD", 2, str(scalar), None)
+        engine.check_options("ESD", 2, str(scalar))
     ours = tmp_path / "ours.json"
     ours.write_text('{"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 1}}')
     with pytest.raises(UserError, match="optimizer, zero_optimization.stage, which fasterase sets itself"):
-        engine.check_options("ESD", 2, str(ours), None)
-
-
-def test_a_launched_run_refuses_a_checkpoint_before_any_work(monkeypatch):
-    import fasterase
-    from fasterase import models
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(models, "_load", lambda *a: pytest.fail("a model was loaded"))
-    with pytest.raises(UserError, match="under ZeRO with 2 processes is not supported"):
-        fasterase.erase("toy-sd", "circle", method="esd", zero=2, checkpoint="run.ckpt")
+        engine.check_options("ESD", 2, str(ours))
 
 
 def test_a_method_refuses_a_bad_zero_before_any_work(monkeypatch):
@@ -542,24 +554,6 @@ def test_zero_needs_salient_adamw_over_unmasked_trainables():
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(UserError, match="SalientAdamW as its client optimizer, got AdamW"):
         engine.Zero([p], torch.optim.AdamW([p]), 2)
-
-
-def test_checkpointing_several_processes_is_refused_before_the_first_step(tmp_path, monkeypatch):
-    from fasterase.training import loop
-
-    class TwoProcesses(engine.Plain):
-        world_size = 2
-        closed = False
-
-        def close(self):
-            TwoProcesses.closed = True
-
-    p = torch.nn.Parameter(torch.zeros(3))
-    monkeypatch.setattr(engine, "make", lambda params, optimizer, *a: TwoProcesses(params, optimizer))
-    with pytest.raises(UserError, match="under ZeRO with 2 processes is not supported"):
-        loop.train(lambda step, g: pytest.fail("a step ran"), [p], torch.optim.SGD([p], lr=1.0), 3, 0,
-                   checkpoint=str(tmp_path / "run.ckpt"), progress=False)
-    assert TwoProcesses.closed and not (tmp_path / "run.ckpt").exists()
 
 
 if __name__ == "__main__":

@@ -193,19 +193,27 @@ def test_every_method_on_every_model(model, method):
     assert all(v >= 0 for c in report["columns"].values() for v in c["lines"].values())
 
 
-def test_gpus_run_the_methods_under_zero_splitting_the_optimizer_states():
-    """--gpus 2 plans ZeRO-2 (training.engine): every GPU runs the whole batch with the whole values and
-    gradients; the 8-bit states over half the entries and DeepSpeed's buffers are added."""
+def test_gpus_run_the_methods_under_zero_splitting_the_optimizer_states_and_the_rows():
+    """--gpus 2 plans ZeRO-2 (training.engine): every GPU runs half of each call's rows (models/shared_rows.py)
+    with the whole values and gradients; the 8-bit states over half the entries and DeepSpeed's buffers
+    are added."""
     one = planner.plan("toy-sd", "esd", resolution=64)
     two = planner.plan("toy-sd", "esd", resolution=64, gpus=2)
     three = planner.plan("toy-sd", "esd", {"zero": 3}, resolution=64, gpus=2)
     assert two.config["zero"] == 2 and three.config["zero"] == 3
-    k = sum(p.numel() for p in planner._Planner("toy-sd", planner.meta.describe("toy-sd"), "fp32", 64).lora(
-        lambda den: esd.parameter_modules(den.network, den.kind, "esd-u"), 4, 0).trainable)
+    lora = planner._Planner("toy-sd", planner.meta.describe("toy-sd"), "fp32", 64).lora(
+        lambda den: esd.parameter_modules(den.network, den.kind, "esd-u"), 4, 0)
+    k = sum(p.numel() for p in lora.trainable)
     half = -(-k // 2)
     a, b, c = (plan.columns["step"].lines for plan in (one, two, three))
-    for part in ("trainable state", "gradients", "activations"):
+    for part in ("trainable state", "gradients"):
         assert a[part] == b[part] == c[part]
+    rows = one.config["batch_size"]
+    calls = [planner.Pass(rows, guided=True), planner.Pass(2 * rows), planner.Pass(rows, grad=True)]
+    shared = [lora.shared(call, 2) for call in calls]
+    assert [call.rows for call in shared] == [rows, rows, rows // 2] and not any(call.guided for call in shared)
+    assert b["activations"] == c["activations"] == lora.activations(shared) < a["activations"]
+    assert lora.shared(planner.Pass(3, grad=True), 2) == planner.Pass(3, grad=True)  # odd rows: whole
     assert b["optimizer states"] == 2 * half + 8 * -(-half // 256) + 4 < a["optimizer states"] == 8 * k
     assert b["ZeRO buffers"] == 8 * half + 4 * k and c["ZeRO buffers"] == b["ZeRO buffers"] + 4 * half + 4 * k
     assert "DeepSpeed ZeRO-2" in two.table() and "ZeRO buffers" not in a

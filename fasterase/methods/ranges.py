@@ -62,7 +62,7 @@ def check_common(method: str, cfg) -> None:
     check(method, "max_skipped_steps", cfg.max_skipped_steps, 0, integer=True)
     if cfg.checkpoint is not None and (not isinstance(cfg.checkpoint, str) or not cfg.checkpoint.strip()):
         raise UserError(f"{method} option checkpoint must be a file path (or unset), got {cfg.checkpoint!r}")
-    engine.check_options(method, cfg.zero, cfg.deepspeed_config, cfg.checkpoint)
+    engine.check_options(method, cfg.zero, cfg.deepspeed_config)
 
 
 def check_rank(method: str, rank: int, network, modules: list[str]) -> None:

@@ -26,9 +26,8 @@ with the trained values in it.
 Several processes also share the work: each runs the network on its share of every call's rows
 and receives the others' outputs (models/shared_rows.py, switched on by the training loop), so its
 gradients are its rows' part of the batch's; every process holds the whole trainable values and
-these gradients (the method's backward makes them before the engine hands them over). A checkpoint
-holds one process's state, so only runs of one process checkpoint (training.loop refuses the others
-before the first step).
+these gradients (the method's backward makes them before the engine hands them over). Each process checkpoints its own partition of the optimizer
+(training.loop: one file a process).
 """
 from __future__ import annotations
 
@@ -68,24 +67,14 @@ def adamw(params: list[torch.nn.Parameter], lr: float, zero: int) -> torch.optim
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def check_options(method: str, zero, deepspeed_config, checkpoint) -> None:
-    """The engine options every training method shares, checked before any work (a launcher's
-    WORLD_SIZE tells how many processes there will be)."""
+def check_options(method: str, zero, deepspeed_config) -> None:
+    """The engine options every training method shares, checked before any work."""
     if zero not in STAGES or isinstance(zero, bool):
         raise UserError(f"{method} option zero must be 0 (plain PyTorch), 2 or 3 (DeepSpeed ZeRO stage), got {zero!r}")
-    if zero and checkpoint:
-        check_checkpointable(int(os.environ.get("WORLD_SIZE", "1")))
     if deepspeed_config is not None:
         if not zero:
             raise UserError(f"{method} option deepspeed_config needs zero=2 or zero=3")
         read_config(deepspeed_config)
-
-
-def check_checkpointable(world_size: int) -> None:
-    """A checkpoint holds one process's optimizer state: runs of several processes cannot checkpoint."""
-    if world_size > 1:
-        raise UserError(f"checkpointing under ZeRO with {world_size} processes is not supported: each holds its "
-                        "own partition of the optimizer; run without checkpoint, or in one process")
 
 
 def read_config(path: str) -> dict:
@@ -116,7 +105,7 @@ def read_config(path: str) -> dict:
 class Plain:
     """One optimizer step after the method's backward, skipped when a gradient is not finite."""
 
-    world_size = 1
+    world_size, rank = 1, 0
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
         self.params, self.optimizer = params, optimizer
@@ -215,7 +204,7 @@ class Zero:
         self.params, self.stage = params, stage
         ds = _start_deepspeed(params[0].device)
         self.deepspeed = ds
-        self.world_size = torch.distributed.get_world_size()
+        self.world_size, self.rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         with torch.no_grad():
             self.shadows = [torch.nn.Parameter(p.detach().clone()) for p in params]
         # the client optimizer steps the shadows (DeepSpeed puts its flat partitions in their place)
@@ -293,7 +282,7 @@ class Zero:
         self._pull()
 
     def state_dict(self) -> dict:
-        """One process's state (the training loop checkpoints only runs of one process)."""
+        """This process's state: its partition of the optimizer (the training loop writes one file a process)."""
         return {"engine": self.describe(), "optimizer": _plain_entries(self.engine.optimizer.state_dict())}
 
     def load_state_dict(self, state: dict) -> None:
@@ -303,7 +292,9 @@ class Zero:
             raise UserError(f"the checkpoint was written by {state['engine']['world_size']} processes and this run "
                             f"has {self.world_size}: ZeRO partitions differ; resume with the same number")
         full = {**self.engine.optimizer.state_dict(), **state["optimizer"]}
-        self.engine.optimizer.load_state_dict([full], load_optimizer_states=True, load_from_fp32_weights=True)
+        # DeepSpeed reads the entry of this process's rank in a list of every process's states (here, its own)
+        self.engine.optimizer.load_state_dict([full] * self.world_size, load_optimizer_states=True,
+                                              load_from_fp32_weights=True)
         self._pull()
 
     def describe(self) -> dict:

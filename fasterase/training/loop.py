@@ -143,6 +143,10 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     identity()) are saved there every `checkpoint_every` steps, when interrupted (KeyboardInterrupt)
     and, marked finished, at the end. A run finding one resumes from it if it is the same run (else
     UserError naming what differs); a finished one gives its values and result without training.
+    Under DeepSpeed with several processes each also writes its partition of the optimizer to a file
+    of its own beside it (rank_file), and resumes only with as many processes; an interrupt there
+    saves nothing (the processes stop at different points, and saving takes all of them): the last
+    periodic checkpoint stands.
     A path check_checkpoint refuses (a folder, a missing folder, a file that is not a checkpoint)
     is a UserError before the first step.
     """
@@ -153,8 +157,8 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     state = _resumable(ckpt, this) if ckpt else None  # another run's is refused before DeepSpeed starts
     stepper = engines.make(params, optimizer, zero, deepspeed_config, model.network if model is not None else None)
     try:
-        if ckpt:
-            engines.check_checkpointable(stepper.world_size)
+        if ckpt and stepper.rank:
+            check_checkpoint(rank_file(ckpt, stepper.rank))  # a file there that is not ours is refused
         shared = model.sharing_rows() if model is not None and stepper.world_size > 1 else contextlib.nullcontext()
         with shared:
             return _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
@@ -177,12 +181,47 @@ def _resumable(ckpt: Path, this: dict) -> dict | None:
     return state
 
 
+def rank_file(ckpt: Path, rank: int) -> Path:
+    """The checkpoint file of process `rank` of a run under DeepSpeed: rank 0's is the run's own, which
+    also holds the values, the companion and the step; each other process's holds its optimizer partition."""
+    return ckpt if rank == 0 else ckpt.with_name(f"{ckpt.name}.rank{rank}")
+
+
+def _write(path: Path, state: dict) -> None:
+    """torch.save to a temporary file beside `path`, renamed over it: never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _own_optimizer(ckpt: Path, state: dict, rank: int, world_size: int) -> dict:
+    """This process's optimizer state: rank 0's in the run's file, the others' in their own, which must be
+    of the same step and number of processes."""
+    written = state["optimizer"].get("engine", {}).get("world_size", 1)
+    if rank == 0:
+        return state["optimizer"]
+    path = rank_file(ckpt, rank)
+    if written != world_size or not path.is_file():
+        raise UserError(f"checkpoint {ckpt} was written by {written} process{'es' if written > 1 else ''} and this "
+                        f"run has {world_size}: ZeRO partitions differ; resume with the same number")
+    own = read_checkpoint(path)
+    if own.get("step") != state["step"]:
+        raise UserError(f"checkpoint files {ckpt} (step {state['step']}) and {path} (step {own.get('step')}) differ: "
+                        "the run stopped while writing them; delete them to start afresh")
+    return own["optimizer"]
+
+
 def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
            max_skipped_steps, companion, after_step) -> dict:
     start, skipped, loss_value = 0, 0, float("nan")
     if state is not None:
         stepper.set_values(state["params"])
-        stepper.load_state_dict(state["optimizer"])
+        stepper.load_state_dict(_own_optimizer(ckpt, state, stepper.rank, stepper.world_size))
         after_step()
         if companion is not None:
             companion.load_state_dict(state["companion"])
@@ -196,18 +235,20 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
     snapshot = companion.state_dict() if companion is not None else None
 
     def save(step: int, finished: bool = False) -> None:
-        if ckpt:
-            fd, tmp = tempfile.mkstemp(prefix=f".{ckpt.name}.", dir=ckpt.parent)  # never a user's file
-            os.close(fd)
-            try:
-                torch.save({"fasterase_checkpoint": FORMAT, **this, "params": stepper.values(),
-                            "optimizer": stepper.state_dict(), "step": step, "skipped_steps": skipped,
-                            "last_loss": loss_value, "finished": finished,
-                            "companion": snapshot}, tmp)
-                os.replace(tmp, ckpt)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        if not ckpt:
+            return
+        values, optimizer = stepper.values(), stepper.state_dict()  # every process takes part (ZeRO-3 gathers)
+        if stepper.rank:
+            _write(rank_file(ckpt, stepper.rank), {"fasterase_checkpoint": FORMAT, "step": step,
+                                                   "optimizer": optimizer})
+        if stepper.world_size > 1:  # every other file is written before the run's own names their step
+            torch.distributed.barrier()
+        if stepper.rank == 0:
+            _write(ckpt, {"fasterase_checkpoint": FORMAT, **this, "params": values, "optimizer": optimizer,
+                          "step": step, "skipped_steps": skipped, "last_loss": loss_value, "finished": finished,
+                          "companion": snapshot})
+        if stepper.world_size > 1:
+            torch.distributed.barrier()
 
     done, began = start, time.perf_counter()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress, leave=False)
@@ -238,7 +279,8 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
             if done % checkpoint_every == 0 and done < steps:
                 save(done)
     except KeyboardInterrupt:
-        save(done)
+        if stepper.world_size == 1:
+            save(done)
         raise
     finally:
         bar.close()
