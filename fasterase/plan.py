@@ -62,9 +62,10 @@ temporaries, and safety checkers or other components no method runs.
 --gpus N with --set zero=2|3 (the default stage on several GPUs is 2): the methods under DeepSpeed ZeRO
 as training.engine runs them. The optimizer's states and DeepSpeed's fp32 copy and gradient partition
 are split N ways; every process runs its share of each training call's rows (Meter.shared) and holds
-the whole trainable values and their gradients (the engine hands DeepSpeed finished gradients); DeepSpeed adds a gradient bucket, and under
-ZeRO-3 the trainables' shadows gathered whole for the step. Under ZeRO the client optimizer sees one flat
-partition, so its 8-bit states are one blockwise tensor. ZeRO-3 also partitions the network while the
+the whole trainable values and their gradients (the engine hands DeepSpeed finished gradients);
+DeepSpeed adds a gradient bucket, and under ZeRO-3 the trainables' shadows gathered whole for the
+step. Under ZeRO the client optimizer sees one flat partition, so its 8-bit states are one blockwise
+tensor. ZeRO-3 also partitions the network while the
 training loop runs (_Planner.while_training); the moments before it (encoding, saliency, TRACE's
 scorer) hold it whole, as each process loads it whole.
 """
@@ -103,6 +104,7 @@ MAX_GPUS = 1024
 ORDER = ("VAE", "text encoders", "prompt cache", "refined projections", "trainable state", "gradients",
          "optimizer states", "ZeRO buffers", "saliency sums", "rollout buffer", "discriminator", "closed form", "activations")
 CHECKPOINTED = "with --gradient-checkpointing"
+BEFORE_THE_LOOP = ("encoding", "saliency", "scorer")  # the moments that hold the network whole under ZeRO-3
 PROMPT = "a prompt"  # the text of every measured call's rows (the embeddings are meta: only their shape counts)
 TRACE_HELD_OUT = 16  # methods/trace.py, Trajectories.train_scorer: max(16, rollouts) held-out concept prompts
 _MIN_8BIT = SalientAdamW.__init__.__kwdefaults__["min_8bit_size"]  # smaller states stay fp32
@@ -386,6 +388,9 @@ class Plan:
                        f"over {self.gpu_mem:g} GB")
             fixes = [f"{o} ({b / GB:.2f} GB)" for o, b in self.suggestions]
             verdict += f"; try {' or '.join(fixes)}" if fixes else "; no single option tried makes it fit"
+            if self.config.get("zero") == 3 and name in BEFORE_THE_LOOP:
+                verdict += (f" ({name} comes before the training loop, with the whole network on every GPU: "
+                            "ZeRO-3 partitions it only in the loop)")
         notes = [f"  {p}: {self.notes[p]}" for p in parts if p in self.notes]
         if CHECKPOINTED in rows[-1]:
             notes.append(f"  {CHECKPOINTED}: the total with erase's gradient_checkpointing (diffusers'), not in "
@@ -606,7 +611,8 @@ def _esd(p: _Planner, cfg, gpus: int):
     notes.update(lora_notes)
     notes["activations"] = f"{parameters}: rollout guided on {b}, teacher on {2 * b}, edited prediction on {b} rows"
     calls = [Pass(b, guided=True), Pass(2 * b), Pass(b, grad=True)]
-    return {"step": _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls, gpus)}, notes
+    step = _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls, gpus)
+    return {"step": step}, notes
 
 
 def _ant(p: _Planner, cfg, gpus: int, share: float):

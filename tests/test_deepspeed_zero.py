@@ -141,7 +141,8 @@ def main(out_path: str, work: str) -> None:
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     defaults = DeepSpeedZeroConfig()
-    zero3_defaults = (defaults.param_persistence_threshold, defaults.max_live_parameters + defaults.prefetch_bucket_size)
+    zero3_defaults = (defaults.param_persistence_threshold,
+                      defaults.max_live_parameters + defaults.prefetch_bucket_size)
     results = {"zero3_defaults": zero3_defaults,
                "engine": {(z, s): _engine_run(z, s) for z in (0, 2, 3) for s in ("fp32", "8bit")}}
     offload = os.path.join(work, "offload.json")
@@ -172,22 +173,40 @@ def main(out_path: str, work: str) -> None:
     results["8bit"] = {(m, z): _values(_erase(m, z)) for m in ("esd", "ant") for z in (0, 2)}
     results["resume"] = {(m, z): _resume(m, z, os.path.join(work, f"{m}{z}.ckpt"), **(zero3 if z == 3 else {}))
                          for m, z in [("ant", 2), ("ant", 3), ("esd", 2), ("esd", 3)]}
-    # the ant ZeRO-2 checkpoint, as if another number of processes had written it
+    # the ant ZeRO-2 checkpoint (finished), as if another number of processes had written it: its values
+    # are read all the same; unfinished, it is refused
     ckpt = os.path.join(work, "ant2.ckpt")
     state = torch.load(ckpt, weights_only=True)
     state["optimizer"]["engine"]["world_size"] = 2
     torch.save(state, ckpt)
+    results["finished_other_world_size"] = _values(_erase("ant", 2, steps=RESUME_STEPS, checkpoint=ckpt))
+    torch.save({**state, "finished": False}, ckpt)
     try:
         _erase("ant", 2, steps=RESUME_STEPS, checkpoint=ckpt)
         results["other_world_size"] = None
     except UserError as e:
         results["other_world_size"] = str(e)
+    # a file of the user's where a launched run's second process would write is refused before any work
+    foreign = os.path.join(work, "foreign.ckpt")
+    with open(foreign + ".rank1", "w") as f:
+        f.write("my notes")
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        _erase("esd", 2, checkpoint=foreign)
+        results["foreign_rank_file"] = None
+    except UserError as e:
+        results["foreign_rank_file"] = str(e)
+    finally:
+        os.environ["WORLD_SIZE"] = "1"
+    with open(foreign + ".rank1") as f:
+        results["foreign_rank_file_kept"] = f.read() == "my notes"
 
     # fp32 states everywhere (the LoRA methods' plain AdamW too): the engines must agree exactly
     SalientAdamW.__init__.__kwdefaults__["state_dtype"] = "fp32"
     engine.adamw = lambda params, lr, zero: SalientAdamW(params, lr=lr, weight_decay=0.0)
     linear = torch.nn.functional.linear
-    edits = {(m, z): _erase(m, z, **(zero3 if z == 3 else {})) for m, stages in FP32_STAGES.items() for z in (0, *stages)}
+    edits = {(m, z): _erase(m, z, **(zero3 if z == 3 else {}))
+             for m, stages in FP32_STAGES.items() for z in (0, *stages)}
     results["fp32"] = {k: _values(e) for k, e in edits.items()}
     results["fp32_change"] = {k: _change(e) for k, e in edits.items()}
     results["fp32_engine"] = {k: e.report["engine"] for k, e in edits.items()}
@@ -404,7 +423,18 @@ def test_a_run_resumed_under_zero_matches_the_uninterrupted_one(zero_runs, case)
 
 def test_a_checkpoint_of_another_world_size_is_refused_by_name(zero_runs):
     message = zero_runs["other_world_size"]
-    assert message is not None and "2 processes" in message and "this run has 1" in message
+    assert message is not None and "ant2.ckpt was written by 2 processes" in message and "this run has 1" in message
+
+
+def test_a_finished_checkpoint_gives_its_values_to_any_number_of_processes(zero_runs):
+    finished, resumed = zero_runs["finished_other_world_size"], zero_runs["resume"][("ant", 2)]["resumed"]
+    assert all(torch.equal(finished[k], resumed[k]) for k in resumed)
+
+
+def test_a_users_file_where_another_process_would_checkpoint_is_refused_and_kept(zero_runs):
+    message = zero_runs["foreign_rank_file"]
+    assert message is not None and "foreign.ckpt.rank1 exists and is not a fasterase training checkpoint" in message
+    assert zero_runs["foreign_rank_file_kept"]
 
 
 # --- two processes, started as a launcher starts them --------------------------------------------------

@@ -122,7 +122,7 @@ def test_finished_checkpoint_gives_its_result_without_training(tmp_path):
     assert again["train_time_s"] == 0.0
     assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in first.items() if k not in timing}
     assert torch.equal(w2, w)
-    assert o2.state_dict()["state"][0]["step"] == o.state_dict()["state"][0]["step"]
+    assert o2.state_dict()["state"] == {}  # the values are the result: the optimizer is not read back
 
 
 def nan_grads_at(steps_with_nan, w, base):

@@ -240,6 +240,14 @@ def test_zero3_partitions_the_network_while_training_only():
     assert esd3.columns["encoding"].lines[name] == whole != esd3.columns["step"].lines[name]
 
 
+def test_zero3_says_when_the_peak_comes_before_the_training_loop():
+    three = planner.plan("toy-sd", "esd", {"zero": 3}, resolution=64, gpus=2)
+    encoding = planner.Column({**three.columns["encoding"].lines, "text encoders": 10**12})
+    over = dataclasses.replace(three, columns={**three.columns, "encoding": encoding})
+    assert "encoding comes before the training loop, with the whole network on every GPU" in over.table()
+    assert "before the training loop" not in three.table()
+
+
 def test_zero3_saves_most_of_flux_weights_on_eight_gpus():
     p = planner._Planner("flux-dev", planner.meta.describe("flux-dev"), "bf16", 256)
     lines, notes = p.resident(1)

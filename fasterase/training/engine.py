@@ -26,8 +26,8 @@ with the trained values in it.
 Several processes also share the work: each runs the network on its share of every call's rows
 and receives the others' outputs (models/shared_rows.py, switched on by the training loop), so its
 gradients are its rows' part of the batch's; every process holds the whole trainable values and
-these gradients (the method's backward makes them before the engine hands them over). Each process checkpoints its own partition of the optimizer
-(training.loop: one file a process).
+these gradients (the method's backward makes them before the engine hands them over). Each process
+checkpoints its own partition of the optimizer (training.loop: one file a process).
 """
 from __future__ import annotations
 
@@ -287,10 +287,7 @@ class Zero:
 
     def load_state_dict(self, state: dict) -> None:
         """The DeepSpeed optimizer's state, fp32 copies and 8-bit states included; the trainables'
-        values must be set first (set_values)."""
-        if state.get("engine", {}).get("world_size", 1) != self.world_size:
-            raise UserError(f"the checkpoint was written by {state['engine']['world_size']} processes and this run "
-                            f"has {self.world_size}: ZeRO partitions differ; resume with the same number")
+        values must be set first (set_values), and the state be of as many processes (training.loop checks)."""
         full = {**self.engine.optimizer.state_dict(), **state["optimizer"]}
         # DeepSpeed reads the entry of this process's rank in a list of every process's states (here, its own)
         self.engine.optimizer.load_state_dict([full] * self.world_size, load_optimizer_states=True,

@@ -75,7 +75,8 @@ def _differences(saved, current, name: str = "") -> list[str]:
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint file, checked before any work: a file name whose folder exists, and if the file
-    is there, a fasterase checkpoint (any other file is never read as one, nor overwritten)."""
+    is there, a fasterase checkpoint (any other file is never read as one, nor overwritten); so are the
+    files of the other processes of a launched run (rank_file; the launcher's WORLD_SIZE)."""
     if not str(path).strip():
         raise UserError("checkpoint is empty; name a file to checkpoint to (or leave the option unset)")
     ckpt = Path(path).expanduser().resolve()
@@ -84,8 +85,9 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     if not ckpt.parent.is_dir():
         raise UserError(f"checkpoint {ckpt}: its folder {ckpt.parent} does not exist (or is not a folder); "
                         "create it or name a file in an existing folder")
-    if ckpt.exists():
-        read_checkpoint(ckpt)
+    for rank in range(int(os.environ.get("WORLD_SIZE", "1"))):
+        if rank_file(ckpt, rank).exists():
+            read_checkpoint(rank_file(ckpt, rank))
     return ckpt
 
 
@@ -142,7 +144,7 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     With `checkpoint`, the trainable values, optimizer state and `run` (the run's identity, see
     identity()) are saved there every `checkpoint_every` steps, when interrupted (KeyboardInterrupt)
     and, marked finished, at the end. A run finding one resumes from it if it is the same run (else
-    UserError naming what differs); a finished one gives its values and result without training.
+    UserError naming what differs); a finished one gives its values and result without training (its optimizer state is not read).
     Under DeepSpeed with several processes each also writes its partition of the optimizer to a file
     of its own beside it (rank_file), and resumes only with as many processes; an interrupt there
     saves nothing (the processes stop at different points, and saving takes all of them): the last
@@ -157,8 +159,6 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     state = _resumable(ckpt, this) if ckpt else None  # another run's is refused before DeepSpeed starts
     stepper = engines.make(params, optimizer, zero, deepspeed_config, model.network if model is not None else None)
     try:
-        if ckpt and stepper.rank:
-            check_checkpoint(rank_file(ckpt, stepper.rank))  # a file there that is not ours is refused
         shared = model.sharing_rows() if model is not None and stepper.world_size > 1 else contextlib.nullcontext()
         with shared:
             return _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
@@ -201,14 +201,17 @@ def _write(path: Path, state: dict) -> None:
 
 def _own_optimizer(ckpt: Path, state: dict, rank: int, world_size: int) -> dict:
     """This process's optimizer state: rank 0's in the run's file, the others' in their own, which must be
-    of the same step and number of processes."""
+    of the same step; the run must have as many processes as wrote them."""
     written = state["optimizer"].get("engine", {}).get("world_size", 1)
+    if written != world_size:
+        raise UserError(f"checkpoint {ckpt} was written by {written} process{'es' if written > 1 else ''} and this "
+                        f"run has {world_size}: ZeRO partitions differ; resume with the same number")
     if rank == 0:
         return state["optimizer"]
     path = rank_file(ckpt, rank)
-    if written != world_size or not path.is_file():
-        raise UserError(f"checkpoint {ckpt} was written by {written} process{'es' if written > 1 else ''} and this "
-                        f"run has {world_size}: ZeRO partitions differ; resume with the same number")
+    if not path.is_file():
+        raise UserError(f"checkpoint {ckpt}: the file of process {rank}, {path}, is missing; resume with the "
+                        "files the run wrote, or delete them to start afresh")
     own = read_checkpoint(path)
     if own.get("step") != state["step"]:
         raise UserError(f"checkpoint files {ckpt} (step {state['step']}) and {path} (step {own.get('step')}) differ: "
@@ -220,8 +223,10 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
            max_skipped_steps, companion, after_step) -> dict:
     start, skipped, loss_value = 0, 0, float("nan")
     if state is not None:
+        own = None if state["finished"] else _own_optimizer(ckpt, state, stepper.rank, stepper.world_size)
         stepper.set_values(state["params"])
-        stepper.load_state_dict(_own_optimizer(ckpt, state, stepper.rank, stepper.world_size))
+        if own is not None:  # a finished run only gives its values: any number of processes may read them
+            stepper.load_state_dict(own)
         after_step()
         if companion is not None:
             companion.load_state_dict(state["companion"])
