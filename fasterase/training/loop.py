@@ -144,7 +144,8 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     With `checkpoint`, the trainable values, optimizer state and `run` (the run's identity, see
     identity()) are saved there every `checkpoint_every` steps, when interrupted (KeyboardInterrupt)
     and, marked finished, at the end. A run finding one resumes from it if it is the same run (else
-    UserError naming what differs); a finished one gives its values and result without training (its optimizer state is not read).
+    UserError naming what differs); a finished one gives its values and result without training
+    (its optimizer state is not read).
     Under DeepSpeed with several processes each also writes its partition of the optimizer to a file
     of its own beside it (rank_file), and resumes only with as many processes; an interrupt there
     saves nothing (the processes stop at different points, and saving takes all of them): the last
