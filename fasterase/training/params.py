@@ -167,11 +167,12 @@ class CompactDelta:
 
 @torch.no_grad()
 def put_entries(weight: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor) -> None:
-    """values (any float dtype, rounded to weight's) into the flattened weight at indices (int, any
-    order; None: every entry). A weight that DeepSpeed ZeRO-3 partitions (training.engine) keeps its
+    """values (any float dtype, rounded to weight's) into the flattened weight at indices (int, sorted;
+    None: every entry). A weight that DeepSpeed ZeRO-3 partitions (training.engine) keeps its
     entries in this process's slice of the flat weight (ds_tensor), which every gather reads: each
-    process writes the entries that fall in its slice, and the whole weight too while it is gathered
-    (or kept whole, as ZeRO-3 keeps small parameters)."""
+    process writes the entries that fall in its slice (a run of the sorted indices, found by binary
+    search: no per-entry mask on the step's path), and the whole weight too while it is gathered (or
+    kept whole, as ZeRO-3 keeps small parameters)."""
     flat = values.reshape(-1).to(weight.dtype)
     part = getattr(weight, "ds_tensor", None)
     if part is None or weight.numel() == getattr(weight, "ds_numel", -1):
@@ -185,8 +186,9 @@ def put_entries(weight: torch.Tensor, indices: torch.Tensor | None, values: torc
         n = max(0, min(size, flat.numel() - lo))
         part.view(-1)[:n].copy_(flat[lo:lo + n].to(part.device))
         return
-    mine = (indices >= lo) & (indices < lo + size)
-    part.view(-1).index_put_(((indices[mine] - lo).to(part.device),), flat[mine].to(part.device))
+    bounds = torch.tensor([lo, lo + size], dtype=indices.dtype, device=indices.device)
+    a, b = torch.searchsorted(indices, bounds).tolist()
+    part.view(-1).index_put_(((indices[a:b] - lo).to(part.device),), flat[a:b].to(part.device))
 
 
 @torch.no_grad()
