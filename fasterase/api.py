@@ -212,7 +212,9 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     micro_batch: rows per network call (default: each pass whole): passes without a graph (rollouts,
     the frozen teacher) free a chunk's activations once it is done, passes with one are checkpointed
     per chunk and recomputed one chunk at a time in backward (gradient accumulation; one more forward):
-    the same results up to rounding, in less activation memory (Denoiser.predict).
+    the same results up to rounding, in less activation memory (Denoiser.predict). The report's
+    micro_batch and gradient_checkpointing are this call's; a training method's memory_options list
+    the steps each setting ran (a run resumed from its checkpoint with other settings has several).
     """
     if not isinstance(gradient_checkpointing, bool):
         raise UserError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")

@@ -244,14 +244,14 @@ class Meter:
         return self._cache[key]
 
     def shared(self, call, processes: int):
-        """What one of `processes` sharing a training call's rows runs (models/shared_rows.py): its share of
-        the network's rows when they divide evenly, the others' fp32 outputs received beside them; else
-        the whole call. The discriminator runs whole on every process."""
-        if processes == 1 or isinstance(call, DiscriminatorPass) or self._rows(call) % processes:
+        """What one of `processes` sharing a training call's rows runs (models/shared_rows.py): a block of
+        ceil(rows / processes) rows, the others' blocks (fp32 outputs) received beside it. The
+        discriminator runs whole on every process."""
+        if processes == 1 or isinstance(call, DiscriminatorPass):
             return call
-        rows = self._rows(call)
-        received = (rows - rows // processes) * math.prod(self.latent) * 4
-        return dataclasses.replace(call, rows=rows // processes, guided=False, extra=call.extra + received)
+        per = -(-self._rows(call) // processes)
+        received = (processes - 1) * per * math.prod(self.latent) * 4
+        return dataclasses.replace(call, rows=per, guided=False, extra=call.extra + received)
 
     def _rows(self, call: Pass) -> int:
         """Rows of the network's batch: guided() batches both branches unless the guidance scale is an input."""

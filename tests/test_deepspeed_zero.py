@@ -292,7 +292,7 @@ def main_two(out_path: str, work: str) -> None:
     os.environ["FASTERASE_CACHE"] = os.path.join(work, f"cache{os.environ['RANK']}")
     engines._start_deepspeed(torch.device("cpu"))
     results = {"summed": {z: _summed_engine_run(z) for z in (2, 3)},
-               "rows": {n: _shared_rows_call(n) for n in (4, 5)}}
+               "rows": {n: _shared_rows_call(n) for n in (1, 4, 5)}}
     split = os.path.join(work, f"split{os.environ['RANK']}.json")  # one each: the other may be reading its own
     with open(split, "w") as f:
         f.write(SPLIT_EVERY_PARAMETER)
@@ -491,10 +491,23 @@ def test_two_processes_step_with_the_sum_of_their_gradients(two_processes, stage
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("rows", [4, 5])
+def test_shared_row_blocks_are_equal_and_owned_once():
+    """Every process runs as many rows, inside the call, and each row is owned by exactly one process."""
+    from fasterase.models.shared_rows import blocks
+
+    for rows in range(1, 12):
+        for world in range(1, 10):
+            where = blocks(rows, world)
+            per = -(-rows // world)
+            assert all(0 <= s <= lo <= hi <= s + per <= rows for s, lo, hi in where), (rows, world)
+            assert [i for _, lo, hi in where for i in range(lo, hi)] == list(range(rows)), (rows, world)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])
 def test_shared_rows_give_the_whole_output_and_gradient(two_processes, rows):
-    """Each process runs its half of the rows (5 rows run whole, their gradient halved on each): every
-    process has the whole output, and the gradients summed over the two are the whole call's."""
+    """Each process runs a block of ceil(rows / 2) rows and owns its part (5 rows: 3 and 2, the second
+    block reaching back over row 2; 1 row: the second process owns none but runs it and its backward):
+    every process has the whole output, and the gradients summed over the two are the whole call's."""
     (whole, whole_grads), (shared, shared_grads) = (two_processes["rows"][rows][k] for k in ("whole", "shared"))
     torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-6)
     for a, b in zip(shared_grads, whole_grads):

@@ -51,6 +51,41 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert torch.equal(w2, w_full)
 
 
+class _Model:
+    """What train() reads of a Denoiser for the report: its memory options."""
+
+    def __init__(self, micro_batch, checkpointing):
+        self.micro_batch = micro_batch
+        self.network = type("Network", (), {"is_gradient_checkpointing": checkpointing})()
+
+
+def test_a_run_resumed_with_other_memory_options_records_each(tmp_path):
+    """memory_options lists the steps each micro_batch / gradient checkpointing setting ran, across resumes;
+    a resume with the same settings adds nothing, and a finished checkpoint gives the history back."""
+    ckpt = tmp_path / "run.ckpt"
+    first = {"micro_batch": None, "gradient_checkpointing": False}
+    w, o = make()
+    base = loss_fn(w)
+
+    def stop_at(n):
+        def f(step, g):
+            if step == n:
+                raise KeyboardInterrupt
+            return base(step, g)
+        return f
+
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(stop_at(4), [w], o, 12, seed=1, checkpoint=ckpt, progress=False, model=_Model(None, False))
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(stop_at(6), [w], o, 12, seed=1, checkpoint=ckpt, progress=False, model=_Model(None, False))
+    stats = loop.train(base, [w], o, 12, seed=1, checkpoint=ckpt, progress=False, model=_Model(2, True))
+    both = [{"from_step": 0, **first}, {"from_step": 6, "micro_batch": 2, "gradient_checkpointing": True}]
+    assert stats["memory_options"] == both
+    again = loop.train(base, [w], o, 12, seed=1, checkpoint=ckpt, progress=False, model=_Model(1, False))
+    assert again["steps"] == 12 and again["memory_options"] == both
+    assert loop.train(base, [w], o, 3, seed=1, progress=False)["memory_options"] == []  # no model: not known
+
+
 def test_checkpoint_of_another_run(tmp_path):
     ckpt = tmp_path / "run.ckpt"
     w, o = make()

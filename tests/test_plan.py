@@ -9,6 +9,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -213,7 +214,8 @@ def test_gpus_run_the_methods_under_zero_splitting_the_optimizer_states_and_the_
     shared = [lora.shared(call, 2) for call in calls]
     assert [call.rows for call in shared] == [rows, rows, rows // 2] and not any(call.guided for call in shared)
     assert b["activations"] == c["activations"] == lora.activations(shared) < a["activations"]
-    assert lora.shared(planner.Pass(3, grad=True), 2) == planner.Pass(3, grad=True)  # odd rows: whole
+    odd = lora.shared(planner.Pass(3, grad=True), 2)  # odd rows: a block of 2 each, the other's 2 received
+    assert odd.rows == 2 and odd.extra == 2 * math.prod(lora.latent) * 4
     assert b["optimizer states"] == 2 * half + 8 * -(-half // 256) + 4 < a["optimizer states"] == 8 * k
     assert b["ZeRO buffers"] == 8 * half + 4 * k and c["ZeRO buffers"] == b["ZeRO buffers"] + 4 * half + 4 * k
     assert "DeepSpeed ZeRO-2" in two.table() and "ZeRO buffers" not in a

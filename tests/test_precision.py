@@ -358,6 +358,7 @@ def test_erase_micro_batch(capsys, tmp_path):
     model = models.load("toy-sd")
     split = fasterase.erase(model, "circle", method="esd", progress=False, micro_batch=1, **FAST["esd"])
     assert split.report["micro_batch"] == 1 and plain.report["micro_batch"] is None and model.micro_batch is None
+    assert split.report["memory_options"] == [{"from_step": 0, "micro_batch": 1, "gradient_checkpointing": False}]
     # Adam divides by sqrt(v): an entry whose gradient is near zero moves by up to lr on a rounding
     # difference, so compare each trained change as a whole: the B factors, which start at zero (a chunk's
     # GEMMs round differently, ~1e-6 relative)

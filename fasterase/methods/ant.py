@@ -343,7 +343,8 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
                         "steps": sum(s["steps"] for s in stats.values()),
                         "skipped_steps": sum(s["skipped_steps"] for s in stats.values()),
                         "last_loss": {k: s["last_loss"] for k, s in stats.items()},
-                        "engine": next(iter(stats.values()))["engine"]})
+                        "engine": next(iter(stats.values()))["engine"],
+                        "memory_options": {k: s["memory_options"] for k, s in stats.items()}})
 
 
 def run(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool = True) -> Edit:

@@ -7,10 +7,11 @@ and keeps the same companions (FADE's discriminator, the rollout buffers). Its g
 rows' part of the whole batch's: the parts sum to the whole gradient over the processes, which the
 engine hands DeepSpeed multiplied by the number of processes (DeepSpeed averages).
 
-A call whose rows do not divide evenly runs whole on every process (under ZeRO-3 each layer is
-gathered collectively, so every process must make the same calls on as many rows), with its gradient
-divided by the number of processes so that the sum counts it once; its value is exact:
-out + (out - out) / N is out.
+Every process runs a block of ceil(rows / N) rows, so that all make the same calls on as many rows
+(under ZeRO-3 each layer is gathered collectively, forward and backward). Process r owns rows
+[r * per, (r + 1) * per) cut at `rows`; a block that would run past the last row reaches back over rows
+another process owns instead, and only the rows a process owns carry its graph. A process that owns
+no row (rows < N) still runs its block and its backward (zero gradient), for the collectives' sake.
 """
 from __future__ import annotations
 
@@ -20,16 +21,21 @@ import torch
 import torch.distributed as dist
 
 
+def blocks(rows: int, world: int) -> list[tuple[int, int, int]]:
+    """Per process: (start, lo, hi): it runs rows [start, start + per) and owns rows [lo, hi) of them,
+    per = ceil(rows / world)."""
+    per = -(-rows // world)
+    return [(min(r * per, rows - per), min(r * per, rows), min((r + 1) * per, rows)) for r in range(world)]
+
+
 def shared_rows(run: Callable[[int, int], torch.Tensor], rows: int) -> torch.Tensor:
     """run(lo, hi): the call on rows [lo, hi) of `rows`, as (hi - lo, ...) rows. Returns the whole call's
     output on every process of the default process group, each process's own rows with their graph."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    if rows % world:
-        out = run(0, rows)
-        return out.detach() + (out - out.detach()) / world if out.requires_grad else out
-    per = rows // world
-    own = run(rank * per, (rank + 1) * per)
-    parts = [torch.empty_like(own) for _ in range(world)]
-    dist.all_gather(parts, own.detach().contiguous())
-    parts[rank] = own
-    return torch.cat(parts)
+    where = blocks(rows, world)
+    start = where[rank][0]
+    block = run(start, start + -(-rows // world))
+    parts = [torch.empty_like(block) for _ in range(world)]
+    dist.all_gather(parts, block.detach().contiguous())
+    parts[rank] = block
+    return torch.cat([part[lo - s:hi - s] for part, (s, lo, hi) in zip(parts, where)])

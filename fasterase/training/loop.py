@@ -128,7 +128,9 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
           model=None) -> dict:
     """Run `steps` optimizer steps of loss_fn(step, generator); returns {'steps' (taken), 'last_loss',
     'skipped_steps', 'train_time_s' (wall seconds of the steps taken in this call), 'engine' (how
-    it was stepped: training.engine's describe())}. A `companion`
+    it was stepped: training.engine's describe()), 'memory_options' (with `model`: the steps each
+    micro_batch and gradient checkpointing setting ran, a list of {'from_step', 'micro_batch',
+    'gradient_checkpointing'}: a run resumed with other memory options has one entry per setting)}. A `companion`
     is checkpointed with the parameters, adds to the progress bar,
     and ends training before `steps` when its finished() says so (checked after every step).
     The optimizer steps plainly, or under DeepSpeed ZeRO stage `zero` (2 or 3, `deepspeed_config`
@@ -163,7 +165,7 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
         shared = model.sharing_rows() if model is not None and stepper.world_size > 1 else contextlib.nullcontext()
         with shared:
             return _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
-                          max_skipped_steps, companion, after_step or (lambda: None))
+                          max_skipped_steps, companion, after_step or (lambda: None), _memory_options(model))
     finally:
         stepper.close()
 
@@ -220,9 +222,17 @@ def _own_optimizer(ckpt: Path, state: dict, rank: int, world_size: int) -> dict:
     return own["optimizer"]
 
 
+def _memory_options(model) -> dict:
+    """What the run's memory options are for the steps this call takes (not part of its identity: a run
+    may resume with others)."""
+    if model is None:
+        return {}
+    return {"micro_batch": model.micro_batch, "gradient_checkpointing": bool(model.network.is_gradient_checkpointing)}
+
+
 def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
-           max_skipped_steps, companion, after_step) -> dict:
-    start, skipped, loss_value = 0, 0, float("nan")
+           max_skipped_steps, companion, after_step, options) -> dict:
+    start, skipped, loss_value, history = 0, 0, float("nan"), []
     if state is not None:
         own = None if state["finished"] else _own_optimizer(ckpt, state, stepper.rank, stepper.world_size)
         stepper.set_values(state["params"])
@@ -232,9 +242,12 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
         if companion is not None:
             companion.load_state_dict(state["companion"])
         start, skipped, loss_value = state["step"], state["skipped_steps"], state["last_loss"]
+        history = state.get("memory_options", [])
         if state["finished"]:
             return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped, "train_time_s": 0.0,
-                    "engine": stepper.describe()}
+                    "engine": stepper.describe(), "memory_options": history}
+    if options and (not history or {k: v for k, v in history[-1].items() if k != "from_step"} != options):
+        history = [*history, {"from_step": start, **options}]
 
     # the companion as it was at the end of the last finished step: an interrupt lands inside a step, after
     # the companion may have moved (FADE: a buffer refresh, D steps) but before the parameters did
@@ -252,7 +265,7 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
         if stepper.rank == 0:
             _write(ckpt, {"fasterase_checkpoint": FORMAT, **this, "params": values, "optimizer": optimizer,
                           "step": step, "skipped_steps": skipped, "last_loss": loss_value, "finished": finished,
-                          "companion": snapshot})
+                          "companion": snapshot, "memory_options": history})
         if stepper.world_size > 1:
             torch.distributed.barrier()
 
@@ -292,4 +305,4 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
         bar.close()
     save(done, finished=True)
     return {"steps": done, "last_loss": loss_value, "skipped_steps": skipped,
-            "train_time_s": time.perf_counter() - began, "engine": stepper.describe()}
+            "train_time_s": time.perf_counter() - began, "engine": stepper.describe(), "memory_options": history}
