@@ -130,6 +130,12 @@ def _resume(method: str, zero: int, ckpt: str, **extra) -> dict:
     return {"full": full, "resumed": resumed}
 
 
+def _shared_memory_left() -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers of this run (its MASTER_PORT) still named in /dev/shm."""
+    port = os.environ["MASTER_PORT"]
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in n)
+
+
 def main(out_path: str, work: str) -> None:
     import deepspeed  # noqa: F401  (imported on the CPU accelerator: DS_ACCELERATOR=cpu)
     from deepspeed.accelerator import get_accelerator
@@ -220,6 +226,7 @@ def main(out_path: str, work: str) -> None:
                                                 **METHODS["ant"], **zero3).model.network),
         "loaded": _network_state(models.load("toy-sd").network)}
     results["linear_untouched"] = torch.nn.functional.linear is linear
+    results["shared_memory_left"] = _shared_memory_left()
     torch.save(results, out_path)
 
 
@@ -309,6 +316,8 @@ def main_two(out_path: str, work: str) -> None:
     edits = {m: _erase(m, 3, deepspeed_config=split) for m in ("esd", "ant", "fade")}  # the plain runs: main's
     results["change"] = {k: _change(e) for k, e in edits.items()}
     results["engine"] = {k: e.report["engine"] for k, e in edits.items()}
+    torch.distributed.barrier()  # both processes' starts are done
+    results["shared_memory_left"] = _shared_memory_left()
     if os.environ["RANK"] == "0":
         torch.save(results, out_path)
 
@@ -388,6 +397,12 @@ def test_the_planner_counts_deepspeeds_zero3_defaults(zero_runs):
     from fasterase import plan
 
     assert zero_runs["zero3_defaults"] == (plan.ZERO3_PERSISTENCE_THRESHOLD, plan.ZERO3_LIVE_PARAMETERS)
+
+
+def test_deepspeed_leaves_no_shared_memory_behind(zero_runs, two_processes):
+    """DeepSpeed's CPU accelerator maps a 67 MB all-reduce buffer a process and never unlinks it: the
+    engine unlinks the names once every process has mapped them, so a run leaves none in /dev/shm."""
+    assert zero_runs["shared_memory_left"] == [] and two_processes["shared_memory_left"] == []
 
 
 def test_zero3_leaves_torch_as_it_was(zero_runs):

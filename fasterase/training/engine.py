@@ -173,8 +173,23 @@ def _start_deepspeed(device: torch.device):
                      "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(k, v)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+    # DeepSpeed's communication backend, over the process group (started here unless it is)
+    deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl", verbose=False)
+    if accelerator == "cpu":
+        _unlink_shared_memory()
     return deepspeed
+
+
+def _unlink_shared_memory() -> None:
+    """DeepSpeed's CPU accelerator gives each process of a one-machine run a shared-memory buffer for its
+    all-reduce (/dev/shm/deepspeed_allreduce_buffer_*, 67 MB) and never unlinks it: every run on the CPU
+    would leave its buffers behind in memory until the machine restarts. Once every process has
+    mapped every other's (DeepSpeed's start waits for that; the barrier waits for every start), the
+    names go; the mappings stay until the processes end."""
+    torch.distributed.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 class _Surrogate(torch.nn.Module):
