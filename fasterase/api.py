@@ -8,6 +8,7 @@ leaves the user's model as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import copy as copylib
 import dataclasses
 import math
@@ -26,7 +27,7 @@ from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.l
 from .concepts import ConceptSet, as_concepts
 from .edit import Edit, base_param, check_no_merged_lora
 from .errors import UserError
-from .training import loop
+from .training import engine, loop
 
 
 @dataclass
@@ -215,6 +216,9 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     the same results up to rounding, in less activation memory (Denoiser.predict). The report's
     micro_batch and gradient_checkpointing are this call's; a training method's memory_options list
     the steps each setting ran (a run resumed from its checkpoint with other settings has several).
+    With zero=3 the network is never whole on the device: it loads (or stays) where it is, DeepSpeed
+    ZeRO-3 partitions it onto the device for the run, and it is gathered back there at the end (a name
+    or folder: the CPU; move the pipeline yourself if the GPU holds it whole).
     """
     if not isinstance(gradient_checkpointing, bool):
         raise UserError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
@@ -230,8 +234,12 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     if device is not None:
         models.resolve_device(device)  # before any weights load
     models.resolve_dtype(dtype)
-    if isinstance(model, (str, Path)):  # a name or folder loads afresh (a copy already), in its dtype
-        den = models.load(model, device, dtype)
+    # ZeRO-3 partitions the network onto the device for the run (training.engine.partitioned): it never
+    # moves there whole, and goes back where it was at the end
+    zero3 = getattr(cfg, "zero", 0) == 3
+    fresh = isinstance(model, (str, Path))
+    if fresh:  # a name or folder loads afresh (a copy already), in its dtype
+        den = models.load(model, device, dtype, keep_network=zero3)
     elif copy:  # the given pipeline stays as it is, where it is
         given = model if isinstance(model, models.Denoiser) else None
         den = models.load(copylib.deepcopy(given.pipeline if given else model))
@@ -245,15 +253,18 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     cs = _resolve_concepts(den, concepts, preserve)
     _check_idle(m, cfg, set(options) | ({"preserve"} if preserve is not None else set()), den, cs)
     _check_prompts(den, cs)
-    models.load(den, device, dtype)  # cast and moved once the run is checked: a refused one leaves it as it was
+    # cast and moved once the run is checked: a refused one leaves it as it was
+    models.load(den, device, dtype, keep_network=zero3)
+    where = models.resolve_device(device) if device is not None or fresh else den.network.device
     start = time.perf_counter()
-    if den.network.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(den.network.device)
+    if where.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(where)
     if gradient_checkpointing:
         den.network.enable_gradient_checkpointing()
     den.micro_batch = micro_batch
+    partition = engine.partitioned(den.network, where, cfg.deepspeed_config) if zero3 else contextlib.nullcontext()
     try:
-        with den.text_encoders_offloaded():
+        with partition, den.text_encoders_offloaded():
             edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
     finally:
         den.micro_batch = None
@@ -265,8 +276,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     edit.apply(den)  # rolls itself back if it fails
     report = {"model": _model_record(den), "method": method, "concepts": cs.names, "preserve": list(cs.preserve),
               "config": dict(edit.config), "steps": edit.report.get("steps", 0),  # as the method resolved it
-              "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(den.network.device),
-              "device": str(den.network.device), "dtype": str(den.network.dtype).removeprefix("torch."),
+              "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(where),
+              "device": str(where), "dtype": str(den.network.dtype).removeprefix("torch."),
               "gradient_checkpointing": gradient_checkpointing, "micro_batch": micro_batch,
               "resolution": [den.height, den.width],
               **edit.report}

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from . import models
 from .errors import UserError
-from .models import Denoiser
+from .models import Denoiser, partitioned
 
 EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -59,12 +59,14 @@ def base_param(network: torch.nn.Module, name: str) -> torch.Tensor:
 
 
 def fingerprint(network: torch.nn.Module, names: list[str]) -> str:
-    """sha256 over the names, shapes and fp32 values of the base parameters an edit touches."""
+    """sha256 over the names, shapes and fp32 values of the base parameters an edit touches (each
+    gathered in turn while DeepSpeed ZeRO-3 partitions the network)."""
     h = hashlib.sha256()
     for name in sorted(names):
-        p = base_param(network, name).detach()
-        h.update(f"{name}:{tuple(p.shape)};".encode())
-        h.update(p.float().cpu().contiguous().numpy().tobytes())
+        p = base_param(network, name)
+        with partitioned.gathered([p]):
+            h.update(f"{name}:{tuple(p.shape)};".encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

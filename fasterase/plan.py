@@ -65,9 +65,8 @@ are split N ways; every process runs its share of each training call's rows (Met
 the whole trainable values and their gradients (the engine hands DeepSpeed finished gradients);
 DeepSpeed adds a gradient bucket, and under ZeRO-3 the trainables' shadows gathered whole for the
 step. Under ZeRO the client optimizer sees one flat partition, so its 8-bit states are one blockwise
-tensor. ZeRO-3 also partitions the network while the
-training loop runs (_Planner.while_training); the moments before it (encoding, saliency, TRACE's
-scorer) hold it whole, as each process loads it whole.
+tensor. ZeRO-3 also partitions the network for the method's whole run (_Planner.network_bytes): it loads on
+the CPU and each GPU holds its slices, the small parameters whole, and the layers gathered for their passes.
 """
 from __future__ import annotations
 
@@ -104,7 +103,6 @@ MAX_GPUS = 1024
 ORDER = ("VAE", "text encoders", "prompt cache", "refined projections", "trainable state", "gradients",
          "optimizer states", "ZeRO buffers", "saliency sums", "rollout buffer", "discriminator", "closed form", "activations")
 CHECKPOINTED = "with --gradient-checkpointing"
-BEFORE_THE_LOOP = ("encoding", "saliency", "scorer")  # the moments that hold the network whole under ZeRO-3
 PROMPT = "a prompt"  # the text of every measured call's rows (the embeddings are meta: only their shape counts)
 TRACE_HELD_OUT = 16  # methods/trace.py, Trajectories.train_scorer: max(16, rollouts) held-out concept prompts
 _MIN_8BIT = SalientAdamW.__init__.__kwdefaults__["min_8bit_size"]  # smaller states stay fp32
@@ -388,9 +386,6 @@ class Plan:
                        f"over {self.gpu_mem:g} GB")
             fixes = [f"{o} ({b / GB:.2f} GB)" for o, b in self.suggestions]
             verdict += f"; try {' or '.join(fixes)}" if fixes else "; no single option tried makes it fit"
-            if self.config.get("zero") == 3 and name in BEFORE_THE_LOOP:
-                verdict += (f" ({name} comes before the training loop, with the whole network on every GPU: "
-                            "ZeRO-3 partitions it only in the loop)")
         notes = [f"  {p}: {self.notes[p]}" for p in parts if p in self.notes]
         if CHECKPOINTED in rows[-1]:
             notes.append(f"  {CHECKPOINTED}: the total with erase's gradient_checkpointing (diffusers'), not in "
@@ -456,28 +451,36 @@ class _Planner:
                  "prompt cache": f"{prompts} prompts' embeddings in {self.dtype} ({tuple(cond.embeds.shape[1:])} each)"}
         return lines, notes
 
-    def while_training(self, lines: dict[str, int], notes: dict[str, str], gpus: int, zero: int) -> dict[str, int]:
-        """The resident parts while the training loop runs: under ZeRO-3 the network partitioned over the GPUs
-        (training.engine), i.e. a 1/gpus slice of every parameter, the small ones also whole, the layers
-        gathered for their passes (at most DeepSpeed's live-parameter limit) and the buffers whole. Loading,
-        encoding, saliency and TRACE's scorer come before, with the network whole."""
+    def network_bytes(self, gpus: int, zero: int, passes: bool = True) -> int:
+        """The network's weights on one GPU: whole, or under ZeRO-3 (training.engine.partitioned, for the
+        method's whole run) a 1/gpus slice of every parameter, the small ones also whole, the buffers whole,
+        and while the network runs (`passes`) the layers gathered for their passes, at most DeepSpeed's
+        live-parameter limit."""
+        whole = meta.entry_bytes(self.den.network, self.torch_dtype)
+        if zero != 3:
+            return whole
+        small = sum(n for n in self.entries if n <= ZERO3_PERSISTENCE_THRESHOLD)
+        gathered = min(sum(self.entries) - small, ZERO3_LIVE_PARAMETERS) if passes else 0
+        slices = sum(-(-n // gpus) for n in self.entries)
+        return (slices + small + gathered) * self.bytes + whole - sum(self.entries) * self.bytes
+
+    def partitioned(self, lines: dict[str, int], notes: dict[str, str], gpus: int, zero: int) -> dict[str, int]:
+        """The resident parts with the network as ZeRO-3 holds it while it runs (network_bytes)."""
         if zero != 3:
             return lines
         name = f"{self.described.network_name} weights"
-        small = sum(n for n in self.entries if n <= ZERO3_PERSISTENCE_THRESHOLD)
-        gathered = min(sum(self.entries) - small, ZERO3_LIVE_PARAMETERS)
-        slices = sum(-(-n // gpus) for n in self.entries)
-        buffers = lines[name] - sum(self.entries) * self.bytes
-        notes[name] += (f"; while training, ZeRO-3 over {gpus} GPU{'s' if gpus > 1 else ''}: a 1/{gpus} slice of "
+        gathered = self.network_bytes(gpus, zero) - self.network_bytes(gpus, zero, passes=False)
+        notes[name] += (f"; ZeRO-3 over {gpus} GPU{'s' if gpus > 1 else ''} for the whole run: a 1/{gpus} slice of "
                         f"each, parameters of up to {ZERO3_PERSISTENCE_THRESHOLD:,} entries also whole, and up to "
-                        f"{gathered / 1e6:.4g} M entries gathered for their layers' passes")
-        return {**lines, name: (slices + small + gathered) * self.bytes + buffers}
+                        f"{gathered / self.bytes / 1e6:.4g} M entries gathered for their layers' passes (none while "
+                        "encoding)")
+        return {**lines, name: self.network_bytes(gpus, zero)}
 
-    def encoding(self, lines: dict[str, int]) -> Column:
-        """The moment prompts are encoded: the pipeline's weights (the network whole, before any training
-        loop partitions it), the text encoders back on the GPU."""
+    def encoding(self, lines: dict[str, int], gpus: int, zero: int) -> Column:
+        """The moment prompts are encoded: the pipeline's weights (the network as ZeRO-3 holds it between passes),
+        the text encoders back on the GPU."""
         encoders = [m for n, m in self.described.others.items() if n.startswith("text_encoder")]
-        return Column({f"{self.described.network_name} weights": meta.entry_bytes(self.den.network, self.torch_dtype),
+        return Column({f"{self.described.network_name} weights": self.network_bytes(gpus, zero, passes=False),
                        "VAE": lines["VAE"], "prompt cache": lines["prompt cache"],
                        "text encoders": sum(meta.entry_bytes(m, self.torch_dtype) for m in encoders)})
 
@@ -607,11 +610,12 @@ def _esd(p: _Planner, cfg, gpus: int):
     meter = p.lora(lambda den: esd.parameter_modules(den.network, den.kind, parameters), cfg.rank, cfg.seed)
     b = cfg.batch_size
     lines, notes = p.resident(len(set(p.concepts.concepts[0].prompts() + [""])))
+    lines = p.partitioned(lines, notes, gpus, cfg.zero)
     trained, lora_notes = p.lora_parts(meter, gpus, cfg.zero)
     notes.update(lora_notes)
     notes["activations"] = f"{parameters}: rollout guided on {b}, teacher on {2 * b}, edited prediction on {b} rows"
     calls = [Pass(b, guided=True), Pass(2 * b), Pass(b, grad=True)]
-    step = _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls, gpus)
+    step = _column(p, meter, {**lines, **trained}, calls, gpus)
     return {"step": step}, notes
 
 
@@ -626,6 +630,7 @@ def _ant(p: _Planner, cfg, gpus: int, share: float):
     b = cfg.batch_size
     concept = p.concepts.concepts[0]
     lines, notes = p.resident(len(set(concept.prompts() + concept.prompts(augment=True) + [""])))
+    lines = p.partitioned(lines, notes, gpus, cfg.zero)
     share = share if cfg.saliency else 1.0
     trained, salient_notes, _ = p.salient(share, gpus, cfg.zero)
     notes.update(salient_notes)
@@ -639,7 +644,7 @@ def _ant(p: _Planner, cfg, gpus: int, share: float):
         columns["saliency"] = _column(p, meter, {**lines, "gradients": p.layer_gradient(2),
                                                  "saliency sums": p.bytes * sum(p.entries)}, saliency_map)
         notes["saliency sums"] = f"running minimum over the maps in {p.dtype}, one per parameter"
-    columns["step"] = _column(p, meter, {**p.while_training(lines, notes, gpus, cfg.zero), **trained}, calls(b), gpus)
+    columns["step"] = _column(p, meter, {**lines, **trained}, calls(b), gpus)
     notes["activations"] = (f"rollout guided on {b} rows, the move to {taus} taus guided on {taus * b}, teacher on "
                             f"{2 * taus * b}, prediction on {2 * taus * b} rows with every parameter requiring grad; "
                             "saliency maps at 1 prompt")
@@ -661,6 +666,7 @@ def _fade(p: _Planner, cfg, gpus: int):
     rows = cfg.rollouts * (3 if pairs.preserved else 2)
     b = cfg.batch_size
     lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
+    lines = p.partitioned(lines, notes, gpus, cfg.zero)
     trained, salient_notes, _ = p.salient(cfg.saliency_share if cfg.saliency else 1.0, gpus, cfg.zero)
     notes.update(salient_notes)
     d = p.discriminator(meter, 4 * 7)
@@ -672,7 +678,7 @@ def _fade(p: _Planner, cfg, gpus: int):
                                                  "discriminator": p.discriminator(meter, 4 * 4)},
                                       [Pass(2, grad=True, whole=True)])
         notes["saliency sums"] = f"sum of |gradient| in {p.dtype}, one per parameter"
-    base = {**p.while_training(lines, notes, gpus, cfg.zero), **trained, "discriminator": d}
+    base = {**lines, **trained, "discriminator": d}
     columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps, rows, 6)},
                                  [Pass(rows, guided=True)], gpus)
     step = [DiscriminatorPass(cfg.d_batch, train=True)]
@@ -706,6 +712,7 @@ def _trace(p: _Planner, cfg, gpus: int):
     refined = [q.module.weight for q in trace.refined_projections(p.den)] if cfg.refine else []
     pairs = trace.target_pairs(p.concepts, cfg)
     lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
+    lines = p.partitioned(lines, notes, gpus, cfg.zero)
     lines["refined projections"] = 2 * sum(w.numel() for w in refined) * p.bytes
     notes["refined projections"] = f"{len(refined)} projections, original and refined copies in {p.dtype}"
     if not cfg.finetune:
@@ -726,7 +733,7 @@ def _trace(p: _Planner, cfg, gpus: int):
                    _column(p, meter, {**scoring, "rollout buffer": p.buffer(cfg.sample_steps, first, 1)
                                    + p.buffer(cfg.sample_steps, held, 4)}, [Pass(held, guided=True)])]
         columns["scorer"] = max(moments, key=lambda c: c.total)
-    base = {**p.while_training(lines, notes, gpus, cfg.zero), **trained,
+    base = {**lines, **trained,
             "discriminator": p.discriminator(meter, 4 * 3) if scorer else 0}
     columns["refresh"] = _column(p, meter, {**base, "rollout buffer": p.buffer(cfg.sample_steps + 1, rows, 5)},
                                  [Pass(rows, guided=True)], gpus)
@@ -840,7 +847,7 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
 
 def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float) -> Plan:
     columns, notes = _columns(p, method, cfg, gpus, share)
-    columns = {"encoding": p.encoding(next(iter(columns.values())).lines), **columns}
+    columns = {"encoding": p.encoding(next(iter(columns.values())).lines, gpus, getattr(cfg, "zero", 0)), **columns}
     return Plan(p.model, method, dataclasses.asdict(cfg), p.den.height, p.den.width, p.dtype, gpus, gpu_mem,
                 p.checkpointing, p.micro_batch, columns, notes)
 

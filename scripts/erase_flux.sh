@@ -7,8 +7,8 @@
 # default 2), RESOLUTION (px, default 1024, FLUX.1-dev's own). It first prints `fasterase plan` for the
 # node (memory per GPU, part by part) and stops there if the plan does not fit; else it starts the
 # deepspeed launcher with `--module fasterase erase`. Each process runs its share of every network
-# call's rows; ZeRO splits the optimizer's states between them (ZeRO-3: the transformer too, while the
-# training loop runs); rank 0 writes the edit to OUT.
+# call's rows; ZeRO splits the optimizer's states between them (ZeRO-3: the transformer too, for the whole
+# run: the way ESD and TRACE fit 4 x 24 GB); rank 0 writes the edit to OUT.
 set -euo pipefail
 
 if [ $# -lt 2 ]; then

@@ -130,6 +130,28 @@ def _resume(method: str, zero: int, ckpt: str, **extra) -> dict:
     return {"full": full, "resumed": resumed}
 
 
+def _fresh_saliency_under_zero3(cache: str, zero3: dict) -> dict:
+    """ANT under ZeRO-3 with its saliency map computed afresh (another cache): whether the network was
+    partitioned when the run encoded its prompts (its first encode), the map, and the edit."""
+    from fasterase.models import base, partitioned
+
+    encode, seen = base.Denoiser.encode, []
+
+    def recording(self, prompts):
+        seen.append(all(partitioned.is_partitioned(p) and p.numel() < partitioned.numel(p)
+                        for p in self.network.parameters()))
+        return encode(self, prompts)
+
+    base.Denoiser.encode, was = recording, os.environ["FASTERASE_CACHE"]
+    os.environ["FASTERASE_CACHE"] = cache
+    try:
+        edit = _erase("ant", 3, **zero3)
+    finally:
+        base.Denoiser.encode, os.environ["FASTERASE_CACHE"] = encode, was
+    return {"partitioned_at_encoding": seen[0], "cached": edit.report["saliency_cached"],
+            "indices": {n: i for n, (i, _) in edit.entries.items()}, "edit": edit}
+
+
 def _shared_memory_left() -> list[str]:
     """DeepSpeed's CPU all-reduce buffers of this run (its MASTER_PORT) still named in /dev/shm."""
     port = os.environ["MASTER_PORT"]
@@ -217,6 +239,10 @@ def main(out_path: str, work: str) -> None:
     results["fp32"] = {k: _values(e) for k, e in edits.items()}
     results["fp32_change"] = {k: _change(e) for k, e in edits.items()}
     results["fp32_engine"] = {k: e.report["engine"] for k, e in edits.items()}
+    results["fresh_saliency"] = _fresh_saliency_under_zero3(os.path.join(work, "fresh"), zero3)
+    results["plain_ant_indices"] = {n: i for n, (i, _) in edits[("ant", 0)].entries.items()}
+    results["fresh_saliency"]["change"] = _relative(_change(results["fresh_saliency"].pop("edit")),
+                                                    results["fp32_change"][("ant", 0)])
     import fasterase
 
     from fasterase import models
@@ -316,6 +342,10 @@ def main_two(out_path: str, work: str) -> None:
     edits = {m: _erase(m, 3, deepspeed_config=split) for m in ("esd", "ant", "fade")}  # the plain runs: main's
     results["change"] = {k: _change(e) for k, e in edits.items()}
     results["engine"] = {k: e.report["engine"] for k, e in edits.items()}
+    results["lora_entries"] = edits["esd"].report["trainable_parameters"]
+    from fasterase import models
+
+    results["network_entries"] = sum(p.numel() for p in models.load("toy-sd").network.parameters())
     torch.distributed.barrier()  # both processes' starts are done
     results["shared_memory_left"] = _shared_memory_left()
     if os.environ["RANK"] == "0":
@@ -384,6 +414,16 @@ def test_every_training_method_under_zero3_with_the_network_partitioned_ends_wit
     engine3 = zero_runs["fp32_engine"][(method, 3)]
     assert engine3["engine"] == "deepspeed-zero3" and engine3["network_held"] == 1.0  # one process: all of it
     assert "network_held" not in zero_runs["fp32_engine"][(method, 2)]
+
+
+def test_zero3_partitions_the_network_for_the_whole_run(zero_runs):
+    """From the prompts' encoding on (the network never whole on the device), through ANT's saliency map
+    (computed afresh, each forward run again for its second backward): the plain run's map, and its edit."""
+    fresh = zero_runs["fresh_saliency"]
+    assert fresh["partitioned_at_encoding"] and fresh["cached"] is False
+    plain = zero_runs["plain_ant_indices"]
+    assert fresh["indices"].keys() == plain.keys() and all(torch.equal(fresh["indices"][n], plain[n]) for n in plain)
+    assert fresh["change"] <= ZERO3_RTOL
 
 
 def test_zero3_gives_the_network_back_as_it_was(zero_runs):
@@ -541,14 +581,17 @@ def test_two_processes_resume_from_their_checkpoint_files_to_the_uninterrupted_r
 @pytest.mark.parametrize("method", ["esd", "ant", "fade"])
 def test_zero3_splits_the_network_between_two_processes_and_ends_with_the_plain_edit(two_processes, zero_runs,
                                                                                      method):
-    """Each process holds half of every weight (LoRA factors and CompactDelta's entries written into its
-    half) and computes half of every call's rows; FADE's discriminator and buffers stay the same on
-    both; the edit is the plain run's, to fp32 rounding in another summation order."""
+    """Each process holds half of every weight (CompactDelta's entries written into its half; ESD's LoRA
+    factors, added once the network was partitioned, whole beside it) and computes half of every call's
+    rows; FADE's discriminator and buffers stay the same on both; the edit is the plain run's, to fp32
+    rounding in another summation order."""
     plain, change = zero_runs["fp32_change"][(method, 0)], two_processes["change"][method]
     assert change.keys() == plain.keys() and any(v.abs().max() > 0 for v in plain.values())
     assert _relative(change, plain) <= ZERO3_RTOL
     described = two_processes["engine"][method]
-    assert described["world_size"] == 2 and 0.5 <= described["network_held"] <= 0.501
+    network, lora = two_processes["network_entries"], two_processes["lora_entries"] if method == "esd" else 0
+    half = (network / 2 + lora) / (network + lora)
+    assert described["world_size"] == 2 and half <= described["network_held"] <= half + 0.001
 
 
 def _free_port() -> int:

@@ -215,3 +215,17 @@ def test_cond_helpers():
     r = c.repeat(2)
     assert r.embeds[:, 0, 0].tolist() == [0, 0, 3, 3] and r.pooled[:, 0].tolist() == [0, 0, 1, 1]
     assert len(Cond.cat([c, r])) == 6
+
+
+def test_keep_network_casts_the_network_but_leaves_it_where_it_is(monkeypatch):
+    """ZeRO-3 partitions the network onto the device (training.engine.partitioned): load() casts it and
+    moves only the other components there."""
+    den = models.load("toy-sd")
+    calls = []
+    for cls in {type(den.network), type(den.pipeline.vae)}:
+        monkeypatch.setattr(cls, "to", lambda self, *a, _to=cls.to, **k: calls.append((self, a, k)) or _to(self, *a, **k))
+    models.load(den, "cpu", "bf16", keep_network=True)
+    assert den.network.dtype == torch.bfloat16 and den.pipeline.vae.dtype == torch.bfloat16
+    to_device = [m for m, a, k in calls
+                 if k.get("device") is not None or any(x is not None and not isinstance(x, torch.dtype) for x in a)]
+    assert den.pipeline.vae in to_device and den.network not in to_device

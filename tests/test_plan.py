@@ -223,40 +223,33 @@ def test_gpus_run_the_methods_under_zero_splitting_the_optimizer_states_and_the_
         planner.plan("toy-sd", "esd", {"zero": 0}, resolution=64, gpus=2)
 
 
-def test_zero3_partitions_the_network_while_training_only():
-    """Under ZeRO-3 the training loop's columns hold a 1/gpus slice of every parameter, the small ones also
-    whole and at most DeepSpeed's live limit gathered (training.engine); saliency, before the loop, the
-    whole network; ZeRO-2 leaves it whole."""
+def test_zero3_partitions_the_network_for_the_whole_run():
+    """Under ZeRO-3 every column holds a 1/gpus slice of every parameter, the small ones also whole, and
+    while the network runs at most DeepSpeed's live limit gathered (training.engine.partitioned); the
+    encoding none gathered; ZeRO-2 leaves it whole."""
     three = planner.plan("toy-sd", "ant", {"zero": 3}, resolution=64, gpus=2)
     two = planner.plan("toy-sd", "ant", resolution=64, gpus=2)
     name = "unet weights"
     whole = two.columns["step"].lines[name]
-    assert two.columns["saliency"].lines[name] == three.columns["saliency"].lines[name] == whole
+    assert two.columns["saliency"].lines[name] == two.columns["encoding"].lines[name] == whole
     p = planner._Planner("toy-sd", planner.meta.describe("toy-sd"), "fp32", 64)
     small = sum(n for n in p.entries if n <= planner.ZERO3_PERSISTENCE_THRESHOLD)
     slices = sum(-(-n // 2) for n in p.entries)
     gathered = min(sum(p.entries) - small, planner.ZERO3_LIVE_PARAMETERS)
-    assert three.columns["step"].lines[name] == whole + 4 * (slices + small + gathered - sum(p.entries))
-    assert "ZeRO-3 over 2 GPUs: a 1/2 slice" in three.notes[name]
-    esd3 = planner.plan("toy-sd", "esd", {"zero": 3}, resolution=64, gpus=2)  # encoding: before the loop
-    assert esd3.columns["encoding"].lines[name] == whole != esd3.columns["step"].lines[name]
-
-
-def test_zero3_says_when_the_peak_comes_before_the_training_loop():
-    three = planner.plan("toy-sd", "esd", {"zero": 3}, resolution=64, gpus=2)
-    encoding = planner.Column({**three.columns["encoding"].lines, "text encoders": 10**12})
-    over = dataclasses.replace(three, columns={**three.columns, "encoding": encoding})
-    assert "encoding comes before the training loop, with the whole network on every GPU" in over.table()
-    assert "before the training loop" not in three.table()
+    held = whole + 4 * (slices + small - sum(p.entries))
+    assert three.columns["step"].lines[name] == three.columns["saliency"].lines[name] == held + 4 * gathered
+    assert three.columns["encoding"].lines[name] == held
+    assert "ZeRO-3 over 2 GPUs for the whole run: a 1/2 slice" in three.notes[name]
 
 
 def test_zero3_saves_most_of_flux_weights_on_eight_gpus():
     p = planner._Planner("flux-dev", planner.meta.describe("flux-dev"), "bf16", 256)
     lines, notes = p.resident(1)
     name = "transformer weights"
-    assert p.while_training(lines, notes, 8, 2) is lines
-    eight = p.while_training(lines, notes, 8, 3)[name]
+    assert p.partitioned(lines, notes, 8, 2) is lines
+    eight = p.partitioned(lines, notes, 8, 3)[name]
     assert lines[name] / 8 < eight < lines[name] / 8 + 2 * planner.ZERO3_LIVE_PARAMETERS + 0.01 * lines[name]
+    assert lines[name] / 8 <= p.network_bytes(8, 3, passes=False) < lines[name] / 8 + 0.01 * lines[name]
 
 
 def test_a_suggestion_makes_it_fit():

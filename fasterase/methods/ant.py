@@ -37,7 +37,7 @@ from tqdm import tqdm
 from ..concepts import Concept, ConceptSet
 from ..edit import Edit, fingerprint, remove_adapter
 from ..errors import UserError
-from ..models import Cond, Denoiser
+from ..models import Cond, Denoiser, partitioned
 from ..optim import SalientAdamW
 from ..training import engine, loop, params, saliency, sampling
 from ..training.closed_form import fuse_lora_deltas
@@ -210,27 +210,32 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
     order = torch.randperm(len(prompts), generator=loop.step_generator(cfg.seed, 1)).tolist()
     chosen = [prompts[i] for i in order[:cfg.saliency_prompts]]
     tensors = {n: p for n, p in net.named_parameters() if p.is_floating_point()}
-    total = sum(p.numel() for p in tensors.values())
+    total = sum(partitioned.numel(p) for p in tensors.values())
     was = [p.requires_grad for p in tensors.values()]
     loss = trajectory_loss(model, hp, cfg, teacher=contextlib.nullcontext)  # the network is the frozen model
     score = saliency.SaliencyScore()
     start = time.perf_counter()
     maps = [(i, j) for i in range(len(chosen)) for j in range(cfg.saliency_seeds)]
+    # ZeRO-3 frees a layer's gathered weights after its backward, so a second backward over the same forward
+    # finds them gone: there the forward runs again, from the same seed (the same value, recomputed)
+    again = any(partitioned.is_partitioned(p) for p in tensors.values())
     try:
         for p in tensors.values():
             p.requires_grad_(True)
         with model.whole_graphs():  # visit_gradients reads each gradient whole, twice
             for i, j in tqdm(maps, desc=f"saliency {concept.name}", disable=not progress, leave=False):
                 # seed s_j: the same noise, t1 and t2 for every prompt
-                value = loss(model.encode([chosen[i]]), loop.step_generator(cfg.seed, 2, j))
-                # two backward passes over one forward, a layer's gradient at a time: the map's rms, then
-                # the score (never a copy of every gradient)
-                squares = {}
-                saliency.visit_gradients(value, tensors,
+                def value():
+                    return loss(model.encode([chosen[i]]), loop.step_generator(cfg.seed, 2, j))
+                # two backward passes, a layer's gradient at a time: the map's rms, then the score (never a
+                # copy of every gradient)
+                first, squares = value(), {}
+                saliency.visit_gradients(first, tensors,
                                          lambda n, g: squares.__setitem__(n, g.float().square().sum()),
-                                         retain_graph=True)
+                                         retain_graph=not again, network=net)
                 rms = score.map_rms([squares[n] for n in tensors], total)
-                saliency.visit_gradients(value, tensors, lambda n, g: score.update(n, g, rms))
+                saliency.visit_gradients(value() if again else first, tensors, lambda n, g: score.update(n, g, rms),
+                                         network=net)
                 score.end_map()
     finally:
         for p, w in zip(tensors.values(), was):
@@ -251,7 +256,7 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
     if cfg.saliency:
         mask, report = concept_saliency(model, concept, hp, cfg, progress)
     else:
-        mask = {n: torch.arange(p.numel(), dtype=torch.int32) for n, p in net.named_parameters()
+        mask = {n: torch.arange(partitioned.numel(p), dtype=torch.int32) for n, p in net.named_parameters()
                 if p.is_floating_point()}
         report = {}
     change = params.CompactDelta(net, mask)
@@ -334,8 +339,9 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
     weights = {}
     for p in projections:
         keep = keep_in[p.name] if keep_in is not None else None
-        new = fuse_lora_deltas(p.module.weight, [x[p.name] for x in erase_in], [d[p.name] for d in deltas],
-                               keep, cfg.preserve_scale, cfg.lam)
+        with partitioned.gathered([p.module.weight]):
+            new = fuse_lora_deltas(p.module.weight, [x[p.name] for x in erase_in], [d[p.name] for d in deltas],
+                                   keep, cfg.preserve_scale, cfg.lam)
         weights[f"{p.name}.weight"] = new
     return Edit(method="ant", model_kind=model.kind, concepts=[c.to_dict() for c in concepts], config=asdict(cfg),
                 base_fingerprint=fingerprint(net, list(weights)), weights=weights,

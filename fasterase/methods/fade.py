@@ -71,7 +71,7 @@ from tqdm import tqdm
 from ..concepts import ConceptSet
 from ..edit import Edit, fingerprint
 from ..errors import UserError
-from ..models import Cond, Denoiser
+from ..models import Cond, Denoiser, partitioned
 from ..optim import SalientAdamW
 from ..training import loop, params, saliency, sampling
 from ..training.prompt_pairs import PromptPairs, prompt_pairs
@@ -333,7 +333,8 @@ def concept_saliency(model: Denoiser, adversary: Adversary, cfg: FADEConfig, g: 
     net = model.network
     tensors = {n: p for n, p in net.named_parameters() if p.is_floating_point()}
     was = [p.requires_grad for p in tensors.values()]
-    sums = {n: torch.zeros_like(p) for n, p in tensors.items()}  # in the parameters' dtype
+    sums = {n: torch.zeros(partitioned.shape(p), dtype=p.dtype, device=p.device)  # in the parameters' dtype
+            for n, p in tensors.items()}
     buf = adversary.buffer
     rows, steps = adversary.draw(cfg.saliency_samples, 0, g)
     start = time.perf_counter()
@@ -348,7 +349,7 @@ def concept_saliency(model: Denoiser, adversary: Adversary, cfg: FADEConfig, g: 
                                      adversary.prompts.neutral[int(buf["pair"][r])]])
                 pred = model.predict(torch.cat([x, x]), torch.cat([tau, tau]), cond)
                 saliency.visit_gradients((pred[0] - pred[1]).square().sum(), tensors,
-                                         lambda n, gr: sums[n].add_(gr.abs()))  # a layer's gradient at a time
+                                         lambda n, gr: sums[n].add_(gr.abs()), network=net)  # a layer at a time
     finally:
         for p, w in zip(tensors.values(), was):
             p.requires_grad_(w)
@@ -403,7 +404,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         report = {"saliency_selected": saliency.selected(adversary.mask)} if cfg.saliency else {}
     else:
         report = _prepare(model, adversary, cfg, concepts, progress)
-    mask = adversary.mask if cfg.saliency else {n: torch.arange(p.numel(), dtype=torch.int32)
+    mask = adversary.mask if cfg.saliency else {n: torch.arange(partitioned.numel(p), dtype=torch.int32)
                                                  for n, p in net.named_parameters() if p.is_floating_point()}
     change = params.CompactDelta(net, mask)
     try:  # from here on any failure leaves the network as it came

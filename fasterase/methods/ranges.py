@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
+from ..models import partitioned
 from ..training import engine
 
 MAX_SCALE = 1e6
@@ -70,8 +71,9 @@ def check_rank(method: str, rank: int, network, modules: list[str]) -> None:
     convolution's in x kernel flattened): past it, every layer's factors only cost memory (rank
     100000 on toy-sd asked for 23 GB). Narrower layers take the rank as peft gives it (SD's conv_out
     has 4 channels), so a rank of 8 or 16 stays usable on a whole UNet."""
-    sizes = {m: min(w.shape[0], w[0].numel()) for m in modules for w in [network.get_submodule(m).weight]}
+    shapes = {m: partitioned.shape(network.get_submodule(m).weight) for m in modules}
+    sizes = {m: min(shape[0], math.prod(shape[1:])) for m, shape in shapes.items()}
     largest = max(sizes, key=sizes.get)
     if rank > sizes[largest]:
         raise UserError(f"{method} option rank={rank} exceeds the rank of every layer it would adapt: at most "
-                        f"{sizes[largest]} ({largest}, {tuple(network.get_submodule(largest).weight.shape)})")
+                        f"{sizes[largest]} ({largest}, {tuple(shapes[largest])})")

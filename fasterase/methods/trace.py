@@ -96,7 +96,7 @@ from .. import ops
 from ..concepts import ConceptSet
 from ..edit import ADAPTER, Edit, fingerprint, remove_adapter
 from ..errors import UserError
-from ..models import Cond, Denoiser
+from ..models import Cond, Denoiser, partitioned
 from ..training import engine, loop, params, sampling
 from ..training.discriminator import ConceptDiscriminator, accuracy, removal_loss, train_step
 from ..training.prompt_pairs import PromptPairs, prompt_pairs
@@ -243,14 +243,15 @@ def refine(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig) -> dict[str,
     if len(e_w) > ops.rank_update.MAX_RANK:
         raise UserError(f"the concepts' names take {len(e_w)} tokens together; the refinement solves at most "
                         f"{ops.rank_update.MAX_RANK} at once")
-    original = {p.name: p.module.weight.detach().clone() for p in projections}
-    try:
-        ops.rank_one_update([p.module.weight.data for p in projections], e_u, e_w, eta=cfg.eta)
-    except BaseException as exc:  # the op updates one shape group at a time: undo a partial update
-        put(model, original)
-        if isinstance(exc, ValueError):
-            raise UserError(f"TRACE refinement: {exc}") from None
-        raise
+    with partitioned.gathered([p.module.weight for p in projections], modify=True):  # ZeRO-3: whole, then re-sliced
+        original = {p.name: p.module.weight.detach().clone() for p in projections}
+        try:
+            ops.rank_one_update([p.module.weight.data for p in projections], e_u, e_w, eta=cfg.eta)
+        except BaseException as exc:  # the op updates one shape group at a time: undo a partial update
+            put(model, original)
+            if isinstance(exc, ValueError):
+                raise UserError(f"TRACE refinement: {exc}") from None
+            raise
     return original
 
 
@@ -496,8 +497,9 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool 
     start = time.perf_counter()
     original = refine(model, concepts, cfg) if cfg.refine else {}
     report = {"refined_layers": len(refined), "refine_time_s": round(time.perf_counter() - start, 3)}
-    refined_values = {p.name: p.module.weight.detach().clone() for p in refined_projections(model)
-                      if p.name in original}
+    changed = [p for p in refined_projections(model) if p.name in original]
+    with partitioned.gathered([p.module.weight for p in changed]):
+        refined_values = {p.name: p.module.weight.detach().clone() for p in changed}
     weights = {f"{name}.weight": w for name, w in refined_values.items()}
     lora = {}
     try:

@@ -197,14 +197,15 @@ def folder_dtype(path: Path, network: str) -> torch.dtype:
                     f".safetensors or .bin file)")
 
 
-def load(model, device=None, dtype=None) -> Denoiser:
+def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser:
     """The Denoiser for `model` (see module docstring); anything else is a UserError.
 
     device: where the pipeline runs (see resolve_device); a pipeline given is moved there in place.
     Default: a name or folder loads on the GPU if there is one, else the CPU; a pipeline given stays
     where it is. dtype: every component's dtype (see resolve_dtype); default: a folder's own (its
     network's saved dtype, for every component, never part-upcast), a pipeline's own, the toy
-    pipelines' fp32. Both are checked before any weights load.
+    pipelines' fp32. Both are checked before any weights load. keep_network: the network is cast but
+    stays where it is (DeepSpeed ZeRO-3 partitions it onto the device: training.engine.partitioned).
     """
     fresh = isinstance(model, (str, Path))
     dev = resolve_device(device) if device is not None or fresh else None
@@ -217,8 +218,15 @@ def load(model, device=None, dtype=None) -> Denoiser:
     pipe = denoiser.pipeline
     if dt is not None and dt != denoiser.network.dtype:
         pipe.to(dtype=dt)
-    if dev is not None and denoiser.network.device != dev:
-        pipe.to(dev)
+    if dev is None:
+        return denoiser
+    if not keep_network:
+        if denoiser.network.device != dev:
+            pipe.to(dev)
+        return denoiser
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module) and module is not denoiser.network:
+            module.to(dev)
     return denoiser
 
 

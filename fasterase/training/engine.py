@@ -15,13 +15,15 @@ every process, so each trainable then computes with its shadow's storage (no sec
 partitions the shadows, so after each step the trainables are refreshed from them.
 
 What ZeRO splits between processes: the optimizer's side (its states, DeepSpeed's fp32 copy and
-gradient partitions) under both stages, and under ZeRO-3 the frozen network too: each process keeps
-one slice of every weight, and DeepSpeed gathers a layer's weights whole just before the layer runs
-(forward, and again for backward) and frees them after. The trainables inside the network (LoRA
-factors) and CompactDelta's selected entries are written into those slices (training.params.
-put_entries), so every gather reads the trained values. When training ends the network is
-gathered whole again and DeepSpeed's hooks and attributes are taken off: the network is as it came,
-with the trained values in it.
+gradient partitions) under both stages, and under ZeRO-3 the frozen network too, for the method's
+whole run (partitioned(), entered by api.erase): each process keeps one slice of every weight, and
+DeepSpeed gathers a layer's weights whole just before the layer runs (forward, and again for
+backward) and frees them after. Encoding, saliency maps, rollouts and the training loop all run on
+the partitioned network; code that reads or writes a weight between passes goes through
+models/partitioned.py (CompactDelta's selected entries are written into the slices:
+training.params.put_entries), and LoRA factors added during the run stay whole beside the slices.
+At the end the network is gathered whole, back where it came from, and DeepSpeed's hooks and
+attributes are taken off: the network is as it came, with what the run wrote into it.
 
 Several processes also share the work: each runs the network on its share of every call's rows
 and receives the others' outputs (models/shared_rows.py, switched on by the training loop), so its
@@ -42,6 +44,7 @@ import torch
 
 from ..errors import UserError
 from ..optim import SalientAdamW
+from ..models.partitioned import COORDINATORS, is_partitioned, numel, release_leftovers
 from .params import put_entries
 
 STAGES = (0, 2, 3)  # 0: plain PyTorch
@@ -192,6 +195,22 @@ def _unlink_shared_memory() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def _config(config_file: str | None, stage: int, entries: int) -> dict:
+    """The DeepSpeed config of a run: the user's file with what fasterase sets itself, for `entries`
+    trainable entries."""
+    # DeepSpeed clips gradients to norm 1.0 unless told otherwise; the plain engine does not clip
+    config = {"gradient_clipping": 0.0, **(read_config(config_file) if config_file else {}),
+              "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+              "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+              "steps_per_print": 2**62, "wall_clock_breakdown": False}
+    # ZeRO-3 otherwise replaces torch.nn.functional.linear for good (its "memory efficient linear", for
+    # partitioned layers, which the surrogate has none of): the network's layers would run through it
+    config["zero_optimization"] = {"reduce_bucket_size": max(1, min(BUCKET, entries)),
+                                   "memory_efficient_linear": False,
+                                   **config.get("zero_optimization", {}), "stage": stage}
+    return config
+
+
 class _Surrogate(torch.nn.Module):
     """DeepSpeed's model: the shadows, and forward(grads) = sum_i <shadow_i, grad_i>."""
 
@@ -206,9 +225,10 @@ class _Surrogate(torch.nn.Module):
 
 class Zero:
     """DeepSpeed ZeRO stage 2 or 3 over the trainables, with `optimizer` (SalientAdamW) as its client
-    optimizer; under ZeRO-3 `network` (the module the trainables act in, when given) is partitioned
-    too (see the module's docstring). Raises UserError without DeepSpeed, for another optimizer, or
-    when DeepSpeed would not step with it."""
+    optimizer. `network`, the module the trainables act in: when partitioned() holds it, the report
+    says how much of it a process holds, and each step first frees the layers the backward left
+    gathered. Raises UserError without DeepSpeed, for another optimizer, or when DeepSpeed would not
+    step with it."""
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, stage: int,
                  config_file: str | None = None, network: torch.nn.Module | None = None):
@@ -225,16 +245,7 @@ class Zero:
         # the client optimizer steps the shadows (DeepSpeed puts its flat partitions in their place)
         optimizer.param_groups[0]["params"] = list(self.shadows)
         optimizer.state.clear()
-        # DeepSpeed clips gradients to norm 1.0 unless told otherwise; the plain engine does not clip
-        config = {"gradient_clipping": 0.0, **(read_config(config_file) if config_file else {}),
-                  "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                  "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
-                  "steps_per_print": 2**62, "wall_clock_breakdown": False}
-        # ZeRO-3 otherwise replaces torch.nn.functional.linear for good (its "memory efficient linear", for
-        # partitioned layers, which the surrogate has none of): the network's layers would run through it
-        config["zero_optimization"] = {"reduce_bucket_size": min(BUCKET, sum(p.numel() for p in params)),
-                                       "memory_efficient_linear": False,
-                                       **config.get("zero_optimization", {}), "stage": stage}
+        config = _config(config_file, stage, sum(p.numel() for p in params))
         self.engine, _, _, _ = ds.initialize(model=_Surrogate(self.shadows), optimizer=optimizer, config=config)
         if self.engine.basic_optimizer is not optimizer:  # DeepSpeed may swap a client optimizer (ZeRO-Offload)
             raise UserError(f"DeepSpeed replaced SalientAdamW by {type(self.engine.basic_optimizer).__name__}; "
@@ -242,11 +253,8 @@ class Zero:
         if stage == 2:  # full values on every process: the trainables compute with the shadows' storage
             for p, s in zip(params, self.shadows):
                 p.data = s.data
-        self.network = self.base = None
-        if stage == 3 and network is not None:
-            self.network, self._own = network, _attributes(network)
-            self.base = _partition(network, config)
-            self.network_held = _held(network)
+        self.network = network if network is not None and any(map(is_partitioned, network.parameters())) else None
+        self.network_held = _held(network) if self.network is not None else None
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -256,6 +264,8 @@ class Zero:
         """Hand the finished gradients to DeepSpeed and step, if every gradient of every process is
         finite. Each process's gradients are its rows' part of the batch's (models/shared_rows.py):
         DeepSpeed averages them, so they go in multiplied by the number of processes."""
+        if self.network is not None:
+            release_leftovers(self.network)
         finite = torch.tensor(float(grads_finite(self.params)), device=self.params[0].device)
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if not finite:
@@ -311,24 +321,51 @@ class Zero:
 
     def describe(self) -> dict:
         return {"engine": f"deepspeed-zero{self.stage}", "world_size": self.world_size,
-                **({"network_held": self.network_held} if self.network is not None else {}),
+                **({"network_held": self.network_held} if self.network_held is not None else {}),
                 **optimizer_report(self.engine.basic_optimizer, self.params)}
 
     def close(self) -> None:
-        """The trainables keep their values in storage of their own (ZeRO-2 shared DeepSpeed's); a
-        partitioned network is gathered whole, without DeepSpeed's hooks and attributes."""
+        """The trainables keep their values in storage of their own (ZeRO-2 shared DeepSpeed's)."""
         if self.stage == 2:
             for p in self.params:
                 p.data = p.data.clone()
-        if self.base is not None:
-            with torch.no_grad():
-                for p in self.network.parameters():  # in the same order on every process: collective
-                    if p.numel() != p.ds_numel:
-                        p.all_gather()
-            self.base.destroy()
-            _strip(self.network, self._own)
-            self.base = None
         self.engine.destroy()
+
+
+@contextlib.contextmanager
+def partitioned(network: torch.nn.Module, device: torch.device, config_file: str | None = None):
+    """ZeRO-3 over the frozen `network` for the block (a method's whole run under zero=3): each
+    process keeps one slice of every weight on `device`, DeepSpeed gathers a layer's weights for its
+    passes and frees them after (models/partitioned.py reads and writes them between passes). The
+    network is never whole on `device`: each weight is moved there and sliced in turn. At the end the
+    weights are gathered whole, one at a time, back where they came from, and DeepSpeed's hooks and
+    attributes are taken off: the network is as it came, with what the block wrote into it."""
+    _start_deepspeed(device)
+    home = next(network.parameters()).device
+    own = _attributes(network)
+    _move_buffers(network, device)
+    coordinator = _partition(network, _config(config_file, 3, 1))
+    COORDINATORS[network] = coordinator
+    try:
+        yield
+    finally:
+        del COORDINATORS[network]
+        with torch.no_grad():
+            for p in network.parameters():  # in the same order on every process: collective
+                if p.numel() != numel(p):
+                    p.all_gather()
+                p.data = p.data.to(home)
+        coordinator.destroy()
+        _strip(network, own)
+        _move_buffers(network, home)
+
+
+def _move_buffers(network: torch.nn.Module, device: torch.device) -> None:
+    """The network's buffers to `device` (ZeRO-3 partitions parameters only)."""
+    for module in network.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
 
 
 def _partition(network: torch.nn.Module, config: dict):
@@ -350,12 +387,16 @@ def _partition(network: torch.nn.Module, config: dict):
 
 
 def _held(network: torch.nn.Module) -> float:
-    """The share of a ZeRO-3 partitioned network's bytes this process holds between layers: its slices, and
-    the small parameters ZeRO-3 keeps whole beside theirs (stage3_param_persistence_threshold)."""
+    """The share of a ZeRO-3 partitioned network's bytes this process holds between layers: its slices, the
+    small parameters ZeRO-3 keeps whole beside theirs (stage3_param_persistence_threshold), and those added
+    since it partitioned the network (LoRA factors)."""
     whole = held = 0
     for p in network.parameters():
-        whole += p.ds_numel * p.element_size()
-        held += (p.ds_tensor.numel() + (p.ds_numel if p.ds_persist else 0)) * p.element_size()
+        whole += numel(p) * p.element_size()
+        if not is_partitioned(p):
+            held += p.numel() * p.element_size()
+        else:
+            held += (p.ds_tensor.numel() + (p.ds_numel if p.ds_persist else 0)) * p.element_size()
     return round(held / whole, 4)
 
 

@@ -14,6 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from ..edit import ADAPTER
+from ..models import partitioned
 
 
 # The layers a LoRA can cover (peft, and diffusers' load_lora_weights): every weight layer of SD
@@ -43,7 +44,8 @@ def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed:
     if adapter in getattr(network, "peft_config", {}):
         raise RuntimeError(f"the network already carries a {adapter!r} adapter; remove that edit first")
     active = network.active_adapters() if getattr(network, "peft_config", {}) else []
-    with torch.random.fork_rng():  # LoRA init draws from the global generator
+    # LoRA init draws from the global generator; under ZeRO-3 peft reads only the covered weights' shapes
+    with torch.random.fork_rng(), partitioned.shaped([network.get_submodule(m).weight for m in modules]):
         torch.manual_seed(init_seed)
         network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights=True),
                             adapter_name=adapter)
@@ -112,7 +114,10 @@ class CompactDelta:
     def __init__(self, network: torch.nn.Module, masks: dict[str, torch.Tensor]):
         self.weights = {n: network.get_parameter(n) for n, idx in masks.items() if idx.numel()}
         self.indices = {n: masks[n].to(w.device, torch.int32) for n, w in self.weights.items()}
-        self.base = {n: w.detach().view(-1)[self.indices[n]].clone() for n, w in self.weights.items()}
+        self.base = {}
+        for n, w in self.weights.items():
+            with partitioned.gathered([w]):
+                self.base[n] = w.detach().view(-1)[self.indices[n]].clone()
         self.values = {n: torch.nn.Parameter(b.to(torch.float32, copy=True)) for n, b in self.base.items()}
         network.requires_grad_(False)
         self._hooks = []

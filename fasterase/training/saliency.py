@@ -19,16 +19,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from ..models.partitioned import release_leftovers
 
 
 class EmptySaliencyMap(UserError):
     """The user's threshold selects no parameter in every map; the message says which would."""
 
 
-def visit_gradients(loss: torch.Tensor, tensors: dict[str, torch.Tensor], visit, retain_graph: bool = False) -> None:
+def visit_gradients(loss: torch.Tensor, tensors: dict[str, torch.Tensor], visit, retain_graph: bool = False,
+                    network: torch.nn.Module | None = None) -> None:
     """Back-propagate `loss` and call visit(name, gradient) for each of `tensors` (leaves that require
     grad, with no .grad) as soon as autograd has its gradient, which is then freed: one layer's
-    gradient at a time, never a copy of every gradient. A tensor the loss does not reach is an error."""
+    gradient at a time, never a copy of every gradient. A tensor the loss does not reach is an error.
+    `network`, the module the tensors are in: while ZeRO-3 partitions it, the layers the backward left
+    gathered are freed after it (models/partitioned.release_leftovers)."""
     seen = set()
 
     def hook(name):
@@ -44,6 +48,8 @@ def visit_gradients(loss: torch.Tensor, tensors: dict[str, torch.Tensor], visit,
     finally:
         for h in handles:
             h.remove()
+        if network is not None:
+            release_leftovers(network)
     missing = [n for n in tensors if n not in seen]
     if missing:
         raise ValueError(f"the loss does not depend on {len(missing)} of the tensors, e.g. {missing[0]}")
