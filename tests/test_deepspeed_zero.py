@@ -251,6 +251,17 @@ def main(out_path: str, work: str) -> None:
         "zero3": _network_state(fasterase.erase("toy-sd", "circle", method="ant", zero=3, progress=False,
                                                 **METHODS["ant"], **zero3).model.network),
         "loaded": _network_state(models.load("toy-sd").network)}
+    # a run that fails under ZeRO-3 (ANT's saliency map empty at this threshold) leaves the pipeline as it was
+    failing = models.load("toy-sd")
+    try:
+        fasterase.erase(failing.pipeline, "circle", method="ant", zero=3, progress=False,
+                        **{**METHODS["ant"], "saliency_threshold": 1e6}, **zero3)
+        results["failed_run"] = None
+    except UserError as e:
+        fresh = models.load("toy-sd").network.state_dict()
+        results["failed_run"] = {"message": str(e), "network": _network_state(failing.network),
+                                 "unchanged": all(torch.equal(v, fresh[k])
+                                                  for k, v in failing.network.state_dict().items())}
     results["linear_untouched"] = torch.nn.functional.linear is linear
     results["shared_memory_left"] = _shared_memory_left()
     torch.save(results, out_path)
@@ -427,10 +438,14 @@ def test_zero3_partitions_the_network_for_the_whole_run(zero_runs):
 
 
 def test_zero3_gives_the_network_back_as_it_was(zero_runs):
-    """Gathered whole, without DeepSpeed's attributes, hooks or parameter dicts: as after a plain run."""
+    """Gathered whole, without DeepSpeed's attributes, hooks or parameter dicts: as after a plain run; also
+    after a run that fails, with every weight as it was."""
     after = zero_runs["network_after"]
     assert after["zero3"] == after["loaded"] and after["loaded"]["attributes"] == []
     assert after["loaded"]["parameter dicts"] == ["dict"]
+    failed = zero_runs["failed_run"]
+    assert "saliency_threshold=1e+06 leaves the saliency map M* empty" in failed["message"]
+    assert failed["network"] == after["loaded"] and failed["unchanged"]
 
 
 def test_the_planner_counts_deepspeeds_zero3_defaults(zero_runs):

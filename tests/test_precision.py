@@ -80,7 +80,7 @@ def test_every_method_runs_in_half_precision(name, dtype, method):
 def test_fade_saliency_sums_overflowing_fp16_are_a_clear_error(monkeypatch):
     """FADE sums |gradient| in the parameters' dtype: in fp16 a sum past 65504 is inf, which would rank
     wrongly; it stops and says which dtypes hold it."""
-    def huge(loss, tensors, visit, retain_graph=False):
+    def huge(loss, tensors, visit, retain_graph=False, network=None):
         for name, p in tensors.items():
             visit(name, torch.full_like(p, 6e4))
 
