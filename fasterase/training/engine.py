@@ -44,7 +44,7 @@ import torch
 
 from ..errors import UserError
 from ..optim import SalientAdamW
-from ..models.partitioned import COORDINATORS, is_partitioned, numel, release_leftovers
+from ..models.partitioned import COORDINATORS, is_partitioned, numel, release_leftovers, shape
 from .params import put_entries
 
 STAGES = (0, 2, 3)  # 0: plain PyTorch
@@ -271,7 +271,7 @@ class Zero:
         if not finite:
             return False
         grads = [p.grad * self.world_size if p.grad is not None
-                 else torch.zeros(_shape(p), dtype=p.dtype, device=p.device) for p in self.params]
+                 else torch.zeros(shape(p), dtype=p.dtype, device=p.device) for p in self.params]
         self.zero_grad()
         self.engine.backward(self.engine(grads))
         self.engine.step()
@@ -398,11 +398,6 @@ def _held(network: torch.nn.Module) -> float:
         else:
             held += (p.ds_tensor.numel() + (p.ds_numel if p.ds_persist else 0)) * p.element_size()
     return round(held / whole, 4)
-
-
-def _shape(p: torch.Tensor) -> torch.Size:
-    """A parameter's whole shape, also while ZeRO-3 holds only its slice."""
-    return getattr(p, "ds_shape", p.shape)
 
 
 def _attributes(network: torch.nn.Module) -> dict[int, set[str]]:
