@@ -147,6 +147,8 @@ def _options(method: registry.Method, options: dict):
 def _check_idle(method: registry.Method, cfg, given: set[str], model: models.Denoiser, concepts: ConceptSet) -> None:
     """An option the user set that cannot act on this run is an error, not silently ignored."""
     idle = method.idle_options(cfg, given, model, concepts)
+    if "checkpoint_every" in given and getattr(cfg, "checkpoint", None) is None and not idle:
+        idle = ["checkpoint_every: no checkpoint file is set (--set checkpoint=FILE)"]
     if idle:
         raise UserError(f"{method.name} with {len(concepts)} concept(s) on this {model.kind} model cannot use "
                         f"what was set: {'; '.join(idle)}")

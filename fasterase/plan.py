@@ -473,7 +473,8 @@ class _Planner:
         notes[name] += (f"; ZeRO-3 over {gpus} GPU{'s' if gpus > 1 else ''} for the whole run: a 1/{gpus} slice of "
                         f"each, parameters of up to {ZERO3_PERSISTENCE_THRESHOLD:,} entries also whole, and up to "
                         f"{gathered / self.bytes / 1e6:.4g} M entries gathered for their layers' passes (none while "
-                        "encoding)")
+                        f"encoding); each process first loads it on the CPU ({lines[name] / GB:.2f} GB of host memory "
+                        "a process)")
         return {**lines, name: self.network_bytes(gpus, zero)}
 
     def encoding(self, lines: dict[str, int], gpus: int, zero: int) -> Column:
@@ -714,7 +715,8 @@ def _trace(p: _Planner, cfg, gpus: int):
     lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
     lines = p.partitioned(lines, notes, gpus, cfg.zero)
     lines["refined projections"] = 2 * sum(w.numel() for w in refined) * p.bytes
-    notes["refined projections"] = f"{len(refined)} projections, original and refined copies in {p.dtype}"
+    notes["refined projections"] = (f"{len(refined)} projection{'s' if len(refined) != 1 else ''}, original and "
+                                    f"refined copies in {p.dtype}")
     if not cfg.finetune:
         return {"refinement": Column(lines)}, notes
     meter = p.lora(lambda den: [q.name for q in den.cross_attention_kv()], cfg.rank, cfg.seed)

@@ -48,6 +48,8 @@ def one_line_error(code, err, *needles):
      ["cannot use", "rank", "one concept"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--preserve", "star", "--out", "X"],
      ["cannot use", "preserve"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "checkpoint_every=5", "--out",
+      "X"], ["cannot use", "checkpoint_every: no checkpoint file is set"]),
     (["erase", "--model", "toy-sd", "--concept", "red circle", "--preserve", "circle", "--method", "uce", "--out", "X"],
      ["both erased and preserved", "circle"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "uce", "--set", "lam", "--out", "X"],

@@ -17,7 +17,7 @@ session. Each case there is compared with the same training in the plain engine:
   quantisation alone.
 """
 import contextlib
-import functools
+import io
 import importlib.util
 import os
 import re
@@ -105,7 +105,7 @@ def _erase(method: str, zero: int, **extra):
                            **{**METHODS[method], **extra}).edit
 
 
-def _resume(method: str, zero: int, ckpt: str, **extra) -> dict:
+def _resume(method: str, zero: int, ckpt: str, checkpoint_every: int = 50, **extra) -> dict:
     """`method` stopped by an interrupt in its third step and resumed, beside an uninterrupted run."""
     from fasterase.methods import ant, esd
 
@@ -120,14 +120,17 @@ def _resume(method: str, zero: int, ckpt: str, **extra) -> dict:
         return real(*args)
 
     setattr(module, name, interrupted)
+    said = io.StringIO()
     try:
-        _erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt, **extra)
+        with contextlib.redirect_stderr(said):
+            _erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt, checkpoint_every=checkpoint_every, **extra)
     except KeyboardInterrupt:
         pass
     finally:
         setattr(module, name, real)
-    resumed = _values(_erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt, **extra))
-    return {"full": full, "resumed": resumed}
+    resumed = _values(_erase(method, zero, steps=RESUME_STEPS, checkpoint=ckpt, checkpoint_every=checkpoint_every,
+                             **extra))
+    return {"full": full, "resumed": resumed, "said": said.getvalue()}
 
 
 def _fresh_saliency_under_zero3(cache: str, zero3: dict) -> dict:
@@ -341,12 +344,7 @@ def main_two(out_path: str, work: str) -> None:
     with open(split, "w") as f:
         f.write(SPLIT_EVERY_PARAMETER)
     # stopped in its third step (both processes), resumed from the checkpoint every process wrote at step 2
-    from fasterase.training import loop
-
-    train = loop.train
-    loop.train = functools.partial(train, checkpoint_every=2)
-    results["resume"] = _resume("esd", 3, os.path.join(work, "esd3.ckpt"), deepspeed_config=split)
-    loop.train = train
+    results["resume"] = _resume("esd", 3, os.path.join(work, "esd3.ckpt"), deepspeed_config=split, checkpoint_every=2)
     results["checkpoint files"] = sorted(n for n in os.listdir(work) if ".ckpt" in n)
     SalientAdamW.__init__.__kwdefaults__["state_dtype"] = "fp32"
     engine.adamw = lambda params, lr, zero: SalientAdamW(params, lr=lr, weight_decay=0.0)
@@ -586,8 +584,11 @@ def test_shared_rows_give_the_whole_output_and_gradient(two_processes, rows):
 
 
 def test_two_processes_resume_from_their_checkpoint_files_to_the_uninterrupted_run(two_processes):
-    """Each process writes its optimizer partition (8-bit states, ZeRO-3) to a file of its own beside the run's."""
+    """Each process writes its optimizer partition (8-bit states, ZeRO-3) to a file of its own beside the run's,
+    every checkpoint_every steps; the interrupt saves nothing and says which checkpoint stands."""
     run = two_processes["resume"]
+    assert "interrupted in step 3: with 2 processes an interrupt saves nothing; " in run["said"]
+    assert "esd3.ckpt holds step 2 (checkpoint_every=2)" in run["said"]
     assert run["full"].keys() == run["resumed"].keys()
     assert all(torch.equal(run["full"][k], run["resumed"][k]) for k in run["full"])
     assert {"esd3.ckpt", "esd3.ckpt.rank1"} <= set(two_processes["checkpoint files"])

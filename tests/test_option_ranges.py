@@ -36,6 +36,7 @@ def _no_run(monkeypatch, method):
     (esd.ESDConfig, {"sample_steps": 5000}, "sample_steps must be >= 1 and <= 1000"),
     (esd.ESDConfig, {"max_skipped_steps": -1}, "max_skipped_steps must be >= 0"),
     (esd.ESDConfig, {"checkpoint": " "}, "checkpoint must be a file path"),
+    (esd.ESDConfig, {"checkpoint_every": 0}, "checkpoint_every must be >= 1"),
     (ant.ANTConfig, {"lambda3": 1e300}, "lambda3 must be >= 0 and <= 1000000"),
     (ant.ANTConfig, {"lambda1": -1.0}, "lambda1 must be >= 0"),
     (ant.ANTConfig, {"t_split": math.nan}, "strictly between 0"),

@@ -84,6 +84,7 @@ class ANTConfig:
     lam: float = 0.1  # several concepts: regulariser |W* - W|^2 that keeps eq. (7) well posed
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from (one per concept with several)
+    checkpoint_every: int = 50  # steps between checkpoints (several processes save only these)
     max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
     zero: int = 0  # 0: plain PyTorch; 2 or 3: DeepSpeed ZeRO stage (training.engine)
     deepspeed_config: str | None = None  # with zero: a DeepSpeed JSON config for its other settings
@@ -267,7 +268,7 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
         loss_fn = _training_loss(model, prompts, hp, cfg, teacher=change.off)
         net.train()
         stats = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed, cfg.checkpoint,
-                           progress=progress, desc=f"ant {concept.name}",
+                           progress=progress, checkpoint_every=cfg.checkpoint_every, desc=f"ant {concept.name}",
                            run=loop.identity("ant", [concept], cfg, base), max_skipped_steps=cfg.max_skipped_steps,
                            zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, after_step=change.sync,
                            model=model)
@@ -324,7 +325,8 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
         net.train()
         try:
             stats[concept.name] = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed + k, checkpoint,
-                                             progress=progress, desc=f"ant {concept.name} ({k + 1}/{len(concepts)})",
+                                             progress=progress, checkpoint_every=cfg.checkpoint_every,
+                                             desc=f"ant {concept.name} ({k + 1}/{len(concepts)})",
                                              run=loop.identity("ant", concepts, cfg, base),
                                              max_skipped_steps=cfg.max_skipped_steps, zero=cfg.zero,
                                              deepspeed_config=cfg.deepspeed_config, model=model)

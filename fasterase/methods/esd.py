@@ -65,6 +65,7 @@ class ESDConfig:
     guidance: float = 3.0  # classifier-free guidance of those rollouts (ESD: 3)
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from
+    checkpoint_every: int = 50  # steps between checkpoints (several processes save only these)
     max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
     zero: int = 0  # 0: plain PyTorch; 2 or 3: DeepSpeed ZeRO stage (training.engine)
     deepspeed_config: str | None = None  # with zero: a DeepSpeed JSON config for its other settings
@@ -112,7 +113,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
     net.train()
     try:
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint,
-                           progress=progress, desc=f"esd {','.join(concepts.names)}",
+                           progress=progress, checkpoint_every=cfg.checkpoint_every,
+                           desc=f"esd {','.join(concepts.names)}",
                            run=loop.identity("esd", concepts, cfg, base), max_skipped_steps=cfg.max_skipped_steps,
                            zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, model=model)
         lora = params.lora_state(net, "unet" if model.kind == "sd" else "transformer")

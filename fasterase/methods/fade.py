@@ -118,6 +118,7 @@ class FADEConfig:
     stop_patience: int = 3  # (ours) ... mean outputs are within 0.5 +- stop_delta on this many refreshes in a row
     seed: int = 0
     checkpoint: str | None = None  # file to checkpoint to and resume from (D and the buffer included)
+    checkpoint_every: int = 50  # steps between checkpoints (several processes save only these)
     max_skipped_steps: int = 10  # steps skipped for non-finite gradients before training stops
     zero: int = 0  # 0: plain PyTorch; 2 or 3: DeepSpeed ZeRO stage (training.engine)
     deepspeed_config: str | None = None  # with zero: a DeepSpeed JSON config for its other settings
@@ -414,7 +415,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         loss_fn = fade_loss(model, adversary, cfg, teacher=change.off)
         net.train()
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
-                           desc=f"fade {','.join(concepts.names)}", run=loop.identity("fade", concepts, cfg, base),
+                           checkpoint_every=cfg.checkpoint_every, desc=f"fade {','.join(concepts.names)}",
+                           run=loop.identity("fade", concepts, cfg, base),
                            max_skipped_steps=cfg.max_skipped_steps, companion=adversary, zero=cfg.zero,
                            deepspeed_config=cfg.deepspeed_config, after_step=change.sync, model=model)
         values = change.current()

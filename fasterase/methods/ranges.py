@@ -61,6 +61,7 @@ def check_common(method: str, cfg) -> None:
     if cfg.lr is not None:
         check(method, "lr", cfg.lr, 0, MAX_LR, above=True)
     check(method, "max_skipped_steps", cfg.max_skipped_steps, 0, integer=True)
+    check(method, "checkpoint_every", cfg.checkpoint_every, 1, integer=True)
     if cfg.checkpoint is not None and (not isinstance(cfg.checkpoint, str) or not cfg.checkpoint.strip()):
         raise UserError(f"{method} option checkpoint must be a file path (or unset), got {cfg.checkpoint!r}")
     engine.check_options(method, cfg.zero, cfg.deepspeed_config)

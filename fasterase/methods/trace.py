@@ -136,6 +136,7 @@ class TRACEConfig:
     guidance: float = 3.0  # classifier-free guidance of every rollout
     seed: int = 0
     checkpoint: str | None = None
+    checkpoint_every: int = 50  # steps between checkpoints (several processes save only these)
     max_skipped_steps: int = 10
     zero: int = 0  # 0: plain PyTorch; 2 or 3: DeepSpeed ZeRO stage (training.engine)
     deepspeed_config: str | None = None  # with zero: a DeepSpeed JSON config for its other settings
@@ -571,7 +572,7 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
         net.train()
         try:
             stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
-                               desc=f"trace {','.join(concepts.names)}",
+                               checkpoint_every=cfg.checkpoint_every, desc=f"trace {','.join(concepts.names)}",
                                run=loop.identity("trace", concepts, cfg, base),
                                max_skipped_steps=cfg.max_skipped_steps, companion=traj, zero=cfg.zero,
                                deepspeed_config=cfg.deepspeed_config, model=model)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..errors import UserError
 from . import engine as engines
 
 # Options that do not change what a run trains, so not part of its identity.
-NOT_IDENTITY = ("checkpoint", "max_skipped_steps", "deepspeed_config")
+NOT_IDENTITY = ("checkpoint", "checkpoint_every", "max_skipped_steps", "deepspeed_config")
 FORMAT = 2  # marks a checkpoint file as train()'s
 
 
@@ -151,7 +152,7 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
     Under DeepSpeed with several processes each also writes its partition of the optimizer to a file
     of its own beside it (rank_file), and resumes only with as many processes; an interrupt there
     saves nothing (the processes stop at different points, and saving takes all of them): the last
-    periodic checkpoint stands.
+    periodic checkpoint stands, and rank 0 says which.
     A path check_checkpoint refuses (a folder, a missing folder, a file that is not a checkpoint)
     is a UserError before the first step.
     """
@@ -300,6 +301,11 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
     except KeyboardInterrupt:
         if stepper.world_size == 1:
             save(done)
+        elif ckpt and stepper.rank == 0:
+            last = max(start, done // checkpoint_every * checkpoint_every)  # the periodic saves' last
+            kept = f"{ckpt} holds step {last}" if last else "no checkpoint was written yet"
+            tqdm.write(f"interrupted in step {done + 1}: with {stepper.world_size} processes an interrupt saves "
+                       f"nothing; {kept} (checkpoint_every={checkpoint_every})", file=sys.stderr)
         raise
     finally:
         bar.close()
