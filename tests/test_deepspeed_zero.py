@@ -42,8 +42,8 @@ METHODS = {
 RESUME_STEPS = 4
 # fp32-state runs compared with the plain engine: every method under ZeRO-2 and ZeRO-3 (CompactDelta masters,
 # LoRAs, FADE's and TRACE's companions beside the engine, their rollouts through the partitioned network;
-# FADE's ZeRO-3 run is the two processes' of main_two)
-FP32_STAGES = {"esd": (2, 3), "ant": (2, 3), "fade": (2,), "trace": (2, 3)}  # FADE under ZeRO-3: main_two
+# ANT's ZeRO-3 run is _fresh_saliency_under_zero3's, FADE's the two processes' of main_two)
+FP32_STAGES = {"esd": (2, 3), "ant": (2,), "fade": (2,), "trace": (2, 3)}
 SPLIT_EVERY_PARAMETER = '{"zero_optimization": {"stage3_param_persistence_threshold": 0}}'
 ZERO3_RTOL = 2.5e-4  # of the edit's change: 4x what another summation order alone moves it (see above)
 
@@ -135,7 +135,9 @@ def _resume(method: str, zero: int, ckpt: str, checkpoint_every: int = 50, **ext
 
 def _fresh_saliency_under_zero3(cache: str, zero3: dict) -> dict:
     """ANT under ZeRO-3 with its saliency map computed afresh (another cache): whether the network was
-    partitioned when the run encoded its prompts (its first encode), the map, and the edit."""
+    partitioned when the run encoded its prompts (its first encode), the map, the edit, and what DeepSpeed
+    left on the network."""
+    import fasterase
     from fasterase.models import base, partitioned
 
     encode, seen = base.Denoiser.encode, []
@@ -148,11 +150,13 @@ def _fresh_saliency_under_zero3(cache: str, zero3: dict) -> dict:
     base.Denoiser.encode, was = recording, os.environ["FASTERASE_CACHE"]
     os.environ["FASTERASE_CACHE"] = cache
     try:
-        edit = _erase("ant", 3, **zero3)
+        result = fasterase.erase("toy-sd", "circle", method="ant", zero=3, progress=False, **METHODS["ant"], **zero3)
     finally:
         base.Denoiser.encode, os.environ["FASTERASE_CACHE"] = encode, was
+    edit = result.edit
     return {"partitioned_at_encoding": seen[0], "cached": edit.report["saliency_cached"],
-            "indices": {n: i for n, (i, _) in edit.entries.items()}, "edit": edit}
+            "indices": {n: i for n, (i, _) in edit.entries.items()}, "edit": edit, "engine": edit.report["engine"],
+            "network_after": _network_state(result.model.network)}
 
 
 def _shared_memory_left() -> list[str]:
@@ -250,10 +254,8 @@ def main(out_path: str, work: str) -> None:
 
     from fasterase import models
 
-    results["network_after"] = {
-        "zero3": _network_state(fasterase.erase("toy-sd", "circle", method="ant", zero=3, progress=False,
-                                                **METHODS["ant"], **zero3).model.network),
-        "loaded": _network_state(models.load("toy-sd").network)}
+    results["network_after"] = {"zero3": results["fresh_saliency"].pop("network_after"),
+                                "loaded": _network_state(models.load("toy-sd").network)}
     # a run that fails under ZeRO-3 (ANT's saliency map empty at this threshold) leaves the pipeline as it was
     failing = models.load("toy-sd")
     try:
@@ -432,7 +434,7 @@ def test_zero3_partitions_the_network_for_the_whole_run(zero_runs):
     assert fresh["partitioned_at_encoding"] and fresh["cached"] is False
     plain = zero_runs["plain_ant_indices"]
     assert fresh["indices"].keys() == plain.keys() and all(torch.equal(fresh["indices"][n], plain[n]) for n in plain)
-    assert fresh["change"] <= ZERO3_RTOL
+    assert fresh["change"] <= ZERO3_RTOL and fresh["engine"]["network_held"] == 1.0  # one process: all of it
 
 
 def test_zero3_gives_the_network_back_as_it_was(zero_runs):
