@@ -259,7 +259,7 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(run=cmd_eval)
 
     pl = sub.add_parser("plan", help="the memory a method needs per GPU on a model (from its configs, on the meta "
-                                     "device), and whether it fits")
+                                     "device), whether it fits, and else the memory options that make it fit")
     pl.add_argument("--model", required=True, help="toy-sd, toy-flux, sd15, flux-dev, or a local diffusers folder")
     pl.add_argument("--method", required=True, help="see `fasterase methods`")
     pl.add_argument("--resolution", type=int, help="image height and width in px (default: the model's own size)")

@@ -329,6 +329,8 @@ class Plan:
     columns: dict[str, Column]
     notes: dict[str, str]  # part -> what it holds
     suggestions: list[tuple[str, int]] = field(default_factory=list)  # (option, peak bytes with it)
+    # when it does not fit: the same run with erase's memory options added (the same result), if that fits
+    fitted: Plan | None = None
 
     @property
     def peak(self) -> tuple[str, int]:
@@ -354,7 +356,16 @@ class Plan:
                             for k, c in self.columns.items()},
                 "notes": self.notes, "peak": {"column": name, "bytes": peak}, "fits": self.fits,
                 "left_bytes": int(self.gpu_mem * GB) - peak,
-                "suggestions": [{"option": o, "peak_bytes": b} for o, b in self.suggestions]}
+                "suggestions": [{"option": o, "peak_bytes": b} for o, b in self.suggestions],
+                "fitted_options": self.fitted and self.memory_options(self.fitted),
+                "fitted": self.fitted and self.fitted.to_json()}
+
+    def memory_options(self, other: Plan) -> str:
+        """The erase options `other` adds to this plan's (gradient checkpointing, micro-batch)."""
+        added = ["--gradient-checkpointing"] if other.gradient_checkpointing and not self.gradient_checkpointing else []
+        if other.micro_batch != self.micro_batch:
+            added.append(f"--micro-batch {other.micro_batch}")
+        return " ".join(added)
 
     def table(self) -> str:
         """The breakdown in GB, a column per moment, the totals, the verdict and what each part holds."""
@@ -379,13 +390,19 @@ class Plan:
         if any(self.columns[n].checkpointed is not None for n in names):
             rows.append(row(CHECKPOINTED, [self.checkpointed_total(n) for n in names]))
         name, peak = self.peak
+        fixes = [f"{o} ({b / GB:.2f} GB)" for o, b in self.suggestions]
+        if self.fitted:
+            # the breakdown that fits, under the verdict as asked (starts with "does not fit", as a script reads it)
+            return "\n".join([f"does not fit as asked: {name} needs {peak / GB:.2f} GB, {(peak - self.gpu_mem * GB) / GB:.2f} "
+                              f"GB over {self.gpu_mem:g} GB; with {self.memory_options(self.fitted)} (erase's memory "
+                              "options: the same result in less memory) it does:", self.fitted.table()]
+                             + ([f"or, changing the method's own options: {' or '.join(fixes)}"] if fixes else []))
         if self.fits:
             verdict = f"fits in {self.gpu_mem:g} GB with {(self.gpu_mem * GB - peak) / GB:.2f} GB left (peak: {name})"
         else:
             verdict = (f"does not fit: {name} needs {peak / GB:.2f} GB, {(peak - self.gpu_mem * GB) / GB:.2f} GB "
                        f"over {self.gpu_mem:g} GB")
-            fixes = [f"{o} ({b / GB:.2f} GB)" for o, b in self.suggestions]
-            verdict += f"; try {' or '.join(fixes)}" if fixes else "; no single option tried makes it fit"
+            verdict += f"; try {' or '.join(fixes)}" if fixes else "; neither erase's memory options nor a smaller method option tried makes it fit"
         notes = [f"  {p}: {self.notes[p]}" for p in parts if p in self.notes]
         if CHECKPOINTED in rows[-1]:
             notes.append(f"  {CHECKPOINTED}: the total with erase's gradient_checkpointing (diffusers'), not in "
@@ -794,7 +811,9 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
     the model in, a folder's stored dtype, the toy pipelines' fp32; bf16 for sd15 and flux-dev, configs
     without weights) on `gpus` GPUs of `gpu_mem` GB each, with erase's `gradient_checkpointing` and `micro_batch`; `salient_share` (ANT only): the share of entries its
     saliency map keeps (default ANT_SHARE).
-    When it does not fit, `suggestions` holds each option that alone would make it fit, with its peak."""
+    When it does not fit, `fitted` is the same run with erase's memory options added (micro-batch, gradient
+    checkpointing: the same result in less memory) when that fits, and `suggestions` holds each change of the
+    method's own options (or the dtype) that alone would make it fit, with its peak."""
     m = get(method)
     options = dict(options or {})
     if dtype is not None and dtype not in DTYPES:
@@ -843,6 +862,7 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
     api._check_idle(m, cfg, set(options), p.den, p.concepts)
     result = _plan(p, method, cfg, gpus, gpu_mem, share)
     if not result.fits:
+        result.fitted = _memory_fit(p, m, cfg, result, share)
         result.suggestions = _suggest(p, m, options, result, share)
     return result
 
@@ -854,32 +874,42 @@ def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float
                 p.checkpointing, p.micro_batch, columns, notes)
 
 
+def _with_memory(p: _Planner, m, cfg, result: Plan, share: float, checkpointing: bool, micro_batch: int | None) -> Plan:
+    """The plan of `result`'s run with these memory options."""
+    was = p.checkpointing, p.micro_batch
+    p.checkpointing, p.micro_batch = checkpointing, micro_batch
+    try:
+        return _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share)
+    finally:
+        p.checkpointing, p.micro_batch = was
+
+
+def _memory_fit(p: _Planner, m, cfg, result: Plan, share: float) -> Plan | None:
+    """The plan with erase's memory options added, which change no result: the largest micro-batch that fits,
+    else gradient checkpointing, else both (the largest micro-batch with it); None when none fits."""
+    smaller = [rows for rows in (16, 8, 4, 2, 1) if result.micro_batch is None or rows < result.micro_batch]
+
+    def micro_batched(checkpointing: bool) -> Plan | None:
+        # a call's peak only falls with its chunks, so when one row at a time does not fit none does (its
+        # passes are measured once, cached for the search)
+        if not smaller or not _with_memory(p, m, cfg, result, share, checkpointing, smaller[-1]).fits:
+            return None
+        return next(fitted for rows in smaller
+                    if (fitted := _with_memory(p, m, cfg, result, share, checkpointing, rows)).fits)
+
+    fitted = micro_batched(p.checkpointing)
+    if fitted is None and not p.checkpointing:
+        fitted = _with_memory(p, m, cfg, result, share, True, p.micro_batch)
+        fitted = fitted if fitted.fits else micro_batched(True)
+    return fitted
+
+
 def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[tuple[str, int]]:
-    """Each single change that makes the plan fit, with the largest value that does; when none does,
-    gradient checkpointing with each smaller option."""
+    """Each single change of the method's options (or of the dtype) that makes the plan fit, with the largest
+    value that does; when none does, gradient checkpointing with each of them."""
     limit = result.gpu_mem * GB
     out = _shrunk(p, m, options, result, share, "")
     cfg = api._options(m, options)
-    if not result.gradient_checkpointing:
-        checkpointed = max(result.checkpointed_total(c) or result.columns[c].total for c in result.columns)
-        if checkpointed <= limit:
-            out.append(("--gradient-checkpointing", checkpointed))
-    def micro_batched(rows: int) -> int:
-        p.micro_batch, was = rows, p.micro_batch
-        try:
-            return _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
-        finally:
-            p.micro_batch = was
-
-    smaller = [rows for rows in (16, 8, 4, 2, 1) if result.micro_batch is None or rows < result.micro_batch]
-    # the largest micro-batch that fits; a call's peak only falls with its chunks, so when one row at a
-    # time does not fit none does (its passes are measured once, cached for the search)
-    if smaller and micro_batched(smaller[-1]) <= limit:
-        for rows in smaller:
-            peak = micro_batched(rows)
-            if peak <= limit:
-                out.append((f"--micro-batch {rows}", peak))
-                break
     if result.dtype == "fp32":
         bf16 = _Planner(p.model, p.described, "bf16", p.resolution, p.checkpointing, p.micro_batch)
         peak = _plan(bf16, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]

@@ -163,11 +163,10 @@ def test_micro_batch_cuts_every_pass():
     assert split.columns["scorer"].lines["activations"] < whole.columns["scorer"].lines["activations"] / 4
     assert split.columns["step"].lines["activations"] < whole.columns["step"].lines["activations"] / 2
     limit = (whole.peak[1] - 0.5 * whole.columns["scorer"].lines["activations"]) / 1e9
-    suggested = dict(planner.plan("toy-sd", "trace", options, resolution=128, gpu_mem=limit).suggestions)
-    fitting = [k for k in suggested if k.startswith("--micro-batch ")]
-    assert fitting, suggested
-    rows = int(fitting[0].split()[1])
-    assert planner.plan("toy-sd", "trace", options, resolution=128, gpu_mem=limit, micro_batch=rows).fits
+    fitted = planner.plan("toy-sd", "trace", options, resolution=128, gpu_mem=limit).fitted
+    assert fitted.fits and not fitted.gradient_checkpointing and fitted.micro_batch < 16  # the largest that fits:
+    assert not planner.plan("toy-sd", "trace", options, resolution=128, gpu_mem=limit,
+                            micro_batch=2 * fitted.micro_batch).fits
 
 
 @pytest.mark.parametrize("guided,grad,prompts", [(True, False, (7, 9)), (False, True, (13, 15))])
@@ -253,16 +252,57 @@ def test_zero3_saves_most_of_flux_weights_on_eight_gpus():
 
 
 def test_a_suggestion_makes_it_fit():
-    """Each suggested option, planned with it, fits; the suggestion says its peak."""
+    """A plan that does not fit as asked is planned again with erase's memory options (the same result):
+    the largest micro-batch that fits, else gradient checkpointing, else both; the table shows that plan
+    under the verdict as asked. Each suggested change of the method's options, planned with it, fits; the
+    suggestion says its peak."""
     base = planner.plan("toy-sd", "esd", resolution=128)
     limit = (base.peak[1] - 0.4 * base.columns["step"].lines["activations"]) / 1e9
     result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit)
     assert not result.fits
+    fitted = result.fitted
+    assert fitted.fits and fitted.micro_batch == 2 and not fitted.gradient_checkpointing  # 4 rows a pass
+    assert fitted.to_json() == planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit, micro_batch=2).to_json()
+    table = result.table()
+    peak = result.peak[1]
+    assert table.startswith(f"does not fit as asked: step needs {peak / 1e9:.2f} GB, {(peak - limit * 1e9) / 1e9:.2f} "
+                            f"GB over {limit:g} GB; with --micro-batch 2 (erase's memory options")
+    assert fitted.table() in table
+    report = result.to_json()
+    assert report["fitted_options"] == "--micro-batch 2" and report["fitted"] == fitted.to_json()
     suggested = dict(result.suggestions)
-    assert "--set batch_size=2" in suggested and "--gradient-checkpointing" in suggested
+    assert "--set batch_size=2" in suggested
     fixed = planner.plan("toy-sd", "esd", {"batch_size": 2}, resolution=128, gpu_mem=limit)
     assert fixed.fits and fixed.peak[1] == suggested["--set batch_size=2"]
-    assert f"try --set batch_size=2 ({fixed.peak[1] / 1e9:.2f} GB)" in result.table()
+    assert f"or, changing the method's own options: --set batch_size=2 ({fixed.peak[1] / 1e9:.2f} GB)" in table
+
+
+@pytest.mark.parametrize("fitting,chosen", [
+    ({(False, 1), (False, 2), (False, 4)}, (False, 4)),  # the largest micro-batch that fits
+    ({(True, None), (True, 1), (True, 2)}, (True, None)),  # no micro-batch fits: checkpointing alone
+    ({(True, 1), (True, 2)}, (True, 2)),  # nor checkpointing alone: both, the largest micro-batch with it
+    (set(), None),
+])
+def test_memory_options_order(fitting, chosen, monkeypatch):
+    """The memory options tried when a plan does not fit (plan._memory_fit): micro-batches from 16 rows down,
+    gradient checkpointing, then both; one row not fitting ends a micro-batch search (peaks only fall with
+    chunks)."""
+    tried = []
+
+    def with_memory(p, m, cfg, result, share, checkpointing, micro_batch):
+        tried.append((checkpointing, micro_batch))
+        return dataclasses.replace(result, gradient_checkpointing=checkpointing, micro_batch=micro_batch,
+                                   columns={"step": planner.Column({"activations": 1 if (checkpointing, micro_batch)
+                                                                                   in fitting else 10 ** 12})})
+
+    monkeypatch.setattr(planner, "_with_memory", with_memory)
+    asked = planner.Plan("toy-sd", "esd", {}, 32, 48, "fp32", 1, 1e-6, False, None, {}, {})
+    p = type("P", (), {"checkpointing": False, "micro_batch": None})()
+    fitted = planner._memory_fit(p, None, None, asked, 0.15)
+    assert (fitted and (fitted.gradient_checkpointing, fitted.micro_batch)) == chosen
+    assert tried[0] == (False, 1)  # the one-row plan first
+    if (False, 1) not in fitting:
+        assert not any(c is False and r not in (1, None) for c, r in tried)
 
 
 def test_checkpointing_with_a_smaller_option_when_no_single_one_fits():

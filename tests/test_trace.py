@@ -3,6 +3,7 @@ the merged LoRAs and their loading through diffusers, resume, options."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -348,3 +349,15 @@ def test_bad_options(options, needle):
 def test_a_concept_the_model_does_not_draw_is_refused():
     with pytest.raises(UserError, match="no better than"):  # the neutral pair draws the concept: its synonym
         fasterase.erase("toy-sd", "circle", method="trace", progress=False, **{**FAST, "neutral": "disk"})
+
+
+@pytest.mark.parametrize("method,t0", [("trace", 0.999), ("fade", 0.999)])
+def test_t0_off_the_grid_is_refused_before_any_work(method, t0, monkeypatch):
+    """t0 with no sampler step on one side is one of the checks erase makes before any work (and before
+    DeepSpeed starts), not found once the method runs."""
+    methods = importlib.import_module("fasterase.methods")  # the package (fasterase.methods is the listing)
+    registry = dict(methods.REGISTRY)
+    ran = dataclasses.replace(registry[method], run=lambda *a, **k: pytest.fail("the method ran"))
+    monkeypatch.setattr(methods, "REGISTRY", {**registry, method: ran})
+    with pytest.raises(UserError, match=f"option t0={t0:g} leaves no sampler step on one side"):
+        fasterase.erase("toy-sd", "circle", method=method, progress=False, t0=t0, zero=3)

@@ -155,7 +155,10 @@ def resolved(cfg: FADEConfig, concepts: ConceptSet) -> FADEConfig:
 
 
 def idle_options(cfg: FADEConfig, given: set[str], model: Denoiser, concepts: ConceptSet) -> list[str]:
-    """The options the user set (`given`) that cannot act on this run, each with why."""
+    """The options the user set (`given`) that cannot act on this run, each with why. Raises UserError when
+    t0 leaves no sampler step on one side (ranges.check_switch)."""
+    ranges.check_switch("FADE", cfg.t0, cfg.sample_steps, model, "L_pres needs steps above t0 and L_rem steps at "
+                        "or below it")
     idle = []
     if not cfg.saliency:
         idle += [f"{k}: saliency=False trains every entry" for k in ("saliency_share", "saliency_samples")
@@ -392,11 +395,6 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
     model.encode([t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved + [""])
     if cfg.checkpoint:
         loop.check_checkpoint(cfg.checkpoint)  # before any work
-    grid = model.sampling_taus(cfg.sample_steps)
-    if not any(t > cfg.t0 for t in grid) or not any(t <= cfg.t0 for t in grid):
-        raise UserError(f"FADE option t0={cfg.t0:g} leaves no sampler step on one side: the {cfg.sample_steps}-step "
-                        f"grid's noise levels run from {grid[0]:.3g} to {grid[-1]:.3g}; L_pres needs steps above t0 "
-                        f"and L_rem steps at or below it")
     adversary = Adversary(model, prompts, len(concepts), cfg)
     # another run's checkpoint is refused here (its base model's by loop.train, before any step)
     resume = loop.companion_in(cfg.checkpoint, loop.identity("fade", concepts, cfg, None)) if cfg.checkpoint else None

@@ -47,6 +47,15 @@ def check(method: str, name: str, value, low: float, high: float = math.inf, *, 
                         f"got {value!r}")
 
 
+def check_switch(method: str, t0: float, steps: int, model, needs: str) -> None:
+    """t0 must leave steps of the model's `steps`-step sampler grid on both sides (`needs` says why); checked
+    with the method's idle options, before any work."""
+    grid = model.sampling_taus(steps)
+    if not any(t > t0 for t in grid) or not any(t <= t0 for t in grid):
+        raise UserError(f"{method} option t0={t0:g} leaves no sampler step on one side: the {steps}-step grid's "
+                        f"noise levels run from {grid[0]:.3g} to {grid[-1]:.3g}; {needs}")
+
+
 def check_common(method: str, cfg) -> None:
     """The options every training method shares: seed, steps, batch, rollouts, checkpoint, engine."""
     check(method, "seed", cfg.seed, 0, MAX_SEED, integer=True)

@@ -169,7 +169,11 @@ class TRACEConfig:
 
 
 def idle_options(cfg: TRACEConfig, given: set[str], model: Denoiser, concepts: ConceptSet) -> list[str]:
-    """The options the user set (`given`) that cannot act on this run, each with why."""
+    """The options the user set (`given`) that cannot act on this run, each with why. Raises UserError when
+    t0 leaves no sampler step on one side (ranges.check_switch)."""
+    if cfg.finetune and cfg.trajectory:
+        ranges.check_switch("TRACE", cfg.t0, cfg.sample_steps, model,
+                            "the target switches at t0 and the drift term acts above it")
     idle = []
     if not cfg.refine:
         idle += [f"{k}: refine=False skips the refinement" for k in ("eta", "neutral_token") if k in given]
@@ -488,11 +492,6 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool 
         ranges.check_rank("TRACE", cfg.rank, net, lora_modules)
         if cfg.checkpoint:
             loop.check_checkpoint(cfg.checkpoint)
-        grid = model.sampling_taus(cfg.sample_steps)
-        if cfg.trajectory and (not any(t > cfg.t0 for t in grid) or not any(t <= cfg.t0 for t in grid)):
-            raise UserError(f"TRACE option t0={cfg.t0:g} leaves no sampler step on one side: the "
-                            f"{cfg.sample_steps}-step grid's noise levels run from {grid[0]:.3g} to {grid[-1]:.3g}; "
-                            f"the target switches at t0 and the drift term acts above it")
     touched = sorted(set(f"{m}.weight" for m in refined + (lora_modules if cfg.finetune else [])))
     base = fingerprint(net, touched)
     start = time.perf_counter()
