@@ -391,18 +391,16 @@ class Plan:
             rows.append(row(CHECKPOINTED, [self.checkpointed_total(n) for n in names]))
         name, peak = self.peak
         fixes = [f"{o} ({b / GB:.2f} GB)" for o, b in self.suggestions]
-        if self.fitted:
-            # the breakdown that fits, under the verdict as asked (starts with "does not fit", as a script reads it)
-            return "\n".join([f"does not fit as asked: {name} needs {peak / GB:.2f} GB, {(peak - self.gpu_mem * GB) / GB:.2f} "
-                              f"GB over {self.gpu_mem:g} GB; with {self.memory_options(self.fitted)} (erase's memory "
-                              "options: the same result in less memory) it does:", self.fitted.table()]
+        over = f"{name} needs {peak / GB:.2f} GB, {(peak - self.gpu_mem * GB) / GB:.2f} GB over {self.gpu_mem:g} GB"
+        if self.fitted:  # the breakdown that fits, under the verdict as asked (a script reads "does not fit")
+            return "\n".join([f"does not fit as asked: {over}; with {self.memory_options(self.fitted)} (erase's "
+                              "memory options: the same result in less memory) it does:", self.fitted.table()]
                              + ([f"or, changing the method's own options: {' or '.join(fixes)}"] if fixes else []))
         if self.fits:
             verdict = f"fits in {self.gpu_mem:g} GB with {(self.gpu_mem * GB - peak) / GB:.2f} GB left (peak: {name})"
         else:
-            verdict = (f"does not fit: {name} needs {peak / GB:.2f} GB, {(peak - self.gpu_mem * GB) / GB:.2f} GB "
-                       f"over {self.gpu_mem:g} GB")
-            verdict += f"; try {' or '.join(fixes)}" if fixes else "; neither erase's memory options nor a smaller method option tried makes it fit"
+            verdict = f"does not fit: {over}" + (f"; try {' or '.join(fixes)}" if fixes else
+                                                 "; neither erase's memory options nor a smaller method option fit")
         notes = [f"  {p}: {self.notes[p]}" for p in parts if p in self.notes]
         if CHECKPOINTED in rows[-1]:
             notes.append(f"  {CHECKPOINTED}: the total with erase's gradient_checkpointing (diffusers'), not in "

@@ -27,7 +27,7 @@ PLAN=$(fasterase plan --model "$MODEL" --method "$METHOD" --gpus "$GPUS" --gpu-m
     --set "zero=$ZERO" "${OPTIONS[@]}")
 echo "$PLAN"
 if grep -q '^does not fit' <<< "$PLAN"; then
-    echo "the plan does not fit $GPUS x $GPU_MEM GB (its suggestions are above); nothing started" >&2
+    echo "the plan does not fit $GPUS x $GPU_MEM GB as asked (what would make it fit is above); nothing started" >&2
     exit 1
 fi
 
