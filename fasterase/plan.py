@@ -395,12 +395,15 @@ class Plan:
         if self.fitted:  # the breakdown that fits, under the verdict as asked (a script reads "does not fit")
             return "\n".join([f"does not fit as asked: {over}; with {self.memory_options(self.fitted)} (erase's "
                               "memory options: the same result in less memory) it does:", self.fitted.table()]
-                             + ([f"or, changing the method's own options: {' or '.join(fixes)}"] if fixes else []))
+                             + ([f"or, changing the method's options or the dtype: {' or '.join(fixes)}"] if fixes
+                                else []))
         if self.fits:
             verdict = f"fits in {self.gpu_mem:g} GB with {(self.gpu_mem * GB - peak) / GB:.2f} GB left (peak: {name})"
         else:
-            verdict = f"does not fit: {over}" + (f"; try {' or '.join(fixes)}" if fixes else
-                                                 "; neither erase's memory options nor a smaller method option fit")
+            verdict = f"does not fit: {over}" + (
+                f"; erase's memory options alone do not make it fit; try {' or '.join(fixes)}" if fixes else
+                "; nothing tried fits (erase's memory options, smaller method options" +
+                (", bf16 weights)" if self.dtype == "fp32" else ")"))
         notes = [f"  {p}: {self.notes[p]}" for p in parts if p in self.notes]
         if CHECKPOINTED in rows[-1]:
             notes.append(f"  {CHECKPOINTED}: the total with erase's gradient_checkpointing (diffusers'), not in "
@@ -904,7 +907,7 @@ def _memory_fit(p: _Planner, m, cfg, result: Plan, share: float) -> Plan | None:
 
 def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[tuple[str, int]]:
     """Each single change of the method's options (or of the dtype) that makes the plan fit, with the largest
-    value that does; when none does, gradient checkpointing with each of them."""
+    value that does; when none does and no memory option fits either, gradient checkpointing with each of them."""
     limit = result.gpu_mem * GB
     out = _shrunk(p, m, options, result, share, "")
     cfg = api._options(m, options)
@@ -913,7 +916,7 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
         peak = _plan(bf16, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
         if peak <= limit:
             out.append(("--dtype bf16", peak))
-    if not out and not p.checkpointing:
+    if not out and not p.checkpointing and result.fitted is None:
         p.checkpointing = True
         out = _shrunk(p, m, options, result, share, "--gradient-checkpointing ")
         p.checkpointing = False

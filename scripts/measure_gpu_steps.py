@@ -30,7 +30,6 @@ import multiprocessing
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -98,9 +97,10 @@ def flops_per_row(den) -> int:
 
 
 def planned_gb(name: str, method: str, settings: dict, resolution: int, dtype: str, memory: dict) -> float:
-    """The planner's peak for the run (run in a process of its own beside the GPU's runs: the meta network's
-    calls take tens of seconds of one CPU core on FLUX.1-dev)."""
+    """The planner's peak for the run (run in a process of its own beside the GPU's runs, on one thread: the
+    meta network's calls take tens of seconds of one CPU core on FLUX.1-dev)."""
     from fasterase.plan import plan
+    torch.set_num_threads(1)
     result = plan(name, method, settings, resolution=resolution, dtype=dtype, gpu_mem=10_000, **memory)
     return result.peak[1] / 1e9
 
@@ -155,10 +155,26 @@ def main(argv=None) -> int:
         "flux-dev", 512)
     memory = {m: {**given, **FLUX_512_MEMORY[m]} if own else given for m in methods}
     # the planner's peaks, computed on the CPU in processes beside the GPU's runs (published configs only)
-    planner = ProcessPoolExecutor(len(methods), mp_context=multiprocessing.get_context("spawn"))
-    planned = {} if overrides else {
-        m: planner.submit(planned_gb, args.name, m, FEW[m], args.resolution, args.dtype, memory[m]) for m in methods}
+    planner = None if overrides else multiprocessing.get_context("spawn").Pool(len(methods))
+    planned = {m: planner.apply_async(planned_gb, (args.name, m, FEW[m], args.resolution, args.dtype, memory[m]))
+               for m in methods} if planner else {}
+    try:
+        rows, floor_flops = measure(args, methods, memory, overrides)
+        for row in rows:
+            row["planned_gb"] = planned[row["method"]].get() if row["method"] in planned and \
+                row["engine_asked"] == "plain" else None
+    finally:
+        if planner:
+            planner.terminate()  # a failed run does not wait for the plans
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    print_table(args, rows, depth, floor_flops)
+    return 0
 
+
+def measure(args, methods: list[str], memory: dict, overrides: dict) -> tuple[list[dict], int]:
+    """Builds the pipeline on the device and runs each method (and its ZeRO-2 + offload run when asked): the
+    rows, and the FLOPs of a forward row."""
     start = time.perf_counter()
     default = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[args.dtype])  # built in its dtype where it runs: FLUX's fp32 build is 48 GB
@@ -189,12 +205,10 @@ def main(argv=None) -> int:
                     raise SystemExit(f"DeepSpeed stepped with {row['engine']}, not SalientAdamW with 8-bit states")
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    for row in rows:
-        row["planned_gb"] = planned[row["method"]].result() if row["method"] in planned and \
-            row["engine_asked"] == "plain" else None
-    planner.shutdown()
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    return rows, floor_flops
+
+
+def print_table(args, rows: list[dict], depth: dict, floor_flops: int) -> None:
     name = args.name + (f" ({depth['joint_blocks']}+{depth['single_blocks']} blocks)" if depth else "")
     print(f"{name}, {args.dtype}, {args.resolution} px, {args.device} "
           f"({torch.cuda.get_device_name(args.device) if args.device.startswith('cuda') else 'CPU'}); "
@@ -209,7 +223,6 @@ def main(argv=None) -> int:
         print(f"| {r['method']} | {engine} | {options} | "
               f"{r['steps']} | {r['s_per_step']:.3f} | {r['floor_s_per_step']:.3f} | {r['rows_per_step']:.0f} "
               f"({r['graph_rows_per_step']:.0f}) | {r['peak_gb']:.2f} | {planned} |")
-    return 0
 
 
 if __name__ == "__main__":

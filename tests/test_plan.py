@@ -274,7 +274,7 @@ def test_a_suggestion_makes_it_fit():
     assert "--set batch_size=2" in suggested
     fixed = planner.plan("toy-sd", "esd", {"batch_size": 2}, resolution=128, gpu_mem=limit)
     assert fixed.fits and fixed.peak[1] == suggested["--set batch_size=2"]
-    assert f"or, changing the method's own options: --set batch_size=2 ({fixed.peak[1] / 1e9:.2f} GB)" in table
+    assert f"or, changing the method's options or the dtype: --set batch_size=2 ({fixed.peak[1] / 1e9:.2f} GB)" in table
 
 
 @pytest.mark.parametrize("fitting,chosen", [
@@ -305,16 +305,23 @@ def test_memory_options_order(fitting, chosen, monkeypatch):
         assert not any(c is False and r not in (1, None) for c, r in tried)
 
 
-def test_checkpointing_with_a_smaller_option_when_no_single_one_fits():
-    """When no single option fits, gradient checkpointing together with each smaller option is tried."""
+def test_checkpointing_with_a_smaller_option_when_no_single_one_fits(monkeypatch):
+    """When no single option fits and no memory option either, gradient checkpointing together with each
+    smaller option is tried; when a memory option fits, not (the fitted plan is the answer)."""
     def peak(**kw):
         return planner.plan("toy-sd", "esd", resolution=128, **kw).peak[1]
 
     both = peak(batch_size=1, gradient_checkpointing=True)
     alone = min(peak(batch_size=1), peak(gradient_checkpointing=True))
     assert both < alone
-    result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=(both + alone) / 2 / 1e9)
+    limit = (both + alone) / 2 / 1e9
+    result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit)
+    assert result.fitted.fits and result.suggestions == []
+    monkeypatch.setattr(planner, "_memory_fit", lambda *args: None)  # as when no memory option fits
+    result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit)
     assert result.suggestions == [("--gradient-checkpointing --set batch_size=1", both)]
+    assert "erase's memory options alone do not make it fit; try --gradient-checkpointing --set batch_size=1" \
+        in result.table()
 
 
 def test_a_folder_plans_like_its_name(tmp_path):
