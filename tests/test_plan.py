@@ -315,13 +315,15 @@ def test_checkpointing_with_a_smaller_option_when_no_single_one_fits(monkeypatch
     alone = min(peak(batch_size=1), peak(gradient_checkpointing=True))
     assert both < alone
     limit = (both + alone) / 2 / 1e9
-    result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit)
-    assert result.fitted.fits and result.suggestions == []
     monkeypatch.setattr(planner, "_memory_fit", lambda *args: None)  # as when no memory option fits
     result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit)
     assert result.suggestions == [("--gradient-checkpointing --set batch_size=1", both)]
     assert "erase's memory options alone do not make it fit; try --gradient-checkpointing --set batch_size=1" \
         in result.table()
+    fitted = dataclasses.replace(result, gpu_mem=1e4, suggestions=[])  # a stand-in for a memory option that fits
+    monkeypatch.setattr(planner, "_memory_fit", lambda *args: fitted)
+    result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit)
+    assert result.fitted is fitted and result.suggestions == []
 
 
 def test_a_folder_plans_like_its_name(tmp_path):
