@@ -875,14 +875,21 @@ def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float
                 p.checkpointing, p.micro_batch, columns, notes)
 
 
-def _with_memory(p: _Planner, m, cfg, result: Plan, share: float, checkpointing: bool, micro_batch: int | None) -> Plan:
-    """The plan of `result`'s run with these memory options."""
+@contextlib.contextmanager
+def _memory_options(p: _Planner, checkpointing: bool, micro_batch: int | None):
+    """p plans with these memory options inside the block."""
     was = p.checkpointing, p.micro_batch
     p.checkpointing, p.micro_batch = checkpointing, micro_batch
     try:
-        return _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share)
+        yield p
     finally:
         p.checkpointing, p.micro_batch = was
+
+
+def _with_memory(p: _Planner, m, cfg, result: Plan, share: float, checkpointing: bool, micro_batch: int | None) -> Plan:
+    """The plan of `result`'s run with these memory options."""
+    with _memory_options(p, checkpointing, micro_batch):
+        return _plan(p, m.name, cfg, result.gpus, result.gpu_mem, share)
 
 
 def _memory_fit(p: _Planner, m, cfg, result: Plan, share: float) -> Plan | None:
@@ -917,9 +924,8 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
         if peak <= limit:
             out.append(("--dtype bf16", peak))
     if not out and not p.checkpointing and result.fitted is None:
-        p.checkpointing = True
-        out = _shrunk(p, m, options, result, share, "--gradient-checkpointing ")
-        p.checkpointing = False
+        with _memory_options(p, True, p.micro_batch):
+            out = _shrunk(p, m, options, result, share, "--gradient-checkpointing ")
     return out
 
 
