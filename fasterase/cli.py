@@ -167,7 +167,8 @@ def cmd_plan(args) -> int:
 
     result = plan(args.model, args.method, _settings(args.set), resolution=args.resolution, batch_size=args.batch_size,
                   gpus=args.gpus, gpu_mem=args.gpu_mem, dtype=args.dtype, salient_share=args.salient_share,
-                  gradient_checkpointing=args.gradient_checkpointing, micro_batch=args.micro_batch)
+                  gradient_checkpointing=args.gradient_checkpointing, micro_batch=args.micro_batch,
+                  progress=True)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     return 0
 

@@ -79,6 +79,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from tqdm import tqdm
 
 from . import api
 from .concepts import Concept, ConceptSet, as_concepts
@@ -426,6 +427,7 @@ class _Planner:
         self.bytes = torch.finfo(self.torch_dtype).bits // 8
         self.entries = [p.numel() for p in self.den.network.parameters() if p.is_floating_point()]
         self._meters: dict[tuple, Meter] = {}
+        self.progress: tqdm | None = None  # plan()'s bar, counting the plans made
         if components.is_toy_source(model):  # the toy world's defaults, as erase resolves them
             cs = as_concepts("circle", default=toy_concepts.concept)
             self.concepts = as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names))
@@ -805,7 +807,7 @@ SHRINK = {"esd": {"batch_size": 1}, "ant": {"batch_size": 1}, "trace": {"batch_s
 def plan(model: str, method: str, options: dict | None = None, *, resolution: int | None = None,
          batch_size: int | None = None, gpus: int = 1, gpu_mem: float = 80.0, dtype: str | None = None,
          salient_share: float | None = None, gradient_checkpointing: bool = False,
-         micro_batch: int | None = None) -> Plan:
+         micro_batch: int | None = None, progress: bool = False) -> Plan:
     """The Plan of `method` on `model` (a toy name, sd15, flux-dev, or a local diffusers folder) with the
     method's `options` (validated as erase validates them), at `resolution` px square (default: the model's
     own size), `batch_size` prompts a step (the method's batch_size), in `dtype` (default: what erase loads
@@ -814,7 +816,8 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
     saliency map keeps (default ANT_SHARE).
     When it does not fit, `fitted` is the same run with erase's memory options added (micro-batch, gradient
     checkpointing: the same result in less memory) when that fits, and `suggestions` holds each change of the
-    method's own options (or the dtype) that alone would make it fit, with its peak."""
+    method's own options (or the dtype) that alone would make it fit, with its peak. progress: a bar on stderr
+    counting the plans made (a search for a fitting one makes several; minutes each on FLUX.1-dev)."""
     m = get(method)
     options = dict(options or {})
     if dtype is not None and dtype not in DTYPES:
@@ -861,16 +864,21 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
         described.denoiser(torch.float32).set_resolution(resolution)  # erase's own rule and error
     p = _Planner(model, described, dtype, resolution, gradient_checkpointing, micro_batch)
     api._check_idle(m, cfg, set(options), p.den, p.concepts)
-    result = _plan(p, method, cfg, gpus, gpu_mem, share)
-    if not result.fits:
-        result.fitted = _memory_fit(p, m, cfg, result, share)
-        result.suggestions = _suggest(p, m, options, result, share)
+    with tqdm(desc=f"planning {method} on {model}", unit=" plans", disable=not progress, leave=False) as bar:
+        p.progress = bar
+        result = _plan(p, method, cfg, gpus, gpu_mem, share)
+        if not result.fits:
+            bar.set_description_str(f"planning {method} on {model}, searching options that fit")
+            result.fitted = _memory_fit(p, m, cfg, result, share)
+            result.suggestions = _suggest(p, m, options, result, share)
     return result
 
 
 def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float) -> Plan:
     columns, notes = _columns(p, method, cfg, gpus, share)
     columns = {"encoding": p.encoding(next(iter(columns.values())).lines, gpus, getattr(cfg, "zero", 0)), **columns}
+    if p.progress is not None:
+        p.progress.update()
     return Plan(p.model, method, dataclasses.asdict(cfg), p.den.height, p.den.width, p.dtype, gpus, gpu_mem,
                 p.checkpointing, p.micro_batch, columns, notes)
 
@@ -920,6 +928,7 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
     cfg = api._options(m, options)
     if result.dtype == "fp32":
         bf16 = _Planner(p.model, p.described, "bf16", p.resolution, p.checkpointing, p.micro_batch)
+        bf16.progress = p.progress
         peak = _plan(bf16, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
         if peak <= limit:
             out.append(("--dtype bf16", peak))

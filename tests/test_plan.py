@@ -251,15 +251,21 @@ def test_zero3_saves_most_of_flux_weights_on_eight_gpus():
     assert lines[name] / 8 <= p.network_bytes(8, 3, passes=False) < lines[name] / 8 + 0.01 * lines[name]
 
 
-def test_a_suggestion_makes_it_fit():
+def test_a_suggestion_makes_it_fit(capsys, monkeypatch):
     """A plan that does not fit as asked is planned again with erase's memory options (the same result):
     the largest micro-batch that fits, else gradient checkpointing, else both; the table shows that plan
     under the verdict as asked. Each suggested change of the method's options, planned with it, fits; the
-    suggestion says its peak."""
+    suggestion says its peak. The progress bar counts the plans the search made."""
     base = planner.plan("toy-sd", "esd", resolution=128)
     limit = (base.peak[1] - 0.4 * base.columns["step"].lines["activations"]) / 1e9
-    result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit)
-    assert not result.fits
+    made = []
+    monkeypatch.setattr(planner, "_plan", lambda *a, _plan=planner._plan: made.append(1) or _plan(*a))
+    capsys.readouterr()
+    result = planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit, progress=True)
+    bar = capsys.readouterr().err.split("\r")
+    assert bar[1].startswith("planning esd on toy-sd: 0 plans")
+    assert any(b.startswith(f"planning esd on toy-sd, searching options that fit: {len(made)} plans") for b in bar)
+    assert len(made) > 2 and not result.fits
     fitted = result.fitted
     assert fitted.fits and fitted.micro_batch == 2 and not fitted.gradient_checkpointing  # 4 rows a pass
     assert fitted.to_json() == planner.plan("toy-sd", "esd", resolution=128, gpu_mem=limit, micro_batch=2).to_json()

@@ -80,7 +80,8 @@ class MetaModel:
     def denoiser(self, dtype: torch.dtype, height: int | None = None, width: int | None = None) -> Denoiser:
         """The model's adapter over a fresh meta network cast to `dtype`, at height x width px (else the
         size the model samples at by default)."""
-        den = ADAPTERS[self.pipeline_class][2](_Parts(self, self.network().to(dtype)))
+        # torch's cast: diffusers' ModelMixin.to warns about casting without from_pretrained's torch_dtype
+        den = ADAPTERS[self.pipeline_class][2](_Parts(self, nn.Module.to(self.network(), dtype)))
         size = (height, width) if height else self.size
         if size:
             den.set_size(*size)
