@@ -289,7 +289,11 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
 
 def load(model, path, device=None, dtype=None) -> object:
     """Apply a saved edit to `model` (a pipeline, folder or toy name), on `device` in `dtype` (as
-    erase() takes them); returns the pipeline."""
+    erase() takes them; a name or folder loads by default in the dtype the edit was made in, whose base
+    values its fingerprint checks); returns the pipeline."""
+    edit = Edit.load(path)
+    if dtype is None and isinstance(model, (str, Path)):
+        dtype = edit.report.get("dtype")
     den = models.load(model, device, dtype)
-    Edit.load(path).apply(den)
+    edit.apply(den)
     return den.pipeline

@@ -178,6 +178,7 @@ def cmd_demo(args) -> int:
 
     from . import erase, methods, models
     from .eval import check_grid_path, evaluate, format_table, save_grid
+    from .files import check_writable
     from .toy import components, shapes
 
     if args.method not in methods():  # what was asked is checked before the "before" evaluation
@@ -189,6 +190,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out).expanduser()
     if (out.exists() and not out.is_dir()) or not out.parent.is_dir():
         raise UserError(f"--out {out} must be a folder (new or existing) in an existing folder")
+    check_writable(out, f"--out {out}")
     out.mkdir(exist_ok=True)
     grids = {name: check_grid_path(out / f"{Path(name).name}-circle-{args.method}.png") for name in args.models}
     prompts = [f"a {c} {s}" for s in shapes.SHAPES for c in shapes.COLORS]
@@ -263,7 +265,8 @@ def parser() -> argparse.ArgumentParser:
                                      "device), whether it fits, and else the memory options that make it fit")
     pl.add_argument("--model", required=True, help="toy-sd, toy-flux, sd15, flux-dev, or a local diffusers folder")
     pl.add_argument("--method", required=True, help="see `fasterase methods`")
-    pl.add_argument("--resolution", type=int, help="image height and width in px (default: the model's own size)")
+    pl.add_argument("--resolution", type=_resolution, help="training and sampling size in px: N or HxW "
+                    "(default: the model's own size)")
     pl.add_argument("--batch-size", type=int, help="prompts per training step (the method's batch_size)")
     pl.add_argument("--gpus", type=int, default=1,
                     help="GPUs, one process each, the methods under DeepSpeed ZeRO (--set zero=2|3, 2 by default; "

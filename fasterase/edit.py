@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from . import models
 from .errors import UserError
+from .files import check_writable, set_default_mode
 from .models import Denoiser, partitioned
 
 EDIT_FILE = "edit.safetensors"
@@ -117,7 +118,10 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
         above = next(p for p in path.parents if p.exists())
         if not above.is_dir():
             raise UserError(f"{path} cannot be a folder: {above} is a file; choose another folder")
+        check_writable(above, f"edit folder {path}")
         return path
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, and an edit is a folder; choose a new folder")
     if not overwrite:
         raise UserError(f"{path} exists; choose another folder or pass overwrite=True (--overwrite) to replace "
                         "the edit in it")
@@ -127,6 +131,7 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
             raise UserError(f"{path} is the model's own folder; write the edit elsewhere")
         if path in folder.parents:
             raise UserError(f"{path} contains the model's folder {folder}; write the edit elsewhere")
+    check_writable(path.parent, f"edit folder {path}")  # the new folder is made beside it, then renamed
     if path.is_dir() and not any(path.iterdir()):
         return path
     if not is_edit_folder(path):
@@ -282,6 +287,11 @@ class Edit:
                 named = "; ".join(f"{e['method']} of {', '.join(e['concepts'])}" for e in others)
                 raise UserError(f"another edit already changed these weights ({named}); remove it first, or apply "
                                 "this edit to the model it was made for")
+            made_in = self.report.get("dtype")
+            if made_in and made_in != str(net.dtype).removeprefix("torch."):
+                raise UserError(f"this edit was made on the model in {made_in} and checks its base weights in it; "
+                                f"this model is in {str(net.dtype).removeprefix('torch.')}: load it in {made_in} "
+                                f"(dtype={made_in!r}, --dtype {made_in})")
             raise UserError("this edit was made for a different base model (the weights it edits differ)")
 
     # --- apply / remove -------------------------------------------------------------------------
@@ -375,9 +385,6 @@ class Edit:
         path = target_folder(path, overwrite, model=self.report.get("model"))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the saved folder follows the umask like its files
         old = tmp.with_name(tmp.name + ".old")
         try:
             weights = {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}
@@ -389,6 +396,7 @@ class Edit:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.lora.items()}, str(tmp / LORA_FILE))
             if pipeline is not None:
                 save_pipeline(pipeline, tmp / PIPELINE_DIR)
+            set_default_mode(tmp)  # mkdtemp's 0700 and safetensors' 0600: the folder follows the umask
             if path.exists():
                 os.replace(path, old)
             os.replace(tmp, path)

@@ -417,7 +417,7 @@ class Plan:
 class _Planner:
     """One model at one dtype and resolution: the method models, sharing measured calls."""
 
-    def __init__(self, model: str, described: meta.MetaModel, dtype: str, resolution: int | None,
+    def __init__(self, model: str, described: meta.MetaModel, dtype: str, resolution: int | tuple[int, int] | None,
                  checkpointing: bool = False, micro_batch: int | None = None):
         self.model, self.described, self.dtype = model, described, dtype
         self.checkpointing, self.micro_batch = checkpointing, micro_batch
@@ -436,7 +436,9 @@ class _Planner:
 
     def _denoiser(self):
         r = self.resolution
-        return self.described.denoiser(self.torch_dtype, r, r) if r else self.described.denoiser(self.torch_dtype)
+        if r is None:
+            return self.described.denoiser(self.torch_dtype)
+        return self.described.denoiser(self.torch_dtype, *((r, r) if isinstance(r, int) else r))
 
     def meter(self, key: tuple, setup) -> Meter:
         """The Meter of a trainable set-up: setup(denoiser) makes the parameters train, returns them."""
@@ -804,12 +806,12 @@ SHRINK = {"esd": {"batch_size": 1}, "ant": {"batch_size": 1}, "trace": {"batch_s
           "fade": {"batch_size": 1, "rollouts": 1, "d_batch": 2, "saliency_share": 5e-5}}
 
 
-def plan(model: str, method: str, options: dict | None = None, *, resolution: int | None = None,
+def plan(model: str, method: str, options: dict | None = None, *, resolution: int | tuple[int, int] | None = None,
          batch_size: int | None = None, gpus: int = 1, gpu_mem: float = 80.0, dtype: str | None = None,
          salient_share: float | None = None, gradient_checkpointing: bool = False,
          micro_batch: int | None = None, progress: bool = False) -> Plan:
     """The Plan of `method` on `model` (a toy name, sd15, flux-dev, or a local diffusers folder) with the
-    method's `options` (validated as erase validates them), at `resolution` px square (default: the model's
+    method's `options` (validated as erase validates them), at `resolution` px (an int: square, or (height, width); default: the model's
     own size), `batch_size` prompts a step (the method's batch_size), in `dtype` (default: what erase loads
     the model in, a folder's stored dtype, the toy pipelines' fp32; bf16 for sd15 and flux-dev, configs
     without weights) on `gpus` GPUs of `gpu_mem` GB each, with erase's `gradient_checkpointing` and `micro_batch`; `salient_share` (ANT only): the share of entries its
@@ -859,9 +861,8 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
     if dtype is None:
         dtype = "bf16" if described.dtype is None else next(k for k, v in DTYPES.items() if v == described.dtype)
     if resolution is not None:
-        if not isinstance(resolution, int) or isinstance(resolution, bool):
-            raise UserError(f"--resolution is a square image's side in px, got {resolution!r}")
         described.denoiser(torch.float32).set_resolution(resolution)  # erase's own rule and error
+        resolution = resolution if isinstance(resolution, int) else tuple(resolution)
     p = _Planner(model, described, dtype, resolution, gradient_checkpointing, micro_batch)
     api._check_idle(m, cfg, set(options), p.den, p.concepts)
     with tqdm(desc=f"planning {method} on {model}", unit=" plans", disable=not progress, leave=False) as bar:

@@ -447,3 +447,21 @@ def test_per_type_defaults_follow_table_6():
     # objects (no Table 6 row): the nudity row with four times the steps and a heavier late uncond term
     assert cfg.resolved(Concept("x", type="object")) == dict(lr=5e-4, steps=1000, lambda1=1.0, lambda2=0.5,
                                                              lambda3=3.0, t_split=0.86)
+
+
+@pytest.mark.parametrize("concepts", [["circle"], ["circle", "square"]])
+def test_a_checkpoint_of_another_run_is_refused_before_the_saliency_map(tmp_path, monkeypatch, concepts):
+    """An ESD run's checkpoint named for ANT is refused before ANT computes its map (minutes on FLUX), not
+    after; with several concepts, every concept's file is checked before the first trains."""
+    from fasterase.training import loop
+
+    model = models.load("toy-sd")
+    cs = fasterase.api._resolve_concepts(model, concepts, None)
+    ckpt = tmp_path / "esd.ckpt"
+    for k in ("", ".0", ".1"):
+        torch.save({"fasterase_checkpoint": loop.FORMAT, "run": loop.identity("esd", cs, ant.ANTConfig(), "x")},
+                   f"{ckpt}{k}")
+    monkeypatch.setattr(ant, "concept_saliency", lambda *a, **k: pytest.fail("the saliency map was computed"))
+    monkeypatch.setattr(params, "add_lora", lambda *a, **k: pytest.fail("training began"))
+    with pytest.raises(UserError, match=r"belongs to another run: its run.method \('esd' there, 'ant' here\)"):
+        ant.run(model, cs, ant.ANTConfig(checkpoint=str(ckpt)), progress=False)

@@ -122,7 +122,7 @@ def test_overwrite_never_replaces_a_model_or_other_folder(capsys, tmp_path, mode
     (other / "a.txt").write_text("keep me")
     snapshot = {p: files(p) for p in (model_folder, other)}
     for out, needle in [(model_folder, "model's own folder"), (model_folder.parent, "contains the model's folder"),
-                        (other, "does not hold a fasterase edit"), (tmp_path / "notes" / "a.txt", "does not hold")]:
+                        (other, "does not hold a fasterase edit"), (tmp_path / "notes" / "a.txt", "is a file")]:
         code, err = erase_cli(capsys, model_folder, out, "--overwrite")
         assert code == 2 and needle in err, err
     assert {p: files(p) for p in snapshot} == snapshot
@@ -223,16 +223,55 @@ def test_out_below_a_file_is_refused_before_training(capsys, tmp_path, monkeypat
     assert code == 2 and "is a file" in err
 
 
+def test_an_existing_file_as_out_is_refused_with_or_without_overwrite(capsys, tmp_path):
+    (tmp_path / "f").write_text("a file")
+    for extra in ((), ("--overwrite",)):
+        code, err = erase_cli(capsys, "toy-sd", tmp_path / "f", *extra)
+        assert code == 2 and "is a file, and an edit is a folder" in err
+    assert (tmp_path / "f").read_text() == "a file"
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work(capsys, monkeypatch):
+    """/proc takes no new files (as a read-only file system takes none, whoever runs): --out, a grid, a
+    checkpoint and the demo's --out there are one-line errors before anything runs."""
+    from fasterase.eval import check_grid_path
+    from fasterase.training import loop
+
+    monkeypatch.setattr(fasterase, "erase", lambda *a, **k: pytest.fail("erased before checking --out"))
+    code, err = erase_cli(capsys, "toy-sd", "/proc/fasterase-edit/e")
+    assert code == 2 and "cannot write in /proc" in err
+    assert main(["demo", "--out", "/proc/fasterase-demo"]) == 2
+    assert "cannot write in /proc" in capsys.readouterr().err
+    with pytest.raises(UserError, match="cannot write in /proc"):
+        check_grid_path("/proc/grid.png")
+    with pytest.raises(UserError, match="cannot write in /proc"):
+        loop.check_checkpoint("/proc/run.ckpt")
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_a_saved_edit_folder_follows_the_umask(tmp_path, umask):
-    """mkdtemp's 0700 became the edit folder's mode."""
-    edit = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit
+    """mkdtemp's 0700 became the edit folder's mode, and safetensors writes its files 0600: the folder,
+    its files and the saved pipeline's have the modes the umask gives."""
+    result = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
     old = os.umask(umask)
     try:
-        path = edit.save(tmp_path / "e")
+        path = result.edit.save(tmp_path / "e", pipeline=result.model)
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o777 & ~umask
+    modes = {p.stat().st_mode & 0o777 for p in path.rglob("*") if p.is_file()}
+    assert modes == {0o666 & ~umask}
+    assert {p.stat().st_mode & 0o777 for p in path.rglob("*") if p.is_dir()} == {0o777 & ~umask}
+
+
+def test_an_edit_loads_in_the_dtype_it_was_made_in(tmp_path):
+    """The fingerprint holds the base values in the edit's dtype: a name loads in it by default, and a
+    model in another dtype is told which to load, not that it is another model."""
+    path = fasterase.erase("toy-sd", "circle", method="uce", dtype="bf16", progress=False).edit.save(tmp_path / "e")
+    pipe = fasterase.load("toy-sd", path)
+    assert pipe.unet.dtype == torch.bfloat16
+    with pytest.raises(UserError, match="made on the model in bfloat16.*load it in bfloat16"):
+        fasterase.load("toy-sd", path, dtype="fp32")
 
 
 # --- remove, stacking refusals, a user's fused LoRA ----------------------------------------------

@@ -268,7 +268,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path, monkey
     cs = fasterase.api._resolve_concepts(model, ["circle"], None)
     ckpt = tmp_path / "other.ckpt"
     other = fasterase.api._resolve_concepts(model, ["circle", "square"], None)
-    for method, concepts, needle in (("trace", cs, "method"), ("fade", other, "concepts")):
+    for method, concepts, needle in (("trace", cs, "run.method"), ("fade", other, "run.concepts")):
         run = loop.identity(method, concepts, fade.FADEConfig(), "x")
         torch.save({"fasterase_checkpoint": loop.FORMAT, "run": run, "companion": {"d": {}}}, ckpt)
         monkeypatch.setattr(fade.Adversary, "refresh", lambda *a: pytest.fail("the run started"))

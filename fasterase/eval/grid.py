@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ..errors import UserError
+from ..files import check_writable, set_default_mode
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,6 +23,7 @@ def check_grid_path(path: str | Path) -> Path:
         raise UserError(f"grid {path} must be a .png file")
     if not path.parent.is_dir():
         raise UserError(f"grid {path}: its folder {path.parent} does not exist (or is a file); create it first")
+    check_writable(path.parent, f"grid {path}")
     if path.is_dir():
         raise UserError(f"grid {path} is a folder; name a .png file")
     if path.exists():
@@ -49,15 +51,10 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int =
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")
-        os.chmod(tmp, 0o666 & ~_umask())
+        set_default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return path
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

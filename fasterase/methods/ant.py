@@ -251,6 +251,8 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
 
 def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -> Edit:
     net = model.network
+    if cfg.checkpoint:  # the base fingerprint is known only once the saliency map chose the entries
+        loop.check_run(cfg.checkpoint, loop.identity("ant", [concept], cfg, None))
     hp = cfg.resolved(concept)
     prompts = concept.prompts()
     model.encode(prompts + [""])
@@ -309,10 +311,10 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
     projections = _fusion_projections(model)
     modules = [p.name for p in projections]
     ranges.check_rank("ANT", cfg.rank, net, modules)  # before any work
+    base = fingerprint(net, [f"{m}.weight" for m in modules])
     for k in range(len(concepts)):  # every concept's checkpoint file, before the first trains
         if cfg.checkpoint:
-            loop.check_checkpoint(f"{cfg.checkpoint}.{k}")
-    base = fingerprint(net, [f"{m}.weight" for m in modules])
+            loop.check_run(f"{cfg.checkpoint}.{k}", loop.identity("ant", concepts, cfg, base))
     deltas, stats = [], {}
     for k, concept in enumerate(concepts):
         hp = cfg.resolved(concept)

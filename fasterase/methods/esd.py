@@ -93,6 +93,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
     modules = parameter_modules(net, model.kind, parameters)
     ranges.check_rank("ESD", cfg.rank, net, modules)  # before any work
     base = fingerprint(net, [f"{m}.weight" for m in modules])
+    if cfg.checkpoint:
+        loop.check_run(cfg.checkpoint, loop.identity("esd", concepts, cfg, base))
     prompts = [p for c in concepts for p in c.prompts()]
     model.encode(prompts + [""])  # fill the prompt cache once
     trainable = params.add_lora(net, modules, cfg.rank, cfg.seed)

@@ -490,10 +490,10 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool 
     refined = [p.name for p in refined_projections(model)] if cfg.refine else []
     if cfg.finetune:
         ranges.check_rank("TRACE", cfg.rank, net, lora_modules)
-        if cfg.checkpoint:
-            loop.check_checkpoint(cfg.checkpoint)
     touched = sorted(set(f"{m}.weight" for m in refined + (lora_modules if cfg.finetune else [])))
     base = fingerprint(net, touched)
+    if cfg.finetune and cfg.checkpoint:
+        loop.check_run(cfg.checkpoint, loop.identity("trace", concepts, cfg, base))
     start = time.perf_counter()
     original = refine(model, concepts, cfg) if cfg.refine else {}
     report = {"refined_layers": len(refined), "refine_time_s": round(time.perf_counter() - start, 3)}

@@ -77,7 +77,8 @@ class Denoiser(ABC):
     def set_resolution(self, resolution) -> None:
         """set_size from a user's `resolution`: an int (square) or (height, width), in px, positive
         multiples of size_multiple (UserError otherwise)."""
-        size = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+        size = ((resolution, resolution) if isinstance(resolution, int)
+                else tuple(resolution) if isinstance(resolution, (tuple, list)) else ())
         m = self.size_multiple
         if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % m == 0
                                      for v in size):

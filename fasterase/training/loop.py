@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..files import check_writable, set_default_mode
 from . import engine as engines
 
 # Options that do not change what a run trains, so not part of its identity.
@@ -86,6 +87,7 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
     if not ckpt.parent.is_dir():
         raise UserError(f"checkpoint {ckpt}: its folder {ckpt.parent} does not exist (or is not a folder); "
                         "create it or name a file in an existing folder")
+    check_writable(ckpt.parent, f"checkpoint {ckpt}")
     for rank in range(int(os.environ.get("WORLD_SIZE", "1"))):
         if rank_file(ckpt, rank).exists():
             read_checkpoint(rank_file(ckpt, rank))
@@ -105,6 +107,12 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
+def check_run(path: str | os.PathLike, run: dict) -> None:
+    """Before any work: the checkpoint file is usable (check_checkpoint) and, if it is there, of this `run`
+    (companion_in), so a run of another method, model or option is refused before a method prepares."""
+    companion_in(check_checkpoint(path), run)
+
+
 def companion_in(path: str | os.PathLike, run: dict) -> dict | None:
     """The companion state of the checkpoint at `path`, if there is one (check_checkpoint first), once
     its run is this `run` (identity(); a base fingerprint of None, not known yet, is left to train());
@@ -114,7 +122,7 @@ def companion_in(path: str | os.PathLike, run: dict) -> dict | None:
         return None
     state = read_checkpoint(ckpt)
     saved = state.get("run") or {}
-    differ = [d for k, v in run.items() if v is not None for d in _differences(saved.get(k), v, k)]
+    differ = [d for k, v in run.items() if v is not None for d in _differences(saved.get(k), v, f"run.{k}")]
     if differ:
         raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} differ from this "
                         "run's; use another checkpoint file, or delete this one to start afresh")
@@ -197,6 +205,7 @@ def _write(path: Path, state: dict) -> None:
     os.close(fd)
     try:
         torch.save(state, tmp)
+        set_default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

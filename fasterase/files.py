@@ -1,0 +1,42 @@
+"""What every file fasterase writes shares: its folder checked writable before any work, and the
+permissions the user's umask gives (the temporary files behind our atomic writes are made 0600)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """UserError unless a file can be created in `folder` (or, where it does not exist yet, in the nearest
+    folder above it, where it would be made): tried by creating and removing an empty temporary file,
+    since permission bits do not show a read-only file system or a pseudo one (/proc)."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".fasterase-write-check.", dir=existing)
+    except OSError as e:
+        raise UserError(f"{what}: cannot write in {existing} ({e.strerror}); choose a folder you can write to") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def set_default_mode(path: Path) -> None:
+    """Give `path` and everything under it the modes a plain open() or mkdir() would have (0666 / 0777
+    less the umask), as a file made by tempfile or safetensors (0600) is about to replace a user's file."""
+    mask = umask()
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                Path(root, name).chmod(0o777 & ~mask)
+            for name in files:
+                Path(root, name).chmod(0o666 & ~mask)
