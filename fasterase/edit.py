@@ -291,7 +291,7 @@ class Edit:
             if made_in and made_in != str(net.dtype).removeprefix("torch."):
                 raise UserError(f"this edit was made on the model in {made_in} and checks its base weights in it; "
                                 f"this model is in {str(net.dtype).removeprefix('torch.')}: load it in {made_in} "
-                                f"(dtype={made_in!r}, --dtype {made_in})")
+                                f"(fasterase.load(model, edit, dtype={made_in!r}))")
             raise UserError("this edit was made for a different base model (the weights it edits differ)")
 
     # --- apply / remove -------------------------------------------------------------------------

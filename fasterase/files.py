@@ -25,8 +25,10 @@ def check_writable(folder: Path, what: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".fasterase-write-check.", dir=existing)
     except OSError as e:
         raise UserError(f"{what}: cannot write in {existing} ({e.strerror}); choose a folder you can write to") from None
-    os.close(fd)
-    os.unlink(tmp)
+    try:
+        os.close(fd)
+    finally:
+        os.unlink(tmp)
 
 
 def set_default_mode(path: Path) -> None:
