@@ -188,7 +188,7 @@ def cmd_demo(args) -> int:
         raise UserError(f"the demo scores its edits in the toy world, and {', '.join(not_toy)} is not of it; "
                         f"valid: {', '.join(components.SAMPLE_KWARGS)} (or a saved copy of one)")
     out = Path(args.out).expanduser()
-    if (out.exists() and not out.is_dir()) or out.is_symlink() and not out.exists() or not out.parent.is_dir():
+    if (out.exists() and not out.is_dir()) or (out.is_symlink() and not out.exists()) or not out.parent.is_dir():
         raise UserError(f"--out {out} must be a folder (new or existing) in an existing folder")
     check_writable(out, f"--out {out}")
     out.mkdir(exist_ok=True)

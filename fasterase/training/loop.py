@@ -96,9 +96,11 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint written by train(), loaded as plain tensors and containers (nothing is unpickled
-    that could run code); any other file is refused by name and left alone."""
+    that could run code); any other file is refused by name and left alone. Its tensors are memory-mapped:
+    the checks before any work (check_checkpoint, check_run) read a checkpoint of 12B-scale masters without
+    loading them, and a resume reads each once, as it copies it."""
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, mmap=True)
     except Exception:  # not a torch file, or one holding more than tensors and containers
         state = None
     if not isinstance(state, dict) or state.get("fasterase_checkpoint") != FORMAT:
