@@ -1,5 +1,7 @@
 """The erase() API, saved edits and the UCE / ESD methods, on both toy pipelines."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +33,18 @@ def prediction(model, prompt="a red circle"):
 def test_methods_listed():
     m = fasterase.methods()
     assert {"uce", "esd"} <= set(m) and all(isinstance(v, str) and v for v in m.values())
+
+
+def test_import_is_quiet_and_leaves_log_levels(tmp_path):
+    """Importing fasterase prints none of the libraries' notices about backends it never uses (the
+    bitsandbytes hub kernel, transformers' torchvision processors), and leaves their levels as set."""
+    code = ("import logging; from transformers.utils import logging as t; "
+            "logging.getLogger('bitsandbytes').setLevel(logging.INFO); t.set_verbosity_info(); "
+            "import fasterase; print(logging.getLogger('bitsandbytes').level, t.get_verbosity())")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["20", "20"]
+    assert "kernels-community" not in run.stderr and "torchvision" not in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("name", MODELS)
