@@ -144,6 +144,13 @@ def _options(method: registry.Method, options: dict):
     return method.config(**options)
 
 
+def _given(options: dict, preserve, resolution, gradient_checkpointing: bool, micro_batch) -> set[str]:
+    """The names of what the user set: the method's options and erase's own."""
+    erase_own = {"preserve": preserve is not None, "resolution": resolution is not None,
+                 "gradient_checkpointing": gradient_checkpointing, "micro_batch": micro_batch is not None}
+    return set(options) | {name for name, given in erase_own.items() if given}
+
+
 def _check_idle(method: registry.Method, cfg, given: set[str], model: models.Denoiser, concepts: ConceptSet) -> None:
     """An option the user set that cannot act on this run is an error, not silently ignored."""
     idle = method.idle_options(cfg, given, model, concepts)
@@ -215,7 +222,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     micro_batch: rows per network call (default: each pass whole): passes without a graph (rollouts,
     the frozen teacher) free a chunk's activations once it is done, passes with one are checkpointed
     per chunk and recomputed one chunk at a time in backward (gradient accumulation; one more forward):
-    the same results up to rounding, in less activation memory (Denoiser.predict). The report's
+    the same results up to rounding, in less activation memory (Denoiser.predict); a method that runs no
+    image through the network (UCE, TRACE with finetune=False) refuses resolution and both. The report's
     micro_batch and gradient_checkpointing are this call's; a training method's memory_options list
     the steps each setting ran (a run resumed from its checkpoint with other settings has several).
     With zero=3 the network is never whole on the device: it loads (or stays) where it is, DeepSpeed
@@ -253,7 +261,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
         den.set_resolution(resolution)
     check_no_merged_lora(den.network)
     cs = _resolve_concepts(den, concepts, preserve)
-    _check_idle(m, cfg, set(options) | ({"preserve"} if preserve is not None else set()), den, cs)
+    _check_idle(m, cfg, _given(options, preserve, resolution, gradient_checkpointing, micro_batch), den, cs)
     _check_prompts(den, cs)
     # cast and moved once the run is checked: a refused one leaves it as it was
     models.load(den, device, dtype, keep_network=zero3)

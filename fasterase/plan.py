@@ -864,7 +864,8 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
         described.denoiser(torch.float32).set_resolution(resolution)  # erase's own rule and error
         resolution = resolution if isinstance(resolution, int) else tuple(resolution)
     p = _Planner(model, described, dtype, resolution, gradient_checkpointing, micro_batch)
-    api._check_idle(m, cfg, set(options), p.den, p.concepts)
+    api._check_idle(m, cfg, api._given(options, None, resolution, gradient_checkpointing, micro_batch), p.den,
+                    p.concepts)
     with tqdm(desc=f"planning {method} on {model}", unit=" plans", disable=not progress, leave=False) as bar:
         p.progress = bar
         result = _plan(p, method, cfg, gpus, gpu_mem, share)

@@ -60,8 +60,8 @@ def planned_cpu(model: str, method: str, resolution: str, dtype: str | None, sha
     from fasterase.cli import _settings
     from fasterase.plan import plan
 
-    result = plan(model, method, _settings(FEW[method]), resolution=int(resolution), dtype=dtype,
-                  salient_share=share, **memory)
+    image = {} if method == "uce" else {"resolution": int(resolution), **memory}
+    result = plan(model, method, _settings(FEW[method]), dtype=dtype, salient_share=share, **image)
     encoders = result.columns["encoding"].lines["text encoders"]
     return max(c.total + (0 if name == "encoding" else encoders) for name, c in result.columns.items())
 
@@ -69,10 +69,12 @@ def planned_cpu(model: str, method: str, resolution: str, dtype: str | None, sha
 def run(model: str, method: str, concept: str, resolution: str, dtype: str | None, memory: dict, out: Path) -> dict:
     """memory: erase's gradient_checkpointing and micro_batch."""
     cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "fasterase", "erase", "--model", model,
-           "--concept", concept, "--method", method, "--resolution", resolution, "--out", str(out)]
+           "--concept", concept, "--method", method, "--out", str(out)]
     cmd += ["--dtype", dtype] if dtype else []
-    cmd += ["--gradient-checkpointing"] if memory["gradient_checkpointing"] else []
-    cmd += ["--micro-batch", str(memory["micro_batch"])] if memory["micro_batch"] else []
+    if method != "uce":  # UCE runs no image through the network: it refuses image and memory options
+        cmd += ["--resolution", resolution]
+        cmd += ["--gradient-checkpointing"] if memory["gradient_checkpointing"] else []
+        cmd += ["--micro-batch", str(memory["micro_batch"])] if memory["micro_batch"] else []
     for setting in FEW[method]:
         cmd += ["--set", setting]
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV)

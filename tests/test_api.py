@@ -287,6 +287,10 @@ def test_option_types(monkeypatch, method, options, needle):
     ("toy-sd", "circle", "uce", {"text_kv": True}, "text_kv: .*SD model"),
     ("toy-flux", "circle", "uce", {"preserve": [], "preserve_scale": 2.0}, "none are preserved"),
     ("toy-sd", "circle", "esd", {"preserve": "star"}, "preserve: ESD has no preservation term"),
+    ("toy-sd", "circle", "uce", {"resolution": 64}, "resolution: UCE runs no image through the network"),
+    ("toy-flux", "circle", "uce", {"gradient_checkpointing": True, "micro_batch": 2},
+     "gradient_checkpointing: UCE runs no image.*micro_batch: UCE"),
+    ("toy-sd", "circle", "trace", {"finetune": False, "micro_batch": 2}, "micro_batch: finetune=False"),
 ])
 def test_an_option_that_cannot_act_is_an_error(monkeypatch, model, concepts, method, options, needle):
     _no_run(monkeypatch, method)

@@ -112,6 +112,7 @@ def test_cli_plan_table_and_json(capsys):
     (["--method", "ant", "--set", "rank=8"], ["cannot use", "rank", "one concept"]),
     (["--method", "uce", "--set", "text_kv=true"], ["cannot use", "text_kv", "SD model"]),
     (["--method", "uce", "--batch-size", "2"], ["no training steps", "esd, ant, fade, trace"]),
+    (["--method", "uce", "--gradient-checkpointing"], ["cannot use", "gradient_checkpointing", "no image"]),
     (["--method", "esd", "--batch-size", "2", "--set", "batch_size=3"], ["disagree"]),
     (["--method", "esd", "--batch-size", "x"], ["--batch-size", "invalid int"]),
     (["--method", "esd", "--dtype", "int8"], ["unknown dtype", "bf16, fp16, fp32"]),

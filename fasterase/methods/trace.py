@@ -179,6 +179,7 @@ def idle_options(cfg: TRACEConfig, given: set[str], model: Denoiser, concepts: C
         idle += [f"{k}: refine=False skips the refinement" for k in ("eta", "neutral_token") if k in given]
     if not cfg.finetune:
         phase2 = set(asdict(cfg)) - {"refine", "eta", "neutral_token", "finetune", "seed", "max_skipped_steps"}
+        phase2 |= {"resolution", "gradient_checkpointing", "micro_batch"}  # erase's: no image goes through the network
         idle += [f"{k}: finetune=False runs the refinement alone" for k in sorted(given & phase2)]
     else:
         if len(concepts) == 1:

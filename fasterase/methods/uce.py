@@ -45,6 +45,9 @@ def idle_options(cfg: UCEConfig, given: set[str], model: Denoiser, concepts: Con
         idle.append("text_kv: it selects FLUX's joint-block add_k_proj / add_v_proj, and this is an SD model")
     if "preserve_scale" in given and not concepts.preserve:
         idle.append("preserve_scale: it weighs the preserved concepts, and none are preserved")
+    for option in ("resolution", "gradient_checkpointing", "micro_batch"):
+        if option in given:
+            idle.append(f"{option}: UCE runs no image through the network (it reads the encoded prompts)")
     return idle
 
 
