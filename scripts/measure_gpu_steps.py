@@ -19,7 +19,8 @@ Compute floor: the FLOPs the loop's network calls need (torch.utils.flop_counter
 resolution, times the rows each step's calls ran: a forward each, and twice that again for a call that
 keeps its graph; recomputation by checkpointing or micro-batches not counted), at the GPU's dense peak
 (--peak-tflops; default 989, an H100's or H200's bf16). On random weights FADE's discriminator cannot
-tell the concept's generations apart and FADE refuses to train; TRACE runs without its scorer.
+tell the concept's generations apart and FADE refuses to train (so it is not among the methods here: a run
+of it ends at that refusal, before its first step); TRACE runs without its scorer.
 Prints a Markdown table; --json writes the rows too.
 """
 from __future__ import annotations
@@ -44,8 +45,6 @@ from make_real_size import DTYPES, FLUX_DEPTH, build  # scripts/ is this script'
 FEW = {
     "esd": {"steps": 3, "sample_steps": 4},
     "ant": {"steps": 3, "sample_steps": 4, "saliency_prompts": 1, "saliency_seeds": 1},
-    "fade": {"steps": 3, "sample_steps": 4, "rollouts": 2, "refresh_every": 2, "d_pretrain_steps": 2, "d_batch": 4,
-             "saliency_samples": 1},
     "trace": {"steps": 3, "sample_steps": 10, "rollouts": 2, "refresh_every": 2, "scorer": "none"},
 }
 OFFLOAD = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
@@ -56,7 +55,6 @@ FLUX_512_MEMORY = {
     "esd": {"micro_batch": 2},  # 92.47 GB as asked, 58.39 with it
     "ant": {"gradient_checkpointing": True},  # 281.21, 66.43
     "trace": {"micro_batch": 2},  # 131.28, 42.19
-    "fade": {"gradient_checkpointing": True},  # 147.94, 49.94
 }
 
 
@@ -149,7 +147,7 @@ def main(argv=None) -> int:
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(FEW))
     if unknown:
-        p.error(f"unknown method(s) {unknown}; valid: {', '.join(FEW)}")
+        p.error(f"unknown method(s) {unknown}; valid: {', '.join(FEW)} (FADE refuses to train on random weights)")
     given = {"gradient_checkpointing": args.gradient_checkpointing, "micro_batch": args.micro_batch}
     own = not args.gradient_checkpointing and args.micro_batch is None and (args.name, args.resolution) == (
         "flux-dev", 512)
