@@ -217,7 +217,9 @@ def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser
         denoiser.name = str(model) if fresh else type(denoiser.pipeline).__name__
     pipe = denoiser.pipeline
     if dt is not None and dt != denoiser.network.dtype:
-        pipe.to(dtype=dt)
+        for module in pipe.components.values():  # torch's cast: diffusers' own (0.42) warns on every cast, with
+            if isinstance(module, torch.nn.Module):  # or without modules to keep in fp32
+                torch.nn.Module.to(module, dtype=dt)
     if dev is None:
         return denoiser
     if not keep_network:
