@@ -4,7 +4,9 @@ erase resolves the model to a Denoiser, the concepts to a ConceptSet and the met
 registry, checks what was asked (option types, options that cannot act on this run, prompts the
 tokenizers cannot hold) before any work, runs it, applies the Edit (in place unless copy=True)
 and reports what it did. An edit that changes nothing is an error, never a result. A failure
-leaves the user's model as it was.
+leaves the user's weights as they were; a pipeline given in place with another dtype or device
+asked for keeps that cast and move once the run has started (casting back would not restore its
+values bit for bit), while a run refused by the checks before it leaves it untouched.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import copy as copylib
 import dataclasses
 import math
 import numbers
+import os
 import resource
 import time
 import typing
@@ -25,7 +28,7 @@ from . import methods as registry
 from . import models
 from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.load
 from .concepts import ConceptSet, as_concepts
-from .edit import Edit, base_param, check_no_merged_lora
+from .edit import Edit, base_param, check_lora_layers
 from .errors import UserError
 from .training import engine, loop
 
@@ -121,12 +124,14 @@ def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
 
 
 # Which values each option type accepts (a bool is no number, a number is finite).
+# an option's type: what it is called, which values it takes (numpy scalars and paths too), and their plain
+# Python value (what the config and the edit's JSON metadata hold)
 _ACCEPTS = {
-    bool: ("true or false", lambda v: isinstance(v, bool)),
-    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
-    str: ("text", lambda v: isinstance(v, str)),
-    type(None): ("null (unset)", lambda v: v is None),
+    bool: ("true or false", lambda v: isinstance(v, bool), bool),
+    int: ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), int),
+    float: ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v), float),
+    str: ("text", lambda v: isinstance(v, (str, os.PathLike)), os.fspath),
+    type(None): ("null (unset)", lambda v: v is None, lambda v: v),
 }
 
 
@@ -136,12 +141,15 @@ def _options(method: registry.Method, options: dict):
     if unknown:
         raise UserError(f"unknown option(s) {unknown} for method {method.name!r}; valid: {', '.join(valid)}")
     hints = typing.get_type_hints(method.config)
+    plain = {}
     for name, value in options.items():
         kinds = typing.get_args(hints[name]) or (hints[name],)
-        if not any(_ACCEPTS[k][1](value) for k in kinds):
+        kind = next((k for k in kinds if _ACCEPTS[k][1](value)), None)
+        if kind is None:
             raise UserError(f"option {name!r} of method {method.name!r} must be "
                             f"{' or '.join(_ACCEPTS[k][0] for k in kinds)}, got {value!r}")
-    return method.config(**options)
+        plain[name] = _ACCEPTS[kind][2](value)
+    return method.config(**plain)
 
 
 def _given(options: dict, preserve, resolution, gradient_checkpointing: bool, micro_batch) -> set[str]:
@@ -230,8 +238,9 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     ZeRO-3 partitions it onto the device for the run, and it is gathered back there at the end (a name
     or folder: the CPU; move the pipeline yourself if the GPU holds it whole).
     """
-    if not isinstance(gradient_checkpointing, bool):
-        raise UserError(f"gradient_checkpointing must be true or false, got {gradient_checkpointing!r}")
+    for name, value in (("copy", copy), ("progress", progress), ("gradient_checkpointing", gradient_checkpointing)):
+        if not isinstance(value, bool):
+            raise UserError(f"{name} must be true or false, got {value!r}")
     if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, numbers.Integral)
                                     or micro_batch < 1):
         raise UserError(f"micro_batch (--micro-batch) must be a whole number of rows >= 1 (or None: whole passes), "
@@ -259,7 +268,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
         den = models.load(model)
     if resolution is not None:
         den.set_resolution(resolution)
-    check_no_merged_lora(den.network)
+    check_lora_layers(den.network)
     cs = _resolve_concepts(den, concepts, preserve)
     _check_idle(m, cfg, _given(options, preserve, resolution, gradient_checkpointing, micro_batch), den, cs)
     _check_prompts(den, cs)
@@ -298,10 +307,15 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
 def load(model, path, device=None, dtype=None) -> object:
     """Apply a saved edit to `model` (a pipeline, folder or toy name), on `device` in `dtype` (as
     erase() takes them; a name or folder loads by default in the dtype the edit was made in, whose base
-    values its fingerprint checks); returns the pipeline."""
+    values its fingerprint checks; a pipeline in memory is checked before it is cast or moved, so a refused
+    edit leaves it as it was); returns the pipeline. UserError when the edit does not fit the model."""
     edit = Edit.load(path)
-    if dtype is None and isinstance(model, (str, Path)):
-        dtype = edit.report.get("dtype")
-    den = models.load(model, device, dtype)
+    if isinstance(model, (str, Path)):
+        den = models.load(model, device, dtype or edit.report.get("dtype"))
+    else:  # a model in memory is checked before it is cast or moved: a refused edit leaves it as it was
+        den = models.load(model)
+        check_lora_layers(den.network)
+        edit.check_fits(den, models.resolve_dtype(dtype))
+        models.load(den, device, dtype)
     edit.apply(den)
     return den.pipeline

@@ -6,6 +6,7 @@ One rule names several concepts everywhere (erase, eval, the API): commas separa
 """
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 
 from .errors import UserError
@@ -25,6 +26,16 @@ DEFAULT_PAIR_TEMPLATES = (
     "a photo of a {} and a {}",
 )
 CONCEPT_TYPES = ("object", "celebrity", "style", "nudity")
+
+
+def _slots(template: str) -> int | None:
+    """How many bare '{}' slots str.format fills in `template`; None when it has any other field
+    ('{x}', '{0}', '{:>3}') or unbalanced braces, which format would fail on or fill otherwise."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError:
+        return None
+    return len(fields) if all(f == "" and not spec and conv is None for f, spec, conv in fields) else None
 
 
 @dataclass(frozen=True)
@@ -54,20 +65,24 @@ class Concept:
             raise UserError(f"concept name {self.name!r} holds a comma; commas separate concepts "
                             f"(\"circle, square\" is two): give each concept on its own")
         object.__setattr__(self, "name", " ".join(self.name.split()))
-        object.__setattr__(self, "synonyms", tuple(self.synonyms))
-        object.__setattr__(self, "templates", tuple(self.templates))
-        object.__setattr__(self, "attributes", tuple(self.attributes))
-        object.__setattr__(self, "pair_templates", tuple(self.pair_templates))
+        for field in ("synonyms", "templates", "attributes", "pair_templates"):  # one text is one item
+            value = getattr(self, field)
+            items = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(v, str) for v in items):
+                raise UserError(f"{field} of concept {self.name!r} must be texts, got {value!r}")
+            object.__setattr__(self, field, items)
         if self.type not in CONCEPT_TYPES:
             raise UserError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
         if not self.templates:
             raise UserError(f"concept {self.name!r} has no prompt templates")
         for t in self.templates:
-            if t.count("{}") != 1:
-                raise UserError(f"template {t!r} of concept {self.name!r} must contain exactly one '{{}}'")
+            if _slots(t) != 1:
+                raise UserError(f"template {t!r} of concept {self.name!r} must contain exactly one '{{}}' "
+                                "and no other braces")
         for t in self.pair_templates:
-            if t.count("{}") != 2:
-                raise UserError(f"pair template {t!r} of concept {self.name!r} must contain exactly two '{{}}'")
+            if _slots(t) != 2:
+                raise UserError(f"pair template {t!r} of concept {self.name!r} must contain exactly two '{{}}' "
+                                "and no other braces")
 
     def _fill(self, word: str, augment: bool) -> list[str]:
         slots = [word] + ([f"{a} {word}" for a in self.attributes] if augment else [])

@@ -59,15 +59,24 @@ def base_param(network: torch.nn.Module, name: str) -> torch.Tensor:
         return network.get_parameter(f"{module}.base_layer.{leaf}")
 
 
-def fingerprint(network: torch.nn.Module, names: list[str]) -> str:
+def base_parameters(network: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The network's own floating-point parameters by their plain names: the LoRA adapters' factors left out,
+    a wrapped layer's base_layer named as the layer (as base_param resolves it), so that what a method selects
+    and saves does not depend on the adapters the model carries."""
+    return {n.replace(".base_layer.", "."): p for n, p in network.named_parameters()
+            if ".lora_" not in n and p.is_floating_point()}
+
+
+def fingerprint(network: torch.nn.Module, names: list[str], dtype: torch.dtype | None = None) -> str:
     """sha256 over the names, shapes and fp32 values of the base parameters an edit touches (each
-    gathered in turn while DeepSpeed ZeRO-3 partitions the network)."""
+    gathered in turn while DeepSpeed ZeRO-3 partitions the network); with `dtype`, of the values the
+    network would hold once cast to it, one tensor at a time (the network is not changed)."""
     h = hashlib.sha256()
     for name in sorted(names):
         p = base_param(network, name)
         with partitioned.gathered([p]):
             h.update(f"{name}:{tuple(p.shape)};".encode())
-            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+            h.update(p.detach().to(dtype or p.dtype).float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -101,13 +110,29 @@ def applied_edits(network: torch.nn.Module) -> list[dict]:
     return list(getattr(network, "config", {}).get(FUSED, [])) + list(getattr(network, APPLIED, []))
 
 
-def check_no_merged_lora(network: torch.nn.Module) -> None:
-    """Refuse a network with LoRA layers fused but still wrapped (fuse_lora without unload_lora_weights):
-    peft unmerges them as soon as an adapter is set, which would change the user's pipeline."""
-    if any(isinstance(m, BaseTunerLayer) and m.merged for m in network.modules()):
+def edited(model) -> Denoiser:
+    """The Denoiser of the model in memory an edit acts on: a Denoiser or a diffusers pipeline (a name or
+    folder would load a copy that nobody holds; fasterase.load loads one with the edit applied)."""
+    if isinstance(model, (str, os.PathLike)):
+        raise UserError(f"an edit applies to a pipeline in memory, not to {str(model)!r}; "
+                        "fasterase.load(model, edit_folder) loads a model with an edit applied")
+    return model if isinstance(model, Denoiser) else models.load(model)
+
+
+def check_lora_layers(network: torch.nn.Module) -> None:
+    """Refuse a network whose LoRA layers would make an edit act otherwise than it says: layers fused but
+    still wrapped (fuse_lora without unload_lora_weights: peft unmerges them as soon as an adapter is set,
+    which would change the user's pipeline), or switched off (disable_lora: a LoRA edit would not act, and
+    a LoRA being trained would get no gradient)."""
+    layers = [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
+    if any(m.merged for m in layers):
         raise UserError("the pipeline has fused LoRA layers that are still wrapped (fuse_lora() without "
                         "unload_lora_weights()); call pipe.unload_lora_weights() after fuse_lora() to keep the "
                         "fused weights, or pipe.unfuse_lora() to go back to the adapter, then erase or apply the edit")
+    if any(m.disable_adapters for m in layers):
+        raise UserError("the pipeline's LoRA layers are switched off (disable_lora()), so a LoRA added to them "
+                        "would not act; call pipe.enable_lora(), or pipe.unload_lora_weights() to remove them, "
+                        "then erase or apply the edit")
 
 
 def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str | os.PathLike | None = None) -> Path:
@@ -247,14 +272,33 @@ class Edit:
                 return False
         return True
 
-    def check_fits(self, model: Denoiser) -> None:
-        """Raise UserError unless this edit was made for `model`'s base weights and is not on it already."""
+    def _held_as(self, net: torch.nn.Module) -> str | None:
+        """The adapter of `net` that holds this LoRA edit's factors (as fasterase names it, or loaded under
+        another name by diffusers' load_lora_weights), or None."""
+        params = dict(net.named_parameters())
+        for adapter in getattr(net, "peft_config", {}) if self.lora else ():
+            if adapter == self.adapter:
+                return adapter
+            for key, value in self.lora.items():  # "unet.<module>.lora_A.weight" -> "<module>.lora_A.<adapter>.weight"
+                module, _, leaf = key.split(".", 1)[1].rpartition(".lora_")
+                factor, _, rest = leaf.partition(".")
+                p = params.get(f"{module}.lora_{factor}.{adapter}.{rest}")
+                if p is None or p.shape != value.shape or not torch.equal(p.detach(), value.to(p.device, p.dtype)):
+                    break
+            else:
+                return adapter
+        return None
+
+    def check_fits(self, model: Denoiser, dtype: torch.dtype | None = None) -> None:
+        """Raise UserError unless this edit was made for `model`'s base weights and is not on it already;
+        with `dtype`, for the weights as they will be once the model is cast to it."""
         if model.kind != self.model_kind:
             raise UserError(f"this edit is for a {self.model_kind} model, not a {model.kind} model")
         net = model.network
-        if self.lora and self.adapter in getattr(net, "peft_config", {}):
-            raise UserError(f"this edit is already applied to the model (LoRA adapter {self.adapter!r}); "
-                            "applying it twice is refused")
+        held = self._held_as(net)
+        if held:
+            raise UserError(f"this edit is already applied to the model (LoRA adapter {held!r} holds its "
+                            "weights); applying it twice is refused")
         for name, value in self.weights.items():
             try:
                 p = base_param(net, name)
@@ -271,7 +315,7 @@ class Edit:
             if idx.shape != values.shape or idx.dim() != 1 or (idx.numel() and int(idx.max()) >= p.numel()):
                 raise UserError(f"this edit's entries of {name!r} do not fit its {p.numel()} elements")
         try:
-            fp = fingerprint(net, self.touched())
+            fp = fingerprint(net, self.touched(), dtype)
         except AttributeError as exc:
             raise UserError(f"this edit does not fit the model: {exc}") from None
         if fp != self.base_fingerprint:
@@ -287,17 +331,18 @@ class Edit:
                 named = "; ".join(f"{e['method']} of {', '.join(e['concepts'])}" for e in others)
                 raise UserError(f"another edit already changed these weights ({named}); remove it first, or apply "
                                 "this edit to the model it was made for")
-            made_in = self.report.get("dtype")
-            if made_in and made_in != str(net.dtype).removeprefix("torch."):
+            made_in, now = self.report.get("dtype"), str(dtype or net.dtype).removeprefix("torch.")
+            if made_in and made_in != now:
                 raise UserError(f"this edit was made on the model in {made_in} and checks its base weights in it; "
-                                f"this model is in {str(net.dtype).removeprefix('torch.')}: load it in {made_in} "
+                                f"this model is in {now}: load it in {made_in} "
                                 f"(fasterase.load(model, edit, dtype={made_in!r}))")
             raise UserError("this edit was made for a different base model (the weights it edits differ)")
 
     # --- apply / remove -------------------------------------------------------------------------
     @torch.no_grad()
-    def apply(self, model: Denoiser) -> None:
-        """Put the change into the model's network (the base values are kept for remove()).
+    def apply(self, model) -> None:
+        """Put the change into the model's network (the base values are kept for remove()). model: a
+        Denoiser or a diffusers pipeline in memory (a name or folder: UserError).
 
         Edits stack: a LoRA edit adds its own adapter (named by its content) beside the active ones,
         and a weights or entries edit applies where the weights it changes are still those it was
@@ -305,7 +350,8 @@ class Edit:
         weights it changes (e.g. over another edit of the same weights), is refused (UserError). A
         refused or failed apply changes nothing: the rollback removes only what this apply added.
         """
-        check_no_merged_lora(model.network)
+        model = edited(model)
+        check_lora_layers(model.network)
         self.check_fits(model)
         net = model.network
         weights, entries = {}, {}
@@ -346,11 +392,11 @@ class Edit:
         return {"method": self.method, "concepts": [c["name"] for c in self.concepts], "touched": self.touched()}
 
     @torch.no_grad()
-    def remove(self, model: Denoiser) -> None:
-        """Undo apply(): the base weights come back bit-identical; other edits' adapters stay. A weights
-        or entries edit is removed only by the Edit object that applied it, which kept the base values
-        (one loaded from disk has none to put back)."""
-        net = model.network
+    def remove(self, model) -> None:
+        """Undo apply() (model: as apply takes it): the base weights come back bit-identical; other edits'
+        adapters stay. A weights or entries edit is removed only by the Edit object that applied it, which
+        kept the base values (one loaded from disk has none to put back)."""
+        net = edited(model).network
         if (self.weights or self.entries) and net not in self._undo:
             raise UserError("this Edit object did not apply the edit to this model (or removed it already), so it "
                             "holds no base values to put back; remove it with the Edit object that applied it, "
@@ -359,9 +405,10 @@ class Edit:
             raise UserError(f"this LoRA edit (adapter {self.adapter!r}) is not applied to this model; nothing to remove")
         if net in self._undo and not self._holds_its_values(net):
             later = [e for e in applied_edits(net) if e != self._record() and set(e["touched"]) & set(self.touched())]
-            named = "; ".join(f"{e['method']} of {', '.join(e['concepts'])}" for e in later) or "a change made since"
-            raise UserError(f"the weights this edit changed no longer hold its values ({named} changed them since); "
-                            "remove the later edit first")
+            named = "; ".join(f"{e['method']} of {', '.join(e['concepts'])}" for e in later)
+            why = f"{named} changed them since" if named else "they were changed after it was applied"
+            raise UserError(f"the weights this edit changed no longer hold its values ({why}); remove the later "
+                            "edit first")
         self._take_off(net)
 
     def _take_off(self, net: torch.nn.Module) -> None:
@@ -373,16 +420,23 @@ class Edit:
             base_param(net, name).view(-1).index_copy_(0, self.entries[name][0].long(), value)
         if self.lora:
             remove_adapter(net, self.adapter)
-        record = self._record()
-        setattr(net, APPLIED, [e for e in getattr(net, APPLIED, []) if e != record])
+        applied, record = list(getattr(net, APPLIED, [])), self._record()
+        if record in applied:  # the latest of equal records: an edit applied twice over (stacked) keeps the other
+            del applied[len(applied) - 1 - applied[::-1].index(record)]
+        setattr(net, APPLIED, applied)
 
     # --- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False, pipeline=None) -> Path:
-        """Write the edit folder atomically; with `pipeline` (the edited pipeline or Denoiser) also
-        the pipeline as it draws, LoRA fused (save_pipeline), in pipeline/. An existing path is
+        """Write the edit folder atomically; with `pipeline` (the edited pipeline or Denoiser, which must carry
+        this edit) also the pipeline as it draws, LoRA fused (save_pipeline), in pipeline/. An existing path is
         replaced only with overwrite and only if it holds an edit (target_folder), and only once
         the new folder is complete: a save that fails leaves it as it was."""
         path = target_folder(path, overwrite, model=self.report.get("model"))
+        if pipeline is not None:
+            pipeline = edited(pipeline)
+            if self._record() not in applied_edits(pipeline.network):
+                raise UserError("the pipeline given to save does not carry this edit (apply it first, or save the "
+                                "edit alone)")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         old = tmp.with_name(tmp.name + ".old")
@@ -410,7 +464,12 @@ class Edit:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Edit":
-        path = Path(path)
+        """The edit saved in folder `path` (Edit.save); UserError when it holds none."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise UserError(f"an edit is loaded from its folder (a path), got {type(path).__name__}")
+        path = Path(path).expanduser()
+        if path.name == EDIT_FILE and path.is_file():
+            raise UserError(f"{path} is an edit's file; give its folder, {path.parent}")
         file = path / EDIT_FILE
         if not file.is_file():
             raise UserError(f"{path} is not a fasterase edit (no {EDIT_FILE} in it)")

@@ -267,11 +267,24 @@ def _no_run(monkeypatch, method):
     ("esd", {"lr": float("nan")}, "must be a number"),
     ("esd", {"parameters": 1}, "must be text or null"),
     ("ant", {"split": 0}, "must be true or false"),
+    ("esd", {"copy": "no"}, "copy must be true or false, got 'no'"),
+    ("esd", {"progress": None}, "progress must be true or false"),
 ])
 def test_option_types(monkeypatch, method, options, needle):
     _no_run(monkeypatch, method)
     with pytest.raises(UserError, match=needle):
         fasterase.erase("toy-sd", "circle", method=method, **options)
+
+
+def test_numpy_scalars_and_paths_are_options_as_plain_values(tmp_path):
+    """np.float32 was 'must be a number' and a Path checkpoint 'must be text'; they are taken as the plain
+    values the edit's JSON metadata holds."""
+    import numpy as np
+
+    cfg = fasterase.api._options(fasterase.api.registry.get("esd"),
+                                 {"lr": np.float32(0.5), "steps": np.int64(3), "checkpoint": tmp_path / "c.pt"})
+    assert (cfg.lr, cfg.steps, cfg.checkpoint) == (0.5, 3, str(tmp_path / "c.pt"))
+    assert type(cfg.lr) is float and type(cfg.steps) is int
 
 
 @pytest.mark.parametrize("model,concepts,method,options,needle", [

@@ -28,10 +28,21 @@ def test_synonym_prompts():
     ({"name": "x", "templates": ()}, "no prompt templates"),
     ({"name": "x", "templates": ("no slot",)}, "exactly one"),
     ({"name": "circle, square"}, "commas separate concepts"),
+    ({"name": "x", "templates": ("a photo of a {x} {}",)}, "exactly one '{}' and no other braces"),
+    ({"name": "x", "templates": ("a {0}",)}, "no other braces"),
+    ({"name": "x", "templates": ("a {",)}, "no other braces"),
+    ({"name": "x", "pair_templates": ("{} and {:>3}",)}, "exactly two"),
+    ({"name": "x", "synonyms": [1]}, "synonyms of concept 'x' must be texts"),
 ])
 def test_bad_concepts(kwargs, match):
     with pytest.raises(UserError, match=match):
         Concept(**kwargs)
+
+
+def test_one_text_is_one_template_or_synonym():
+    """A string was split into its characters: 'template 'a' must contain exactly one {}'."""
+    c = Concept("circle", synonyms="disk", templates="a photo of a {}")
+    assert c.synonyms == ("disk",) and c.prompts() == ["a photo of a circle"]
 
 
 def test_concept_sets():

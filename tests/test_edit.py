@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline
 import fasterase
 from fasterase import models
 from fasterase.cli import main
-from fasterase.edit import Edit, fingerprint
+from fasterase.edit import Edit, applied_edits, fingerprint
 from fasterase.errors import UserError
 
 FAST_ESD = {"steps": 2, "batch_size": 1, "sample_steps": 2}
@@ -352,3 +352,93 @@ def test_a_lora_edit_not_applied_is_not_removed(tmp_path):
     with pytest.raises(UserError, match="not applied to this model"):
         Edit.load(result.edit.save(tmp_path / "l")).remove(fresh)
     assert same(state(fresh), state("toy-sd"))
+
+
+# --- a user's own LoRA layers, pipelines in memory ---------------------------------------------
+
+def test_switched_off_lora_layers_are_refused(tmp_path):
+    """ESD trained an adapter that took no part (RuntimeError deep in backward), and a LoRA edit loaded over
+    switched-off layers reported success with the images unchanged."""
+    mine = fasterase.erase("toy-sd", "square", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "m")
+    circle = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "c")
+    pipe = models.load("toy-sd").pipeline
+    pipe.load_lora_weights(str(mine), adapter_name="mine")
+    pipe.disable_lora()
+    before = state(pipe)
+    for method, options in (("esd", FAST_ESD), ("ant", {**FAST_ESD, "saliency_prompts": 1, "saliency_seeds": 1})):
+        with pytest.raises(UserError, match=r"LoRA layers are switched off \(disable_lora\(\)\)"):
+            fasterase.erase(pipe, "circle", method=method, progress=False, **options)
+    with pytest.raises(UserError, match="switched off"):
+        fasterase.load(pipe, circle)
+    assert same(state(pipe), before) and pipe.unet.active_adapters() == ["mine"]
+
+
+def test_a_lora_edit_loaded_by_diffusers_is_not_applied_again(tmp_path):
+    """The check knew only the adapter name fasterase gives: load_lora_weights' default_0 was let through
+    and the edit acted twice."""
+    path = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "e")
+    pipe = models.load("toy-sd").pipeline
+    pipe.load_lora_weights(str(path))
+    with pytest.raises(UserError, match="already applied to the model \\(LoRA adapter 'default_0' holds"):
+        fasterase.load(pipe, path)
+    assert pipe.unet.active_adapters() == ["default_0"]
+
+
+def test_entries_over_a_carried_lora_are_base_weights_by_their_plain_names(tmp_path):
+    """ANT over an ESD edit selected the ESD adapter's factors and the wrapped layers' base_layer names: it
+    trained the other edit, and its own loaded only onto a model carrying that adapter."""
+    esd = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
+    adapter = {n: p.detach().clone() for n, p in esd.model.network.named_parameters() if ".lora_" in n}
+    ant = fasterase.erase(esd.pipeline, "square", method="ant", progress=False,
+                          **{**FAST_ESD, "saliency_prompts": 1, "saliency_seeds": 1}).edit
+    assert ant.entries and not [n for n in ant.entries if ".lora_" in n or "base_layer" in n]
+    assert any(n.replace(".base_layer.", ".") != n and ".lora_" not in n
+               for n, _ in esd.model.network.named_parameters())  # the wrapped layers were candidates too
+    assert all(torch.equal(p, adapter[n]) for n, p in esd.model.network.named_parameters() if ".lora_" in n)
+    base = models.load("toy-sd")
+    fasterase.load(base.pipeline, ant.save(tmp_path / "ant"))  # onto the model without the ESD edit
+
+
+def test_edits_take_pipelines_in_memory_and_refuse_names(tmp_path):
+    result = fasterase.erase("toy-sd", "circle", method="uce", progress=False)
+    result.edit.remove(result.pipeline)
+    assert same(state(result.pipeline), state("toy-sd"))
+    result.edit.apply(result.pipeline)
+    with pytest.raises(UserError, match="applies to a pipeline in memory, not to 'toy-sd'; fasterase.load"):
+        result.edit.apply("toy-sd")
+    with pytest.raises(UserError, match="does not carry this edit"):
+        result.edit.save(tmp_path / "e", pipeline=models.load("toy-sd").pipeline)
+    assert not (tmp_path / "e").exists()
+
+
+def test_edit_folders_are_paths_with_the_user_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    edit = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit
+    edit.save("~/e")
+    assert fasterase.load("toy-sd", "~/e") is not None
+    with pytest.raises(UserError, match="is an edit's file; give its folder"):
+        fasterase.load("toy-sd", tmp_path / "e" / "edit.safetensors")
+    with pytest.raises(UserError, match="loaded from its folder .a path., got NoneType"):
+        fasterase.load("toy-sd", None)
+
+
+def test_a_refused_load_leaves_a_pipeline_in_memory_in_its_dtype(tmp_path):
+    """The pipeline was cast to the dtype asked for, then the edit refused: it stayed cast."""
+    uce = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit.save(tmp_path / "u")
+    pipe = models.load("toy-sd").pipeline
+    with pytest.raises(UserError, match="made on the model in float32 .* this model is in bfloat16"):
+        fasterase.load(pipe, uce, dtype="bf16")
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
+    with torch.no_grad():
+        pipe.unet.get_parameter(Edit.load(uce).touched()[0]).add_(1.0)  # another base model
+    with pytest.raises(UserError, match="different base model"):
+        fasterase.load(pipe, uce, dtype="fp32")
+    assert fasterase.load(models.load("toy-sd").pipeline, uce, dtype="fp32").unet.dtype == torch.float32
+
+
+def test_removing_one_of_two_equal_stacked_edits_keeps_the_other_recorded():
+    model = models.load("toy-sd")
+    fasterase.erase(model, "circle", method="uce", progress=False)
+    second = fasterase.erase(model, "circle", method="uce", progress=False).edit
+    second.remove(model)
+    assert len(applied_edits(model.network)) == 1

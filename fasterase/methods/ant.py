@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from ..concepts import Concept, ConceptSet
-from ..edit import Edit, fingerprint, remove_adapter
+from ..edit import Edit, base_parameters, fingerprint, remove_adapter
 from ..errors import UserError
 from ..models import Cond, Denoiser, partitioned
 from ..optim import SalientAdamW
@@ -210,7 +210,7 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
     prompts = concept.prompts(augment=True)
     order = torch.randperm(len(prompts), generator=loop.step_generator(cfg.seed, 1)).tolist()
     chosen = [prompts[i] for i in order[:cfg.saliency_prompts]]
-    tensors = {n: p for n, p in net.named_parameters() if p.is_floating_point()}
+    tensors = base_parameters(net)
     total = sum(partitioned.numel(p) for p in tensors.values())
     was = [p.requires_grad for p in tensors.values()]
     loss = trajectory_loss(model, hp, cfg, teacher=contextlib.nullcontext)  # the network is the frozen model
@@ -259,8 +259,7 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
     if cfg.saliency:
         mask, report = concept_saliency(model, concept, hp, cfg, progress)
     else:
-        mask = {n: torch.arange(partitioned.numel(p), dtype=torch.int32) for n, p in net.named_parameters()
-                if p.is_floating_point()}
+        mask = {n: torch.arange(partitioned.numel(p), dtype=torch.int32) for n, p in base_parameters(net).items()}
         report = {}
     change = params.CompactDelta(net, mask)
     try:  # from here on any failure leaves the network as it came

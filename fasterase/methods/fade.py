@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..concepts import ConceptSet
-from ..edit import Edit, fingerprint
+from ..edit import Edit, base_parameters, fingerprint
 from ..errors import UserError
 from ..models import Cond, Denoiser, partitioned
 from ..optim import SalientAdamW
@@ -335,7 +335,7 @@ def concept_saliency(model: Denoiser, adversary: Adversary, cfg: FADEConfig, g: 
     """The salient entries (Sec. 4.3): summed |gradient| of |eps(x_t, y_c) - eps(x_t, y_-c)|^2 over
     `saliency_samples` concept generations from the buffer (the original model's), top share kept."""
     net = model.network
-    tensors = {n: p for n, p in net.named_parameters() if p.is_floating_point()}
+    tensors = base_parameters(net)
     was = [p.requires_grad for p in tensors.values()]
     sums = {n: torch.zeros(partitioned.shape(p), dtype=p.dtype, device=p.device)  # in the parameters' dtype
             for n, p in tensors.items()}
@@ -398,13 +398,13 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
     adversary = Adversary(model, prompts, len(concepts), cfg)
     # another run's checkpoint is refused here (its base model's by loop.train, before any step)
     resume = loop.companion_in(cfg.checkpoint, loop.identity("fade", concepts, cfg, None)) if cfg.checkpoint else None
-    if resume is not None and set(resume["mask"]) <= {n for n, _ in net.named_parameters()}:
+    if resume is not None and set(resume["mask"]) <= set(base_parameters(net)):
         adversary.load_state_dict(resume)  # D, the buffer and the salient entries of the interrupted run
         report = {"saliency_selected": saliency.selected(adversary.mask)} if cfg.saliency else {}
     else:
         report = _prepare(model, adversary, cfg, concepts, progress)
     mask = adversary.mask if cfg.saliency else {n: torch.arange(partitioned.numel(p), dtype=torch.int32)
-                                                 for n, p in net.named_parameters() if p.is_floating_point()}
+                                                 for n, p in base_parameters(net).items()}
     change = params.CompactDelta(net, mask)
     try:  # from here on any failure leaves the network as it came
         base = fingerprint(net, list(change.weights))

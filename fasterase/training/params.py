@@ -13,7 +13,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from ..edit import ADAPTER
+from ..edit import ADAPTER, base_param
 from ..models import partitioned
 
 
@@ -112,7 +112,7 @@ class CompactDelta:
     """
 
     def __init__(self, network: torch.nn.Module, masks: dict[str, torch.Tensor]):
-        self.weights = {n: network.get_parameter(n) for n, idx in masks.items() if idx.numel()}
+        self.weights = {n: base_param(network, n) for n, idx in masks.items() if idx.numel()}
         self.indices = {n: masks[n].to(w.device, torch.int32) for n, w in self.weights.items()}
         self.base = {}
         for n, w in self.weights.items():
