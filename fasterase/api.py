@@ -218,7 +218,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     concepts: a string, a Concept, or a list of them; commas in a string separate concepts
     ("circle, square" is two). preserve: concept names to keep drawable, named the same way (the
     toy world preserves the shapes no erased concept names by default). options: the method's config fields
-    (see fasterase.methods() and each method's config). copy=True edits a copy and leaves the
+    (each method's config dataclass in fasterase/methods/<name>.py; an unknown one is refused, naming
+    the valid ones). copy=True edits a copy and leaves the
     given pipeline untouched; otherwise it is edited in place. device: "cpu", "cuda", "cuda:N"
     (default: a name or folder loads on the GPU if there is one, else the CPU; a pipeline stays
     where it is); dtype: "fp32", "bf16" or "fp16" for every
