@@ -22,6 +22,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 
 from . import methods as registry
@@ -127,7 +128,7 @@ def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
 # an option's type: what it is called, which values it takes (numpy scalars and paths too), and their plain
 # Python value (what the config and the edit's JSON metadata hold)
 _ACCEPTS = {
-    bool: ("true or false", lambda v: isinstance(v, bool), bool),
+    bool: ("true or false", lambda v: isinstance(v, (bool, numpy.bool_)), bool),
     int: ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), int),
     float: ("a number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v), float),
     str: ("text", lambda v: isinstance(v, (str, os.PathLike)), os.fspath),
@@ -313,10 +314,14 @@ def load(model, path, device=None, dtype=None) -> object:
     edit = Edit.load(path)
     if isinstance(model, (str, Path)):
         den = models.load(model, device, dtype or edit.report.get("dtype"))
-    else:  # a model in memory is checked before it is cast or moved: a refused edit leaves it as it was
+    else:  # a model in memory is checked before it is cast: a refused edit leaves it as it was
         den = models.load(model)
-        check_lora_layers(den.network)
-        edit.check_fits(den, models.resolve_dtype(dtype))
+        if device is not None:
+            models.resolve_device(device)
+        cast = models.resolve_dtype(dtype)
+        if cast is not None and cast != den.network.dtype:  # (else apply's own check is the one)
+            check_lora_layers(den.network, adds_lora=bool(edit.lora))
+            edit.check_fits(den, cast)
         models.load(den, device, dtype)
     edit.apply(den)
     return den.pipeline

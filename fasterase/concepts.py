@@ -67,7 +67,10 @@ class Concept:
         object.__setattr__(self, "name", " ".join(self.name.split()))
         for field in ("synonyms", "templates", "attributes", "pair_templates"):  # one text is one item
             value = getattr(self, field)
-            items = (value,) if isinstance(value, str) else tuple(value)
+            try:
+                items = (value,) if isinstance(value, str) else tuple(value)
+            except TypeError:
+                items = (value,)
             if not all(isinstance(v, str) for v in items):
                 raise UserError(f"{field} of concept {self.name!r} must be texts, got {value!r}")
             object.__setattr__(self, field, items)

@@ -119,17 +119,17 @@ def edited(model) -> Denoiser:
     return model if isinstance(model, Denoiser) else models.load(model)
 
 
-def check_lora_layers(network: torch.nn.Module) -> None:
+def check_lora_layers(network: torch.nn.Module, adds_lora: bool = False) -> None:
     """Refuse a network whose LoRA layers would make an edit act otherwise than it says: layers fused but
     still wrapped (fuse_lora without unload_lora_weights: peft unmerges them as soon as an adapter is set,
-    which would change the user's pipeline), or switched off (disable_lora: a LoRA edit would not act, and
-    a LoRA being trained would get no gradient)."""
+    which would change the user's pipeline), or, when a LoRA is to be added (`adds_lora`), switched off
+    (disable_lora: a LoRA edit would not act, and a LoRA being trained would get no gradient)."""
     layers = [m for m in network.modules() if isinstance(m, BaseTunerLayer)]
     if any(m.merged for m in layers):
         raise UserError("the pipeline has fused LoRA layers that are still wrapped (fuse_lora() without "
                         "unload_lora_weights()); call pipe.unload_lora_weights() after fuse_lora() to keep the "
                         "fused weights, or pipe.unfuse_lora() to go back to the adapter, then erase or apply the edit")
-    if any(m.disable_adapters for m in layers):
+    if adds_lora and any(m.disable_adapters for m in layers):
         raise UserError("the pipeline's LoRA layers are switched off (disable_lora()), so a LoRA added to them "
                         "would not act; call pipe.enable_lora(), or pipe.unload_lora_weights() to remove them, "
                         "then erase or apply the edit")
@@ -351,7 +351,7 @@ class Edit:
         refused or failed apply changes nothing: the rollback removes only what this apply added.
         """
         model = edited(model)
-        check_lora_layers(model.network)
+        check_lora_layers(model.network, adds_lora=bool(self.lora))
         self.check_fits(model)
         net = model.network
         weights, entries = {}, {}
@@ -371,7 +371,7 @@ class Edit:
                                                  adapter_name=self.adapter)
                 net.set_adapter(active + [self.adapter])  # loading activates only the new adapter
         except Exception:
-            self._take_off(net)
+            self._take_off(net, recorded=False)
             raise
         setattr(net, APPLIED, getattr(net, APPLIED, []) + [self._record()])
 
@@ -402,6 +402,10 @@ class Edit:
                             "holds no base values to put back; remove it with the Edit object that applied it, "
                             "or load the model afresh")
         if self.lora and self.adapter not in getattr(net, "peft_config", {}):
+            held = self._held_as(net)
+            if held:
+                raise UserError(f"this LoRA edit is on the model as adapter {held!r}, which fasterase did not add; "
+                                f"remove it with pipe.delete_adapters({held!r})")
             raise UserError(f"this LoRA edit (adapter {self.adapter!r}) is not applied to this model; nothing to remove")
         if net in self._undo and not self._holds_its_values(net):
             later = [e for e in applied_edits(net) if e != self._record() and set(e["touched"]) & set(self.touched())]
@@ -411,8 +415,9 @@ class Edit:
                             "edit first")
         self._take_off(net)
 
-    def _take_off(self, net: torch.nn.Module) -> None:
-        """Put back what apply() changed in `net` (also after an apply that failed half-way)."""
+    def _take_off(self, net: torch.nn.Module, recorded: bool = True) -> None:
+        """Put back what apply() changed in `net` (also after an apply that failed half-way, which had
+        not `recorded` the edit yet: an equal record there is another edit's)."""
         weights, entries = self._undo.pop(net, ({}, {}))
         for name, value in weights.items():
             base_param(net, name).copy_(value)
@@ -421,7 +426,7 @@ class Edit:
         if self.lora:
             remove_adapter(net, self.adapter)
         applied, record = list(getattr(net, APPLIED, [])), self._record()
-        if record in applied:  # the latest of equal records: an edit applied twice over (stacked) keeps the other
+        if recorded and record in applied:  # the latest of equal records: an edit applied twice over (stacked) keeps the other
             del applied[len(applied) - 1 - applied[::-1].index(record)]
         setattr(net, APPLIED, applied)
 
@@ -434,7 +439,7 @@ class Edit:
         path = target_folder(path, overwrite, model=self.report.get("model"))
         if pipeline is not None:
             pipeline = edited(pipeline)
-            if self._record() not in applied_edits(pipeline.network):
+            if self._record() not in applied_edits(pipeline.network) and not self._held_as(pipeline.network):
                 raise UserError("the pipeline given to save does not carry this edit (apply it first, or save the "
                                 "edit alone)")
         path.parent.mkdir(parents=True, exist_ok=True)

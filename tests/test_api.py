@@ -285,6 +285,8 @@ def test_numpy_scalars_and_paths_are_options_as_plain_values(tmp_path):
                                  {"lr": np.float32(0.5), "steps": np.int64(3), "checkpoint": tmp_path / "c.pt"})
     assert (cfg.lr, cfg.steps, cfg.checkpoint) == (0.5, 3, str(tmp_path / "c.pt"))
     assert type(cfg.lr) is float and type(cfg.steps) is int
+    cfg = fasterase.api._options(fasterase.api.registry.get("ant"), {"saliency": np.bool_(False)})
+    assert cfg.saliency is False
 
 
 @pytest.mark.parametrize("model,concepts,method,options,needle", [

@@ -33,6 +33,7 @@ def test_synonym_prompts():
     ({"name": "x", "templates": ("a {",)}, "no other braces"),
     ({"name": "x", "pair_templates": ("{} and {:>3}",)}, "exactly two"),
     ({"name": "x", "synonyms": [1]}, "synonyms of concept 'x' must be texts"),
+    ({"name": "x", "synonyms": None}, "synonyms of concept 'x' must be texts"),
 ])
 def test_bad_concepts(kwargs, match):
     with pytest.raises(UserError, match=match):

@@ -356,21 +356,23 @@ def test_a_lora_edit_not_applied_is_not_removed(tmp_path):
 
 # --- a user's own LoRA layers, pipelines in memory ---------------------------------------------
 
-def test_switched_off_lora_layers_are_refused(tmp_path):
+def test_switched_off_lora_layers_are_refused_where_a_lora_is_added(tmp_path):
     """ESD trained an adapter that took no part (RuntimeError deep in backward), and a LoRA edit loaded over
-    switched-off layers reported success with the images unchanged."""
+    switched-off layers reported success with the images unchanged; edits without a LoRA still apply."""
     mine = fasterase.erase("toy-sd", "square", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "m")
     circle = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "c")
+    uce = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit.save(tmp_path / "u")
     pipe = models.load("toy-sd").pipeline
     pipe.load_lora_weights(str(mine), adapter_name="mine")
     pipe.disable_lora()
     before = state(pipe)
-    for method, options in (("esd", FAST_ESD), ("ant", {**FAST_ESD, "saliency_prompts": 1, "saliency_seeds": 1})):
-        with pytest.raises(UserError, match=r"LoRA layers are switched off \(disable_lora\(\)\)"):
-            fasterase.erase(pipe, "circle", method=method, progress=False, **options)
+    with pytest.raises(UserError, match=r"LoRA layers are switched off \(disable_lora\(\)\)"):
+        fasterase.erase(pipe, "circle", method="esd", progress=False, **FAST_ESD)
     with pytest.raises(UserError, match="switched off"):
         fasterase.load(pipe, circle)
     assert same(state(pipe), before) and pipe.unet.active_adapters() == ["mine"]
+    fasterase.erase(pipe, "circle", method="uce", progress=False, copy=True)
+    fasterase.load(pipe, uce)
 
 
 def test_a_lora_edit_loaded_by_diffusers_is_not_applied_again(tmp_path):
@@ -382,6 +384,25 @@ def test_a_lora_edit_loaded_by_diffusers_is_not_applied_again(tmp_path):
     with pytest.raises(UserError, match="already applied to the model \\(LoRA adapter 'default_0' holds"):
         fasterase.load(pipe, path)
     assert pipe.unet.active_adapters() == ["default_0"]
+    edit = Edit.load(path)
+    edit.save(tmp_path / "with-pipeline", pipeline=pipe)  # the pipeline carries it, loaded by diffusers
+    with pytest.raises(UserError, match="as adapter 'default_0', which fasterase did not add.*delete_adapters"):
+        edit.remove(pipe)
+
+
+def test_a_failed_apply_keeps_an_equal_edits_record(tmp_path, monkeypatch):
+    """The rollback of a failed apply removed the record of another edit of the same method, concepts and
+    weights (a second ESD of the same concept), which save(pipeline=) then found missing."""
+    first = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
+    second = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **{**FAST_ESD, "seed": 1}).edit
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the load failed")
+
+    monkeypatch.setattr(type(first.pipeline), "load_lora_weights", fail)
+    with pytest.raises(RuntimeError, match="the load failed"):
+        second.apply(first.pipeline)
+    assert len(applied_edits(first.model.network)) == 1
 
 
 def test_entries_over_a_carried_lora_are_base_weights_by_their_plain_names(tmp_path):

@@ -193,6 +193,7 @@ def _saliency_key(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig) -
                                              "saliency_prompts", "saliency_seeds", "seed")}
     loss = {k: hp[k] for k in ("t_split", "lambda1", "lambda2", "lambda3")}
     key = {"model": fingerprint(net, [n for n, _ in net.named_parameters()]), "concept": concept.to_dict(),
+           "entries": "base weights, plain names",  # maps from before (a carried LoRA's factors too) are not read
            "loss": loss, "settings": settings, "taus": "U(t', 1], U(0, t']", "size": [model.height, model.width]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -8,6 +8,7 @@ from the pipeline's class and configs, before any weights load. Names are regist
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -197,6 +198,12 @@ def folder_dtype(path: Path, network: str) -> torch.dtype:
                     f".safetensors or .bin file)")
 
 
+def _no_empty_fp32_list(record: logging.LogRecord) -> bool:
+    """Drops diffusers' (0.42) warning that a cast model has modules to keep in fp32 when it lists none:
+    it comes with every cast; one naming modules, and diffusers' other notices, still show."""
+    return "should be kept in float32: []" not in record.getMessage()
+
+
 def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser:
     """The Denoiser for `model` (see module docstring); anything else is a UserError.
 
@@ -217,9 +224,12 @@ def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser
         denoiser.name = str(model) if fresh else type(denoiser.pipeline).__name__
     pipe = denoiser.pipeline
     if dt is not None and dt != denoiser.network.dtype:
-        for module in pipe.components.values():  # torch's cast: diffusers' own (0.42) warns on every cast, with
-            if isinstance(module, torch.nn.Module):  # or without modules to keep in fp32
-                torch.nn.Module.to(module, dtype=dt)
+        modeling = logging.getLogger("diffusers.models.modeling_utils")
+        modeling.addFilter(_no_empty_fp32_list)
+        try:
+            pipe.to(dtype=dt)
+        finally:
+            modeling.removeFilter(_no_empty_fp32_list)
     if dev is None:
         return denoiser
     if not keep_network:

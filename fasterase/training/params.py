@@ -13,7 +13,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from ..edit import ADAPTER, base_param
+from ..edit import ADAPTER, base_param, check_lora_layers
 from ..models import partitioned
 
 
@@ -41,6 +41,7 @@ def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed:
     on `modules`, active beside the adapters already on; the base is frozen and only this adapter's
     factors train (earlier trained adapters are frozen too), held in fp32 whatever the base's dtype
     (peft computes them in fp32 and casts the sum back). Returns them."""
+    check_lora_layers(network, adds_lora=True)  # a user's LoRA layers switched off: this one would not act
     if adapter in getattr(network, "peft_config", {}):
         raise RuntimeError(f"the network already carries a {adapter!r} adapter; remove that edit first")
     active = network.active_adapters() if getattr(network, "peft_config", {}) else []
