@@ -124,9 +124,8 @@ def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
                                     f"concept's name, templates or attributes")
 
 
-# Which values each option type accepts (a bool is no number, a number is finite).
-# an option's type: what it is called, which values it takes (numpy scalars and paths too), and their plain
-# Python value (what the config and the edit's JSON metadata hold)
+# Each option type: what it is called, which values it takes (a bool is no number, a number is finite; numpy
+# scalars and paths too), and their plain Python value (what the config and the edit's JSON metadata hold).
 _ACCEPTS = {
     bool: ("true or false", lambda v: isinstance(v, (bool, numpy.bool_)), bool),
     int: ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), int),
