@@ -273,12 +273,16 @@ class Edit:
         return True
 
     def _held_as(self, net: torch.nn.Module) -> str | None:
-        """The adapter of `net` that holds this LoRA edit's factors (as fasterase names it, or loaded under
-        another name by diffusers' load_lora_weights), or None."""
+        """The adapter of `net` that holds this LoRA edit's factors (as fasterase names it, or an active one
+        loaded under another name by diffusers' load_lora_weights), or None."""
         params = dict(net.named_parameters())
-        for adapter in getattr(net, "peft_config", {}) if self.lora else ():
+        adapters = getattr(net, "peft_config", {}) if self.lora else {}
+        active = set(net.active_adapters()) if adapters else set()
+        for adapter in adapters:
             if adapter == self.adapter:
                 return adapter
+            if adapter not in active:  # an inactive copy does not act: applying this edit is no second one
+                continue
             for key, value in self.lora.items():  # "unet.<module>.lora_A.weight" -> "<module>.lora_A.<adapter>.weight"
                 module, _, leaf = key.split(".", 1)[1].rpartition(".lora_")
                 factor, _, rest = leaf.partition(".")

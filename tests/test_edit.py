@@ -388,6 +388,10 @@ def test_a_lora_edit_loaded_by_diffusers_is_not_applied_again(tmp_path):
     edit.save(tmp_path / "with-pipeline", pipeline=pipe)  # the pipeline carries it, loaded by diffusers
     with pytest.raises(UserError, match="as adapter 'default_0', which fasterase did not add.*delete_adapters"):
         edit.remove(pipe)
+    other = fasterase.erase("toy-sd", "square", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "o")
+    pipe.load_lora_weights(str(other), adapter_name="other")
+    pipe.set_adapters(["other"])  # default_0 inactive: it does not act, so the edit may be applied
+    fasterase.load(pipe, path)
 
 
 def test_a_failed_apply_keeps_an_equal_edits_record(tmp_path, monkeypatch):
