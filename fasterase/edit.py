@@ -430,7 +430,7 @@ class Edit:
         if self.lora:
             remove_adapter(net, self.adapter)
         applied, record = list(getattr(net, APPLIED, [])), self._record()
-        if recorded and record in applied:  # the latest of equal records: an edit applied twice over (stacked) keeps the other
+        if recorded and record in applied:  # the latest of equal records: an equal edit stacked under it stays
             del applied[len(applied) - 1 - applied[::-1].index(record)]
         setattr(net, APPLIED, applied)
 
