@@ -148,8 +148,10 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
     if not path.is_dir():
         raise UserError(f"{path} is a file, and an edit is a folder; choose a new folder")
     if not overwrite:
-        raise UserError(f"{path} exists; choose another folder or pass overwrite=True (--overwrite) to replace "
-                        "the edit in it")
+        if is_edit_folder(path) or not any(path.iterdir()):
+            raise UserError(f"{path} exists; choose another folder or pass overwrite=True (--overwrite) to replace "
+                            "the edit in it")
+        raise UserError(f"{path} exists and holds no fasterase edit; choose a new or empty folder")
     if model is not None and Path(model).expanduser().is_dir():
         folder = Path(model).expanduser().resolve()
         if folder == path:

@@ -126,8 +126,18 @@ def test_overwrite_never_replaces_a_model_or_other_folder(capsys, tmp_path, mode
         code, err = erase_cli(capsys, model_folder, out, "--overwrite")
         assert code == 2 and needle in err, err
     assert {p: files(p) for p in snapshot} == snapshot
-    code, err = erase_cli(capsys, model_folder, other)
-    assert code == 2 and "exists" in err and "--overwrite" in err
+    code, err = erase_cli(capsys, model_folder, other)  # --overwrite is not suggested where it would be refused
+    assert code == 2 and "exists and holds no fasterase edit" in err and "--overwrite" not in err
+    code, err = erase_cli(capsys, model_folder, model_folder)
+    assert code == 2 and "holds no fasterase edit" in err and "--overwrite" not in err
+
+
+def test_a_damaged_weight_file_is_named(tmp_path, model_folder):
+    """Random bytes for the UNet's weights: safetensors' "header too large" traceback from our dtype check."""
+    weights = next((model_folder / "unet").glob("*.safetensors"))
+    weights.write_bytes(os.urandom(1000))
+    with pytest.raises(UserError, match=f"{weights.name} is not a readable safetensors file .* damaged"):
+        fasterase.erase(str(model_folder), "circle", method="uce", progress=False)
 
 
 def test_the_model_inside_an_edit_folder_is_protected(capsys, tmp_path):

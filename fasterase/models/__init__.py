@@ -181,16 +181,19 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 def folder_dtype(path: Path, network: str) -> torch.dtype:
     """The dtype the folder's denoising network is saved in, read from its weight files' headers
     (nothing is loaded): what the folder loads as when no dtype is asked for."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     # the files diffusers loads: not variants (".fp16.", ".non_ema.") beside them
     files = sorted(f for f in (path / network).glob("*.safetensors") if f.name.count(".") == 1)
     for file in files:
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                dtype = f.get_slice(key).get_dtype()
-                if dtype in ("F32", "BF16", "F16"):
-                    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    dtype = f.get_slice(key).get_dtype()
+                    if dtype in ("F32", "BF16", "F16"):
+                        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+        except SafetensorError as exc:
+            raise UserError(f"{file} is not a readable safetensors file ({exc}); the model folder is damaged") from None
     for file in sorted(f for f in (path / network).glob("*.bin") if f.name.count(".") == 1):  # a pickled checkpoint: mapped, not read whole
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         return next(v.dtype for v in state.values() if v.is_floating_point())
