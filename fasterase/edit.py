@@ -277,9 +277,10 @@ class Edit:
     def _held_as(self, net: torch.nn.Module) -> str | None:
         """The adapter of `net` that holds this LoRA edit's factors (as fasterase names it, or an active one
         loaded under another name by diffusers' load_lora_weights), or None."""
-        params = dict(net.named_parameters())
         adapters = getattr(net, "peft_config", {}) if self.lora else {}
-        active = set(net.active_adapters()) if adapters else set()
+        if not adapters:  # (most edits, on most models: no parameter is read)
+            return None
+        params, active = dict(net.named_parameters()), set(net.active_adapters())
         for adapter in adapters:
             if adapter == self.adapter:
                 return adapter
