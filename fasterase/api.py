@@ -31,6 +31,7 @@ from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.l
 from .concepts import ConceptSet, as_concepts
 from .edit import Edit, base_param, check_lora_layers
 from .errors import UserError
+from .models import meta
 from .training import engine, loop
 
 
@@ -169,6 +170,12 @@ def _check_idle(method: registry.Method, cfg, given: set[str], model: models.Den
                         f"what was set: {'; '.join(idle)}")
 
 
+def runs_images(method: registry.Method, cfg, model: models.Denoiser, concepts: ConceptSet) -> bool:
+    """Whether the run puts images through the network, so that a resolution acts on it (UCE and TRACE
+    with finetune=False read only the encoded prompts)."""
+    return not any(why.startswith("resolution:") for why in method.idle_options(cfg, {"resolution"}, model, concepts))
+
+
 @torch.no_grad()
 def _changes_nothing(edit: Edit, net: torch.nn.Module) -> bool:
     """True when applying `edit` would leave every weight as it is: whole weights equal to the
@@ -258,6 +265,10 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     # moves there whole, and goes back where it was at the end
     zero3 = getattr(cfg, "zero", 0) == 3
     fresh = isinstance(model, (str, Path))
+    if fresh and resolution is not None and (str(model) in models.BUILTINS
+                                             or (Path(model).expanduser() / "model_index.json").is_file()):
+        # from the folder's configs: a bad size before any weights load (another name: load's own error)
+        meta.describe(str(model)).denoiser(torch.float32).set_resolution(resolution)
     if fresh:  # a name or folder loads afresh (a copy already), in its dtype
         den = models.load(model, device, dtype, keep_network=zero3)
     elif copy:  # the given pipeline stays as it is, where it is
@@ -299,7 +310,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
               "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(where),
               "device": str(where), "dtype": str(den.network.dtype).removeprefix("torch."),
               "gradient_checkpointing": gradient_checkpointing, "micro_batch": micro_batch,
-              "resolution": [den.height, den.width],
+              "resolution": [den.height, den.width] if runs_images(m, cfg, den, cs) else None,
               **edit.report}
     edit.report = report
     return EraseResult(den.pipeline, den, edit, report)

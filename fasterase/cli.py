@@ -11,14 +11,23 @@ import os
 import sys
 from pathlib import Path
 
+from .concepts import CONCEPT_TYPES
 from .errors import UserError
+
+
+class UsageError(UserError):
+    """A command line argparse refused, named by the (sub)command that refused it."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, but its usage errors are one line too."""
 
     def error(self, message):
-        raise UserError(message)
+        raise UsageError(self.prog, message)
 
 
 def _csv(text: str) -> list[str]:
@@ -77,7 +86,7 @@ def _launched_device(local_rank: int) -> str | None:
 
 def cmd_erase(args) -> int:
     from . import erase
-    from .edit import target_folder
+    from .edit import PIPELINE_DIR, target_folder
 
     out = target_folder(args.out, args.overwrite, model=args.model)  # refused before any training
     settings = _settings(args.set)
@@ -100,7 +109,16 @@ def cmd_erase(args) -> int:
             settings.setdefault("zero", 2)
         device = device or _launched_device(int(local_rank))
         rank = int(os.environ.get("RANK", 0))
-    result = erase(args.model, args.concept, method=args.method, preserve=args.preserve, device=device,
+    concepts = args.concept
+    if args.concept_type:
+        from .concepts import Concept, split_names
+        from .toy import components
+
+        if components.is_toy_source(args.model):
+            raise UserError("--concept-type: in the toy world a concept's type follows from its name (a shape is "
+                            "an object, a colour a style)")
+        concepts = [Concept(name, type=args.concept_type) for text in args.concept for name in split_names(text)]
+    result = erase(args.model, concepts, method=args.method, preserve=args.preserve, device=device,
                    dtype=args.dtype, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
                    micro_batch=args.micro_batch, progress=rank == 0, **settings)
     if rank != 0:  # every process ends with the same edit; one writes it
@@ -108,7 +126,7 @@ def cmd_erase(args) -> int:
     result.edit.save(out, overwrite=args.overwrite, pipeline=result.model if args.save_pipeline else None)
     r = result.report
     print(f"erased {', '.join(r['concepts'])} from {r['model']} with {r['method']} in {r['wall_time_s']:.1f} s; "
-          f"edit saved to {out}")
+          f"edit saved to {out}" + (f", the edited pipeline to {out / PIPELINE_DIR}" if args.save_pipeline else ""))
     return 0
 
 
@@ -227,6 +245,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--concept", action="append", required=True,
                    help="concepts to erase; commas separate several (\"circle, square\"), as does repeating the option")
     e.add_argument("--method", required=True, help="see `fasterase methods`")
+    e.add_argument("--concept-type", choices=CONCEPT_TYPES,
+                   help="what every --concept is (default object): picks its prompt templates (\"a painting by "
+                        "{}\" for a style) and the method's per-type defaults (ESD trains esd-x for a style or "
+                        "celebrity)")
     e.add_argument("--preserve", action="append", help="concepts to keep, named like --concept")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     e.add_argument("--out", required=True, help="folder to write the edit to")
@@ -296,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         return args.run(args)
     except UserError as exc:
-        print(f"{command}: error: {exc}", file=sys.stderr)
+        print(f"{exc.prog if isinstance(exc, UsageError) else command}: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # a non-finite loss: what happened, not a bug in the code
         print(f"{command}: error: {exc}", file=sys.stderr)

@@ -11,21 +11,23 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
-# Generic caption templates for a concept with no templates of its own.
-DEFAULT_TEMPLATES = (
-    "{}",
-    "a {}",
-    "a photo of a {}",
-    "a picture of a {}",
-    "an image of a {}",
-    "a drawing of a {}",
-)
+# Caption templates for a concept given without templates of its own, by its type: the captions a user
+# would prompt it with (an object is "a photo of a dog", a style "a painting by Van Gogh", a person "a
+# portrait of Emma Watson"). Our choice; the papers' prompt sets are lists for their own concepts.
+TEMPLATES = {
+    "object": ("{}", "a {}", "a photo of a {}", "a picture of a {}", "an image of a {}", "a drawing of a {}"),
+    "style": ("{}", "a painting by {}", "a painting in the style of {}", "an artwork by {}", "art in the style of {}",
+              "a drawing in the style of {}"),
+    "celebrity": ("{}", "a photo of {}", "a portrait of {}", "a picture of {}", "an image of {}",
+                  "a close-up photo of {}"),
+    "nudity": ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}", "a drawing of {}"),
+}
 # Captions that name two things, for prompts naming two erased concepts together (TRACE's L_int).
 DEFAULT_PAIR_TEMPLATES = (
     "a {} and a {}",
     "a photo of a {} and a {}",
 )
-CONCEPT_TYPES = ("object", "celebrity", "style", "nudity")
+CONCEPT_TYPES = tuple(TEMPLATES)
 
 
 def _slots(template: str) -> int | None:
@@ -44,16 +46,17 @@ class Concept:
 
     name: the word(s) that prompt it. synonyms: other words for it (used to measure generality,
     and by methods only where they say so). anchor: the phrase it is mapped to ("" = the empty
-    prompt). templates: captions with one "{}" slot. attributes: words that may stand before the
-    name ("red", "small"), for prompt augmentation. type: object, celebrity, style or nudity
-    (selects per-type defaults in methods that have them). pair_templates: captions with two "{}"
-    slots that name two things, for prompts naming this concept with another.
+    prompt). templates: captions with one "{}" slot (default: TEMPLATES of its type). attributes:
+    words that may stand before the name ("red", "small"), for prompt augmentation. type: object,
+    style, celebrity or nudity (selects the default templates, and per-type defaults in methods that
+    have them). pair_templates: captions with two "{}" slots that name two things, for prompts
+    naming this concept with another.
     """
 
     name: str
     synonyms: tuple[str, ...] = ()
     anchor: str = ""
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    templates: tuple[str, ...] | None = None
     attributes: tuple[str, ...] = ()
     type: str = "object"
     pair_templates: tuple[str, ...] = DEFAULT_PAIR_TEMPLATES
@@ -65,6 +68,10 @@ class Concept:
             raise UserError(f"concept name {self.name!r} holds a comma; commas separate concepts "
                             f"(\"circle, square\" is two): give each concept on its own")
         object.__setattr__(self, "name", " ".join(self.name.split()))
+        if self.type not in CONCEPT_TYPES:
+            raise UserError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
+        if self.templates is None:
+            object.__setattr__(self, "templates", TEMPLATES[self.type])
         for field in ("synonyms", "templates", "attributes", "pair_templates"):  # one text is one item
             value = getattr(self, field)
             try:
@@ -74,8 +81,6 @@ class Concept:
             if not all(isinstance(v, str) for v in items):
                 raise UserError(f"{field} of concept {self.name!r} must be texts, got {value!r}")
             object.__setattr__(self, field, items)
-        if self.type not in CONCEPT_TYPES:
-            raise UserError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
         if not self.templates:
             raise UserError(f"concept {self.name!r} has no prompt templates")
         for t in self.templates:
@@ -184,7 +189,7 @@ def as_concepts(concepts, preserve=(), default=None) -> ConceptSet:
     """A ConceptSet from a string, a Concept, or a list of either; strings split on commas.
 
     `default(name)` turns a bare name into a Concept (the toy world gives its own templates);
-    without it a name gets DEFAULT_TEMPLATES.
+    without it a name is an object with TEMPLATES["object"].
     """
     if isinstance(concepts, ConceptSet):
         return concepts

@@ -9,7 +9,7 @@ the JSON gives bytes.
 What it models is what the methods' code does today (fasterase/methods, fasterase/training), for one
 concept with the method's defaults and the --set overrides: in the toy world "circle" with the other
 shapes preserved (erase's default there); elsewhere one concept with the generic templates
-(concepts.DEFAULT_TEMPLATES) and nothing preserved. Every part and its source:
+(concepts.TEMPLATES["object"]) and nothing preserved. Every part and its source:
 
 - weights of the network, the VAE and the text encoders in --dtype: parameter and buffer counts of
   the modules built from their configs. The pipeline loads whole onto the GPU; while the method runs
@@ -320,8 +320,8 @@ class Plan:
     model: str
     method: str
     config: dict
-    height: int
-    width: int
+    height: int | None  # px; None when the method runs no image through the network
+    width: int | None
     dtype: str
     gpus: int
     gpu_mem: float  # GB
@@ -378,8 +378,8 @@ class Plan:
         def row(label: str, values) -> str:
             return f"{label:<{width}}" + "".join(f"{'-':>12}" if v is None else f"{v / GB:>12.2f}" for v in values)
 
-        batch = self.config.get("batch_size")
-        head = (f"{self.method} on {self.model} at {self.height}x{self.width} px"
+        batch = self.config.get("batch_size") if self.height else None  # no image, no training step
+        head = (f"{self.method} on {self.model}" + (f" at {self.height}x{self.width} px" if self.height else "")
                 + (f", {batch} prompt{'s' if batch > 1 else ''} a step" if batch else "") + f", {self.dtype}, {self.gpus} GPU"
                 + ("s" if self.gpus > 1 else "") + f" of {self.gpu_mem:g} GB"
                 + (f", DeepSpeed ZeRO-{self.config['zero']}" if self.config.get("zero") else "")
@@ -616,7 +616,7 @@ def _uce(p: _Planner, cfg, gpus: int):
     weights = sum(q.module.weight.numel() for q in edited)
     lines, notes = p.resident(len(set(sum(sets, []))))
     lines.update({"closed form": max(solves) + weights * p.bytes, "activations": live.peak})
-    notes["closed form"] = (f"{len(edited)} projections in {len(groups)} solves: the largest solve's sources, targets, "
+    notes["closed form"] = (f"{len(edited)} projections in {len(groups)} solve{'s' if len(groups) > 1 else ''}: the largest solve's sources, targets, "
                             f"R and transform in fp32 and fp64, its weights in fp32, and the edit in {p.dtype}")
     hooked = [q for q in edited if q.name not in den.direct_kv_inputs(den.encode([PROMPT]))]
     notes["activations"] = (f"the inputs of {len(edited)} text projections for {sum(1 for s in sets if s)} prompt sets"
@@ -881,7 +881,9 @@ def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float
     columns = {"encoding": p.encoding(next(iter(columns.values())).lines, gpus, getattr(cfg, "zero", 0)), **columns}
     if p.progress is not None:
         p.progress.update()
-    return Plan(p.model, method, dataclasses.asdict(cfg), p.den.height, p.den.width, p.dtype, gpus, gpu_mem,
+    images = api.runs_images(get(method), cfg, p.den, p.concepts)
+    size = (p.den.height, p.den.width) if images else (None, None)
+    return Plan(p.model, method, dataclasses.asdict(cfg), *size, p.dtype, gpus, gpu_mem,
                 p.checkpointing, p.micro_batch, columns, notes)
 
 

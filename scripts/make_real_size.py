@@ -41,6 +41,7 @@ import torch
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
+from fasterase import models
 from fasterase.models import real_configs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,7 +84,10 @@ def component(name: str, part: str, cls: str, dtype: torch.dtype, overrides: dic
         module = real_configs.network(name, **overrides)
     else:  # the VAE and the scheduler
         module = getattr(diffusers, cls).from_config(config, **overrides)
-    return module.to(dtype).eval() if isinstance(module, torch.nn.Module) else module
+    if not isinstance(module, torch.nn.Module):
+        return module
+    with models.casting():
+        return module.to(dtype).eval()
 
 
 def component_seed(seed: int, part: str) -> int:

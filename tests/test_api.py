@@ -56,6 +56,8 @@ def test_erase_in_place_and_report(name, method, options):
     assert result.pipeline is pipe
     assert result.report["method"] == method and result.report["concepts"] == ["circle"]
     assert result.report["wall_time_s"] > 0 and result.report["steps"] == options.get("steps", 0)
+    den = models.load(pipe)  # UCE runs no image: no size recorded
+    assert result.report["resolution"] == (None if method == "uce" else [den.height, den.width])
     assert result.edit.touched()
     if method == "uce":  # base weights changed in place, exactly the listed ones
         after = params(pipe)

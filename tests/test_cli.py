@@ -7,6 +7,7 @@ import torch
 import fasterase
 from fasterase.cli import main
 from fasterase.edit import Edit
+from fasterase.errors import UserError
 from fasterase.training.loop import NonFiniteLoss
 
 
@@ -60,10 +61,15 @@ def one_line_error(code, err, *needles):
     (["eval"], ["--model"]),
     (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "name no toy shape or colour", "circle"]),
     (["eval", "--model", "toy-sd", "--erased", "circle,"], ["empty"]),
-    (["eval", "--model", "no/such/folder"], ["neither a built-in name nor a local diffusers folder"]),
+    (["eval", "--model", "no/such/folder"], ["neither a built-in name nor a local diffusers folder (no such file or folder)"]),
     (["eval", "--edit", "no/such/folder"], ["not a fasterase edit"]),
     (["eval", "--model", "toy-sd", "--repeats", "0"], ["repeats", ">= 1"]),
     (["frobnicate"], ["invalid choice"]),
+    (["erase", "--model", "toy-sd", "--concept", "red", "--concept-type", "style", "--method", "esd", "--out", "X"],
+     ["--concept-type", "toy world", "follows from its name"]),
+    (["erase", "--model", "toy-sd", "--concept", "red", "--concept-type", "painting", "--method", "esd", "--out", "X"],
+     ["invalid choice", "choose from", "celebrity"]),
+    (["erase", "--resolution", "abc"], ["fasterase erase: error: argument --resolution: expected N or HxW"]),
     (["eval", "--model", "toy-sd", "--grid", ""], ["must be a .png"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--preserve", "disk", "--method", "uce", "--out", "X"],
      ["'disk'", "erased"]),
@@ -110,10 +116,10 @@ def test_erase_then_eval_edit(capsys, tmp_path):
     assert report["model"] == "toy-flux" and report["erased"] == ["circle"]
     assert {"acc_e", "acc_e_heldout", "acc_g", "acc_s", "H", "color_s", "acc_e_scene", "acc_s_scene", "scenes",
             "concepts"} <= set(report) and "acc_e_pair" not in report
-    code, _, err = run(capsys, "erase", "--model", "toy-flux", "--concept", "circle", "--method", "uce",
-                       "--out", str(out), "--overwrite", "--save-pipeline")
+    code, stdout, err = run(capsys, "erase", "--model", "toy-flux", "--concept", "circle", "--method", "uce",
+                            "--out", str(out), "--overwrite", "--save-pipeline")
     assert code == 0, err
-    assert (out / "pipeline" / "model_index.json").is_file()
+    assert (out / "pipeline" / "model_index.json").is_file() and f"the edited pipeline to {out / 'pipeline'}" in stdout
 
 
 def test_methods(capsys):
@@ -216,3 +222,18 @@ def test_a_saved_toy_pipeline_is_known_before_loading(tmp_path):
     components.sd_pipeline().save_pretrained(tmp_path / "toy")
     assert components.is_toy_source(str(tmp_path / "toy")) and components.is_toy_source("toy-flux")
     assert not components.is_toy_source(str(tmp_path)) and not components.is_toy_source("toy-nope")
+
+
+def test_concept_type_makes_every_concept_of_that_type(capsys, tmp_path, monkeypatch):
+    seen = []
+
+    def erase(model, concepts, **kwargs):
+        seen.extend(concepts)
+        raise UserError("stopped here")
+
+    monkeypatch.setattr(fasterase, "erase", erase)
+    code, _, err = run(capsys, "erase", "--model", str(tmp_path), "--concept", "Van Gogh, Monet", "--concept",
+                       "Picasso", "--concept-type", "style", "--method", "esd", "--out", str(tmp_path / "edit"))
+    assert code == 2 and "stopped here" in err
+    assert [(c.name, c.type) for c in seen] == [("Van Gogh", "style"), ("Monet", "style"), ("Picasso", "style")]
+    assert seen[0].prompts()[1] == "a painting by Van Gogh"

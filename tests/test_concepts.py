@@ -1,7 +1,7 @@
 """Concepts and their prompt sets."""
 import pytest
 
-from fasterase.concepts import Concept, ConceptSet, as_concepts
+from fasterase.concepts import TEMPLATES, Concept, ConceptSet, as_concepts
 from fasterase.errors import UserError
 from fasterase.toy import concepts as toy_concepts
 from fasterase.toy import shapes
@@ -24,7 +24,7 @@ def test_synonym_prompts():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"name": ""}, "non-empty"),
-    ({"name": "x", "type": "animal"}, "object, celebrity, style, nudity"),
+    ({"name": "x", "type": "animal"}, "object, style, celebrity, nudity"),
     ({"name": "x", "templates": ()}, "no prompt templates"),
     ({"name": "x", "templates": ("no slot",)}, "exactly one"),
     ({"name": "circle, square"}, "commas separate concepts"),
@@ -138,3 +138,12 @@ def test_no_toy_concept_trains_on_held_out_prompts_or_synonyms():
         with pytest.raises(UserError, match="synonym.*disk"):
             toy_concepts.check_not_heldout([bad])
     toy_concepts.check_not_heldout([toy_concepts.concept(n) for n in ("circle", "red", "red circle", "star")])
+
+
+def test_default_templates_follow_the_type():
+    assert Concept("dog").templates == TEMPLATES["object"] and "a photo of a dog" in Concept("dog").prompts()
+    style = Concept("Van Gogh", type="style")
+    assert style.templates == TEMPLATES["style"] and "a painting by Van Gogh" in style.prompts()
+    assert "a portrait of Emma Watson" in Concept("Emma Watson", type="celebrity").prompts()
+    assert Concept("Van Gogh", type="style", templates=("{} art",)).prompts() == ["Van Gogh art"]
+    assert all(t.count("{}") == 1 for ts in TEMPLATES.values() for t in ts)

@@ -1,5 +1,8 @@
 """The loader refuses what no adapter handles (SDXL, inpainting, img2img, FLUX Fill / Kontext)
 before any work, naming what is supported; built from tiny random-initialised diffusers parts."""
+import re
+import shutil
+
 import pytest
 from diffusers import (
     DiffusionPipeline,
@@ -117,6 +120,13 @@ def test_supported_tiny_pipelines_load():
                                                       r"unet/config.json"),
     (lambda d: (d / "unet" / "config.json").write_text("{"), r"unreadable .*unet/config.json"),
     (lambda d: (d / "scheduler" / "scheduler_config.json").unlink(), "has no scheduler/scheduler_config.json"),
+    (lambda d: (d / "vae" / "diffusion_pytorch_model.safetensors").unlink(),
+     r"has no weights for its vae \(AutoencoderKL\): .*vae holds no .safetensors or .bin file"),
+    (lambda d: (d / "vae" / "diffusion_pytorch_model.safetensors").rename(
+        d / "vae" / "diffusion_pytorch_model.fp16.safetensors"), "has no weights for its vae .*variants"),
+    (lambda d: [f.unlink() for f in (d / "text_encoder").glob("*.safetensors")], "no weights for its text_encoder"),
+    (lambda d: shutil.rmtree(d / "tokenizer"), r"declares a tokenizer \(\w+\) but has no tokenizer/ "
+                                               r"folder"),
 ])
 def test_a_broken_folder_is_refused_by_what_is_broken(breakage, needle, tmp_path, monkeypatch):
     sd().save_pretrained(tmp_path)
@@ -124,3 +134,18 @@ def test_a_broken_folder_is_refused_by_what_is_broken(breakage, needle, tmp_path
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(UserError, match=needle):
         models.load(tmp_path)
+
+
+def test_a_path_that_is_no_model_folder_says_what_it_is(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for given, needle in [(tmp_path / "model_index.json", f"diffusers folder's model_index.json; give the folder: "
+                                                          f"{tmp_path}"),
+                          (tmp_path / "nothing", "(no such file or folder)"),
+                          (tmp_path / "empty", "(no model_index.json in it)"),
+                          (tmp_path / "empty" / ".." / "model_index.json" / "x", "(no such file or folder)")]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            models.load(str(given))
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(UserError, match=re.escape("nor one of sd15, flux-dev, nor a local diffusers folder (a file, not")):
+        models.meta.describe(str(tmp_path / "notes.txt"))

@@ -3,6 +3,7 @@ base, compact deltas, text projections' inputs read from the encoded prompts, gr
 checkpointing, resolution, and folders loading in their own dtype."""
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 
 import fasterase
 from fasterase import cli, models
@@ -425,9 +426,17 @@ def test_encode_cache_follows_a_cast_or_moved_pipeline(name, monkeypatch):
 
 @pytest.mark.parametrize("resolution, needle", [(30, "multiples of"), ((32, 48, 8), "multiples of"),
                                                 (-32, "multiples of"), (True, "multiples of")])
-def test_bad_resolution(resolution, needle):
+def test_bad_resolution(resolution, needle, monkeypatch):
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("loaded before the size was checked"))
     with pytest.raises(UserError, match=needle):
         fasterase.erase("toy-sd", "circle", method="esd", resolution=resolution)
+
+
+def test_bad_resolution_for_a_folder_is_refused_before_its_weights_load(tmp_path, monkeypatch):
+    models.load("toy-flux").pipeline.save_pretrained(tmp_path)
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(UserError, match="resolution 44 .* multiples of 8"):
+        fasterase.erase(tmp_path, "circle", method="esd", resolution=44)
 
 
 def test_resolution_sets_training_and_sampling_size(monkeypatch):
@@ -465,3 +474,10 @@ def test_cli_erase_with_device_and_dtype(tmp_path, capsys):
     assert cli.main(["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--dtype", "int4",
                      "--out", str(tmp_path / "x")]) == 2
     assert "valid: fp32, bf16, fp16" in capsys.readouterr().err
+
+
+def test_fp16_on_the_cpu_is_warned_of(recwarn):
+    models.load("toy-sd", "cpu", "bf16")
+    assert not [w for w in recwarn if "fp16 on the CPU" in str(w.message)]
+    with pytest.warns(UserWarning, match="fp16 on the CPU, where .* choose bf16 or fp32"):
+        models.load("toy-sd", "cpu", "fp16")

@@ -7,8 +7,10 @@ from the pipeline's class and configs, before any weights load. Names are regist
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,7 +23,7 @@ from .flux import FluxDenoiser
 from .unet import UNetDenoiser
 
 __all__ = ["Cond", "Denoiser", "KVProjection", "FluxDenoiser", "UNetDenoiser", "load", "register", "BUILTINS",
-           "DTYPES", "resolve_device", "resolve_dtype"]
+           "DTYPES", "resolve_device", "resolve_dtype", "not_a_model", "casting"]
 
 # pipeline class -> (its network's component name, the network class it must be, the adapter)
 ADAPTERS = {"StableDiffusionPipeline": ("unet", "UNet2DConditionModel", UNetDenoiser),
@@ -50,6 +52,15 @@ def register(name: str, build: Callable[[], object], sample_kwargs: dict, owns: 
 def _accepted() -> str:
     names = f", or one of {', '.join(BUILTINS)}" if BUILTINS else ""
     return f"supported: {SUPPORTED}, as a pipeline or a local diffusers folder{names}"
+
+
+def not_a_model(name: str, path: Path, known: str) -> UserError:
+    """The error for `name`, which is none of the `known` names, naming why `path` is no diffusers folder."""
+    if path.name == "model_index.json" and path.is_file():
+        return UserError(f"model {name!r} is a diffusers folder's model_index.json; give the folder: {path.parent}")
+    why = ("no such file or folder" if not path.exists() else "a file, not a folder" if not path.is_dir()
+           else "no model_index.json in it")
+    return UserError(f"model {name!r} is neither {known} nor a local diffusers folder ({why}); {_accepted()}")
 
 
 def _refusal(pipeline_class: str, parts: dict[str, tuple[str, dict]]) -> str | None:
@@ -128,6 +139,23 @@ def _folder_parts(path: Path) -> tuple[str, dict[str, tuple[str, dict]]]:
     return index.get("_class_name", "an unnamed pipeline"), parts
 
 
+def _check_weights(path: Path, parts: dict[str, tuple[str, dict]]) -> None:
+    """Every declared component the folder has a model config for also has its weight files, the ones
+    diffusers loads without a variant: checked before any loading, which would fail on the first missing
+    one only after loading the others."""
+    for name, (cls, _) in parts.items():
+        if cls is None:
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise UserError(f"model folder {path} declares a {name} ({cls}) but has no {name}/ folder; a diffusers "
+                            f"folder saves one for each component")
+        if (folder / "config.json").is_file() and not any(
+                f.suffix in (".safetensors", ".bin") and f.name.count(".") == 1 for f in folder.iterdir()):
+            raise UserError(f"model folder {path} has no weights for its {name} ({cls}): {folder} holds no "
+                            f".safetensors or .bin file (variants such as .fp16. are not loaded)")
+
+
 def _wrap(pipeline, owner: Builtin | None = None) -> Denoiser:
     """The adapter for a checked pipeline, with the sample kwargs of the name it was loaded by or,
     failing that, of the registered name that recognises it."""
@@ -202,9 +230,20 @@ def folder_dtype(path: Path, network: str) -> torch.dtype:
 
 
 def _no_empty_fp32_list(record: logging.LogRecord) -> bool:
-    """Drops diffusers' (0.42) warning that a cast model has modules to keep in fp32 when it lists none:
-    it comes with every cast; one naming modules, and diffusers' other notices, still show."""
     return "should be kept in float32: []" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def casting():
+    """Within the block, diffusers' (0.42) warning that a cast model has modules to keep in fp32 is
+    dropped when it lists none: it comes with every cast; one naming modules, and diffusers' other
+    notices, still show."""
+    modeling = logging.getLogger("diffusers.models.modeling_utils")
+    modeling.addFilter(_no_empty_fp32_list)
+    try:
+        yield
+    finally:
+        modeling.removeFilter(_no_empty_fp32_list)
 
 
 def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser:
@@ -227,21 +266,18 @@ def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser
         denoiser.name = str(model) if fresh else type(denoiser.pipeline).__name__
     pipe = denoiser.pipeline
     if dt is not None and dt != denoiser.network.dtype:
-        modeling = logging.getLogger("diffusers.models.modeling_utils")
-        modeling.addFilter(_no_empty_fp32_list)
-        try:
+        with casting():
             pipe.to(dtype=dt)
-        finally:
-            modeling.removeFilter(_no_empty_fp32_list)
-    if dev is None:
-        return denoiser
-    if not keep_network:
+    if dev is not None and not keep_network:
         if denoiser.network.device != dev:
             pipe.to(dev)
-        return denoiser
-    for module in pipe.components.values():
-        if isinstance(module, torch.nn.Module) and module is not denoiser.network:
-            module.to(dev)
+    elif dev is not None:
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module) and module is not denoiser.network:
+                module.to(dev)
+    if (dev or denoiser.network.device).type == "cpu" and denoiser.network.dtype == torch.float16:
+        warnings.warn("the model runs in fp16 on the CPU, where torch's fp16 matrix products are hundreds of times "
+                      "slower than bf16's (bench/RESULTS.md); on the CPU choose bf16 or fp32 (--dtype)", stacklevel=2)
     return denoiser
 
 
@@ -252,10 +288,10 @@ def _load(model, dtype: torch.dtype | None) -> Denoiser:
             return _wrap(BUILTINS[name].build(), BUILTINS[name])
         path = Path(name).expanduser()
         if not (path / "model_index.json").is_file():
-            raise UserError(f"model {name!r} is neither a built-in name nor a local diffusers folder "
-                            f"(no model_index.json there); {_accepted()}")
+            raise not_a_model(name, path, "a built-in name")
         pipeline_class, parts = _folder_parts(path)
         _check(pipeline_class, parts)
+        _check_weights(path, parts)
         from diffusers import DiffusionPipeline
 
         dtype = dtype or folder_dtype(path, ADAPTERS[pipeline_class][0])

@@ -21,8 +21,7 @@ import transformers
 from diffusers.configuration_utils import FrozenDict
 from torch import nn
 
-from ..errors import UserError
-from . import ADAPTERS, BUILTINS, Denoiser, _accepted, _check, _folder_parts, folder_dtype, real_configs
+from . import ADAPTERS, BUILTINS, Denoiser, _check, _folder_parts, folder_dtype, not_a_model, real_configs
 
 # FluxPipeline's default max_sequence_length: the T5 rows of a prompt when the folder holds no tokenizer.
 FLUX_TOKENS = 512
@@ -118,8 +117,7 @@ def describe(model: str) -> MetaModel:
         return _builtin(model)
     path = real_configs.folder(model) if model in real_configs.NAMES else Path(model).expanduser()
     if not (path / "model_index.json").is_file():
-        raise UserError(f"model {model!r} is neither a built-in name, nor one of {', '.join(real_configs.NAMES)}, "
-                        f"nor a local diffusers folder (no model_index.json there); {_accepted()}")
+        raise not_a_model(model, path, f"a built-in name, nor one of {', '.join(real_configs.NAMES)},")
     cls, parts = _folder_parts(path)
     _check(cls, parts)
     network_name = ADAPTERS[cls][0]
