@@ -63,6 +63,7 @@ def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
 
     cs = as_concepts(concepts, default=toy_concepts.concept)
     toy_concepts.check_erasable(cs.names)
+    cs = ConceptSet(tuple(toy_concepts.completed(c) for c in cs), cs.preserve)
     toy_concepts.check_not_heldout(cs.concepts)
     if preserve is None:
         return as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names))
@@ -256,7 +257,12 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     micro_batch = None if micro_batch is None else int(micro_batch)
     m = registry.get(method)
     cfg = _options(m, options)
+    fresh = isinstance(model, (str, Path))
     if getattr(cfg, "checkpoint", None) is not None:
+        folder, ckpt = Path(model).expanduser().resolve() if fresh else None, Path(cfg.checkpoint).expanduser().resolve()
+        if folder and folder.is_dir() and (folder == ckpt or folder in ckpt.parents):
+            raise UserError(f"checkpoint {cfg.checkpoint} is or lies in the model's folder {folder}, which fasterase "
+                            "never writes to; keep it elsewhere")
         loop.check_checkpoint(cfg.checkpoint)  # a bad path, or a file that is not a checkpoint, before any work
     if device is not None:
         models.resolve_device(device)  # before any weights load
@@ -264,7 +270,6 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     # ZeRO-3 partitions the network onto the device for the run (training.engine.partitioned): it never
     # moves there whole, and goes back where it was at the end
     zero3 = getattr(cfg, "zero", 0) == 3
-    fresh = isinstance(model, (str, Path))
     if fresh and resolution is not None and (str(model) in models.BUILTINS
                                              or (Path(model).expanduser() / "model_index.json").is_file()):
         # from the folder's configs: a bad size before any weights load (another name: load's own error)
@@ -287,6 +292,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     # cast and moved once the run is checked: a refused one leaves it as it was
     models.load(den, device, dtype, keep_network=zero3)
     where = models.resolve_device(device) if device is not None or fresh else den.network.device
+    models.warn_if_fp16_on_cpu(den, where)
     start = time.perf_counter()
     if where.type == "cuda":
         torch.cuda.reset_peak_memory_stats(where)
@@ -333,5 +339,6 @@ def load(model, path, device=None, dtype=None) -> object:
             check_lora_layers(den.network, adds_lora=bool(edit.lora))
             edit.check_fits(den, cast)
         models.load(den, device, dtype)
+    models.warn_if_fp16_on_cpu(den, den.network.device)
     edit.apply(den)
     return den.pipeline

@@ -6,9 +6,11 @@ line and exit 1; anything else is a bug and keeps its traceback (exit 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .concepts import CONCEPT_TYPES
@@ -112,11 +114,7 @@ def cmd_erase(args) -> int:
     concepts = args.concept
     if args.concept_type:
         from .concepts import Concept, split_names
-        from .toy import components
 
-        if components.is_toy_source(args.model):
-            raise UserError("--concept-type: in the toy world a concept's type follows from its name (a shape is "
-                            "an object, a colour a style)")
         concepts = [Concept(name, type=args.concept_type) for text in args.concept for name in split_names(text)]
     result = erase(args.model, concepts, method=args.method, preserve=args.preserve, device=device,
                    dtype=args.dtype, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
@@ -132,10 +130,10 @@ def cmd_erase(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import models
-    from .concepts import split_names
+    from .concepts import Concept, split_names
     from .edit import Edit
     from .eval import check_grid_path, evaluate, format_table, sample_grid
-    from .eval.evaluate import outside_toy
+    from .eval.evaluate import grid_prompts, outside_toy
     from .toy import components
     from .toy.concepts import colors_named, shapes_named
 
@@ -149,15 +147,27 @@ def cmd_eval(args) -> int:
     if not name or name in models.ADAPTERS:  # edits of a pipeline object record only its class
         raise UserError("this edit does not record its model; pass --model")
     if name not in models.BUILTINS and not (Path(name).expanduser() / "model_index.json").is_file():
+        if not args.model:
+            raise UserError(f"this edit was made on {name}, which is no model folder now; pass --model with the "
+                            "folder where that model is")
         models.load(name)  # no such model: the loader's own error, before blaming the toy world
+    prompts = args.prompt
     if not components.is_toy_source(name):  # from its name or configs: refused before any weights load
         if erased or not args.grid:
             raise outside_toy(name)
         if args.repeats is not None:
             raise UserError("--repeats sets how often each prompt is scored; outside the toy world nothing is "
                             "scored and the grid shows each prompt once")
+        prompts = prompts or (grid_prompts(edit.concepts, edit.report.get("preserve", [])) if edit else None)
+        if not prompts:
+            raise UserError("a grid of a model outside the toy world draws the prompts given with --prompt, or "
+                            "an edit's concepts (--edit); give either")
+    elif prompts:
+        raise UserError("--prompt draws a grid of a model outside the toy world; the toy world's grid shows the "
+                        "prompts it scores")
     # in the dtype the edit was made in, whose base values its fingerprint holds
     model = models.load(name, dtype=edit.report.get("dtype") if edit else None)
+    models.warn_if_fp16_on_cpu(model, model.network.device)
     toy = components.is_toy(model.pipeline)
     if edit:
         edit.apply(model)
@@ -167,7 +177,8 @@ def cmd_eval(args) -> int:
         repeats = 2 if args.repeats is None else args.repeats
         report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid)
     else:
-        report = sample_grid(model, args.grid, seed=args.seed)
+        columns = len(Concept(**edit.concepts[0]).templates) if edit and not args.prompt else min(8, len(prompts))
+        report = sample_grid(model, args.grid, prompts, seed=args.seed, columns=columns)
     if edit:
         report["edit"] = str(args.edit)
     if args.json:
@@ -186,7 +197,7 @@ def cmd_plan(args) -> int:
     result = plan(args.model, args.method, _settings(args.set), resolution=args.resolution, batch_size=args.batch_size,
                   gpus=args.gpus, gpu_mem=args.gpu_mem, dtype=args.dtype, salient_share=args.salient_share,
                   gradient_checkpointing=args.gradient_checkpointing, micro_batch=args.micro_batch,
-                  progress=True)
+                  concept_type=args.concept_type, progress=True)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     return 0
 
@@ -278,6 +289,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.add_argument("--grid", help="write a PNG grid of sample images here (alone: the only output for a model "
                                   "outside the toy world, which has no detector)")
+    v.add_argument("--prompt", action="append",
+                   help="outside the toy world: a prompt the grid draws (repeatable; default: an --edit's concepts "
+                        "in their templates, then the concepts it preserved)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--repeats", type=int,
                    help="samples per prompt (default 2: 32 images per shape); more gives a less noisy rate")
@@ -289,6 +303,9 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--method", required=True, help="see `fasterase methods`")
     pl.add_argument("--resolution", type=_resolution, help="training and sampling size in px: N or HxW "
                     "(default: the model's own size)")
+    pl.add_argument("--concept-type", choices=CONCEPT_TYPES, default="object",
+                    help="the planned concept's type, as erase's --concept-type (default object; ESD plans esd-x "
+                         "for a style or celebrity)")
     pl.add_argument("--batch-size", type=int, help="prompts per training step (the method's batch_size)")
     pl.add_argument("--gpus", type=int, default=1,
                     help="GPUs, one process each, the methods under DeepSpeed ZeRO (--set zero=2|3, 2 by default; "
@@ -310,13 +327,36 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Within the block fasterase's own warnings are one line on stderr, named by the command; others
+    show as Python shows them."""
+    shown = warnings.showwarning
+    package = Path(__file__).parent
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if Path(filename).is_relative_to(package):
+            print(f"{command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "fasterase"
     try:
-        args = parser().parse_args(argv)
+        args, extra = parser().parse_known_args(argv)
         command = f"fasterase {args.command}"
+        if extra:  # named by the subcommand they were given to
+            raise UsageError(command, f"unrecognized arguments: {' '.join(extra)}")
         _quiet_libraries()
-        return args.run(args)
+        with _one_line_warnings(command):
+            return args.run(args)
     except UserError as exc:
         print(f"{exc.prog if isinstance(exc, UsageError) else command}: error: {exc}", file=sys.stderr)
         return 2

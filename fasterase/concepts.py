@@ -22,11 +22,13 @@ TEMPLATES = {
                   "a close-up photo of {}"),
     "nudity": ("{}", "a photo of {}", "an image of {}", "a picture of {}", "a painting of {}", "a drawing of {}"),
 }
-# Captions that name two things, for prompts naming two erased concepts together (TRACE's L_int).
-DEFAULT_PAIR_TEMPLATES = (
-    "a {} and a {}",
-    "a photo of a {} and a {}",
-)
+# Captions that name two things of the type, for prompts naming two erased concepts together (TRACE's L_int).
+PAIR_TEMPLATES = {
+    "object": ("a {} and a {}", "a photo of a {} and a {}"),
+    "style": ("a painting by {} and {}", "art in the styles of {} and {}"),
+    "celebrity": ("a photo of {} and {}", "a portrait of {} and {}"),
+    "nudity": ("a photo of {} and {}", "an image of {} and {}"),
+}
 CONCEPT_TYPES = tuple(TEMPLATES)
 
 
@@ -50,7 +52,7 @@ class Concept:
     words that may stand before the name ("red", "small"), for prompt augmentation. type: object,
     style, celebrity or nudity (selects the default templates, and per-type defaults in methods that
     have them). pair_templates: captions with two "{}" slots that name two things, for prompts
-    naming this concept with another.
+    naming this concept with another (default: PAIR_TEMPLATES of its type).
     """
 
     name: str
@@ -59,7 +61,7 @@ class Concept:
     templates: tuple[str, ...] | None = None
     attributes: tuple[str, ...] = ()
     type: str = "object"
-    pair_templates: tuple[str, ...] = DEFAULT_PAIR_TEMPLATES
+    pair_templates: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
@@ -70,8 +72,9 @@ class Concept:
         object.__setattr__(self, "name", " ".join(self.name.split()))
         if self.type not in CONCEPT_TYPES:
             raise UserError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
-        if self.templates is None:
-            object.__setattr__(self, "templates", TEMPLATES[self.type])
+        for field, by_type in (("templates", TEMPLATES), ("pair_templates", PAIR_TEMPLATES)):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, by_type[self.type])
         for field in ("synonyms", "templates", "attributes", "pair_templates"):  # one text is one item
             value = getattr(self, field)
             try:

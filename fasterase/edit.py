@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from . import models
 from .errors import UserError
 from .files import check_writable, set_default_mode
+from .notices import dropped
 from .models import Denoiser, partitioned
 
 EDIT_FILE = "edit.safetensors"
@@ -137,8 +138,16 @@ def check_lora_layers(network: torch.nn.Module, adds_lora: bool = False) -> None
 
 def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str | os.PathLike | None = None) -> Path:
     """The resolved folder an edit may be written to: a new path, or with overwrite an empty folder
-    or one that holds a fasterase edit, never the folder of `model` (a path) or one containing it."""
+    or one that holds a fasterase edit; never the folder of `model` (a path), one inside it or one
+    containing it."""
     path = Path(path).expanduser().resolve()
+    if model is not None and Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser().resolve()
+        if folder == path or folder in path.parents:
+            raise UserError(f"{path} is or lies in the model's own folder {folder}, which fasterase never writes to; "
+                            "write the edit elsewhere")
+        if path in folder.parents:
+            raise UserError(f"{path} contains the model's folder {folder}; write the edit elsewhere")
     if not path.exists():
         above = next(p for p in path.parents if p.exists())
         if not above.is_dir():
@@ -152,12 +161,6 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
             raise UserError(f"{path} exists; choose another folder or pass overwrite=True (--overwrite) to replace "
                             "the edit in it")
         raise UserError(f"{path} exists and holds no fasterase edit; choose a new or empty folder")
-    if model is not None and Path(model).expanduser().is_dir():
-        folder = Path(model).expanduser().resolve()
-        if folder == path:
-            raise UserError(f"{path} is the model's own folder; write the edit elsewhere")
-        if path in folder.parents:
-            raise UserError(f"{path} contains the model's folder {folder}; write the edit elsewhere")
     check_writable(path.parent, f"edit folder {path}")  # the new folder is made beside it, then renamed
     if path.is_dir() and not any(path.iterdir()):
         return path
@@ -374,8 +377,10 @@ class Edit:
                 flat.index_copy_(0, idx.long(), values.to(flat.dtype))
             if self.lora:
                 active = net.active_adapters() if getattr(net, "peft_config", {}) else []
-                model.pipeline.load_lora_weights({k: v.clone() for k, v in self.lora.items()},
-                                                 adapter_name=self.adapter)
+                # the edit holds no text-encoder factors, and diffusers says so for each text encoder
+                with dropped("diffusers.loaders.lora_base", "found with the prefix='text_encoder"):
+                    model.pipeline.load_lora_weights({k: v.clone() for k, v in self.lora.items()},
+                                                     adapter_name=self.adapter)
                 net.set_adapter(active + [self.adapter])  # loading activates only the new adapter
         except Exception:
             self._take_off(net, recorded=False)

@@ -7,9 +7,10 @@ the largest fits in the GPU. Units: GB = 1e9 bytes everywhere (the printed figur
 the JSON gives bytes.
 
 What it models is what the methods' code does today (fasterase/methods, fasterase/training), for one
-concept with the method's defaults and the --set overrides: in the toy world "circle" with the other
-shapes preserved (erase's default there); elsewhere one concept with the generic templates
-(concepts.TEMPLATES["object"]) and nothing preserved. Every part and its source:
+concept of --concept-type (default object) with the method's defaults and the --set overrides: in the
+toy world "circle" (an object) or "red" (a style) with the rest of its kind preserved (erase's default
+there); elsewhere one concept with its type's templates (concepts.TEMPLATES) and per-type method
+defaults, nothing preserved. Every part and its source:
 
 - weights of the network, the VAE and the text encoders in --dtype: parameter and buffer counts of
   the modules built from their configs. The pipeline loads whole onto the GPU; while the method runs
@@ -82,7 +83,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from . import api
-from .concepts import Concept, ConceptSet, as_concepts
+from .concepts import CONCEPT_TYPES, Concept, ConceptSet, as_concepts
 from .errors import UserError
 from .methods import REGISTRY, esd, fade, get, trace
 from .models import meta
@@ -332,6 +333,7 @@ class Plan:
     suggestions: list[tuple[str, int]] = field(default_factory=list)  # (option, peak bytes with it)
     # when it does not fit: the same run with erase's memory options added (the same result), if that fits
     fitted: Plan | None = None
+    concept_type: str = "object"
 
     @property
     def peak(self) -> tuple[str, int]:
@@ -348,7 +350,8 @@ class Plan:
 
     def to_json(self) -> dict:
         name, peak = self.peak
-        return {"model": self.model, "method": self.method, "config": self.config, "height": self.height,
+        return {"model": self.model, "method": self.method, "concept_type": self.concept_type,
+                "config": self.config, "height": self.height,
                 "width": self.width, "dtype": self.dtype, "gpus": self.gpus, "gpu_mem_gb": self.gpu_mem,
                 "gradient_checkpointing": self.gradient_checkpointing, "micro_batch": self.micro_batch,
                 "unit": "bytes (GB = 1e9 bytes)",
@@ -380,6 +383,7 @@ class Plan:
 
         batch = self.config.get("batch_size") if self.height else None  # no image, no training step
         head = (f"{self.method} on {self.model}" + (f" at {self.height}x{self.width} px" if self.height else "")
+                + f", concept type {self.concept_type}"
                 + (f", {batch} prompt{'s' if batch > 1 else ''} a step" if batch else "") + f", {self.dtype}, {self.gpus} GPU"
                 + ("s" if self.gpus > 1 else "") + f" of {self.gpu_mem:g} GB"
                 + (f", DeepSpeed ZeRO-{self.config['zero']}" if self.config.get("zero") else "")
@@ -418,8 +422,8 @@ class _Planner:
     """One model at one dtype and resolution: the method models, sharing measured calls."""
 
     def __init__(self, model: str, described: meta.MetaModel, dtype: str, resolution: int | tuple[int, int] | None,
-                 checkpointing: bool = False, micro_batch: int | None = None):
-        self.model, self.described, self.dtype = model, described, dtype
+                 checkpointing: bool = False, micro_batch: int | None = None, concept_type: str = "object"):
+        self.model, self.described, self.dtype, self.concept_type = model, described, dtype, concept_type
         self.checkpointing, self.micro_batch = checkpointing, micro_batch
         self.torch_dtype = DTYPES[dtype]
         self.resolution = resolution
@@ -428,11 +432,17 @@ class _Planner:
         self.entries = [p.numel() for p in self.den.network.parameters() if p.is_floating_point()]
         self._meters: dict[tuple, Meter] = {}
         self.progress: tqdm | None = None  # plan()'s bar, counting the plans made
+        if concept_type not in CONCEPT_TYPES:
+            raise UserError(f"unknown concept type {concept_type!r}; valid: {', '.join(CONCEPT_TYPES)}")
         if components.is_toy_source(model):  # the toy world's defaults, as erase resolves them
-            cs = as_concepts("circle", default=toy_concepts.concept)
+            name = {"object": "circle", "style": "red"}.get(concept_type)
+            if name is None:
+                raise UserError(f"the toy world's concepts are objects (its shapes) and styles (its colours), not "
+                                f"{concept_type!r}")
+            cs = as_concepts(name, default=toy_concepts.concept)
             self.concepts = as_concepts(list(cs.concepts), toy_concepts.preserve_for(cs.names))
         else:
-            self.concepts = ConceptSet((Concept("concept"),))
+            self.concepts = ConceptSet((Concept("concept", type=concept_type),))
 
     def _denoiser(self):
         r = self.resolution
@@ -809,13 +819,14 @@ SHRINK = {"esd": {"batch_size": 1}, "ant": {"batch_size": 1}, "trace": {"batch_s
 def plan(model: str, method: str, options: dict | None = None, *, resolution: int | tuple[int, int] | None = None,
          batch_size: int | None = None, gpus: int = 1, gpu_mem: float = 80.0, dtype: str | None = None,
          salient_share: float | None = None, gradient_checkpointing: bool = False,
-         micro_batch: int | None = None, progress: bool = False) -> Plan:
+         micro_batch: int | None = None, concept_type: str = "object", progress: bool = False) -> Plan:
     """The Plan of `method` on `model` (a toy name, sd15, flux-dev, or a local diffusers folder) with the
     method's `options` (validated as erase validates them), at `resolution` px (an int: square, or (height, width); default: the model's
     own size), `batch_size` prompts a step (the method's batch_size), in `dtype` (default: what erase loads
     the model in, a folder's stored dtype, the toy pipelines' fp32; bf16 for sd15 and flux-dev, configs
     without weights) on `gpus` GPUs of `gpu_mem` GB each, with erase's `gradient_checkpointing` and `micro_batch`; `salient_share` (ANT only): the share of entries its
-    saliency map keeps (default ANT_SHARE).
+    saliency map keeps (default ANT_SHARE); `concept_type`: the planned concept's (object, style, celebrity,
+    nudity; in the toy world object or style), which picks its templates and the methods' per-type defaults.
     When it does not fit, `fitted` is the same run with erase's memory options added (micro-batch, gradient
     checkpointing: the same result in less memory) when that fits, and `suggestions` holds each change of the
     method's own options (or the dtype) that alone would make it fit, with its peak. progress: a bar on stderr
@@ -857,13 +868,14 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
     cfg = api._options(m, options)
     if salient_share is not None and not cfg.saliency:
         raise UserError("--salient-share sizes ANT's saliency map, and saliency=false trains every entry without one")
-    described = meta.describe(model)
+    described = meta.describe(model, DTYPES.get(dtype))
     if dtype is None:
         dtype = "bf16" if described.dtype is None else next(k for k, v in DTYPES.items() if v == described.dtype)
     if resolution is not None:
-        described.denoiser(torch.float32).set_resolution(resolution)  # erase's own rule and error
-        resolution = resolution if isinstance(resolution, int) else tuple(resolution)
-    p = _Planner(model, described, dtype, resolution, gradient_checkpointing, micro_batch)
+        den = described.denoiser(torch.float32)
+        den.set_resolution(resolution)  # erase's own rule and error
+        resolution = (den.height, den.width)
+    p = _Planner(model, described, dtype, resolution, gradient_checkpointing, micro_batch, concept_type)
     api._check_idle(m, cfg, api._given(options, None, resolution, gradient_checkpointing, micro_batch), p.den,
                     p.concepts)
     with tqdm(desc=f"planning {method} on {model}", unit=" plans", disable=not progress, leave=False) as bar:
@@ -884,7 +896,7 @@ def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float
     images = api.runs_images(get(method), cfg, p.den, p.concepts)
     size = (p.den.height, p.den.width) if images else (None, None)
     return Plan(p.model, method, dataclasses.asdict(cfg), *size, p.dtype, gpus, gpu_mem,
-                p.checkpointing, p.micro_batch, columns, notes)
+                p.checkpointing, p.micro_batch, columns, notes, concept_type=p.concept_type)
 
 
 @contextlib.contextmanager
@@ -931,7 +943,7 @@ def _suggest(p: _Planner, m, options: dict, result: Plan, share: float) -> list[
     out = _shrunk(p, m, options, result, share, "")
     cfg = api._options(m, options)
     if result.dtype == "fp32":
-        bf16 = _Planner(p.model, p.described, "bf16", p.resolution, p.checkpointing, p.micro_batch)
+        bf16 = _Planner(p.model, p.described, "bf16", p.resolution, p.checkpointing, p.micro_batch, p.concept_type)
         bf16.progress = p.progress
         peak = _plan(bf16, m.name, cfg, result.gpus, result.gpu_mem, share).peak[1]
         if peak <= limit:

@@ -65,8 +65,8 @@ def one_line_error(code, err, *needles):
     (["eval", "--edit", "no/such/folder"], ["not a fasterase edit"]),
     (["eval", "--model", "toy-sd", "--repeats", "0"], ["repeats", ">= 1"]),
     (["frobnicate"], ["invalid choice"]),
-    (["erase", "--model", "toy-sd", "--concept", "red", "--concept-type", "style", "--method", "esd", "--out", "X"],
-     ["--concept-type", "toy world", "follows from its name"]),
+    (["erase", "--model", "toy-sd", "--concept", "red", "--concept-type", "object", "--method", "esd", "--out", "X"],
+     ["'red' is of type 'style' in the toy world"]),
     (["erase", "--model", "toy-sd", "--concept", "red", "--concept-type", "painting", "--method", "esd", "--out", "X"],
      ["invalid choice", "choose from", "celebrity"]),
     (["erase", "--resolution", "abc"], ["fasterase erase: error: argument --resolution: expected N or HxW"]),
@@ -232,8 +232,9 @@ def test_concept_type_makes_every_concept_of_that_type(capsys, tmp_path, monkeyp
         raise UserError("stopped here")
 
     monkeypatch.setattr(fasterase, "erase", erase)
-    code, _, err = run(capsys, "erase", "--model", str(tmp_path), "--concept", "Van Gogh, Monet", "--concept",
-                       "Picasso", "--concept-type", "style", "--method", "esd", "--out", str(tmp_path / "edit"))
+    code, _, err = run(capsys, "erase", "--model", str(tmp_path / "model"), "--concept", "Van Gogh, Monet",
+                       "--concept", "Picasso", "--concept-type", "style", "--method", "esd", "--out",
+                       str(tmp_path / "edit"))
     assert code == 2 and "stopped here" in err
     assert [(c.name, c.type) for c in seen] == [("Van Gogh", "style"), ("Monet", "style"), ("Picasso", "style")]
     assert seen[0].prompts()[1] == "a painting by Van Gogh"

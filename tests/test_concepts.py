@@ -147,3 +147,13 @@ def test_default_templates_follow_the_type():
     assert "a portrait of Emma Watson" in Concept("Emma Watson", type="celebrity").prompts()
     assert Concept("Van Gogh", type="style", templates=("{} art",)).prompts() == ["Van Gogh art"]
     assert all(t.count("{}") == 1 for ts in TEMPLATES.values() for t in ts)
+
+
+def test_a_concept_given_in_the_toy_world_by_name_and_type_alone_is_the_worlds():
+    assert toy_concepts.completed(Concept("red", type="style")) == toy_concepts.concept("red")
+    assert toy_concepts.completed(Concept("circle")) == toy_concepts.concept("circle")
+    own = Concept("circle", anchor="square")
+    assert toy_concepts.completed(own) is own
+    for given, world in [(Concept("red"), "style"), (Concept("circle", type="style"), "object")]:
+        with pytest.raises(UserError, match=f"is of type '{world}' in the toy world"):
+            toy_concepts.completed(given)

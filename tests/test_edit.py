@@ -7,7 +7,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import fasterase
-from fasterase import models
+from fasterase import api, models
 from fasterase.cli import main
 from fasterase.edit import Edit, applied_edits, fingerprint
 from fasterase.errors import UserError
@@ -121,15 +121,19 @@ def test_overwrite_never_replaces_a_model_or_other_folder(capsys, tmp_path, mode
     other.mkdir()
     (other / "a.txt").write_text("keep me")
     snapshot = {p: files(p) for p in (model_folder, other)}
-    for out, needle in [(model_folder, "model's own folder"), (model_folder.parent, "contains the model's folder"),
+    for out, needle in [(model_folder, "the model's own folder"), (model_folder.parent, "contains the model's folder"),
                         (other, "does not hold a fasterase edit"), (tmp_path / "notes" / "a.txt", "is a file")]:
         code, err = erase_cli(capsys, model_folder, out, "--overwrite")
         assert code == 2 and needle in err, err
     assert {p: files(p) for p in snapshot} == snapshot
     code, err = erase_cli(capsys, model_folder, other)  # --overwrite is not suggested where it would be refused
     assert code == 2 and "exists and holds no fasterase edit" in err and "--overwrite" not in err
-    code, err = erase_cli(capsys, model_folder, model_folder)
-    assert code == 2 and "holds no fasterase edit" in err and "--overwrite" not in err
+    for out in (model_folder, model_folder / "edit", model_folder / "unet" / "edit"):  # nothing is written into it
+        code, err = erase_cli(capsys, model_folder, out)
+        assert code == 2 and "is or lies in the model's own folder" in err and "--overwrite" not in err
+    assert {p: files(p) for p in snapshot} == snapshot
+    with pytest.raises(UserError, match="checkpoint .* is or lies in the model's folder"):
+        api.erase(str(model_folder), "circle", method="esd", checkpoint=str(model_folder / "run.ckpt"))  # unpatched
 
 
 def test_a_damaged_weight_file_is_named(tmp_path, model_folder):

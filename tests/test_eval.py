@@ -1,11 +1,13 @@
 """The evaluation on the shipped toy pipelines: they really know the concepts."""
 import importlib
 import json
+import shutil
 
 import pytest
 from PIL import Image
 
-from fasterase import models
+import fasterase
+from fasterase import Concept, models
 from fasterase.cli import main
 from fasterase.errors import UserError
 from fasterase.eval import evaluate, format_table
@@ -91,7 +93,7 @@ def test_erased_concepts_are_scored_by_the_shapes_or_colours_they_name(monkeypat
     assert evaluate_module.erased_concepts(["red", "blue"]) == ["red", "blue"]
     with pytest.raises(UserError, match=r"\['circle', 'red'\] mix shapes and colours"):  # commas split, a string is one
         evaluate(model, erased="circle, red")
-    with pytest.raises(UserError, match="'small'.* name no toy shape or colour.*circle.*disk.*red"):
+    with pytest.raises(UserError, match="'small'.* name no toy shape or colour.*circle.*red"):
         evaluate(model, erased=["small"])
     with pytest.raises(UserError, match="mix shapes and colours"):
         evaluate(model, erased=["red", "circle"])
@@ -136,16 +138,30 @@ def test_cli_eval_outside_the_toy_world(capsys, tmp_path, monkeypatch):
         return real(self, prompts, seed, batch_size)
 
     monkeypatch.setattr(models.Denoiser, "generate", generate)
-    assert main(["eval", "--model", str(folder), "--grid", str(tmp_path / "g.png")]) == 0
-    assert "112 sample images" in capsys.readouterr().out and batches == [256]
-    # two rows per shape or synonym, at the UNet's own default size (sample_size x VAE factor: 32x32)
-    assert Image.open(tmp_path / "g.png").size == (8 * 34 * 4, 14 * 34 * 4)
-    for argv in ([], ["--erased", "circle", "--grid", str(tmp_path / "h.png")], ["--json"],
-                 ["--grid", str(tmp_path / "h.png"), "--repeats", "4"]):
+    prompts = ["--prompt", "a red circle", "--prompt", "a green triangle", "--prompt", "a blue square"]
+    assert main(["eval", "--model", str(folder), "--grid", str(tmp_path / "g.png"), *prompts]) == 0
+    assert "3 sample images" in capsys.readouterr().out and batches == [256]
+    # one row of the three, at the UNet's own default size (sample_size x VAE factor: 32x32)
+    assert Image.open(tmp_path / "g.png").size == (3 * 34 * 4, 1 * 34 * 4)
+    for argv, needle in [([], "toy world"), (["--erased", "circle", "--grid", str(tmp_path / "h.png")], "toy world"),
+                         (["--json"], "toy world"), (["--grid", str(tmp_path / "h.png"), "--repeats", "4"], "toy world"),
+                         (["--grid", str(tmp_path / "h.png")], "draws the prompts given with --prompt")]:
         assert main(["eval", "--model", str(folder), *argv]) == 2
         err = capsys.readouterr().err
-        assert "toy world" in err and "Traceback" not in err
+        assert needle in err and "Traceback" not in err
+    assert main(["eval", "--model", "toy-sd", "--grid", str(tmp_path / "h.png"), *prompts]) == 2
+    assert "toy world's grid shows the prompts it scores" in capsys.readouterr().err
     assert batches == [256] and not (tmp_path / "h.png").exists()
+    # an edit's grid: its concept in its templates (one row), where no --prompt is given
+    result = fasterase.erase(str(folder), Concept("circle", templates=("a {}", "a red {}")), method="uce",
+                             progress=False)
+    result.edit.save(tmp_path / "edit")
+    assert main(["eval", "--edit", str(tmp_path / "edit"), "--grid", str(tmp_path / "e.png"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prompts"] == ["a circle", "a red circle"] and Image.open(tmp_path / "e.png").size == (2 * 34 * 4, 34 * 4)
+    shutil.move(folder, tmp_path / "moved")
+    assert main(["eval", "--edit", str(tmp_path / "edit"), "--grid", str(tmp_path / "e.png")]) == 2
+    assert "no model folder now; pass --model" in capsys.readouterr().err
 
 
 def test_grid_paths_are_checked_before_any_sampling(capsys, tmp_path, monkeypatch):

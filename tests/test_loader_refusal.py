@@ -4,6 +4,7 @@ import re
 import shutil
 
 import pytest
+import torch
 from diffusers import (
     DiffusionPipeline,
     FlowMatchEulerDiscreteScheduler,
@@ -127,6 +128,7 @@ def test_supported_tiny_pipelines_load():
     (lambda d: [f.unlink() for f in (d / "text_encoder").glob("*.safetensors")], "no weights for its text_encoder"),
     (lambda d: shutil.rmtree(d / "tokenizer"), r"declares a tokenizer \(\w+\) but has no tokenizer/ "
                                                r"folder"),
+    (lambda d: [f.unlink() for f in (d / "tokenizer").iterdir()], "no tokenizer/ folder or an empty one"),
 ])
 def test_a_broken_folder_is_refused_by_what_is_broken(breakage, needle, tmp_path, monkeypatch):
     sd().save_pretrained(tmp_path)
@@ -149,3 +151,26 @@ def test_a_path_that_is_no_model_folder_says_what_it_is(tmp_path):
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(UserError, match=re.escape("nor one of sd15, flux-dev, nor a local diffusers folder (a file, not")):
         models.meta.describe(str(tmp_path / "notes.txt"))
+
+
+def test_a_sharded_checkpoint_missing_a_shard_is_refused_before_loading(tmp_path, monkeypatch):
+    sd().save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted((tmp_path / "unet").glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    shards[1].unlink()
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(UserError, match=f"unet's diffusion_pytorch_model.safetensors.index.json names shards that "
+                                        f"are not there: {shards[1].name}"):
+        models.load(tmp_path)
+
+
+def test_pickled_weights_are_read_for_their_dtype_or_named_as_damaged(tmp_path):
+    sd().save_pretrained(tmp_path, safe_serialization=False)
+    unet = tmp_path / "unet" / "diffusion_pytorch_model.bin"
+    state = torch.load(unet, weights_only=True)
+    assert models.folder_dtype(tmp_path, "unet") == torch.float32
+    torch.save({k: v.half() for k, v in state.items()}, unet, _use_new_zipfile_serialization=False)  # legacy format
+    assert models.folder_dtype(tmp_path, "unet") == torch.float16
+    unet.write_bytes(unet.read_bytes()[:100])
+    with pytest.raises(UserError, match="diffusion_pytorch_model.bin is not a readable torch checkpoint"):
+        models.folder_dtype(tmp_path, "unet")

@@ -30,7 +30,7 @@ def test_deterministic():
     assert not torch.equal(w1, w3)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, capsys):
     w_full, o = make()
     loop.train(loss_fn(w_full), [w_full], o, 25, seed=1, progress=False)
 
@@ -46,6 +46,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         loop.train(interrupted, [w], o, 25, seed=1, checkpoint=ckpt, checkpoint_every=5, progress=False)
     assert torch.load(ckpt, weights_only=False)["step"] == 13
+    assert f"interrupted after step 13 of 25: saved to {ckpt}; the same call again resumes" in capsys.readouterr().err
     w2, o2 = make()  # a new process: fresh values, resumed from the checkpoint
     loop.train(loss_fn(w2), [w2], o2, 25, seed=1, checkpoint=ckpt, checkpoint_every=5, progress=False)
     assert torch.equal(w2, w_full)

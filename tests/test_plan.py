@@ -76,7 +76,7 @@ def test_flux_dev_ant_breakdown(flux_ant):
     assert (report["height"], report["width"], report["config"]["batch_size"]) == (512, 512, 4)
     assert not flux_ant.fits
     table = flux_ant.table()
-    assert table.startswith("ant on flux-dev at 512x512 px, 4 prompts a step, bf16, 1 GPU of 80 GB")
+    assert table.startswith("ant on flux-dev at 512x512 px, concept type object, 4 prompts a step, bf16, 1 GPU of 80 GB")
     for part in list(saliency) + list(step) + ["total", "with --gradient-checkpointing"]:
         assert f"\n{part} " in table
     peak = report["peak"]["bytes"]
@@ -84,6 +84,17 @@ def test_flux_dev_ant_breakdown(flux_ant):
            in table
     # the "with --gradient-checkpointing" row fits (that it is the checkpointed plan's peak: toy-sd, below)
     assert max(flux_ant.checkpointed_total(c) or flux_ant.columns[c].total for c in columns) <= 80e9
+
+
+def test_concept_type_plans_the_methods_per_type_choices():
+    """ESD trains esd-x for a style (the cross-attention projections alone): fewer trainable entries."""
+    style = planner.plan("sd15", "esd", resolution=64, concept_type="style")
+    plain = planner.plan("sd15", "esd", resolution=64)
+    assert style.concept_type == "style" and "concept type style" in style.table().splitlines()[0]
+    assert style.columns["step"].lines["trainable state"] < plain.columns["step"].lines["trainable state"]
+    assert planner.plan("toy-sd", "esd", concept_type="style").to_json()["concept_type"] == "style"
+    with pytest.raises(UserError, match="toy world's concepts are objects .* not 'nudity'"):
+        planner.plan("toy-sd", "esd", concept_type="nudity")
 
 
 def test_flux_dev_uce_fits():
@@ -103,7 +114,7 @@ def test_cli_plan_table_and_json(capsys):
     assert set(report["columns"]) == {"encoding", "step"} and report["method"] == "esd"
     code, out, err = run(capsys, "plan", "--model", "toy-sd", "--method", "esd", "--batch-size", "2")
     assert code == 0
-    assert out.startswith("esd on toy-sd at 32x48 px, 2 prompts a step, fp32, 1 GPU of 80 GB")
+    assert out.startswith("esd on toy-sd at 32x48 px, concept type object, 2 prompts a step, fp32, 1 GPU of 80 GB")
     assert "fits in 80 GB" in out
 
 
@@ -351,6 +362,12 @@ def test_a_folder_plans_like_its_name(tmp_path):
     assert stored["dtype"] == "bf16"
     assert stored["columns"] == planner.plan("toy-sd", "fade", resolution=64, dtype="bf16").to_json()["columns"]
     assert planner.plan("sd15", "esd", resolution=64).to_json()["dtype"] == "bf16"  # configs: no stored dtype
+    for weights in (tmp_path / "toy-bf16" / "unet").glob("*.safetensors"):  # configs alone plan with a --dtype
+        weights.unlink()
+    with pytest.raises(UserError, match="has no weights for its unet"):
+        planner.plan(str(tmp_path / "toy-bf16"), "fade", resolution=64)
+    assert planner.plan(str(tmp_path / "toy-bf16"), "fade", resolution=64, dtype="bf16").to_json()["columns"] == \
+        stored["columns"]
 
 
 @pytest.mark.parametrize("model", ["toy-sd", "toy-flux"])

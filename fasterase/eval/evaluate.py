@@ -116,13 +116,23 @@ def evaluate(model, erased=(), seed: int = 0, repeats: int = 2, grid: str | None
     return report
 
 
-def sample_grid(model: Denoiser, path, seed: int = 0) -> dict:
-    """Every single-object prompt of the method templates (and synonyms) once, as a PNG grid (two
-    rows per shape or synonym), for a model of any world: no scores. Batches shrink with the image size."""
+def grid_prompts(concepts: list[dict], preserve: list[str]) -> list[str]:
+    """What an edit's grid draws outside the toy world: each erased concept in its templates, then the
+    preserved ones in the first concept's (concepts: Edit.concepts, preserve: the names kept)."""
+    erased = tuple(Concept(**c) for c in concepts)
+    return [p for c in erased for p in c.prompts()] + [p for name in preserve
+                                                       for p in Concept(name, templates=erased[0].templates).prompts()]
+
+
+def sample_grid(model: Denoiser, path, prompts: list[str], seed: int = 0, columns: int = COLUMNS) -> dict:
+    """`prompts` drawn once each with fixed seeds, as a PNG grid of `columns`, for a model of any world:
+    no scores. Batches shrink with the image size."""
     check_grid_path(path)  # before any image is drawn
-    prompts = [p for p, _, kind in _items() if kind in ("plain", "synonym")]
-    save_grid(model.generate(prompts, seed=seed, batch_size=_batch_size(model)), path, columns=COLUMNS)
-    return {"model": model.name or model.kind, "images": len(prompts), "seed": seed, "grid": str(path)}
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise UserError(f"a sample grid needs prompts, each a non-empty text; got {prompts!r}")
+    save_grid(model.generate(list(prompts), seed=seed, batch_size=_batch_size(model)), path, columns=columns)
+    return {"model": model.name or model.kind, "images": len(prompts), "seed": seed, "grid": str(path),
+            "prompts": list(prompts)}
 
 
 def format_table(report: dict) -> str:

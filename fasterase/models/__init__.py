@@ -7,9 +7,8 @@ from the pipeline's class and configs, before any weights load. Names are regist
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
+import pickle
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,14 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..notices import dropped
 from .base import Cond, Denoiser, KVProjection
 from .flux import FluxDenoiser
 from .unet import UNetDenoiser
 
 __all__ = ["Cond", "Denoiser", "KVProjection", "FluxDenoiser", "UNetDenoiser", "load", "register", "BUILTINS",
-           "DTYPES", "resolve_device", "resolve_dtype", "not_a_model", "casting"]
+           "DTYPES", "resolve_device", "resolve_dtype", "not_a_model", "casting",
+           "warn_if_fp16_on_cpu"]
 
 # pipeline class -> (its network's component name, the network class it must be, the adapter)
 ADAPTERS = {"StableDiffusionPipeline": ("unet", "UNet2DConditionModel", UNetDenoiser),
@@ -147,13 +148,21 @@ def _check_weights(path: Path, parts: dict[str, tuple[str, dict]]) -> None:
         if cls is None:
             continue
         folder = path / name
-        if not folder.is_dir():
-            raise UserError(f"model folder {path} declares a {name} ({cls}) but has no {name}/ folder; a diffusers "
-                            f"folder saves one for each component")
+        if not folder.is_dir() or not any(folder.iterdir()):
+            raise UserError(f"model folder {path} declares a {name} ({cls}) but has no {name}/ folder or an empty "
+                            f"one; a diffusers folder saves one for each component, with its files")
+        files = {f.name for f in folder.iterdir()}
         if (folder / "config.json").is_file() and not any(
-                f.suffix in (".safetensors", ".bin") and f.name.count(".") == 1 for f in folder.iterdir()):
+                f.endswith((".safetensors", ".bin")) and f.count(".") == 1 for f in files):
             raise UserError(f"model folder {path} has no weights for its {name} ({cls}): {folder} holds no "
                             f".safetensors or .bin file (variants such as .fp16. are not loaded)")
+        for index in (f for f in files if f.endswith((".safetensors.index.json", ".bin.index.json"))
+                      and f.count(".") == 3):  # a sharded checkpoint's map of shards
+            shards = _read_json(folder / index).get("weight_map", {}).values()
+            missing = sorted({s for s in shards if not (folder / s).is_file()})
+            if missing:
+                raise UserError(f"model folder {path}: the {name}'s {index} names shards that are not there: "
+                                f"{', '.join(missing)}")
 
 
 def _wrap(pipeline, owner: Builtin | None = None) -> Denoiser:
@@ -222,28 +231,32 @@ def folder_dtype(path: Path, network: str) -> torch.dtype:
                         return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
         except SafetensorError as exc:
             raise UserError(f"{file} is not a readable safetensors file ({exc}); the model folder is damaged") from None
-    for file in sorted(f for f in (path / network).glob("*.bin") if f.name.count(".") == 1):  # a pickled checkpoint: mapped, not read whole
-        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        return next(v.dtype for v in state.values() if v.is_floating_point())
+    for file in sorted(f for f in (path / network).glob("*.bin") if f.name.count(".") == 1):
+        return _bin_dtype(file)
     raise UserError(f"model folder {path} has no weights for its {network} ({path / network} holds no "
                     f".safetensors or .bin file)")
 
 
-def _no_empty_fp32_list(record: logging.LogRecord) -> bool:
-    return "should be kept in float32: []" not in record.getMessage()
+def _bin_dtype(file: Path) -> torch.dtype:
+    """The dtype of a pickled checkpoint's first floating tensor: memory-mapped, not read whole, where its
+    format allows (torch.save's zip format; the legacy one is read whole)."""
+    for mmap in (True, False):
+        try:
+            state = torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
+            return next(v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+        except RuntimeError as exc:
+            if mmap and "_use_new_zipfile_serialization" in str(exc):  # the legacy format cannot be mapped
+                continue
+            raise UserError(f"{file} is not a readable torch checkpoint ({exc}); the model folder is damaged") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, StopIteration, ValueError) as exc:
+            raise UserError(f"{file} is not a readable torch checkpoint ({type(exc).__name__}: {exc}); the model "
+                            "folder is damaged") from None
 
 
-@contextlib.contextmanager
 def casting():
-    """Within the block, diffusers' (0.42) warning that a cast model has modules to keep in fp32 is
-    dropped when it lists none: it comes with every cast; one naming modules, and diffusers' other
-    notices, still show."""
-    modeling = logging.getLogger("diffusers.models.modeling_utils")
-    modeling.addFilter(_no_empty_fp32_list)
-    try:
-        yield
-    finally:
-        modeling.removeFilter(_no_empty_fp32_list)
+    """A block in which diffusers' (0.42) warning that a cast model has modules to keep in fp32 is
+    dropped when it lists none: it comes with every cast; one naming modules still shows."""
+    return dropped("diffusers.models.modeling_utils", "should be kept in float32: []")
 
 
 def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser:
@@ -275,10 +288,15 @@ def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module) and module is not denoiser.network:
                 module.to(dev)
-    if (dev or denoiser.network.device).type == "cpu" and denoiser.network.dtype == torch.float16:
-        warnings.warn("the model runs in fp16 on the CPU, where torch's fp16 matrix products are hundreds of times "
-                      "slower than bf16's (bench/RESULTS.md); on the CPU choose bf16 or fp32 (--dtype)", stacklevel=2)
     return denoiser
+
+
+def warn_if_fp16_on_cpu(denoiser: Denoiser, device: torch.device) -> None:
+    """A warning when the network is to run in fp16 on the CPU (`device`: where it runs), where torch's
+    fp16 matrix products are hundreds of times slower than bf16's (bench/RESULTS.md)."""
+    if device.type == "cpu" and denoiser.network.dtype == torch.float16:
+        warnings.warn("the model runs in fp16 on the CPU, where torch's fp16 matrix products are hundreds of times "
+                      "slower than bf16's (bench/RESULTS.md); on the CPU, choose bf16 or fp32", stacklevel=2)
 
 
 def _load(model, dtype: torch.dtype | None) -> Denoiser:

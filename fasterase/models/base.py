@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -77,14 +78,14 @@ class Denoiser(ABC):
     def set_resolution(self, resolution) -> None:
         """set_size from a user's `resolution`: an int (square) or (height, width), in px, positive
         multiples of size_multiple (UserError otherwise)."""
-        size = ((resolution, resolution) if isinstance(resolution, int)
+        whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731  numpy's too
+        size = ((resolution, resolution) if whole(resolution)
                 else tuple(resolution) if isinstance(resolution, (tuple, list)) else ())
         m = self.size_multiple
-        if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % m == 0
-                                     for v in size):
+        if len(size) != 2 or not all(whole(v) and v > 0 and v % m == 0 for v in size):
             raise UserError(f"resolution {resolution!r} is not valid for this model: give an int or (height, width) "
                             f"in px, positive multiples of {m}")
-        self.set_size(*size)
+        self.set_size(*map(int, size))
 
     def set_size(self, height: int, width: int) -> None:
         """The image size (px) of training noise, rollouts and generate(): the model's default, or

@@ -109,10 +109,11 @@ class _Parts:
         return embeds, torch.empty(n, cfg.pooled_projection_dim, device="meta"), None
 
 
-def describe(model: str) -> MetaModel:
+def describe(model: str, dtype: torch.dtype | None = None) -> MetaModel:
     """The MetaModel of a registered name, a real model's name (real_configs.NAMES) or a local diffusers
-    folder (its weight files' headers read for their dtype, no weights loaded); anything else, a pipeline
-    no adapter handles, or a folder without its network's weights is a UserError."""
+    folder (without `dtype`, its weight files' headers are read for theirs, no weights loaded); anything
+    else, a pipeline no adapter handles, or a folder without its network's weights when no dtype is given
+    is a UserError."""
     if model in BUILTINS:
         return _builtin(model)
     path = real_configs.folder(model) if model in real_configs.NAMES else Path(model).expanduser()
@@ -132,7 +133,8 @@ def describe(model: str) -> MetaModel:
         tokens = min(FLUX_TOKENS, length)
     net_cls, net_config = parts[network_name]
     sched_cls, sched_config = parts["scheduler"]
-    dtype = None if model in real_configs.NAMES else folder_dtype(path, network_name)
+    if dtype is None and model not in real_configs.NAMES:
+        dtype = folder_dtype(path, network_name)
     return MetaModel(cls, getattr(diffusers, net_cls), net_config,
                      getattr(diffusers, sched_cls).from_config(sched_config), parts["vae"][1], tokens, others, None,
                      dtype)

@@ -36,6 +36,18 @@ def concept(name: str) -> Concept:
                    pair_templates=tuple(t.format(first="{}", second="{}") for t in PAIR_TEMPLATES))
 
 
+def completed(given: Concept) -> Concept:
+    """A Concept given in the toy world (its name checked by check_erasable): one with a name and type
+    alone is the world's concept of that name, so Concept("red", type="style") is prompted as "red" is;
+    one with any other field set is taken as given. UserError when its type is not the world's for the
+    name (a shape is an object, a colour a style)."""
+    world = concept(given.name)
+    if given.type != world.type:
+        raise UserError(f"concept {given.name!r} is of type {world.type!r} in the toy world (a shape is an object, "
+                        f"a colour a style), not {given.type!r}")
+    return world if given == Concept(given.name, type=given.type) else given
+
+
 def shapes_named(name: str) -> list[str]:
     """The toy shapes a concept name names, by shape word or synonym: "red circle" and "disk" name
     the circle, "red" none. What eval scores an erased shape concept by."""
@@ -75,8 +87,7 @@ def check_erasable(names: list[str]) -> None:
     bad = [n for n in names if kind_of(n) is None]
     if bad:
         raise UserError(f"concept(s) {bad} name no toy shape or colour; the toy world erases a shape "
-                        f"({', '.join(shapes.SHAPES)}, or a synonym: {_synonym_list()}) or a colour "
-                        f"({', '.join(shapes.COLORS)})")
+                        f"({', '.join(shapes.SHAPES)}) or a colour ({', '.join(shapes.COLORS)})")
     if len({kind_of(n) for n in names}) > 1:
         raise UserError(f"concepts {names} mix shapes and colours; erase shapes and colours in separate edits "
                         f"(edits stack: apply one, then erase the other)")

@@ -312,6 +312,9 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
     except KeyboardInterrupt:
         if stepper.world_size == 1:
             save(done)
+            if ckpt:
+                tqdm.write(f"interrupted after step {done} of {steps}: saved to {ckpt}; the same call again resumes "
+                           "from it", file=sys.stderr)
         elif ckpt and stepper.rank == 0:
             last = max(start, done // checkpoint_every * checkpoint_every)  # the periodic saves' last
             kept = f"{ckpt} holds step {last}" if last else "no checkpoint was written yet"
