@@ -31,6 +31,7 @@ from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.l
 from .concepts import ConceptSet, as_concepts
 from .edit import Edit, base_param, check_lora_layers
 from .errors import UserError
+from .files import check_outside
 from .models import meta
 from .training import engine, loop
 
@@ -171,12 +172,6 @@ def _check_idle(method: registry.Method, cfg, given: set[str], model: models.Den
                         f"what was set: {'; '.join(idle)}")
 
 
-def runs_images(method: registry.Method, cfg, model: models.Denoiser, concepts: ConceptSet) -> bool:
-    """Whether the run puts images through the network, so that a resolution acts on it (UCE and TRACE
-    with finetune=False read only the encoded prompts)."""
-    return not any(why.startswith("resolution:") for why in method.idle_options(cfg, {"resolution"}, model, concepts))
-
-
 @torch.no_grad()
 def _changes_nothing(edit: Edit, net: torch.nn.Module) -> bool:
     """True when applying `edit` would leave every weight as it is: whole weights equal to the
@@ -259,10 +254,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     cfg = _options(m, options)
     fresh = isinstance(model, (str, Path))
     if getattr(cfg, "checkpoint", None) is not None:
-        folder, ckpt = Path(model).expanduser().resolve() if fresh else None, Path(cfg.checkpoint).expanduser().resolve()
-        if folder and folder.is_dir() and (folder == ckpt or folder in ckpt.parents):
-            raise UserError(f"checkpoint {cfg.checkpoint} is or lies in the model's folder {folder}, which fasterase "
-                            "never writes to; keep it elsewhere")
+        check_outside(Path(cfg.checkpoint), models.folder_of(model) if fresh else None, "checkpoint")
         loop.check_checkpoint(cfg.checkpoint)  # a bad path, or a file that is not a checkpoint, before any work
     if device is not None:
         models.resolve_device(device)  # before any weights load
@@ -270,9 +262,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     # ZeRO-3 partitions the network onto the device for the run (training.engine.partitioned): it never
     # moves there whole, and goes back where it was at the end
     zero3 = getattr(cfg, "zero", 0) == 3
-    if fresh and resolution is not None and (str(model) in models.BUILTINS
-                                             or (Path(model).expanduser() / "model_index.json").is_file()):
-        # from the folder's configs: a bad size before any weights load (another name: load's own error)
+    if fresh and resolution is not None and models.folder_of(model):
+        # from the folder's configs: a bad size before any weights load (a registered name is built once, then checked)
         meta.describe(str(model)).denoiser(torch.float32).set_resolution(resolution)
     if fresh:  # a name or folder loads afresh (a copy already), in its dtype
         den = models.load(model, device, dtype, keep_network=zero3)
@@ -292,7 +283,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     # cast and moved once the run is checked: a refused one leaves it as it was
     models.load(den, device, dtype, keep_network=zero3)
     where = models.resolve_device(device) if device is not None or fresh else den.network.device
-    models.warn_if_fp16_on_cpu(den, where)
+    models.warn_if_fp16_on_cpu(den, where, "choose bf16 or fp32 (dtype=, --dtype)")
     start = time.perf_counter()
     if where.type == "cuda":
         torch.cuda.reset_peak_memory_stats(where)
@@ -316,7 +307,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
               "wall_time_s": time.perf_counter() - start, **_peak_memory_mb(where),
               "device": str(where), "dtype": str(den.network.dtype).removeprefix("torch."),
               "gradient_checkpointing": gradient_checkpointing, "micro_batch": micro_batch,
-              "resolution": [den.height, den.width] if runs_images(m, cfg, den, cs) else None,
+              "resolution": [den.height, den.width] if m.runs_images(cfg) else None,
               **edit.report}
     edit.report = report
     return EraseResult(den.pipeline, den, edit, report)
@@ -339,6 +330,6 @@ def load(model, path, device=None, dtype=None) -> object:
             check_lora_layers(den.network, adds_lora=bool(edit.lora))
             edit.check_fits(den, cast)
         models.load(den, device, dtype)
-    models.warn_if_fp16_on_cpu(den, den.network.device)
+    models.warn_if_fp16_on_cpu(den, den.network.device, "choose bf16 or fp32 (dtype=) and an edit made in it")
     edit.apply(den)
     return den.pipeline

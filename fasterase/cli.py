@@ -32,6 +32,17 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(self.prog, message)
 
 
+class SubcommandParser(Parser):
+    """A subcommand's parser: arguments it does not know are its error, named by it (argparse hands them
+    to the top-level parser)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return namespace, extra
+
+
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
@@ -133,7 +144,8 @@ def cmd_eval(args) -> int:
     from .concepts import Concept, split_names
     from .edit import Edit
     from .eval import check_grid_path, evaluate, format_table, sample_grid
-    from .eval.evaluate import grid_prompts, outside_toy
+    from .eval.evaluate import COLUMNS, grid_prompts, outside_toy
+    from .files import check_outside
     from .toy import components
     from .toy.concepts import colors_named, shapes_named
 
@@ -142,6 +154,8 @@ def cmd_eval(args) -> int:
     erased = [n for text in args.erased or () for n in split_names(text)]
     if args.grid is not None:
         check_grid_path(args.grid)  # before any model loads or image is drawn
+    if args.prompt and not all(p.strip() for p in args.prompt):
+        raise UserError("--prompt: each prompt must be a non-empty text")
     edit = Edit.load(args.edit) if args.edit else None
     name = args.model or edit.report.get("model")
     if not name or name in models.ADAPTERS:  # edits of a pipeline object record only its class
@@ -151,6 +165,8 @@ def cmd_eval(args) -> int:
             raise UserError(f"this edit was made on {name}, which is no model folder now; pass --model with the "
                             "folder where that model is")
         models.load(name)  # no such model: the loader's own error, before blaming the toy world
+    if args.grid is not None:
+        check_outside(Path(args.grid), models.folder_of(name), "--grid")
     prompts = args.prompt
     if not components.is_toy_source(name):  # from its name or configs: refused before any weights load
         if erased or not args.grid:
@@ -167,7 +183,9 @@ def cmd_eval(args) -> int:
                         "prompts it scores")
     # in the dtype the edit was made in, whose base values its fingerprint holds
     model = models.load(name, dtype=edit.report.get("dtype") if edit else None)
-    models.warn_if_fp16_on_cpu(model, model.network.device)
+    models.warn_if_fp16_on_cpu(model, model.network.device, "an edit made in fp16 is evaluated in it: make it in "
+                               "bf16 or fp32 (erase --dtype) to evaluate it on the CPU" if edit else
+                               "save the model in bf16 or fp32 to evaluate it on the CPU")
     toy = components.is_toy(model.pipeline)
     if edit:
         edit.apply(model)
@@ -177,7 +195,7 @@ def cmd_eval(args) -> int:
         repeats = 2 if args.repeats is None else args.repeats
         report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid)
     else:
-        columns = len(Concept(**edit.concepts[0]).templates) if edit and not args.prompt else min(8, len(prompts))
+        columns = len(Concept(**edit.concepts[0]).templates) if edit and not args.prompt else min(COLUMNS, len(prompts))
         report = sample_grid(model, args.grid, prompts, seed=args.seed, columns=columns)
     if edit:
         report["edit"] = str(args.edit)
@@ -186,8 +204,8 @@ def cmd_eval(args) -> int:
     elif "concepts" in report:
         print(format_table(report))
     else:
-        print(f"{report['images']} sample images of {report['model']} (no scores outside the toy world): "
-              f"{report['grid']}")
+        print(f"{report['images']} sample image{'s' if report['images'] > 1 else ''} of {report['model']} (no "
+              f"scores outside the toy world): {report['grid']}")
     return 0
 
 
@@ -242,7 +260,7 @@ def parser() -> argparse.ArgumentParser:
     p = Parser(prog="fasterase", description="Concept erasure for diffusion models.")
     # the deepspeed launcher starts `python -m fasterase --local_rank=N erase ...`
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
 
     d = sub.add_parser("demo", help="erase 'circle' from the toy pipelines; before/after table and grid")
     d.add_argument("--models", type=_csv, default=["toy-sd", "toy-flux"], help="comma-separated toy models")
@@ -257,7 +275,8 @@ def parser() -> argparse.ArgumentParser:
                    help="concepts to erase; commas separate several (\"circle, square\"), as does repeating the option")
     e.add_argument("--method", required=True, help="see `fasterase methods`")
     e.add_argument("--concept-type", choices=CONCEPT_TYPES,
-                   help="what every --concept is (default object): picks its prompt templates (\"a painting by "
+                   help="what every --concept is (default object; in the toy world the name's own: a shape is an "
+                        "object, a colour a style): picks its prompt templates (\"a painting by "
                         "{}\" for a style) and the method's per-type defaults (ESD trains esd-x for a style or "
                         "celebrity)")
     e.add_argument("--preserve", action="append", help="concepts to keep, named like --concept")
@@ -331,11 +350,12 @@ def parser() -> argparse.ArgumentParser:
 def _one_line_warnings(command: str):
     """Within the block fasterase's own warnings are one line on stderr, named by the command; others
     show as Python shows them."""
+    from .models import SlowRunWarning
+
     shown = warnings.showwarning
-    package = Path(__file__).parent
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if Path(filename).is_relative_to(package):
+        if issubclass(category, SlowRunWarning):
             print(f"{command}: warning: {message}", file=sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)
@@ -350,10 +370,8 @@ def _one_line_warnings(command: str):
 def main(argv: list[str] | None = None) -> int:
     command = "fasterase"
     try:
-        args, extra = parser().parse_known_args(argv)
+        args = parser().parse_args(argv)
         command = f"fasterase {args.command}"
-        if extra:  # named by the subcommand they were given to
-            raise UsageError(command, f"unrecognized arguments: {' '.join(extra)}")
         _quiet_libraries()
         with _one_line_warnings(command):
             return args.run(args)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from . import models
 from .errors import UserError
-from .files import check_writable, set_default_mode
+from .files import check_outside, check_writable, set_default_mode
 from .notices import dropped
 from .models import Denoiser, partitioned
 
@@ -141,13 +141,10 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
     or one that holds a fasterase edit; never the folder of `model` (a path), one inside it or one
     containing it."""
     path = Path(path).expanduser().resolve()
-    if model is not None and Path(model).expanduser().is_dir():
-        folder = Path(model).expanduser().resolve()
-        if folder == path or folder in path.parents:
-            raise UserError(f"{path} is or lies in the model's own folder {folder}, which fasterase never writes to; "
-                            "write the edit elsewhere")
-        if path in folder.parents:
-            raise UserError(f"{path} contains the model's folder {folder}; write the edit elsewhere")
+    folder = models.folder_of(model) if model is not None else None
+    check_outside(path, folder, "edit folder")
+    if folder and path in folder.parents:
+        raise UserError(f"{path} contains the model's folder {folder}; write the edit elsewhere")
     if not path.exists():
         above = next(p for p in path.parents if p.exists())
         if not above.is_dir():

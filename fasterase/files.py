@@ -31,6 +31,17 @@ def check_writable(folder: Path, what: str) -> None:
         os.unlink(tmp)
 
 
+def check_outside(path: Path, model_folder: Path | None, what: str) -> None:
+    """UserError when `path` is, or lies in, the model's folder (None: the model is no local folder): a
+    user's model is never written to."""
+    if model_folder is None:
+        return
+    path = Path(path).expanduser().resolve()
+    if path == model_folder or model_folder in path.parents:
+        raise UserError(f"{what}: {path} is or lies in the model's own folder {model_folder}, which fasterase never "
+                        "writes to; choose a place outside it")
+
+
 def set_default_mode(path: Path) -> None:
     """Give `path` and everything under it the modes a plain open() or mkdir() would have (0666 / 0777
     less the umask), as a file made by tempfile or safetensors (0600) is about to replace a user's file."""

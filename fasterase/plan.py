@@ -893,8 +893,7 @@ def _plan(p: _Planner, method: str, cfg, gpus: int, gpu_mem: float, share: float
     columns = {"encoding": p.encoding(next(iter(columns.values())).lines, gpus, getattr(cfg, "zero", 0)), **columns}
     if p.progress is not None:
         p.progress.update()
-    images = api.runs_images(get(method), cfg, p.den, p.concepts)
-    size = (p.den.height, p.den.width) if images else (None, None)
+    size = (p.den.height, p.den.width) if get(method).runs_images(cfg) else (None, None)
     return Plan(p.model, method, dataclasses.asdict(cfg), *size, p.dtype, gpus, gpu_mem,
                 p.checkpointing, p.micro_batch, columns, notes, concept_type=p.concept_type)
 

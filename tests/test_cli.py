@@ -70,6 +70,8 @@ def one_line_error(code, err, *needles):
     (["erase", "--model", "toy-sd", "--concept", "red", "--concept-type", "painting", "--method", "esd", "--out", "X"],
      ["invalid choice", "choose from", "celebrity"]),
     (["erase", "--resolution", "abc"], ["fasterase erase: error: argument --resolution: expected N or HxW"]),
+    (["methods", "--bogus"], ["fasterase methods: error: unrecognized arguments: --bogus"]),
+    (["--bogus", "methods"], ["fasterase: error: unrecognized arguments: --bogus"]),
     (["eval", "--model", "toy-sd", "--grid", ""], ["must be a .png"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--preserve", "disk", "--method", "uce", "--out", "X"],
      ["'disk'", "erased"]),

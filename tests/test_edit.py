@@ -132,7 +132,7 @@ def test_overwrite_never_replaces_a_model_or_other_folder(capsys, tmp_path, mode
         code, err = erase_cli(capsys, model_folder, out)
         assert code == 2 and "is or lies in the model's own folder" in err and "--overwrite" not in err
     assert {p: files(p) for p in snapshot} == snapshot
-    with pytest.raises(UserError, match="checkpoint .* is or lies in the model's folder"):
+    with pytest.raises(UserError, match="checkpoint: .* is or lies in the model's own folder"):
         api.erase(str(model_folder), "circle", method="esd", checkpoint=str(model_folder / "run.ckpt"))  # unpatched
 
 

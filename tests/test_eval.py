@@ -159,6 +159,9 @@ def test_cli_eval_outside_the_toy_world(capsys, tmp_path, monkeypatch):
     assert main(["eval", "--edit", str(tmp_path / "edit"), "--grid", str(tmp_path / "e.png"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prompts"] == ["a circle", "a red circle"] and Image.open(tmp_path / "e.png").size == (2 * 34 * 4, 34 * 4)
+    assert main(["eval", "--model", str(folder), "--grid", str(folder / "unet" / "g.png"), *prompts]) == 2
+    assert "is or lies in the model's own folder" in capsys.readouterr().err
+    assert not (folder / "unet" / "g.png").exists()
     shutil.move(folder, tmp_path / "moved")
     assert main(["eval", "--edit", str(tmp_path / "edit"), "--grid", str(tmp_path / "e.png")]) == 2
     assert "no model folder now; pass --model" in capsys.readouterr().err

@@ -129,13 +129,17 @@ def test_supported_tiny_pipelines_load():
     (lambda d: shutil.rmtree(d / "tokenizer"), r"declares a tokenizer \(\w+\) but has no tokenizer/ "
                                                r"folder"),
     (lambda d: [f.unlink() for f in (d / "tokenizer").iterdir()], "no tokenizer/ folder or an empty one"),
+    (lambda d: (d / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(
+        (d / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()[:-100]),
+     "vae/diffusion_pytorch_model.safetensors is not a readable safetensors file"),
 ])
 def test_a_broken_folder_is_refused_by_what_is_broken(breakage, needle, tmp_path, monkeypatch):
     sd().save_pretrained(tmp_path)
     breakage(tmp_path)
     monkeypatch.setattr(DiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
-    with pytest.raises(UserError, match=needle):
-        models.load(tmp_path)
+    for dtype in (None, "fp32"):  # a dtype given reads no header for the folder's dtype: checked all the same
+        with pytest.raises(UserError, match=needle):
+            models.load(tmp_path, dtype=dtype)
 
 
 def test_a_path_that_is_no_model_folder_says_what_it_is(tmp_path):
@@ -162,6 +166,9 @@ def test_a_sharded_checkpoint_missing_a_shard_is_refused_before_loading(tmp_path
     with pytest.raises(UserError, match=f"unet's diffusion_pytorch_model.safetensors.index.json names shards that "
                                         f"are not there: {shards[1].name}"):
         models.load(tmp_path)
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    with pytest.raises(UserError, match="the unet's weights are in shards, but the index that maps them"):
+        models.load(tmp_path)
 
 
 def test_pickled_weights_are_read_for_their_dtype_or_named_as_damaged(tmp_path):
@@ -172,5 +179,7 @@ def test_pickled_weights_are_read_for_their_dtype_or_named_as_damaged(tmp_path):
     torch.save({k: v.half() for k, v in state.items()}, unet, _use_new_zipfile_serialization=False)  # legacy format
     assert models.folder_dtype(tmp_path, "unet") == torch.float16
     unet.write_bytes(unet.read_bytes()[:100])
-    with pytest.raises(UserError, match="diffusion_pytorch_model.bin is not a readable torch checkpoint"):
+    with pytest.raises(UserError, match="diffusion_pytorch_model.bin cannot be read as weights alone"):
         models.folder_dtype(tmp_path, "unet")
+    with pytest.raises(UserError, match=f"model folder {tmp_path} could not be loaded: .*diffusion_pytorch_model.bin"):
+        models.load(tmp_path, dtype="fp32")  # read only when loaded: diffusers' error, as one line

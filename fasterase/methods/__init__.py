@@ -1,8 +1,10 @@
-"""The method registry: name -> (one-line summary, config dataclass, run function, idle options).
+"""The method registry: name -> (one-line summary, config dataclass, run function, idle options, runs images).
 
 Each method is `run(model: Denoiser, concepts: ConceptSet, cfg, progress) -> Edit` and leaves the
 model as it found it; the caller applies the Edit. `idle_options(cfg, given, model, concepts)`
 names the options the user set that cannot act on that run (an error, before any work).
+`runs_images(cfg)`: whether the run puts images through the network, so that a resolution acts on it
+(UCE and TRACE with finetune=False read only the encoded prompts).
 """
 from __future__ import annotations
 
@@ -20,13 +22,14 @@ class Method:
     config: type
     run: Callable
     idle_options: Callable
+    runs_images: Callable = lambda cfg: True
 
 
 REGISTRY = {
     m.name: m
     for m in (
         Method("uce", "UCE: closed-form edit of the text key/value projections (no training)", uce.UCEConfig, uce.run,
-               uce.idle_options),
+               uce.idle_options, lambda cfg: False),
         Method("esd", "ESD: LoRA fine-tuning with negative guidance on the model's own trajectory",
                esd.ESDConfig, esd.run, esd.idle_options),
         Method("ant", "ANT: trajectory-aware loss, training only the concept's saliency map; several concepts: "
@@ -35,7 +38,7 @@ REGISTRY = {
                "early-step preservation, salient entries only", fade.FADEConfig, fade.run, fade.idle_options),
         Method("trace", "TRACE: closed-form refinement of the text projections, then one LoRA per concept trained "
                "toward the original's trajectory switched to a neutral prompt at t0", trace.TRACEConfig, trace.run,
-               trace.idle_options),
+               trace.idle_options, lambda cfg: cfg.finetune),
     )
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from .unet import UNetDenoiser
 
 __all__ = ["Cond", "Denoiser", "KVProjection", "FluxDenoiser", "UNetDenoiser", "load", "register", "BUILTINS",
            "DTYPES", "resolve_device", "resolve_dtype", "not_a_model", "casting",
-           "warn_if_fp16_on_cpu"]
+           "warn_if_fp16_on_cpu", "SlowRunWarning", "folder_of"]
 
 # pipeline class -> (its network's component name, the network class it must be, the adapter)
 ADAPTERS = {"StableDiffusionPipeline": ("unet", "UNet2DConditionModel", UNetDenoiser),
@@ -53,6 +54,15 @@ def register(name: str, build: Callable[[], object], sample_kwargs: dict, owns: 
 def _accepted() -> str:
     names = f", or one of {', '.join(BUILTINS)}" if BUILTINS else ""
     return f"supported: {SUPPORTED}, as a pipeline or a local diffusers folder{names}"
+
+
+def folder_of(model) -> Path | None:
+    """The resolved local diffusers folder `model` (a name or path) loads from; None for a registered
+    name, a pipeline, or a path that is no such folder."""
+    if not isinstance(model, (str, Path)) or str(model) in BUILTINS:
+        return None
+    path = Path(model).expanduser().resolve()
+    return path if (path / "model_index.json").is_file() else None
 
 
 def not_a_model(name: str, path: Path, known: str) -> UserError:
@@ -156,13 +166,18 @@ def _check_weights(path: Path, parts: dict[str, tuple[str, dict]]) -> None:
                 f.endswith((".safetensors", ".bin")) and f.count(".") == 1 for f in files):
             raise UserError(f"model folder {path} has no weights for its {name} ({cls}): {folder} holds no "
                             f".safetensors or .bin file (variants such as .fp16. are not loaded)")
-        for index in (f for f in files if f.endswith((".safetensors.index.json", ".bin.index.json"))
-                      and f.count(".") == 3):  # a sharded checkpoint's map of shards
+        indexes = [f for f in files if f.endswith((".safetensors.index.json", ".bin.index.json")) and f.count(".") == 3]
+        for index in indexes:  # a sharded checkpoint's map of shards
             shards = _read_json(folder / index).get("weight_map", {}).values()
             missing = sorted({s for s in shards if not (folder / s).is_file()})
             if missing:
                 raise UserError(f"model folder {path}: the {name}'s {index} names shards that are not there: "
                                 f"{', '.join(missing)}")
+        if not indexes and any(re.search(r"-\d+-of-\d+\.(safetensors|bin)$", f) for f in files):
+            raise UserError(f"model folder {path}: the {name}'s weights are in shards, but the index that maps them "
+                            f"(*.safetensors.index.json) is not in {folder}")
+        for file in sorted(f for f in files if f.endswith(".safetensors") and f.count(".") == 1):
+            _safetensors_header(folder / file)  # the header alone: a damaged file named before loading
 
 
 def _wrap(pipeline, owner: Builtin | None = None) -> Denoiser:
@@ -218,23 +233,28 @@ def resolve_dtype(dtype) -> torch.dtype | None:
 def folder_dtype(path: Path, network: str) -> torch.dtype:
     """The dtype the folder's denoising network is saved in, read from its weight files' headers
     (nothing is loaded): what the folder loads as when no dtype is asked for."""
-    from safetensors import SafetensorError, safe_open
-
     # the files diffusers loads: not variants (".fp16.", ".non_ema.") beside them
     files = sorted(f for f in (path / network).glob("*.safetensors") if f.name.count(".") == 1)
     for file in files:
-        try:
-            with safe_open(str(file), "pt") as f:
-                for key in f.keys():
-                    dtype = f.get_slice(key).get_dtype()
-                    if dtype in ("F32", "BF16", "F16"):
-                        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
-        except SafetensorError as exc:
-            raise UserError(f"{file} is not a readable safetensors file ({exc}); the model folder is damaged") from None
+        for dtype in _safetensors_header(file).values():
+            if dtype in ("F32", "BF16", "F16"):
+                return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[dtype]
     for file in sorted(f for f in (path / network).glob("*.bin") if f.name.count(".") == 1):
         return _bin_dtype(file)
     raise UserError(f"model folder {path} has no weights for its {network} ({path / network} holds no "
                     f".safetensors or .bin file)")
+
+
+def _safetensors_header(file: Path) -> dict[str, str]:
+    """The safetensors file's tensor dtypes by name ("F32", "BF16", ...; its header read, no weights);
+    UserError when it is damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), "pt") as f:
+            return {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{file} is not a readable safetensors file ({exc}); the model folder is damaged") from None
 
 
 def _bin_dtype(file: Path) -> torch.dtype:
@@ -243,14 +263,19 @@ def _bin_dtype(file: Path) -> torch.dtype:
     for mmap in (True, False):
         try:
             state = torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
-            return next(v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+            break
         except RuntimeError as exc:
             if mmap and "_use_new_zipfile_serialization" in str(exc):  # the legacy format cannot be mapped
                 continue
             raise UserError(f"{file} is not a readable torch checkpoint ({exc}); the model folder is damaged") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError, StopIteration, ValueError) as exc:
-            raise UserError(f"{file} is not a readable torch checkpoint ({type(exc).__name__}: {exc}); the model "
-                            "folder is damaged") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
+            raise UserError(f"{file} cannot be read as weights alone ({type(exc).__name__}: {exc}): damaged, or a "
+                            "pickle that would run code, which fasterase does not load") from None
+    floats = [v.dtype for v in (state.values() if isinstance(state, dict) else ()) if torch.is_tensor(v)
+              and v.is_floating_point()]
+    if not floats:
+        raise UserError(f"{file} holds no floating-point weights; the model folder is damaged")
+    return floats[0]
 
 
 def casting():
@@ -291,12 +316,17 @@ def load(model, device=None, dtype=None, keep_network: bool = False) -> Denoiser
     return denoiser
 
 
-def warn_if_fp16_on_cpu(denoiser: Denoiser, device: torch.device) -> None:
-    """A warning when the network is to run in fp16 on the CPU (`device`: where it runs), where torch's
-    fp16 matrix products are hundreds of times slower than bf16's (bench/RESULTS.md)."""
+class SlowRunWarning(UserWarning):
+    """A run set up to be far slower than it need be."""
+
+
+def warn_if_fp16_on_cpu(denoiser: Denoiser, device: torch.device, advice: str) -> None:
+    """A SlowRunWarning, with `advice`, when the network is to run in fp16 on the CPU (`device`: where it
+    runs): torch's fp16 matrix products there are hundreds of times slower than bf16's (bench/RESULTS.md,
+    "fp16 on the CPU"). Attributed to the caller's caller: the user's call of erase or load."""
     if device.type == "cpu" and denoiser.network.dtype == torch.float16:
-        warnings.warn("the model runs in fp16 on the CPU, where torch's fp16 matrix products are hundreds of times "
-                      "slower than bf16's (bench/RESULTS.md); on the CPU, choose bf16 or fp32", stacklevel=2)
+        warnings.warn(f"the model runs in fp16 on the CPU, where torch's fp16 matrix products are hundreds of times "
+                      f"slower than bf16's; {advice}", SlowRunWarning, stacklevel=3)
 
 
 def _load(model, dtype: torch.dtype | None) -> Denoiser:
@@ -313,7 +343,11 @@ def _load(model, dtype: torch.dtype | None) -> Denoiser:
         from diffusers import DiffusionPipeline
 
         dtype = dtype or folder_dtype(path, ADAPTERS[pipeline_class][0])
-        return _wrap(DiffusionPipeline.from_pretrained(str(path), dtype=dtype))
+        try:
+            pipeline = DiffusionPipeline.from_pretrained(str(path), dtype=dtype)
+        except OSError as exc:  # a file the checks above cannot judge without loading it (a damaged .bin)
+            raise UserError(f"model folder {path} could not be loaded: {exc}") from None
+        return _wrap(pipeline)
     if hasattr(model, "components") and hasattr(model, "scheduler"):
         return _wrap(model)
     raise UserError(f"model of type {type(model).__name__} is not accepted; {_accepted()}")
