@@ -160,7 +160,7 @@ def cmd_eval(args) -> int:
     name = args.model or edit.report.get("model")
     if not name or name in models.ADAPTERS:  # edits of a pipeline object record only its class
         raise UserError("this edit does not record its model; pass --model")
-    if name not in models.BUILTINS and not (Path(name).expanduser() / "model_index.json").is_file():
+    if name not in models.BUILTINS and models.folder_of(name) is None:
         if not args.model:
             raise UserError(f"this edit was made on {name}, which is no model folder now; pass --model with the "
                             "folder where that model is")

@@ -83,7 +83,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from . import api
-from .concepts import CONCEPT_TYPES, Concept, ConceptSet, as_concepts
+from .concepts import Concept, ConceptSet, as_concepts
 from .errors import UserError
 from .methods import REGISTRY, esd, fade, get, trace
 from .models import meta
@@ -432,8 +432,6 @@ class _Planner:
         self.entries = [p.numel() for p in self.den.network.parameters() if p.is_floating_point()]
         self._meters: dict[tuple, Meter] = {}
         self.progress: tqdm | None = None  # plan()'s bar, counting the plans made
-        if concept_type not in CONCEPT_TYPES:
-            raise UserError(f"unknown concept type {concept_type!r}; valid: {', '.join(CONCEPT_TYPES)}")
         if components.is_toy_source(model):  # the toy world's defaults, as erase resolves them
             name = {"object": "circle", "style": "red"}.get(concept_type)
             if name is None:
@@ -626,8 +624,8 @@ def _uce(p: _Planner, cfg, gpus: int):
     weights = sum(q.module.weight.numel() for q in edited)
     lines, notes = p.resident(len(set(sum(sets, []))))
     lines.update({"closed form": max(solves) + weights * p.bytes, "activations": live.peak})
-    notes["closed form"] = (f"{len(edited)} projections in {len(groups)} solve{'s' if len(groups) > 1 else ''}: the largest solve's sources, targets, "
-                            f"R and transform in fp32 and fp64, its weights in fp32, and the edit in {p.dtype}")
+    notes["closed form"] = (f"{len(edited)} projections in {len(groups)} solve{'s' if len(groups) > 1 else ''}: "
+                            f"the largest solve's sources, targets, R and transform in fp32 and fp64, its weights in fp32, and the edit in {p.dtype}")
     hooked = [q for q in edited if q.name not in den.direct_kv_inputs(den.encode([PROMPT]))]
     notes["activations"] = (f"the inputs of {len(edited)} text projections for {sum(1 for s in sets if s)} prompt sets"
                             + (f", {len(hooked)} of them from forwards without a graph on up to {den.kv_batch} prompts"
