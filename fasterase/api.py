@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import copy as copylib
 import dataclasses
+import json
 import math
 import numbers
 import os
 import resource
+import shlex
 import time
 import typing
 from dataclasses import dataclass
@@ -212,6 +214,51 @@ def _peak_memory_mb(device: torch.device) -> dict:
     return {"peak_process_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _plan_command(den: models.Denoiser, method: registry.Method, cfg, options: dict, concepts: ConceptSet,
+                  dtype: torch.dtype, gradient_checkpointing: bool, micro_batch: int | None, where: torch.device) -> str:
+    """The `fasterase plan` command line of this erase run: its memory part by part, and the options that fit."""
+    model = _model_record(den)
+    if model not in models.BUILTINS and models.folder_of(model) is None:
+        model = "FOLDER"  # a pipeline made in memory: its configs are in no folder the planner can read
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    words = ["fasterase", "plan", "--model", model, "--method", method.name, "--dtype", names[dtype]]
+    if method.runs_images(cfg):
+        words += ["--resolution", f"{den.height}x{den.width}"]
+    if concepts.concepts[0].type != "object":
+        words += ["--concept-type", concepts.concepts[0].type]
+    if where.type == "cuda":
+        words += ["--gpu-mem", f"{torch.cuda.get_device_properties(where).total_memory / 1e9:.1f}"]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        words += ["--gpus", str(torch.distributed.get_world_size())]
+    if gradient_checkpointing:
+        words.append("--gradient-checkpointing")
+    if micro_batch is not None:
+        words += ["--micro-batch", str(micro_batch)]
+    for key, value in options.items():
+        text = value if isinstance(value, str) and not _reads_as_json(value) else json.dumps(value)
+        words += ["--set", f"{key}={text}"]
+    return shlex.join(words)
+
+
+def _reads_as_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _memory_hint(plan_command: str):
+    """An out-of-memory error leaves with the planner's command for this run added to its message."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        exc.add_note(f"`{plan_command}` gives this run's memory part by part, and the options that make it fit "
+                     f"(gradient checkpointing and micro-batches give the same result in less memory)")
+        raise
+
+
 def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, progress: bool = True,
           device=None, dtype=None, resolution=None, gradient_checkpointing: bool = False, micro_batch=None,
           **options) -> EraseResult:
@@ -280,9 +327,11 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     cs = _resolve_concepts(den, concepts, preserve)
     _check_idle(m, cfg, _given(options, preserve, resolution, gradient_checkpointing, micro_batch), den, cs)
     _check_prompts(den, cs)
-    # cast and moved once the run is checked: a refused one leaves it as it was
-    models.load(den, device, dtype, keep_network=zero3)
     where = models.resolve_device(device) if device is not None or fresh else den.network.device
+    plan_command = _plan_command(den, m, cfg, options, cs, models.resolve_dtype(dtype) or den.network.dtype,
+                                 gradient_checkpointing, micro_batch, where)
+    with _memory_hint(plan_command):  # cast and moved once the run is checked: a refused one leaves it as it was
+        models.load(den, device, dtype, keep_network=zero3)
     models.warn_if_fp16_on_cpu(den, where, "choose bf16 or fp32 (dtype=, --dtype)")
     start = time.perf_counter()
     if where.type == "cuda":
@@ -292,7 +341,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     den.micro_batch = micro_batch
     partition = engine.partitioned(den.network, where, cfg.deepspeed_config) if zero3 else contextlib.nullcontext()
     try:
-        with partition, den.text_encoders_offloaded():
+        with _memory_hint(plan_command), partition, den.text_encoders_offloaded():
             edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
     finally:
         den.micro_batch = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -98,11 +99,19 @@ def _launched_device(local_rank: int) -> str | None:
 
 
 def cmd_erase(args) -> int:
+    from dataclasses import fields
+
     from . import erase
     from .edit import PIPELINE_DIR, target_folder
+    from .methods import get
 
     out = target_folder(args.out, args.overwrite, model=args.model)  # refused before any training
     settings = _settings(args.set)
+    options = [f.name for f in fields(get(args.method).config)]
+    own = sorted(set(settings) & set(inspect.signature(erase).parameters))
+    if own:  # erase's own arguments, not the method's options (passed on, they would clash with the flags)
+        raise UserError(f"unknown option(s) {own} for method {args.method!r} (--set takes the method's options); "
+                        f"valid: {', '.join(options)}")
     checkpoint = settings.get("checkpoint")
     if isinstance(checkpoint, str) and checkpoint.strip():
         ckpt = Path(checkpoint).expanduser().resolve()
@@ -114,11 +123,7 @@ def cmd_erase(args) -> int:
     device, rank = args.device, 0
     local_rank = args.local_rank if args.local_rank is not None else os.environ.get("LOCAL_RANK")
     if local_rank is not None:  # started by a launcher (deepspeed, torchrun): one process per GPU, ZeRO-2 by default
-        from dataclasses import fields
-
-        from .methods import get
-
-        if "zero" in {f.name for f in fields(get(args.method).config)}:
+        if "zero" in options:
             settings.setdefault("zero", 2)
         device = device or _launched_device(int(local_rank))
         rank = int(os.environ.get("RANK", 0))
@@ -384,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # out of memory: torch's account of it, and the planner's command for the run
+        import torch
+
+        if not isinstance(exc, torch.OutOfMemoryError):
+            raise
+        print(f"{command}: error: {exc}", *getattr(exc, "__notes__", ()), sep="\n", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

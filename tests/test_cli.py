@@ -57,6 +57,10 @@ def one_line_error(code, err, *needles):
      ["bad --set", "key=value"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "uce", "--set", "gamma=1", "--out", "X"],
      ["unknown option", "lam"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "method=esd-u", "--out", "X"],
+     ["unknown option", "'method'", "--set takes the method's options", "parameters"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "device=cpu", "--out", "X"],
+     ["unknown option", "'device'", "steps"]),
     (["erase", "--model", "toy-sd", "--method", "uce", "--out", "X"], ["--concept"]),
     (["eval"], ["--model"]),
     (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "name no toy shape or colour", "circle"]),
@@ -148,6 +152,32 @@ def test_non_finite_loss_is_one_line_exit_1(capsys, monkeypatch):
     monkeypatch.setattr(fasterase, "methods", diverged)
     code, _, err = run(capsys, "methods")
     assert code == 1 and err.strip() == "fasterase methods: error: non-finite loss (nan) at step 3; stopping"
+
+
+def test_out_of_memory_names_the_plan_of_the_run(capsys, tmp_path, monkeypatch):
+    """A run out of memory keeps torch's message, exit 1, with the `fasterase plan` command of the same run
+    (model, method, dtype, resolution, concept type, memory options and --set options), which runs."""
+    import dataclasses
+    import shlex
+
+    from fasterase.methods import REGISTRY
+
+    def out_of_memory(model, concepts, cfg, progress):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setitem(REGISTRY, "esd", dataclasses.replace(REGISTRY["esd"], run=out_of_memory))
+    code, _, err = run(capsys, "erase", "--model", "toy-sd", "--concept", "red", "--concept-type", "style",
+                       "--method", "esd", "--set", "steps=3", "--set", "parameters=esd-u", "--micro-batch", "2",
+                       "--out", str(tmp_path / "e"))
+    lines = err.strip().splitlines()
+    assert code == 1 and "Traceback" not in err and not (tmp_path / "e").exists()
+    assert lines[0] == "fasterase erase: error: CUDA out of memory. Tried to allocate 2.00 GiB."
+    command = shlex.split(lines[1].split("`")[1])
+    assert command[:2] == ["fasterase", "plan"]
+    assert " ".join(command[2:]) == ("--model toy-sd --method esd --dtype fp32 --resolution 32x48 --concept-type style "
+                                     "--micro-batch 2 --set steps=3 --set parameters=esd-u")
+    code, out, _ = run(capsys, *command[1:])
+    assert code == 0 and "esd on toy-sd at 32x48 px, concept type style" in out and "micro-batch 2" in out
 
 
 def test_several_concepts_one_rule(capsys, tmp_path):
