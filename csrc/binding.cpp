@@ -10,6 +10,7 @@
 #include "kernels.h"
 
 #ifdef WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
@@ -91,6 +92,7 @@ AdamWArgs adamw_args(const at::Tensor& param, const at::Tensor& grad, const at::
 void masked_adamw_tasks_cuda(const std::vector<AdamWArgs>& args, const at::Tensor& found_inf, bool selected_only,
                              const c10::optional<at::Tensor>& qmap_m, const c10::optional<at::Tensor>& qmap_v) {
   if (args.empty()) return;
+  const c10::cuda::CUDAGuard guard(found_inf.device());  // launch on the tensors' GPU, not the current one
   auto key = [&](size_t k) { return (args[k].param_dtype * 4 + args[k].grad_dtype) * 4 + args[k].state_dtype; };
   std::vector<size_t> order(args.size());
   std::iota(order.begin(), order.end(), size_t{0});
@@ -194,6 +196,7 @@ void lowrank_update(std::vector<at::Tensor> weights, at::Tensor left, at::Tensor
   a.per_weight = left.dim() == 3;
   if (w0.is_cuda()) {
 #ifdef WITH_CUDA
+    const c10::cuda::CUDAGuard guard(w0.device());
     at::Tensor table = pointer_table(weights, w0.device());
     a.weights = reinterpret_cast<void* const*>(table.data_ptr<int64_t>());
     lowrank_update_cuda(a, stream_of(w0));
@@ -253,6 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_noise_loss(
   a.eta = static_cast<float>(eta);
   if (pred_cond.is_cuda()) {
 #ifdef WITH_CUDA
+    const c10::cuda::CUDAGuard guard(pred_cond.device());
     at::Tensor loss = at::empty({}, pred_cond.options().dtype(at::kFloat));
     at::Tensor partials = at::empty({a.batch * paired_noise_loss_cuda_chunks(a.per_sample)},
                                     pred_cond.options().dtype(at::kFloat));

@@ -370,8 +370,9 @@ class Edit:
                 p.copy_(value.to(p.dtype))
             for name, (idx, values) in self.entries.items():
                 flat = base_param(net, name).view(-1)
-                entries[name] = flat[idx.long()].clone()
-                flat.index_copy_(0, idx.long(), values.to(flat.dtype))
+                idx = idx.to(flat.device, torch.long)  # a loaded edit is on the CPU, the model maybe on a GPU
+                entries[name] = flat[idx].clone()
+                flat.index_copy_(0, idx, values.to(flat.device, flat.dtype))
             if self.lora:
                 active = net.active_adapters() if getattr(net, "peft_config", {}) else []
                 # the edit holds no text-encoder factors, and diffusers says so for each text encoder
@@ -431,7 +432,8 @@ class Edit:
         for name, value in weights.items():
             base_param(net, name).copy_(value)
         for name, value in entries.items():
-            base_param(net, name).view(-1).index_copy_(0, self.entries[name][0].long(), value)
+            flat = base_param(net, name).view(-1)
+            flat.index_copy_(0, self.entries[name][0].to(flat.device, torch.long), value)
         if self.lora:
             remove_adapter(net, self.adapter)
         applied, record = list(getattr(net, APPLIED, [])), self._record()

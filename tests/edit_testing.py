@@ -22,10 +22,10 @@ def moved_entries(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
     return moved
 
 
-def interrupted_step(run, checkpoint) -> int:
-    """Run `run(model)` on a fresh toy-sd until it raises KeyboardInterrupt; asserts the model is left
-    bit-identical, and returns the step the checkpoint was saved at."""
-    model = models.load("toy-sd")
+def interrupted_step(run, checkpoint, device="cpu") -> int:
+    """Run `run(model)` on a fresh toy-sd on `device` until it raises KeyboardInterrupt; asserts the model is
+    left bit-identical, and returns the step the checkpoint was saved at."""
+    model = models.load("toy-sd", device=device)
     before = {k: v.detach().clone() for k, v in model.network.state_dict().items()}
     with pytest.raises(KeyboardInterrupt):
         run(model)

@@ -286,6 +286,18 @@ def test_saliency_map_is_cached(tmp_path):
     assert len(list(saliency.cache_dir().glob("*.safetensors"))) == 2  # settings are part of the key
 
 
+def test_saliency_prompts_are_encoded_at_once(monkeypatch):
+    """Offloaded text encoders come to the GPU for each encode() that meets new prompts: the maps' prompts
+    are encoded in one call, not one a map."""
+    model = models.load("toy-sd")
+    concept = fasterase.concepts.as_concepts([Concept("circle")]).concepts[0]
+    cfg = ant.ANTConfig(**{**FAST, "saliency_prompts": 3, "saliency_threshold": 1.5})
+    calls, encode = [], model._encode
+    monkeypatch.setattr(model, "_encode", lambda prompts: calls.append(list(prompts)) or encode(prompts))
+    ant.concept_saliency(model, concept, cfg.resolved(concept), cfg, progress=False)
+    assert [len(c) for c in calls] == [4]  # and the empty prompt of the guided rollouts
+
+
 def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
     cs = fasterase.concepts.as_concepts([Concept("circle")])
     opts = {**FAST, "steps": 4}

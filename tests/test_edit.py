@@ -69,6 +69,21 @@ def test_applying_a_weights_or_entries_edit_twice_is_refused():
     assert same(state(model), state("toy-sd"))
 
 
+@pytest.mark.gpu
+def test_an_entries_edit_from_disk_applies_to_a_model_on_the_gpu(tmp_path):
+    """Edit.load holds its indices and values on the CPU: apply and remove move them to the weights' device."""
+    model = models.load("toy-sd", device="cuda")
+    name = "conv_in.weight"
+    idx = torch.tensor([0, 5, 7], dtype=torch.int32)
+    edit = Edit(method="ant", model_kind="sd", concepts=[], config={}, base_fingerprint=fingerprint(
+        model.network, [name]), entries={name: (idx, torch.ones(3))})
+    loaded = Edit.load(edit.save(tmp_path / "e"))
+    loaded.apply(model)
+    assert torch.equal(model.network.conv_in.weight.view(-1)[idx.long().cuda()], torch.ones(3, device="cuda"))
+    loaded.remove(model)
+    assert same(state(model), state(models.load("toy-sd", device="cuda")))
+
+
 def test_different_lora_edits_stack_and_come_off_one_by_one():
     model = models.load("toy-sd")
     base = state(model)

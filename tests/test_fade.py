@@ -330,12 +330,14 @@ def test_mean_outputs_read_each_generations_own_head():
     assert p_neutral == pytest.approx(float((s(torch.tensor(1.0)) + s(torch.tensor(0.0))) / 2))
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, device):
     """Interrupted inside a step, after that step refreshed the buffer and measured D but before the
-    model moved: the resumed run ends with the uninterrupted run's entries and D accuracy curve."""
+    model moved: the resumed run ends with the uninterrupted run's entries and D accuracy curve (on a GPU
+    the checkpoint reads onto the CPU and the buffer's latents go back to the model's device)."""
     cs = as_concepts([toy_concepts.concept("circle")], preserve=["square"])
     cfg = {**FAST, "steps": 5}
-    full = fade.run(models.load("toy-sd"), cs, fade.FADEConfig(**cfg), progress=False)
+    full = fade.run(models.load("toy-sd", device=device), cs, fade.FADEConfig(**cfg), progress=False)
 
     ckpt = tmp_path / "fade.ckpt"
     real_train, real_step = loop.train, fade.Adversary.train_d
@@ -350,9 +352,10 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(fade.Adversary, "train_d", interrupted)
     run = lambda model: fade.run(model, cs, fade.FADEConfig(**cfg, checkpoint=str(ckpt)), progress=False)  # noqa: E731
-    assert interrupted_step(run, ckpt) == 2
+    assert interrupted_step(run, ckpt, device) == 2
     monkeypatch.setattr(fade.Adversary, "train_d", real_step)
-    resumed = fade.run(models.load("toy-sd"), cs, fade.FADEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
+    resumed = fade.run(models.load("toy-sd", device=device), cs, fade.FADEConfig(**cfg, checkpoint=str(ckpt)),
+                       progress=False)
     assert resumed.entries.keys() == full.entries.keys()
     for k, (idx, values) in full.entries.items():
         assert torch.equal(resumed.entries[k][0], idx) and torch.equal(resumed.entries[k][1], values)

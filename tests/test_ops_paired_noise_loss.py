@@ -68,6 +68,16 @@ def test_gpu_backends_match_reference(backend, batch, shape, dtype, with_uncond)
     check(backend, batch, shape, dtype, with_uncond, device="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_launch_on_the_tensors_gpu(backend):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels launch on the tensors' GPU."""
+    require_built(backend)
+    with torch.cuda.device(0):
+        check(backend, 4, (4, 80, 80), torch.bfloat16, True, device="cuda:1")
+
+
 @pytest.mark.parametrize("scale", [1.0, 3.0])  # loss.backward() (stored gradients returned as they are), and a scaled seed
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_autograd_matches_eager_composite(backend, scale):

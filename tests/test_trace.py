@@ -289,10 +289,11 @@ def test_diffusers_loads_the_edit_as_lora_weights(two_concept_edit, tmp_path):
 
 # --- runs ------------------------------------------------------------------------------------------
 
-def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, device):
     cs = concepts("circle")
     cfg = {**FAST, "steps": 5}
-    full = trace.run(models.load("toy-sd"), cs, trace.TRACEConfig(**cfg), progress=False)
+    full = trace.run(models.load("toy-sd", device=device), cs, trace.TRACEConfig(**cfg), progress=False)
     ckpt = tmp_path / "trace.ckpt"
     real_train = loop.train
     monkeypatch.setattr(loop, "train", lambda *a, **k: real_train(*a, **{**k, "checkpoint_every": 1}))
@@ -307,10 +308,11 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch):
     monkeypatch.setattr(trace.Trajectories, "draw", interrupted)
     resumable = trace.TRACEConfig(**cfg, checkpoint=str(ckpt))
     run = lambda model: trace.run(model, cs, resumable, progress=False)  # noqa: E731
-    assert interrupted_step(run, ckpt) == 3
+    assert interrupted_step(run, ckpt, device) == 3
     monkeypatch.setattr(trace.Trajectories, "draw", real_draw)
     monkeypatch.setattr(trace.Trajectories, "train_scorer", lambda *a: pytest.fail("the scorer was trained again"))
-    resumed = trace.run(models.load("toy-sd"), cs, trace.TRACEConfig(**cfg, checkpoint=str(ckpt)), progress=False)
+    resumed = trace.run(models.load("toy-sd", device=device), cs, trace.TRACEConfig(**cfg, checkpoint=str(ckpt)),
+                        progress=False)
     assert resumed.lora.keys() == full.lora.keys()
     for k, v in full.lora.items():
         assert torch.equal(resumed.lora[k], v), k

@@ -211,6 +211,7 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
     prompts = concept.prompts(augment=True)
     order = torch.randperm(len(prompts), generator=loop.step_generator(cfg.seed, 1)).tolist()
     chosen = [prompts[i] for i in order[:cfg.saliency_prompts]]
+    model.encode(chosen + [""])  # at once: offloaded text encoders come to the device once, not once a map
     tensors = base_parameters(net)
     total = sum(partitioned.numel(p) for p in tensors.values())
     was = [p.requires_grad for p in tensors.values()]

@@ -199,7 +199,9 @@ class Adversary:
     def load_state_dict(self, state: dict) -> None:
         self.d.load_state_dict(state["d"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.buffer = dict(state["buffer"])
+        # the latents are on the model's device, where the rollouts put them (a checkpoint reads onto the CPU)
+        device = self.model.network.device
+        self.buffer = {k: v.to(device) if k in ("x", "x0") else v for k, v in state["buffer"].items()}
         if any(len(c) != 4 for c in state["curve"]):
             raise UserError("this FADE checkpoint was written by an older fasterase (its discriminator curve holds "
                             "accuracy only); name a new checkpoint file to start over")

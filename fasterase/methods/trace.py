@@ -305,7 +305,10 @@ class Trajectories:
     def load_state_dict(self, state: dict) -> None:
         if self.d is not None:
             self.d.load_state_dict(state["d"])
-        self.buffer, self.last = dict(state["buffer"]), dict(state["last"])
+        # the latents are on the model's device, where the rollouts put them (a checkpoint reads onto the CPU)
+        device = self.model.network.device
+        self.buffer = {k: v.to(device) if k in ("x", "x_end") else v for k, v in state["buffer"].items()}
+        self.last = dict(state["last"])
         self.scorer_accuracy = float(state["scorer_accuracy"])
 
     def postfix(self) -> dict:

@@ -114,6 +114,12 @@ def select(op: str, device: torch.device) -> str:
     return choice
 
 
+def on_device(device: torch.device):
+    """The block in which a Triton kernel launches: Triton launches on the current CUDA device, which need
+    not be the tensors' (the CUDA backend sets it itself, csrc/binding.cpp)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def last_backend(op: str) -> str | None:
     """Which backend the most recent call of ``op`` used (None before the first call)."""
     return _last.get(op)

@@ -71,7 +71,8 @@ def _masked_adamw_op(
     if backend == "reference":
         masked_adamw_reference(*args)
     elif backend == "triton":
-        _dispatch.triton_kernels().masked_adamw(*args)
+        with _dispatch.on_device(param.device):
+            _dispatch.triton_kernels().masked_adamw(*args)
     else:  # cpp and cuda share one entry point in fasterase._C, which dispatches on device
         _dispatch.native().masked_adamw(*args)
 
@@ -111,7 +112,8 @@ def _masked_adamw_multi_op(
     if backend == "reference":
         masked_adamw_multi_reference(*args)
     elif backend == "triton":
-        masked_adamw_multi_loop(_dispatch.triton_kernels().masked_adamw, *args)
+        with _dispatch.on_device(found_inf.device):
+            masked_adamw_multi_loop(_dispatch.triton_kernels().masked_adamw, *args)
     else:  # cpp and cuda: one native call, one check over all gradients, then the update of all tensors
         _dispatch.native().masked_adamw_multi(*args)
 

@@ -27,7 +27,8 @@ def _paired_op(
     if backend == "reference":
         return paired_noise_loss_reference(*args)
     if backend == "triton":
-        return _dispatch.triton_kernels().paired_noise_loss(*args)
+        with _dispatch.on_device(pred_cond.device):
+            return _dispatch.triton_kernels().paired_noise_loss(*args)
     return tuple(_dispatch.native().paired_noise_loss(*args))
 
 

@@ -32,7 +32,8 @@ def _lowrank_op(weights: list[torch.Tensor], left: torch.Tensor, right: torch.Te
     if backend == "reference":
         lowrank_update_reference(weights, left, right)
     elif backend == "triton":
-        _dispatch.triton_kernels().lowrank_update(weights, left, right)
+        with _dispatch.on_device(weights[0].device):
+            _dispatch.triton_kernels().lowrank_update(weights, left, right)
     else:
         _dispatch.native().lowrank_update(weights, left, right)
 
@@ -50,7 +51,8 @@ def _shared_matmul_op(
     if backend == "reference":
         shared_matmul_reference(weights, transform, addends)
     elif backend == "triton":
-        _dispatch.triton_kernels().shared_matmul(weights, transform, addends)
+        with _dispatch.on_device(weights[0].device):
+            _dispatch.triton_kernels().shared_matmul(weights, transform, addends)
     else:
         _dispatch.native().shared_matmul(weights, transform, addends)
 

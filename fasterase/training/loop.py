@@ -96,11 +96,12 @@ def check_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint written by train(), loaded as plain tensors and containers (nothing is unpickled
-    that could run code); any other file is refused by name and left alone. Its tensors are memory-mapped:
+    that could run code); any other file is refused by name and left alone. Its tensors are memory-mapped on
+    the CPU (also those a GPU run saved; a resume copies each where it goes):
     the checks before any work (check_checkpoint, check_run) read a checkpoint of 12B-scale masters without
     loading them, and a resume reads each once, as it copies it."""
     try:
-        state = torch.load(path, weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not a torch file, or one holding more than tensors and containers
         state = None
     if not isinstance(state, dict) or state.get("fasterase_checkpoint") != FORMAT:
