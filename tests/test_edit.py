@@ -84,6 +84,28 @@ def test_an_entries_edit_from_disk_applies_to_a_model_on_the_gpu(tmp_path):
     assert same(state(model), state(models.load("toy-sd", device="cuda")))
 
 
+def test_a_fingerprint_names_the_base_values_in_a_dtype():
+    """One changed entry changes it; the order of the names does not; with a dtype it is the network's once
+    cast (not changed by it), and a bf16 network's fp32 copy has the bf16 network's fingerprint."""
+    net = models.load("toy-sd").network
+    names = [n for n, p in net.named_parameters()][:40]
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    fp = fingerprint(net, names)
+    assert fingerprint(net, names[::-1]) == fp and len(fp) == 64
+    w = net.get_parameter(names[7])
+    with torch.no_grad():
+        w.view(-1)[3] = torch.nextafter(w.view(-1)[3], torch.tensor(float("inf")))
+        assert fingerprint(net, names) != fp
+        w.view(-1)[3] = before[names[7]].view(-1)[3]
+    assert fingerprint(net, names) == fp
+    as_bf16 = fingerprint(net, names, torch.bfloat16)
+    assert as_bf16 != fp and all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+    net.to(torch.bfloat16)
+    assert fingerprint(net, names) == as_bf16
+    net.to(torch.float32)  # the bf16 values, upcast
+    assert fingerprint(net, names) == as_bf16
+
+
 def test_different_lora_edits_stack_and_come_off_one_by_one():
     model = models.load("toy-sd")
     base = state(model)
