@@ -26,8 +26,10 @@ def trajectory_aware_loss(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, te
     condition direction reversed). Each expectation is the mean over its own samples; both
     unconditional predictions carry gradient. early: bool (B,).
     """
-    early = early.to(device=pred_cond.device, dtype=torch.bool)
-    n_early, n_late = int(early.sum()), int((~early).sum())
+    early = early.to(dtype=torch.bool)
+    n_early = int(early.sum())  # counted where the taus were drawn (the CPU): no wait on the GPU
+    n_late = len(early) - n_early
+    early = early.to(pred_cond.device)
     e = early.float()
     count = e * max(n_early, 1) + (1 - e) * max(n_late, 1)
     sign = 2 * e - 1
