@@ -83,8 +83,9 @@ def fingerprint(network: torch.nn.Module, names: list[str], dtype: torch.dtype |
         for name in sorted(names):
             p = base_param(network, name)
             with partitioned.gathered([p]):  # a copy of a gathered weight: ZeRO-3 frees it after the block
+                head = f"{name}:{tuple(p.shape)};".encode()
                 values = p.detach().to(dtype or p.dtype).to("cpu", copy=partitioned.is_partitioned(p))
-            pending.append((f"{name}:{tuple(p.shape)};".encode(), pool.submit(_digest, values)))
+            pending.append((head, pool.submit(_digest, values)))
             if len(pending) > 2 * workers:  # at most this many host copies wait for their digest
                 pending[-2 * workers - 1][1].result()
         for head, digest in pending:

@@ -120,6 +120,7 @@ class CompactDelta:
             with partitioned.gathered([w]):
                 self.base[n] = w.detach().view(-1)[self.indices[n]].clone()
         self.values = {n: torch.nn.Parameter(b.to(torch.float32, copy=True)) for n, b in self.base.items()}
+        self.runs = {n: slice_run(w, self.indices[n]) for n, w in self.weights.items()}  # ZeRO-3: found once
         network.requires_grad_(False)
         self._hooks = []
         for n, w in self.weights.items():
@@ -142,7 +143,7 @@ class CompactDelta:
     @torch.no_grad()
     def _put(self, values: dict[str, torch.Tensor]) -> None:
         for n, w in self.weights.items():
-            put_entries(w, self.indices[n], values[n])
+            put_entries(w, self.indices[n], values[n], self.runs[n])
 
     def sync(self) -> None:
         """The network computes with the masters (rounded to each parameter's dtype)."""
@@ -171,14 +172,27 @@ class CompactDelta:
             w.grad = None
 
 
+def slice_run(weight: torch.Tensor, indices: torch.Tensor) -> tuple[int, int] | None:
+    """The run [a, b) of the sorted `indices` that falls in this process's ZeRO-3 slice of `weight`
+    (binary search: no per-entry mask), or None when ZeRO-3 does not partition it."""
+    part = getattr(weight, "ds_tensor", None)
+    if part is None:
+        return None
+    lo = part.ds_numel * torch.distributed.get_rank(group=weight.ds_process_group)
+    bounds = torch.tensor([lo, lo + part.ds_numel], dtype=indices.dtype, device=indices.device)
+    a, b = torch.searchsorted(indices, bounds).tolist()
+    return a, b
+
+
 @torch.no_grad()
-def put_entries(weight: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor) -> None:
+def put_entries(weight: torch.Tensor, indices: torch.Tensor | None, values: torch.Tensor,
+                run: tuple[int, int] | None = None) -> None:
     """values (any float dtype, rounded to weight's) into the flattened weight at indices (int, sorted;
     None: every entry). A weight that DeepSpeed ZeRO-3 partitions (training.engine) keeps its
     entries in this process's slice of the flat weight (ds_tensor), which every gather reads: each
-    process writes the entries that fall in its slice (a run of the sorted indices, found by binary
-    search: no per-entry mask on the step's path), and the whole weight too while it is gathered (or
-    kept whole, as ZeRO-3 keeps small parameters)."""
+    process writes the entries that fall in its slice (the run of the sorted indices slice_run finds;
+    `run` when the caller has it already: no wait on the GPU), and the whole weight too while it is
+    gathered (or kept whole, as ZeRO-3 keeps small parameters)."""
     flat = values.reshape(-1).to(weight.dtype)
     part = getattr(weight, "ds_tensor", None)
     if part is None or weight.numel() == getattr(weight, "ds_numel", -1):
@@ -192,8 +206,7 @@ def put_entries(weight: torch.Tensor, indices: torch.Tensor | None, values: torc
         n = max(0, min(size, flat.numel() - lo))
         part.view(-1)[:n].copy_(flat[lo:lo + n].to(part.device))
         return
-    bounds = torch.tensor([lo, lo + size], dtype=indices.dtype, device=indices.device)
-    a, b = torch.searchsorted(indices, bounds).tolist()
+    a, b = run or slice_run(weight, indices)
     part.view(-1).index_put_(((indices[a:b] - lo).to(part.device),), flat[a:b].to(part.device))
 
 
