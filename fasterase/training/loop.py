@@ -23,6 +23,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..files import check_writable, set_default_mode
 from . import engine as engines
+from .loss_scale import LossScale
 
 # Options that do not change what a run trains, so not part of its identity.
 NOT_IDENTITY = ("checkpoint", "checkpoint_every", "max_skipped_steps", "deepspeed_config")
@@ -153,7 +154,9 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
 
     A step whose gradients are not all finite is skipped (nothing changes, whatever the optimizer)
     and counted; past `max_skipped_steps` skipped steps training stops (NonFiniteGradients), as it
-    does on a non-finite loss (NonFiniteLoss).
+    does on a non-finite loss (NonFiniteLoss). With `model` in fp16 the loss is scaled before backward
+    and the gradients divided back (training.loss_scale): a step that overflows the scale halves it and
+    is skipped without counting; the scale is checkpointed, and reported as 'loss_scale'.
 
     With `checkpoint`, the trainable values, optimizer state and `run` (the run's identity, see
     identity()) are saved there every `checkpoint_every` steps, when interrupted (KeyboardInterrupt)
@@ -177,7 +180,8 @@ def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[
         shared = model.sharing_rows() if model is not None and stepper.world_size > 1 else contextlib.nullcontext()
         with shared:
             return _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
-                          max_skipped_steps, companion, after_step or (lambda: None), _memory_options(model))
+                          max_skipped_steps, companion, after_step or (lambda: None), _memory_options(model),
+                          LossScale(model is not None and model.network.dtype == torch.float16))
     finally:
         stepper.close()
 
@@ -244,7 +248,7 @@ def _memory_options(model) -> dict:
 
 
 def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_every, progress, desc,
-           max_skipped_steps, companion, after_step, options) -> dict:
+           max_skipped_steps, companion, after_step, options, scale) -> dict:
     start, skipped, loss_value, history = 0, 0, float("nan"), []
     if state is not None:
         own = None if state["finished"] else _own_optimizer(ckpt, state, stepper.rank, stepper.world_size)
@@ -255,6 +259,8 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
         if companion is not None:
             companion.load_state_dict(state["companion"])
         start, skipped, loss_value = state["step"], state["skipped_steps"], state["last_loss"]
+        if "loss_scale" in state:
+            scale.load_state_dict(state["loss_scale"])
         history = state.get("memory_options", [])
         if state["finished"]:
             return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped, "train_time_s": 0.0,
@@ -278,7 +284,7 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
         if stepper.rank == 0:
             _write(ckpt, {"fasterase_checkpoint": FORMAT, **this, "params": values, "optimizer": optimizer,
                           "step": step, "skipped_steps": skipped, "last_loss": loss_value, "finished": finished,
-                          "companion": snapshot, "memory_options": history})
+                          "companion": snapshot, "memory_options": history, "loss_scale": scale.state_dict()})
         if stepper.world_size > 1:
             torch.distributed.barrier()
 
@@ -291,10 +297,12 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step}; stopping. "
                                     "Lower the learning rate or check the inputs.")
             stepper.zero_grad()
-            loss.backward()
+            (loss * scale.value).backward()
+            scale.unscale(params)
             if stepper.step():
                 after_step()
-            else:
+                scale.stepped()
+            elif not scale.overflowed():
                 skipped += 1
                 if skipped > max_skipped_steps:
                     raise NonFiniteGradients(
@@ -326,4 +334,5 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
         bar.close()
     save(done, finished=True)
     return {"steps": done, "last_loss": loss_value, "skipped_steps": skipped,
-            "train_time_s": time.perf_counter() - began, "engine": stepper.describe(), "memory_options": history}
+            "train_time_s": time.perf_counter() - began, "engine": stepper.describe(), "memory_options": history,
+            **({"loss_scale": scale.value} if scale.enabled else {})}
