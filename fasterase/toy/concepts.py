@@ -88,6 +88,14 @@ def check_erasable(names: list[str]) -> None:
     if bad:
         raise UserError(f"concept(s) {bad} name no toy shape or colour; the toy world erases a shape "
                         f"({', '.join(shapes.SHAPES)}) or a colour ({', '.join(shapes.COLORS)})")
+    known = {*shapes.SHAPES, *shapes.COLORS, *(w for ws in shapes.SYNONYMS.values() for w in ws)}
+    extra = {n: [w for w in n.lower().split() if w not in known] for n in names}
+    extra = {n: words for n, words in extra.items() if words}
+    if extra:  # "a photo of a circle" would erase "a", "photo" and "of" with the circle
+        words = ", ".join(w for ws in extra.values() for w in ws)
+        raise UserError(f"concept(s) {list(extra)} hold words that are no toy shape or colour ({words}); name the "
+                        f"shape ({', '.join(shapes.SHAPES)}), a colour and shape (\"red circle\") or a colour "
+                        f"({', '.join(shapes.COLORS)}): the method puts it in its templates (\"a photo of a {{}}\")")
     if len({kind_of(n) for n in names}) > 1:
         raise UserError(f"concepts {names} mix shapes and colours; erase shapes and colours in separate edits "
                         f"(edits stack: apply one, then erase the other)")
