@@ -21,6 +21,7 @@ nothing half-written and removes nothing. Only a folder that holds an edit is ev
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import models
@@ -182,6 +183,16 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
         raise UserError(f"{path} does not hold a fasterase edit and is not empty; only an edit folder is replaced: "
                         "choose a new or empty folder")
     return path
+
+
+@contextlib.contextmanager
+def _damaged_named(file: Path):
+    """A file of an edit that safetensors cannot read (truncated, damaged, missing) is named: a UserError."""
+    try:
+        yield
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{file} cannot be read as an edit's safetensors file ({exc}); the edit folder is damaged: "
+                        "save the edit again") from None
 
 
 def is_edit_folder(path: Path) -> bool:
@@ -506,15 +517,20 @@ class Edit:
         file = path / EDIT_FILE
         if not file.is_file():
             raise UserError(f"{path} is not a fasterase edit (no {EDIT_FILE} in it)")
-        with safe_open(str(file), "pt") as f:
-            header = f.metadata() or {}
+        with _damaged_named(file):
+            with safe_open(str(file), "pt") as f:
+                header = f.metadata() or {}
         if "fasterase" not in header:
             raise UserError(f"{file} has no fasterase metadata")
         meta = json.loads(header["fasterase"])
         if meta.get("format") != FORMAT:
             raise UserError(f"{file} is edit format {meta.get('format')}, this fasterase reads format {FORMAT}")
-        lora = load_file(str(path / LORA_FILE)) if meta["has_lora"] else {}
-        weights = load_file(str(file))
+        lora = {}
+        if meta["has_lora"]:
+            with _damaged_named(path / LORA_FILE):
+                lora = load_file(str(path / LORA_FILE))
+        with _damaged_named(file):
+            weights = load_file(str(file))
         entries = {k[:-len(INDICES)]: (weights.pop(k), weights.pop(k[:-len(INDICES)] + VALUES))
                    for k in list(weights) if k.endswith(INDICES)}
         return cls(method=meta["method"], model_kind=meta["model_kind"], concepts=meta["concepts"],

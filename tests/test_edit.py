@@ -181,6 +181,20 @@ def test_a_damaged_weight_file_is_named(tmp_path, model_folder):
         fasterase.erase(str(model_folder), "circle", method="uce", progress=False)
 
 
+@pytest.mark.parametrize("damage", ["half edit", "empty edit", "half lora", "no lora"])
+def test_a_damaged_edit_folder_is_named(tmp_path, damage):
+    """A truncated edit.safetensors or LoRA file was safetensors' traceback (exit 1)."""
+    path = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "e")
+    file = path / ("edit.safetensors" if "edit" in damage else "pytorch_lora_weights.safetensors")
+    if damage == "no lora":
+        file.unlink()
+    else:
+        data = file.read_bytes()
+        file.write_bytes(data[:len(data) // 2] if "half" in damage else b"")
+    with pytest.raises(UserError, match=f"{file.name} cannot be read as an edit's safetensors file"):
+        fasterase.load("toy-sd", path)
+
+
 def test_the_model_inside_an_edit_folder_is_protected(capsys, tmp_path):
     out = tmp_path / "edit"
     code, err = erase_cli(capsys, "toy-sd", out, "--save-pipeline")
