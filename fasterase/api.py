@@ -369,6 +369,7 @@ def load(model, path, device=None, dtype=None) -> object:
     edit leaves it as it was); returns the pipeline. UserError when the edit does not fit the model."""
     edit = Edit.load(path)
     if isinstance(model, (str, Path)):
+        edit.check_kind_of(model)
         den = models.load(model, device, dtype or edit.report.get("dtype"))
     else:  # a model in memory is checked before it is cast: a refused edit leaves it as it was
         den = models.load(model)

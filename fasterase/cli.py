@@ -186,6 +186,8 @@ def cmd_eval(args) -> int:
     elif prompts:
         raise UserError("--prompt draws a grid of a model outside the toy world; the toy world's grid shows the "
                         "prompts it scores")
+    if edit:
+        edit.check_kind_of(name)
     # in the dtype the edit was made in, whose base values its fingerprint holds
     model = models.load(name, dtype=edit.report.get("dtype") if edit else None)
     models.warn_if_fp16_on_cpu(model, model.network.device, "an edit made in fp16 is evaluated in it: make it in "

@@ -41,7 +41,7 @@ from . import models
 from .errors import UserError
 from .files import check_outside, check_writable, set_default_mode
 from .notices import dropped
-from .models import Denoiser, partitioned
+from .models import Denoiser, meta, partitioned
 
 EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -324,6 +324,13 @@ class Edit:
                 return adapter
         return None
 
+    def check_kind_of(self, model: str | os.PathLike) -> None:
+        """Before a name or folder loads: UserError when its configs say it is another kind of model than
+        this edit's (a FLUX folder's weights would load, tens of GB, only to be refused)."""
+        kind = meta.describe(str(model), torch.float32).kind
+        if kind != self.model_kind:
+            raise UserError(f"this edit is for a {self.model_kind} model, and {model} is a {kind} model")
+
     def check_fits(self, model: Denoiser, dtype: torch.dtype | None = None) -> None:
         """Raise UserError unless this edit was made for `model`'s base weights and is not on it already;
         with `dtype`, for the weights as they will be once the model is cast to it."""
@@ -334,25 +341,23 @@ class Edit:
         if held:
             raise UserError(f"this edit is already applied to the model (LoRA adapter {held!r} holds its "
                             "weights); applying it twice is refused")
-        for name, value in self.weights.items():
+        made_on = self.report.get("model")
+        for name in self.touched():
             try:
-                p = base_param(net, name)
+                base_param(net, name)
             except AttributeError:
-                raise UserError(f"this edit changes {name!r}, which the model does not have") from None
+                raise UserError(f"this edit changes {name!r}, which the model does not have: it was made on another "
+                                f"architecture" + (f" ({made_on})" if made_on else "")) from None
+        for name, value in self.weights.items():
+            p = base_param(net, name)
             if p.shape != value.shape:
                 raise UserError(f"this edit's {name!r} has shape {tuple(value.shape)}, "
                                 f"the model's has {tuple(p.shape)}")
         for name, (idx, values) in self.entries.items():
-            try:
-                p = base_param(net, name)
-            except AttributeError:
-                raise UserError(f"this edit changes {name!r}, which the model does not have") from None
+            p = base_param(net, name)
             if idx.shape != values.shape or idx.dim() != 1 or (idx.numel() and int(idx.max()) >= p.numel()):
                 raise UserError(f"this edit's entries of {name!r} do not fit its {p.numel()} elements")
-        try:
-            fp = fingerprint(net, self.touched(), dtype)
-        except AttributeError as exc:
-            raise UserError(f"this edit does not fit the model: {exc}") from None
+        fp = fingerprint(net, self.touched(), dtype)
         if fp != self.base_fingerprint:
             if self._holds_values(net):
                 raise UserError("this edit is already applied to the model (its weights hold the edit's values); "

@@ -195,6 +195,25 @@ def test_a_damaged_edit_folder_is_named(tmp_path, damage):
         fasterase.load("toy-sd", path)
 
 
+def test_an_edit_for_another_kind_of_model_is_refused_before_the_folder_loads(tmp_path, monkeypatch, capsys):
+    path = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit.save(tmp_path / "e")
+    models.load("toy-flux").pipeline.save_pretrained(tmp_path / "flux")
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the folder's weights were loaded"))
+    with pytest.raises(UserError, match=f"this edit is for a sd model, and {tmp_path / 'flux'} is a flux model"):
+        fasterase.load(tmp_path / "flux", path)
+    assert main(["eval", "--model", str(tmp_path / "flux"), "--edit", str(path), "--grid", str(tmp_path / "g.png")]) == 2
+    assert "is a flux model" in capsys.readouterr().err
+
+
+def test_an_edit_of_another_architecture_names_a_layer_the_model_lacks(tmp_path):
+    """It said "ModuleList has no attribute `7`" (an SD1.5 edit on toy-sd)."""
+    edit = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit
+    edit.lora = {k.replace("down_blocks.0.", "down_blocks.7."): v for k, v in edit.lora.items()}
+    with pytest.raises(UserError, match=r"changes 'down_blocks\.7\..*which the model does not have: it was made on "
+                                        r"another architecture \(toy-sd\)"):
+        edit.apply(models.load("toy-sd"))
+
+
 def test_the_model_inside_an_edit_folder_is_protected(capsys, tmp_path):
     out = tmp_path / "edit"
     code, err = erase_cli(capsys, "toy-sd", out, "--save-pipeline")
