@@ -155,8 +155,8 @@ def check_lora_layers(network: torch.nn.Module, adds_lora: bool = False) -> None
 
 
 def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str | os.PathLike | None = None) -> Path:
-    """The resolved folder an edit may be written to: a new path, or with overwrite an empty folder
-    or one that holds a fasterase edit; never the folder of `model` (a path), one inside it or one
+    """The resolved folder an edit may be written to: a new path or an empty folder, or with overwrite
+    one that holds a fasterase edit; never the folder of `model` (a path), one inside it or one
     containing it."""
     path = Path(path).expanduser().resolve()
     folder = models.folder_of(model) if model is not None else None
@@ -171,14 +171,15 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
         return path
     if not path.is_dir():
         raise UserError(f"{path} is a file, and an edit is a folder; choose a new folder")
-    if not overwrite:
-        if is_edit_folder(path) or not any(path.iterdir()):
-            raise UserError(f"{path} exists; choose another folder or pass overwrite=True (--overwrite) to replace "
-                            "the edit in it")
-        raise UserError(f"{path} exists and holds no fasterase edit; choose a new or empty folder")
-    check_writable(path.parent, f"edit folder {path}")  # the new folder is made beside it, then renamed
-    if path.is_dir() and not any(path.iterdir()):
+    if not any(path.iterdir()):  # an empty folder holds nothing to lose
+        check_writable(path.parent, f"edit folder {path}")  # the new folder is made beside it, then renamed
         return path
+    if not overwrite:
+        if is_edit_folder(path):
+            raise UserError(f"{path} holds an edit; choose another folder or pass overwrite=True (--overwrite) to "
+                            "replace it")
+        raise UserError(f"{path} exists and holds no fasterase edit; choose a new or empty folder")
+    check_writable(path.parent, f"edit folder {path}")
     if not is_edit_folder(path):
         raise UserError(f"{path} does not hold a fasterase edit and is not empty; only an edit folder is replaced: "
                         "choose a new or empty folder")

@@ -105,11 +105,14 @@ def test_every_checkpoint_file_of_several_concepts_is_checked_before_training(ca
     assert (tmp_path / "ck.1").read_text() == "not a checkpoint"
 
 
-def test_existing_out_is_refused(capsys, tmp_path):
+def test_an_out_holding_an_edit_is_replaced_only_with_overwrite_and_an_empty_one_is_taken(capsys, tmp_path):
+    """An empty --out was refused, asking to "replace the edit in it"."""
     (tmp_path / "out").mkdir()
-    code, _, err = run(capsys, "erase", "--model", "toy-sd", "--concept", "circle", "--method", "uce",
-                       "--out", str(tmp_path / "out"))
-    one_line_error(code, err, "exists", "--overwrite")
+    argv = ["erase", "--model", "toy-sd", "--concept", "circle", "--method", "uce", "--out", str(tmp_path / "out")]
+    assert run(capsys, *argv)[0] == 0 and Edit.load(tmp_path / "out").method == "uce"
+    code, _, err = run(capsys, *argv)
+    one_line_error(code, err, "holds an edit", "--overwrite")
+    assert run(capsys, *argv, "--overwrite")[0] == 0
 
 
 def test_erase_then_eval_edit(capsys, tmp_path):
