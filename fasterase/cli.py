@@ -145,7 +145,10 @@ def cmd_erase(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
+
     from . import models
+    from .models import meta
     from .concepts import Concept, split_names
     from .edit import Edit
     from .eval import check_grid_path, evaluate, format_table, sample_grid
@@ -183,9 +186,13 @@ def cmd_eval(args) -> int:
         if not prompts:
             raise UserError("a grid of a model outside the toy world draws the prompts given with --prompt, or "
                             "an edit's concepts (--edit); give either")
-    elif prompts:
-        raise UserError("--prompt draws a grid of a model outside the toy world; the toy world's grid shows the "
-                        "prompts it scores")
+        if args.sample_steps is not None and args.sample_steps < 1:
+            raise UserError(f"--sample-steps must be at least 1, got {args.sample_steps}")
+        if args.resolution is not None and models.folder_of(name):  # a bad size before any weights load
+            meta.describe(name, torch.float32).denoiser(torch.float32).set_resolution(args.resolution)
+    elif prompts or args.resolution is not None or args.sample_steps is not None:
+        raise UserError("--prompt, --resolution and --sample-steps set the grid of a model outside the toy world; "
+                        "the toy world's grid shows the prompts it scores, at the settings it scores them")
     if edit:
         edit.check_kind_of(name)
     # in the dtype the edit was made in, whose base values its fingerprint holds
@@ -203,6 +210,10 @@ def cmd_eval(args) -> int:
         report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid)
     else:
         columns = len(Concept(**edit.concepts[0]).templates) if edit and not args.prompt else min(COLUMNS, len(prompts))
+        if args.resolution is not None:
+            model.set_resolution(args.resolution)
+        if args.sample_steps is not None:
+            model.sample_kwargs["num_inference_steps"] = args.sample_steps
         report = sample_grid(model, args.grid, prompts, seed=args.seed, columns=columns)
     if edit:
         report["edit"] = str(args.edit)
@@ -271,9 +282,9 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="erase 'circle' from the toy pipelines; before/after table and grid")
     d.add_argument("--models", type=_csv, default=["toy-sd", "toy-flux"], help="comma-separated toy models")
-    d.add_argument("--method", default="uce")
+    d.add_argument("--method", default="uce", help="the method to erase with (see `fasterase methods`)")
     d.add_argument("--out", default="fasterase_demo", help="folder for the image grids")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the scored samples and the grids")
     d.set_defaults(run=cmd_demo)
 
     e = sub.add_parser("erase", help="erase concepts and save the edit")
@@ -318,7 +329,12 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--prompt", action="append",
                    help="outside the toy world: a prompt the grid draws (repeatable; default: an --edit's concepts "
                         "in their templates, then the concepts it preserved)")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--resolution", type=_resolution,
+                   help="outside the toy world: the grid's image size in px, N or HxW (default: the model's own)")
+    v.add_argument("--sample-steps", type=int, metavar="N",
+                   help="outside the toy world: sampler steps per grid image (default: the pipeline's own, 50 for "
+                        "SD and 28 for FLUX)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the first image; each batch adds its offset")
     v.add_argument("--repeats", type=int,
                    help="samples per prompt (default 2: 32 images per shape); more gives a less noisy rate")
     v.set_defaults(run=cmd_eval)

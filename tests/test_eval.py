@@ -149,8 +149,22 @@ def test_cli_eval_outside_the_toy_world(capsys, tmp_path, monkeypatch):
         assert main(["eval", "--model", str(folder), *argv]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
-    assert main(["eval", "--model", "toy-sd", "--grid", str(tmp_path / "h.png"), *prompts]) == 2
-    assert "toy world's grid shows the prompts it scores" in capsys.readouterr().err
+    # its size and steps, which the toy world refuses; a bad size before any weights load
+    calls = []
+    monkeypatch.setattr(models.Denoiser, "generate", lambda self, prompts, seed, batch_size=256: calls.append(
+        dict(self.sample_kwargs)) or real(self, prompts, seed, batch_size))
+    assert main(["eval", "--model", str(folder), "--grid", str(tmp_path / "s.png"), *prompts[:4], "--resolution",
+                 "64x96", "--sample-steps", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert calls[-1]["num_inference_steps"] == 3 and (calls[-1]["height"], calls[-1]["width"]) == (64, 96)
+    assert report["resolution"] == [64, 96] and report["sample_steps"] == 3
+    assert Image.open(tmp_path / "s.png").size == (98 * 2 * 2, 66 * 2)  # tiles enlarged to 128 px and more
+    assert main(["eval", "--model", str(folder), "--grid", str(tmp_path / "t.png"), *prompts, "--resolution",
+                 "65"]) == 2 and "65" in capsys.readouterr().err
+    for extra in (prompts, ["--resolution", "64"], ["--sample-steps", "3"]):
+        assert main(["eval", "--model", "toy-sd", "--grid", str(tmp_path / "h.png"), *extra]) == 2
+        assert "toy world's grid shows the prompts it scores" in capsys.readouterr().err
+    monkeypatch.setattr(models.Denoiser, "generate", generate)
     assert batches == [256] and not (tmp_path / "h.png").exists()
     # an edit's grid: its concept in its templates (one row), where no --prompt is given
     result = fasterase.erase(str(folder), Concept("circle", templates=("a {}", "a red {}")), method="uce",

@@ -126,13 +126,14 @@ def grid_prompts(concepts: list[dict], preserve: list[str]) -> list[str]:
 
 def sample_grid(model: Denoiser, path, prompts: list[str], seed: int = 0, columns: int = COLUMNS) -> dict:
     """`prompts` drawn once each with fixed seeds, as a PNG grid of `columns`, for a model of any world:
-    no scores. Batches shrink with the image size."""
+    no scores. Batches shrink with the image size. The report's sample_steps: None for the pipeline's own."""
     check_grid_path(path)  # before any image is drawn
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise UserError(f"a sample grid needs prompts, each a non-empty text; got {prompts!r}")
     save_grid(model.generate(list(prompts), seed=seed, batch_size=_batch_size(model)), path, columns=columns)
     return {"model": model.name or model.kind, "images": len(prompts), "seed": seed, "grid": str(path),
-            "prompts": list(prompts)}
+            "prompts": list(prompts), "resolution": [model.height, model.width],
+            "sample_steps": model.sample_kwargs.get("num_inference_steps")}
 
 
 def format_table(report: dict) -> str:

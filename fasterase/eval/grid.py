@@ -34,9 +34,10 @@ def check_grid_path(path: str | Path) -> Path:
     return path
 
 
-def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int = 4) -> Path:
+def save_grid(images: torch.Tensor, path: str | Path, columns: int) -> Path:
     """Write images (N, 3, H, W) in [0, 1] as one PNG, `columns` per row, atomically, to a path
-    check_grid_path accepts."""
+    check_grid_path accepts. Small images (the toy world's 32x48) are enlarged, nearest-neighbour, to at
+    least 128 px on their short side; real-size ones stay as drawn."""
     path = check_grid_path(path)
     n, _, h, w = images.shape
     rows = -(-n // columns)
@@ -46,6 +47,7 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int, scale: int =
         r, c = divmod(i, columns)
         canvas[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = pixels[i]
     img = Image.fromarray(canvas)
+    scale = max(1, -(-128 // min(h, w)))
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
