@@ -40,10 +40,10 @@ from .training import engine, loop
 
 @dataclass
 class EraseResult:
-    pipeline: object  # the edited diffusers pipeline
-    model: models.Denoiser
+    pipeline: object = dataclasses.field(repr=False)  # the edited diffusers pipeline
+    model: models.Denoiser = dataclasses.field(repr=False)
     edit: Edit
-    report: dict
+    report: dict = dataclasses.field(repr=False)
 
 
 def methods() -> dict[str, str]:

@@ -68,6 +68,8 @@ def _settings(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise UserError(f"bad --set {pair!r}: expected key=value")
+        if key.strip() in out:
+            raise UserError(f"--set {key.strip()} is given twice; give each option once")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:

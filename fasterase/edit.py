@@ -269,6 +269,12 @@ class Edit:
         # per network the edit is applied to: the base values of its weights and entries, for remove()
         self._undo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+    def __repr__(self) -> str:
+        kinds = [text.format(len(v)) for text, v in (("{} weights", self.weights), ("entries of {} weights", self.entries),
+                                                       ("{} LoRA tensors", self.lora)) if v]
+        names = ", ".join(c["name"] for c in self.concepts)
+        return f"Edit({self.method} of {names or 'nothing'} on a {self.model_kind} model: {', '.join(kinds) or 'empty'})"
+
     # --- what it touches ------------------------------------------------------------------------
     def touched(self) -> list[str]:
         return sorted(set(self.weights) | set(self.entries) | set(lora_base_names(self.lora)))

@@ -63,6 +63,8 @@ def one_line_error(code, err, *needles):
      ["unknown option", "'method'", "--set takes the method's options", "parameters"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--set", "device=cpu", "--out", "X"],
      ["unknown option", "'device'", "steps"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--method", "uce", "--set", "lam=0.5", "--set", "lam=0.7",
+      "--out", "X"], ["--set lam is given twice"]),
     (["erase", "--model", "toy-sd", "--method", "uce", "--out", "X"], ["--concept"]),
     (["eval"], ["--model"]),
     (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "name no toy shape or colour", "circle"]),

@@ -84,6 +84,13 @@ def test_an_entries_edit_from_disk_applies_to_a_model_on_the_gpu(tmp_path):
     assert same(state(model), state(models.load("toy-sd", device="cuda")))
 
 
+def test_an_edit_and_a_result_print_as_a_summary_not_their_tensors():
+    result = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
+    n = len(result.edit.lora)
+    assert repr(result.edit) == f"Edit(esd of circle on a sd model: {n} LoRA tensors)"
+    assert repr(result) == f"EraseResult(edit=Edit(esd of circle on a sd model: {n} LoRA tensors))"
+
+
 def test_a_fingerprint_names_the_base_values_in_a_dtype():
     """One changed entry changes it; the order of the names does not; with a dtype it is the network's once
     cast (not changed by it), and a bf16 network's fp32 copy has the bf16 network's fingerprint."""

@@ -50,6 +50,9 @@ def test_resume_equals_uninterrupted(tmp_path, capsys):
     w2, o2 = make()  # a new process: fresh values, resumed from the checkpoint
     loop.train(loss_fn(w2), [w2], o2, 25, seed=1, checkpoint=ckpt, checkpoint_every=5, progress=False)
     assert torch.equal(w2, w_full)
+    with pytest.raises(KeyboardInterrupt):  # without a checkpoint it says how to keep the progress
+        loop.train(interrupted, [w], o, 25, seed=1, progress=False)
+    assert "nothing was saved: with a checkpoint file (--set checkpoint=FILE" in capsys.readouterr().err
 
 
 class _Model:

@@ -324,6 +324,9 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
             if ckpt:
                 tqdm.write(f"interrupted after step {done} of {steps}: saved to {ckpt}; the same call again resumes "
                            "from it", file=sys.stderr)
+            else:
+                tqdm.write(f"interrupted after step {done} of {steps}; nothing was saved: with a checkpoint file "
+                           "(--set checkpoint=FILE, checkpoint= in the API) the same call resumes", file=sys.stderr)
         elif ckpt and stepper.rank == 0:
             last = max(start, done // checkpoint_every * checkpoint_every)  # the periodic saves' last
             kept = f"{ckpt} holds step {last}" if last else "no checkpoint was written yet"
