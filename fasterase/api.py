@@ -214,28 +214,29 @@ def _peak_memory_mb(device: torch.device) -> dict:
     return {"peak_process_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _plan_command(den: models.Denoiser, method: registry.Method, cfg, options: dict, concepts: ConceptSet,
-                  dtype: torch.dtype, gradient_checkpointing: bool, micro_batch: int | None, where: torch.device) -> str:
-    """The `fasterase plan` command line of this erase run: its memory part by part, and the options that fit."""
-    model = _model_record(den)
-    if model not in models.BUILTINS and models.folder_of(model) is None:
-        model = "FOLDER"  # a pipeline made in memory: its configs are in no folder the planner can read
+def _plan_command(model: str, method: registry.Method, options: dict, concept_type: str, dtype: torch.dtype | None,
+                  resolution, gradient_checkpointing: bool, micro_batch: int | None, where: torch.device) -> str:
+    """The `fasterase plan` command line of an erase run (what it left out, plan defaults to as erase does)."""
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    words = ["fasterase", "plan", "--model", model, "--method", method.name, "--dtype", names[dtype]]
-    if method.runs_images(cfg):
-        words += ["--resolution", f"{den.height}x{den.width}"]
-    if concepts.concepts[0].type != "object":
-        words += ["--concept-type", concepts.concepts[0].type]
+    words = ["fasterase", "plan", "--model", model, "--method", method.name]
+    if dtype is not None:
+        words += ["--dtype", names[dtype]]
+    if resolution is not None:
+        words += ["--resolution", str(resolution) if isinstance(resolution, numbers.Integral) else
+                  "x".join(map(str, resolution))]
+    if concept_type != "object":
+        words += ["--concept-type", concept_type]
     if where.type == "cuda":
         words += ["--gpu-mem", f"{torch.cuda.get_device_properties(where).total_memory / 1e9:.1f}"]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        words += ["--gpus", str(torch.distributed.get_world_size())]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a launcher's processes, before the process group starts
+        words += ["--gpus", os.environ["WORLD_SIZE"]]
     if gradient_checkpointing:
         words.append("--gradient-checkpointing")
     if micro_batch is not None:
         words += ["--micro-batch", str(micro_batch)]
     for key, value in options.items():
-        text = value if isinstance(value, str) and not _reads_as_json(value) else json.dumps(value)
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
+        text = value if isinstance(value, str) and not _reads_as_json(value) else json.dumps(value, default=str)
         words += ["--set", f"{key}={text}"]
     return shlex.join(words)
 
@@ -249,13 +250,16 @@ def _reads_as_json(text: str) -> bool:
 
 
 @contextlib.contextmanager
-def _memory_hint(plan_command: str):
-    """An out-of-memory error leaves with the planner's command for this run added to its message."""
+def _memory_hint(command: typing.Callable[[], str], what: str):
+    """An out-of-memory error leaves with the planner's command for the run (made then) added to its message."""
     try:
         yield
-    except torch.OutOfMemoryError as exc:
-        exc.add_note(f"`{plan_command}` gives this run's memory part by part, and the options that make it fit "
-                     f"(gradient checkpointing and micro-batches give the same result in less memory)")
+    except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError from torch 2.5 on is this class
+        text = command()
+        placeholder = (" (FOLDER: a diffusers folder of this pipeline, e.g. from pipe.save_pretrained(FOLDER))"
+                       if " --model FOLDER " in text else "")
+        exc.add_note(f"`{text}`{placeholder} gives {what} part by part, and the options that make it fit "
+                     "(gradient checkpointing and micro-batches give the same result in less memory)")
         raise
 
 
@@ -313,7 +317,11 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
         # from the folder's configs: a bad size before any weights load (a registered name is built once, then checked)
         meta.describe(str(model)).denoiser(torch.float32).set_resolution(resolution)
     if fresh:  # a name or folder loads afresh (a copy already), in its dtype
-        den = models.load(model, device, dtype, keep_network=zero3)
+        where = models.resolve_device(device)
+        command = lambda: _plan_command(str(model), m, {}, "object", models.resolve_dtype(dtype), None,  # noqa: E731
+                                        False, None, where)
+        with _memory_hint(command, "the model's weights"):
+            den = models.load(model, device, dtype, keep_network=zero3)
     elif copy:  # the given pipeline stays as it is, where it is
         given = model if isinstance(model, models.Denoiser) else None
         den = models.load(copylib.deepcopy(given.pipeline if given else model))
@@ -328,9 +336,18 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     _check_idle(m, cfg, _given(options, preserve, resolution, gradient_checkpointing, micro_batch), den, cs)
     _check_prompts(den, cs)
     where = models.resolve_device(device) if device is not None or fresh else den.network.device
-    plan_command = _plan_command(den, m, cfg, options, cs, models.resolve_dtype(dtype) or den.network.dtype,
-                                 gradient_checkpointing, micro_batch, where)
-    with _memory_hint(plan_command):  # cast and moved once the run is checked: a refused one leaves it as it was
+
+    def command() -> str:  # the planner plans one concept: options idle for one are left out
+        record = _model_record(den)
+        named = record in models.BUILTINS or models.folder_of(record) is not None
+        one = ConceptSet(cs.concepts[:1])
+        idle = {text.split(":")[0] for text in m.idle_options(cfg, set(options), den, one)}
+        return _plan_command(record if named else "FOLDER", m, {k: v for k, v in options.items() if k not in idle},
+                             cs.concepts[0].type, models.resolve_dtype(dtype) or (None if fresh else den.network.dtype),
+                             resolution, gradient_checkpointing, micro_batch, where)
+
+    what = "this run's memory" + (" for one of its concepts" if len(cs.concepts) > 1 else "")
+    with _memory_hint(command, what):  # cast and moved once the run is checked: a refused one leaves it as it was
         models.load(den, device, dtype, keep_network=zero3)
     models.warn_if_fp16_on_cpu(den, where, "choose bf16 or fp32 (dtype=, --dtype)")
     start = time.perf_counter()
@@ -341,7 +358,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     den.micro_batch = micro_batch
     partition = engine.partitioned(den.network, where, cfg.deepspeed_config) if zero3 else contextlib.nullcontext()
     try:
-        with _memory_hint(plan_command), partition, den.text_encoders_offloaded():
+        with _memory_hint(command, what), partition, den.text_encoders_offloaded():
             edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
     finally:
         den.micro_batch = None

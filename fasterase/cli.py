@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # out of memory: torch's account of it, and the planner's command for the run
         import torch
 
-        if not isinstance(exc, torch.OutOfMemoryError):
+        if not isinstance(exc, torch.cuda.OutOfMemoryError):
             raise
         print(f"{command}: error: {exc}", *getattr(exc, "__notes__", ()), sep="\n", file=sys.stderr)
         return 1

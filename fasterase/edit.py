@@ -17,7 +17,8 @@ so the refusal names the one in the way.
 On disk an edit is a folder: edit.safetensors (the weights, the metadata as JSON in the header),
 for LoRA edits pytorch_lora_weights.safetensors, and with save(pipeline=...) the edited pipeline
 in pipeline/. Folders are written under a temporary name and renamed, so a failed save leaves
-nothing half-written and removes nothing. Only a folder that holds an edit is ever replaced.
+nothing half-written and removes nothing. Only a folder that holds an edit is ever replaced; an empty
+one is filled in place.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ def fingerprint(network: torch.nn.Module, names: list[str], dtype: torch.dtype |
     checkpoint's bf16 weights loaded in fp32 have the bf16 fingerprint. The tensors' digests are computed
     in threads (hashlib and torch's casts release the GIL) while the next tensor comes off the device: the
     whole of FLUX.1-dev is 48 GB of fp32 values, about 40 s of one core's sha256."""
-    workers = max(1, min(8, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(8, cores))
     h = hashlib.sha256()
     with ThreadPoolExecutor(workers) as pool:
         pending = []
@@ -171,8 +173,8 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
         return path
     if not path.is_dir():
         raise UserError(f"{path} is a file, and an edit is a folder; choose a new folder")
-    if not any(path.iterdir()):  # an empty folder holds nothing to lose
-        check_writable(path.parent, f"edit folder {path}")  # the new folder is made beside it, then renamed
+    if not any(path.iterdir()):  # an empty folder holds nothing to lose: save() fills it in place
+        check_writable(path, f"edit folder {path}")
         return path
     if not overwrite:
         if is_edit_folder(path):
@@ -191,6 +193,8 @@ def _damaged_named(file: Path):
     """A file of an edit that safetensors cannot read (truncated, damaged, missing) is named: a UserError."""
     try:
         yield
+    except PermissionError as exc:
+        raise UserError(f"{file}: cannot read it ({exc.strerror})") from None
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{file} cannot be read as an edit's safetensors file ({exc}); the edit folder is damaged: "
                         "save the edit again") from None
@@ -334,6 +338,8 @@ class Edit:
     def check_kind_of(self, model: str | os.PathLike) -> None:
         """Before a name or folder loads: UserError when its configs say it is another kind of model than
         this edit's (a FLUX folder's weights would load, tens of GB, only to be refused)."""
+        if models.folder_of(model) is None:  # a registered name: built once, by the load that checks it
+            return
         kind = meta.describe(str(model), torch.float32).kind
         if kind != self.model_kind:
             raise UserError(f"this edit is for a {self.model_kind} model, and {model} is a {kind} model")
@@ -484,18 +490,21 @@ class Edit:
     # --- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, overwrite: bool = False, pipeline=None) -> Path:
         """Write the edit folder atomically; with `pipeline` (the edited pipeline or Denoiser, which must carry
-        this edit) also the pipeline as it draws, LoRA fused (save_pipeline), in pipeline/. An existing path is
-        replaced only with overwrite and only if it holds an edit (target_folder), and only once
-        the new folder is complete: a save that fails leaves it as it was."""
+        this edit) also the pipeline as it draws, LoRA fused (save_pipeline), in pipeline/. An existing empty
+        folder is filled in place (its files written beside, in a hidden folder, then moved in); a folder that
+        holds an edit is replaced only with overwrite (target_folder), and only once the new folder is
+        complete: a save that fails leaves either as it was."""
         path = target_folder(path, overwrite, model=self.report.get("model"))
         if pipeline is not None:
             pipeline = edited(pipeline)
             if self._record() not in applied_edits(pipeline.network) and not self._held_as(pipeline.network):
                 raise UserError("the pipeline given to save does not carry this edit (apply it first, or save the "
                                 "edit alone)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        old = tmp.with_name(tmp.name + ".old")
+        empty = path.is_dir() and not any(path.iterdir())  # filled in place: a mount point or `.` stays
+        if not empty:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path if empty else path.parent))
+        old, moved = tmp.with_name(tmp.name + ".old"), []
         try:
             weights = {k: v.detach().cpu().contiguous() for k, v in self.weights.items()}
             for name, (idx, values) in self.entries.items():
@@ -507,10 +516,18 @@ class Edit:
             if pipeline is not None:
                 save_pipeline(pipeline, tmp / PIPELINE_DIR)
             set_default_mode(tmp)  # mkdtemp's 0700 and safetensors' 0600: the folder follows the umask
-            if path.exists():
-                os.replace(path, old)
-            os.replace(tmp, path)
+            if empty:
+                for entry in sorted(tmp.iterdir()):
+                    os.replace(entry, path / entry.name)
+                    moved.append(path / entry.name)
+                tmp.rmdir()
+            else:
+                if path.exists():
+                    os.replace(path, old)
+                os.replace(tmp, path)
         except BaseException:
+            for entry in moved:  # the empty folder is left empty
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
             if old.exists() and not path.exists():
                 os.replace(old, path)
             shutil.rmtree(tmp, ignore_errors=True)

@@ -214,7 +214,7 @@ def test_atomic_save(tmp_path, monkeypatch):
     assert len(calls) == 2 and os.listdir(tmp_path) == []
     monkeypatch.setattr(edit_mod, "save_file", real)
     edit.save(tmp_path / "edit")
-    with pytest.raises(UserError, match="exists"):
+    with pytest.raises(UserError, match="holds an edit"):
         edit.save(tmp_path / "edit")
     edit.save(tmp_path / "edit", overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["edit"]

@@ -181,10 +181,39 @@ def test_out_of_memory_names_the_plan_of_the_run(capsys, tmp_path, monkeypatch):
     assert lines[0] == "fasterase erase: error: CUDA out of memory. Tried to allocate 2.00 GiB."
     command = shlex.split(lines[1].split("`")[1])
     assert command[:2] == ["fasterase", "plan"]
-    assert " ".join(command[2:]) == ("--model toy-sd --method esd --dtype fp32 --resolution 32x48 --concept-type style "
-                                     "--micro-batch 2 --set steps=3 --set parameters=esd-u")
+    assert " ".join(command[2:]) == ("--model toy-sd --method esd --concept-type style --micro-batch 2 --set steps=3 "
+                                     "--set parameters=esd-u")
     code, out, _ = run(capsys, *command[1:])
     assert code == 0 and "esd on toy-sd at 32x48 px, concept type style" in out and "micro-batch 2" in out
+
+
+def test_out_of_memory_plans_one_concept_and_the_weights_when_loading(tmp_path, monkeypatch, capsys):
+    """Several concepts: the options idle for one are left out, so the planner takes the command; a Path
+    option is text; out of memory while a folder's weights load: the plan of the weights."""
+    import dataclasses
+    import shlex
+    from pathlib import Path
+
+    from fasterase import api, models
+    from fasterase.methods import REGISTRY
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setitem(REGISTRY, "ant", dataclasses.replace(REGISTRY["ant"], run=out_of_memory))
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        fasterase.erase("toy-sd", "circle, square", method="ant", rank=2, checkpoint=Path(tmp_path / "c.pt"),
+                        resolution=(32, 64), progress=False)
+    note = caught.value.__notes__[0]
+    assert "gives this run's memory for one of its concepts part by part" in note
+    command = shlex.split(note.split("`")[1])
+    assert "rank=2" not in command and f"checkpoint={tmp_path / 'c.pt'}" in command and "32x64" in command
+    assert main(command[1:]) == 0 and "ant on toy-sd at 32x64 px" in capsys.readouterr().out
+    monkeypatch.setattr(api.models, "load", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as caught:
+        fasterase.erase("toy-sd", "circle", method="esd", dtype="bf16", progress=False)
+    assert "`fasterase plan --model toy-sd --method esd --dtype bf16` gives the model's weights part by part" in (
+        caught.value.__notes__[0])
 
 
 def test_several_concepts_one_rule(capsys, tmp_path):

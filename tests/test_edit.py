@@ -188,6 +188,30 @@ def test_a_damaged_weight_file_is_named(tmp_path, model_folder):
         fasterase.erase(str(model_folder), "circle", method="uce", progress=False)
 
 
+def test_an_empty_folder_is_filled_in_place_and_left_empty_when_the_save_fails(tmp_path, monkeypatch):
+    """A mount point (or `.`) cannot be renamed away: an empty --out gets the files moved into it."""
+    edit = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit
+    out = tmp_path / "out"
+    out.mkdir()
+    inode = out.stat().st_ino
+    real, calls = os.replace, []
+
+    def fails_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fails_second)
+    with pytest.raises(OSError, match="disk full"):
+        edit.save(out)
+    assert list(out.iterdir()) == []
+    monkeypatch.setattr(os, "replace", real)
+    assert edit.save(out) == out and out.stat().st_ino == inode
+    assert sorted(p.name for p in out.iterdir()) == ["edit.safetensors", "pytorch_lora_weights.safetensors"]
+    assert Edit.load(out).lora.keys() == edit.lora.keys()
+
+
 @pytest.mark.parametrize("damage", ["half edit", "empty edit", "half lora", "no lora"])
 def test_a_damaged_edit_folder_is_named(tmp_path, damage):
     """A truncated edit.safetensors or LoRA file was safetensors' traceback (exit 1)."""

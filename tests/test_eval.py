@@ -207,6 +207,6 @@ def test_grid_paths_are_checked_before_any_sampling(capsys, tmp_path, monkeypatc
     monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         save_grid(torch.rand(2, 3, 4, 4), grid, columns=2)
-    assert Image.open(grid).size == (2 * 6 * 4, 6 * 4)
+    assert Image.open(grid).size == (2 * 6 * 32, 6 * 32)  # 4 px tiles enlarged 32x, to 128 px
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder.png", "g.png", "model_index.json",
                                                          "notes.png"]  # no temporary file left

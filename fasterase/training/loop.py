@@ -264,7 +264,8 @@ def _train(loss_fn, params, stepper, steps, seed, ckpt, state, this, checkpoint_
         history = state.get("memory_options", [])
         if state["finished"]:
             return {"steps": start, "last_loss": loss_value, "skipped_steps": skipped, "train_time_s": 0.0,
-                    "engine": stepper.describe(), "memory_options": history}
+                    "engine": stepper.describe(), "memory_options": history,
+                    **({"loss_scale": scale.value} if scale.enabled else {})}
     if options and (not history or {k: v for k, v in history[-1].items() if k != "from_step"} != options):
         history = [*history, {"from_step": start, **options}]
 
