@@ -389,7 +389,8 @@ class Edit:
                 raise UserError(f"this edit was made on the model in {made_in} and checks its base weights in it; "
                                 f"this model is in {now}: load it in {made_in} "
                                 f"(fasterase.load(model, edit, dtype={made_in!r}))")
-            raise UserError("this edit was made for a different base model (the weights it edits differ)")
+            raise UserError("this edit was made for a different base model (the weights it edits differ; an edit "
+                            "made over another edit applies only after that one)")
 
     # --- apply / remove -------------------------------------------------------------------------
     @torch.no_grad()
