@@ -1,7 +1,9 @@
 """The fasterase command line: `fasterase demo | erase | eval | plan | methods` (also `python -m fasterase`).
 
 A UserError (bad input) ends with one line on stderr and exit status 2; a non-finite loss with one
-line and exit 1; anything else is a bug and keeps its traceback (exit 1).
+line and exit 1; an interrupt (Ctrl-C, or SIGTERM as a job scheduler or `kill` sends) saves the
+training checkpoint, removes half-written files and exits 130 (143 for SIGTERM); anything else is a bug
+and keeps its traceback (exit 1).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -62,7 +65,8 @@ def _resolution(text: str):
 
 
 def _settings(pairs: list[str]) -> dict:
-    """--set key=value pairs; values are read as JSON (numbers, true/false, null) or else text."""
+    """--set key=value pairs; values are read as JSON (numbers, true/false, null), Python's True/False/None,
+    or else text (checkpoint=None is no checkpoint, not a file named None)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -70,8 +74,9 @@ def _settings(pairs: list[str]) -> dict:
             raise UserError(f"bad --set {pair!r}: expected key=value")
         if key.strip() in out:
             raise UserError(f"--set {key.strip()} is given twice; give each option once")
+        python = {"None": None, "True": True, "False": False}
         try:
-            out[key.strip()] = json.loads(value)
+            out[key.strip()] = python[value.strip()] if value.strip() in python else json.loads(value)
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
@@ -205,8 +210,12 @@ def cmd_eval(args) -> int:
     toy = components.is_toy(model.pipeline)
     if edit:
         edit.apply(model)
+        own = [c["name"] for c in edit.concepts]
         if toy and not erased:  # scored by the toy shapes or colours its concepts name ("red circle": the circle)
-            erased = [c["name"] for c in edit.concepts if shapes_named(c["name"]) or colors_named(c["name"])]
+            erased = [n for n in own if shapes_named(n) or colors_named(n)]
+        elif erased and sorted(erased) != sorted(own):
+            print(f"fasterase eval: note: scoring --erased {', '.join(erased)} as erased; the edit erased "
+                  f"{', '.join(own)}", file=sys.stderr)
     if toy or erased or not args.grid:  # evaluate refuses a model outside the toy world before any work
         repeats = 2 if args.repeats is None else args.repeats
         report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid)
@@ -392,13 +401,30 @@ def _one_line_warnings(command: str):
         warnings.showwarning = shown
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is: it unwinds as Ctrl-C does (training saves its checkpoint, a
+    half-written edit is removed) instead of dying where it stands."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    def terminate(signum, frame):
+        raise Terminated()
+
+    was = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, was)
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "fasterase"
     try:
         args = parser().parse_args(argv)
         command = f"fasterase {args.command}"
         _quiet_libraries()
-        with _one_line_warnings(command):
+        with _one_line_warnings(command), _sigterm_interrupts():
             return args.run(args)
     except UserError as exc:
         print(f"{exc.prog if isinstance(exc, UsageError) else command}: error: {exc}", file=sys.stderr)
@@ -406,9 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:  # a non-finite loss: what happened, not a bug in the code
         print(f"{command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{command}: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except RuntimeError as exc:  # out of memory: torch's account of it, and the planner's command for the run
         import torch
 

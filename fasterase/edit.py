@@ -4,7 +4,8 @@ Three kinds of change, any of them together:
 - `weights`: the new values of some network parameters (closed-form edits). Stored whole, not
   as differences, so apply -> save -> load -> apply is bit-exact.
 - `entries`: new values of selected entries only (masked fine-tunes): {name: (int32 indices into
-  the flattened parameter, values)}, so an edit of a few entries of a large model stays small.
+  the flattened parameter, values)}, so an edit of a few entries of a large model stays small (a
+  tensor with so many entries selected that this would be larger is stored in `weights`, whole).
 - `lora`: a LoRA adapter in diffusers' format (keys "unet." / "transformer."), saved as
   pytorch_lora_weights.safetensors beside the edit so `pipe.load_lora_weights(DIR)` loads it.
 
@@ -552,15 +553,26 @@ class Edit:
                 header = f.metadata() or {}
         if "fasterase" not in header:
             raise UserError(f"{file} has no fasterase metadata")
-        meta = json.loads(header["fasterase"])
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{file} is edit format {meta.get('format')}, this fasterase reads format {FORMAT}")
+        try:
+            meta = json.loads(header["fasterase"])
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file}: its fasterase metadata is damaged ({exc}); save the edit again") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise UserError(f"{file} is edit format {found}, this fasterase reads format {FORMAT}")
+        missing = [k for k in ("has_lora", "method", "model_kind", "concepts", "config", "base_fingerprint",
+                               "fasterase_version") if k not in meta]
+        if missing:
+            raise UserError(f"{file}: its fasterase metadata is damaged (no {', '.join(missing)}); save the edit again")
         lora = {}
         if meta["has_lora"]:
             with _damaged_named(path / LORA_FILE):
                 lora = load_file(str(path / LORA_FILE))
         with _damaged_named(file):
             weights = load_file(str(file))
+        unpaired = [k for k in weights if k.endswith(INDICES) and k[:-len(INDICES)] + VALUES not in weights]
+        if unpaired:
+            raise UserError(f"{file} is damaged: {unpaired[0]} has no {VALUES} beside it; save the edit again")
         entries = {k[:-len(INDICES)]: (weights.pop(k), weights.pop(k[:-len(INDICES)] + VALUES))
                    for k in list(weights) if k.endswith(INDICES)}
         return cls(method=meta["method"], model_kind=meta["model_kind"], concepts=meta["concepts"],

@@ -24,8 +24,9 @@ defaults, nothing preserved. Every part and its source:
   fp32 factors) and train with torch's AdamW: two fp32 states an entry.
   ANT's and FADE's salient entries (training.params.CompactDelta) are a share of every tensor's
   entries: FADE's saliency_share; ANT's is known only once its maps are computed (--salient-share,
-  default ANT_SHARE). Per entry: the int32 index, the base value in --dtype and the fp32 master
-  CompactDelta keeps, and the master's fp32 gradient. SalientAdamW's 8-bit states over the masters
+  default ANT_SHARE). Per entry: the int32 index (none with saliency=false, which trains whole
+  parameters), the base value in --dtype and the fp32 master CompactDelta keeps, and the master's fp32
+  gradient. SalientAdamW's 8-bit states over the masters
   (ops/quant.py): 2 bytes an entry and two fp32 absmax per 256 entries; fp32, 8 bytes an entry, for a
   tensor with fewer than 4096 (optim.SalientAdamW's min_8bit_size). Every tensor holding a selected
   entry (all of them, assumed here) requires grad, so autograd makes its whole gradient, which a hook
@@ -519,17 +520,19 @@ class _Planner:
         """One layer's whole gradient (the largest tensor's) in --dtype with `temporaries` fp32 copies of it."""
         return max(self.entries) * (self.bytes + 4 * temporaries)
 
-    def salient(self, share: float, gpus: int, zero: int) -> tuple[dict[str, int], dict[str, str], int]:
+    def salient(self, share: float | None, gpus: int, zero: int) -> tuple[dict[str, int], dict[str, str], int]:
         """CompactDelta with a `share` of every tensor's entries selected (a tensor left with none is not
-        touched): the per-entry bookkeeping, the masters' gradients and one layer's whole gradient, and
-        SalientAdamW's states (under ZeRO, zero_parts); and the number of entries selected."""
-        selected = [round(share * n) for n in self.entries if round(share * n)]
+        touched; None: every entry, whole parameters, no index held): the per-entry bookkeeping, the masters'
+        gradients and one layer's whole gradient, and SalientAdamW's states (under ZeRO, zero_parts); and the
+        number of entries selected."""
+        selected = list(self.entries) if share is None else [round(share * n) for n in self.entries if round(share * n)]
         k = sum(selected)
-        per_entry = 4 + self.bytes + 4
+        per_entry = self.bytes + 4 + (0 if share is None else 4)
         lines = {"trainable state": k * per_entry, "gradients": 4 * k + self.layer_gradient(1),
                  "optimizer states": sum(_salient_states(s) for s in selected)}
-        notes = {"trainable state": f"{k / 1e6:.4g} M salient entries ({share:.3g} of each tensor), {per_entry} bytes "
-                                    f"each: int32 index, {self.dtype} base value, fp32 master",
+        held = ("" if share is None else "int32 index, ") + f"{self.dtype} base value, fp32 master"
+        which = "entries (every one)" if share is None else f"salient entries ({share:.3g} of each tensor)"
+        notes = {"trainable state": f"{k / 1e6:.4g} M {which}, {per_entry} bytes each: {held}",
                  "gradients": "the masters' fp32 gradients, and one layer's whole gradient in "
                               f"{self.dtype} (gathered and freed as autograd makes it)",
                  "optimizer states": "SalientAdamW over the masters, 8-bit blockwise (fp32 under 4096 entries)"}
@@ -662,8 +665,7 @@ def _ant(p: _Planner, cfg, gpus: int, share: float):
     concept = p.concepts.concepts[0]
     lines, notes = p.resident(len(set(concept.prompts() + concept.prompts(augment=True) + [""])))
     lines = p.partitioned(lines, notes, gpus, cfg.zero)
-    share = share if cfg.saliency else 1.0
-    trained, salient_notes, _ = p.salient(share, gpus, cfg.zero)
+    trained, salient_notes, _ = p.salient(share if cfg.saliency else None, gpus, cfg.zero)
     notes.update(salient_notes)
 
     def calls(n: int) -> list:
@@ -698,7 +700,7 @@ def _fade(p: _Planner, cfg, gpus: int):
     b = cfg.batch_size
     lines, notes = p.resident(len(set([t for t, _ in pairs.concept] + pairs.neutral + pairs.preserved + [""])))
     lines = p.partitioned(lines, notes, gpus, cfg.zero)
-    trained, salient_notes, _ = p.salient(cfg.saliency_share if cfg.saliency else 1.0, gpus, cfg.zero)
+    trained, salient_notes, _ = p.salient(cfg.saliency_share if cfg.saliency else None, gpus, cfg.zero)
     notes.update(salient_notes)
     d = p.discriminator(meter, 4 * 7)
     columns = {}

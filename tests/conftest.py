@@ -6,7 +6,9 @@ first imported (diffusers may import it while fasterase loads), so it is set her
 Under pytest-xdist (`-n N`, the README's test command) each worker gets one torch thread, and so do
 the processes the tests start: N workers of two threads each on N cores spin against each other.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -18,6 +20,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 # saliency maps and other caches of the run stay out of the user's ~/.cache
 os.environ["FASTERASE_CACHE"] = tempfile.mkdtemp(prefix="fasterase-test-cache-")
+atexit.register(shutil.rmtree, os.environ["FASTERASE_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

@@ -158,8 +158,7 @@ def test_unconditional_terms_move_the_weights(name):
     model = models.load(name)
     net = model.network
     names = [n for n, p in net.named_parameters() if p.dim() == 2][:6]
-    change = params.CompactDelta(net, {n: torch.arange(net.get_parameter(n).numel(), dtype=torch.int32)
-                                       for n in names})
+    change = params.CompactDelta(net, dict.fromkeys(names))
     with torch.no_grad():
         for n in names:
             v = change.values[n]
@@ -284,6 +283,29 @@ def test_saliency_map_is_cached(tmp_path):
     other = ant.ANTConfig(**{**FAST, "saliency_threshold": 2.0})
     ant.concept_saliency(model, cs.concepts[0], other.resolved(cs.concepts[0]), other, progress=False)
     assert len(list(saliency.cache_dir().glob("*.safetensors"))) == 2  # settings are part of the key
+
+
+def test_saliency_key_covers_the_image_size_noise_schedule_and_text_encoders():
+    """A map is only reused by the model setting it was computed for: another resolution, another
+    prediction type (a v-prediction checkpoint of the same UNet) or another text encoder is another key."""
+    from diffusers import DDIMScheduler
+
+    concept = Concept("circle")
+    cfg = ant.ANTConfig(**FAST)
+    hp = cfg.resolved(concept)
+    model = models.load("toy-sd")
+    keys = [ant._saliency_key(model, concept, hp, cfg)]
+    assert ant._saliency_key(models.load("toy-sd"), concept, hp, cfg) == keys[0]  # the same setting: the same key
+    model.set_resolution((model.height + 8, model.width))
+    keys.append(ant._saliency_key(model, concept, hp, cfg))
+    pipe = models.load("toy-sd").pipeline
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    keys.append(ant._saliency_key(models.load(pipe), concept, hp, cfg))
+    pipe = models.load("toy-sd").pipeline
+    with torch.no_grad():
+        next(pipe.text_encoder.parameters()).mul_(1.01)
+    keys.append(ant._saliency_key(models.load(pipe), concept, hp, cfg))
+    assert len(set(keys)) == 4
 
 
 def test_saliency_prompts_are_encoded_at_once(monkeypatch):
@@ -471,7 +493,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_the_saliency_map(tmp_path
     cs = fasterase.api._resolve_concepts(model, concepts, None)
     ckpt = tmp_path / "esd.ckpt"
     for k in ("", ".0", ".1"):
-        torch.save({"fasterase_checkpoint": loop.FORMAT, "run": loop.identity("esd", cs, ant.ANTConfig(), "x")},
+        torch.save({"fasterase_checkpoint": loop.FORMAT, "run": loop.identity("esd", cs, ant.ANTConfig(), "x", model.setting())},
                    f"{ckpt}{k}")
     monkeypatch.setattr(ant, "concept_saliency", lambda *a, **k: pytest.fail("the saliency map was computed"))
     monkeypatch.setattr(params, "add_lora", lambda *a, **k: pytest.fail("training began"))

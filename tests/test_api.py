@@ -330,6 +330,20 @@ def test_options_that_act_are_accepted(monkeypatch):
     _no_run(monkeypatch, "uce")
     with pytest.raises(AssertionError, match="ran"):
         fasterase.erase("toy-flux", "circle", method="uce", text_kv=True, preserve_scale=2.0)
+    with pytest.raises(AssertionError, match="ran"):  # text_kv's forwards run at the resolution
+        fasterase.erase("toy-flux", "circle", method="uce", text_kv=True, resolution=64)
+    with pytest.raises(UserError, match="micro_batch: UCE keeps no graph"):
+        fasterase.erase("toy-flux", "circle", method="uce", text_kv=True, micro_batch=2)
+
+
+def test_uce_text_kv_reads_the_text_stream_at_the_resolution_given():
+    """The joint blocks' add_k / add_v inputs come from forwards at the run's size: another size is another
+    edit, and the report states it (it said none: UCE was taken to run no image)."""
+    small = fasterase.erase("toy-flux", "circle", method="uce", text_kv=True, progress=False)
+    large = fasterase.erase("toy-flux", "circle", method="uce", text_kv=True, resolution=64, progress=False)
+    assert large.report["resolution"] == [64, 64] and small.report["resolution"] != [64, 64]
+    name = sorted(n for n in large.edit.weights if "add_k_proj" in n)[-1]  # block 0's reads no image tokens
+    assert not torch.equal(small.edit.weights[name], large.edit.weights[name])
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -246,6 +246,21 @@ def test_red_circle_is_erased_and_scored(capsys, tmp_path):
     assert report["concepts"]["circle"]["acc"] < 0.9  # the red circles are gone
 
 
+def test_eval_says_when_erased_is_not_the_edits_concepts(capsys, tmp_path, monkeypatch):
+    """--erased overrides what an edit erased: said on stderr, not silently."""
+    from fasterase import eval as eval_module
+
+    fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit.save(tmp_path / "e")
+    scored = []
+    monkeypatch.setattr(eval_module, "evaluate", lambda model, erased, **k: scored.append(erased) or {"concepts": {}})
+    monkeypatch.setattr(eval_module, "format_table", lambda report: "")
+    for erased, note in (("square", True), ("circle", False)):
+        code, _, err = run(capsys, "eval", "--edit", str(tmp_path / "e"), "--erased", erased)
+        assert code == 0, err
+        assert ("note: scoring --erased square as erased; the edit erased circle" in err) == note
+    assert scored == [["square"], ["circle"]]
+
+
 def _must_not(monkeypatch, target, name, what):
     def fail(*a, **k):
         raise AssertionError(what)
@@ -306,3 +321,42 @@ def test_concept_type_makes_every_concept_of_that_type(capsys, tmp_path, monkeyp
     assert code == 2 and "stopped here" in err
     assert [(c.name, c.type) for c in seen] == [("Van Gogh", "style"), ("Monet", "style"), ("Picasso", "style")]
     assert seen[0].prompts()[1] == "a painting by Van Gogh"
+
+
+def test_sigterm_saves_the_checkpoint_as_an_interrupt_does(capsys, tmp_path, monkeypatch):
+    """SIGTERM (a job scheduler's, or `kill`'s) unwinds as Ctrl-C does: training saves its checkpoint
+    at the last step taken, and the command exits 143 with one line; the handler is gone after."""
+    import os
+    import signal
+
+    from fasterase.training import loop
+
+    ckpt, before = tmp_path / "run.ckpt", signal.getsignal(signal.SIGTERM)
+
+    def erase(model, concepts, **kwargs):
+        w = torch.nn.Parameter(torch.zeros(3))
+
+        def loss(step, g):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return (w - 1).square().sum()
+
+        loop.train(loss, [w], torch.optim.SGD([w], lr=0.1), 10, seed=0, checkpoint=ckpt, progress=False)
+        pytest.fail("training went on after SIGTERM")
+
+    monkeypatch.setattr(fasterase, "erase", erase)
+    code, _, err = run(capsys, "erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--out",
+                       str(tmp_path / "edit"))
+    assert code == 143 and err.strip().splitlines()[-1] == "fasterase erase: terminated (SIGTERM)"
+    assert f"interrupted after step 3 of 10: saved to {ckpt}" in err
+    assert loop.read_checkpoint(ckpt)["step"] == 3 and not (tmp_path / "edit").exists()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_set_reads_json_and_pythons_spellings():
+    """--set checkpoint=None wrote a checkpoint file named None; True/False were text the options refused."""
+    from fasterase.cli import _settings
+
+    assert _settings(["checkpoint=None", "saliency=False", "text_kv=True", "lr=1e-3", "neutral=a blank",
+                      "rank=null"]) == {"checkpoint": None, "saliency": False, "text_kv": True, "lr": 1e-3,
+                                        "neutral": "a blank", "rank": None}

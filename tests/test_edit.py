@@ -1,5 +1,6 @@
 """Edits on models and on disk: applying (twice, stacked, rolled back), the overwrite rule, and
 saving the edited pipeline with its LoRA fused."""
+import json
 import os
 
 import pytest
@@ -224,6 +225,32 @@ def test_a_damaged_edit_folder_is_named(tmp_path, damage):
         file.write_bytes(data[:len(data) // 2] if "half" in damage else b"")
     with pytest.raises(UserError, match=f"{file.name} cannot be read as an edit's safetensors file"):
         fasterase.load("toy-sd", path)
+
+
+@pytest.mark.parametrize("metadata, needle", [
+    ("{not json", "its fasterase metadata is damaged"),
+    ('{"format": %d}', "its fasterase metadata is damaged \\(no has_lora, method"),
+    ("[1, 2]", "is edit format None"),
+    (None, "has no :values beside it"),
+])
+def test_damaged_metadata_or_entries_are_named(tmp_path, metadata, needle):
+    """Metadata that is not the JSON an edit writes, or an entry's indices without its values, was a
+    JSONDecodeError or KeyError traceback."""
+    from safetensors.torch import save_file
+
+    from fasterase.edit import FORMAT
+
+    path = tmp_path / "e"
+    path.mkdir()
+    tensors = {"w": torch.zeros(2)}
+    if metadata is None:
+        metadata = json.dumps({"format": FORMAT, "has_lora": False, "method": "ant", "model_kind": "sd",
+                               "concepts": [], "config": {}, "base_fingerprint": "x", "fasterase_version": "0"})
+        tensors = {"down.weight:indices": torch.zeros(2, dtype=torch.int32)}
+    save_file(tensors, str(path / "edit.safetensors"),
+              metadata={"fasterase": metadata % FORMAT if "%d" in metadata else metadata})
+    with pytest.raises(UserError, match=needle):
+        Edit.load(path)
 
 
 def test_an_edit_for_another_kind_of_model_is_refused_before_the_folder_loads(tmp_path, monkeypatch, capsys):

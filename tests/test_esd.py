@@ -112,3 +112,25 @@ def test_teacher_keeps_edits_applied_before():
     torch.testing.assert_close(teacher, before)
     assert {n for n, p in net.named_parameters() if p.requires_grad} == {
         n for n, p in net.named_parameters() if f".{params.ADAPTER}." in n}
+
+
+def test_a_checkpoint_is_refused_for_another_resolution_or_noise_schedule(tmp_path):
+    """A run's checkpoint resumed at another resolution, or for a pipeline of another prediction type, is
+    refused by name before training, not taken as this run's (the touched weights alone are the same)."""
+    from diffusers import DDIMScheduler
+
+    from fasterase.errors import UserError
+
+    ckpt = tmp_path / "run.ckpt"
+    model = models.load("toy-sd")
+    cs = fasterase.api._resolve_concepts(model, ["circle"], None)
+    cfg = esd.ESDConfig(**FAST_ESD, checkpoint=str(ckpt))
+    esd.run(model, cs, cfg, progress=False)
+    model.set_resolution((model.height + 8, model.width))
+    with pytest.raises(UserError, match=r"another run: its run.model.size \(\[32, 48\] there, \[40, 48\] here"):
+        esd.run(model, cs, cfg, progress=False)
+    pipe = models.load("toy-sd").pipeline
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    with pytest.raises(UserError, match="another run: its run.model.schedule.prediction_type"):
+        esd.run(models.load(pipe), cs, cfg, progress=False)
+    esd.run(models.load("toy-sd"), cs, cfg, progress=False)  # the same run resumes (here: finished)

@@ -259,6 +259,7 @@ def test_ablations_change_what_they_say(monkeypatch):
     every = fade.run(model, cs, fade.FADEConfig(**FAST, saliency=False), progress=False)
     total = sum(p.numel() for p in model.network.parameters() if p.is_floating_point())
     assert every.report["trained_entries"] == total
+    assert not every.entries and every.weights.keys() == dict(model.network.named_parameters()).keys()
 
 
 def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -269,7 +270,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path, monkey
     ckpt = tmp_path / "other.ckpt"
     other = fasterase.api._resolve_concepts(model, ["circle", "square"], None)
     for method, concepts, needle in (("trace", cs, "run.method"), ("fade", other, "run.concepts")):
-        run = loop.identity(method, concepts, fade.FADEConfig(), "x")
+        run = loop.identity(method, concepts, fade.FADEConfig(), "x", model.setting())
         torch.save({"fasterase_checkpoint": loop.FORMAT, "run": run, "companion": {"d": {}}}, ckpt)
         monkeypatch.setattr(fade.Adversary, "refresh", lambda *a: pytest.fail("the run started"))
         with pytest.raises(UserError, match=f"belongs to another run: its {needle}"):
@@ -428,3 +429,12 @@ def test_no_method_touches_the_evaluation_detector(method, monkeypatch):
     monkeypatch.setattr(detector.Detector, "forward", refuse)
     monkeypatch.setattr(detector.Detector, "__init__", refuse)
     fasterase.erase("toy-sd", "circle", method=method, progress=False, **TINY[method])
+
+
+def test_a_neutral_word_the_tokenizer_does_not_know_is_refused_before_any_work(monkeypatch):
+    """neutral="dog" on the toy world (its vocabulary has no dog) trained on <unk>; it is named instead."""
+    model = models.load("toy-sd")
+    cs = fasterase.api._resolve_concepts(model, ["circle"], None)
+    monkeypatch.setattr(fade.Adversary, "refresh", lambda *a: pytest.fail("the run started"))
+    with pytest.raises(UserError, match="FADE option neutral 'a dog': the model's tokenizer does not know 'dog'"):
+        fade.run(model, cs, fade.FADEConfig(**FAST, neutral="a dog"), progress=False)

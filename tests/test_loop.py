@@ -162,21 +162,29 @@ def test_non_finite_loss_stops():
     assert torch.equal(w, before)
 
 
-def ident(**change):
+SETTING = {"kind": "sd", "size": [32, 48], "schedule": {"prediction_type": "epsilon"}, "text": "cafe"}
+
+
+def ident(setting=SETTING, **change):
     cfg = {"lr": 1e-3, "steps": 10, "seed": 1, "checkpoint": "a.ckpt", "max_skipped_steps": 10, **change}
-    return loop.identity("esd", [{"name": "circle"}], cfg, "f00d")
+    return loop.identity("esd", [{"name": "circle"}], cfg, "f00d", setting)
 
 
 def test_checkpoint_records_the_run_identity(tmp_path):
-    """Another concept, learning rate or base model is refused by name; the checkpoint path and the
-    skip limit are not part of the identity."""
+    """Another concept, learning rate, base model, image size, noise schedule or text encoder is refused by
+    name; the checkpoint path and the skip limit are not part of the identity."""
     ckpt = tmp_path / "run.ckpt"
     w, o = make()
     loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=ident())
-    for other, name in [(loop.identity("esd", [{"name": "square"}], ident()["config"], "f00d"), "run.concepts"),
+    cfg = ident()["config"]
+    for other, name in [(loop.identity("esd", [{"name": "square"}], cfg, "f00d", SETTING), "run.concepts"),
                         (ident(lr=5e-4), r"run.config.lr \(0.001 there, 0.0005 here"),
-                        (loop.identity("esd", [{"name": "circle"}], ident()["config"], "beef"), "run.base_fingerprint"),
-                        (loop.identity("ant", [{"name": "circle"}], ident()["config"], "f00d"), "run.method")]:
+                        (loop.identity("esd", [{"name": "circle"}], cfg, "beef", SETTING), "run.base_fingerprint"),
+                        (loop.identity("ant", [{"name": "circle"}], cfg, "f00d", SETTING), "run.method"),
+                        (ident({**SETTING, "size": [64, 64]}), r"run.model.size \(\[32, 48\] there, \[64, 64\] here"),
+                        (ident({**SETTING, "schedule": {"prediction_type": "v_prediction"}}),
+                         "run.model.schedule.prediction_type"),
+                        (ident({**SETTING, "text": "beef"}), "run.model.text")]:
         w, o = make()
         with pytest.raises(UserError, match=f"another run: its {name}"):
             loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=other)

@@ -493,3 +493,17 @@ if __name__ == "__main__":
     model_name, method_name, side, settings, rows = sys.argv[1:]
     print(json.dumps(_measure(model_name, method_name, int(side), json.loads(settings), json.loads(rows))))
 
+
+
+def test_a_local_folder_named_like_a_published_config_is_planned_as_erase_loads_it(tmp_path, monkeypatch):
+    """`plan --model sd15` plans ./sd15 when that folder is there, as `erase --model sd15` loads it; without
+    it, the published config (and erase says that name is plan's only)."""
+    from fasterase import models
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="'sd15' names the published configuration, which `fasterase plan` plans"):
+        models.load("sd15")
+    published = planner.plan("sd15", "esd", resolution=64).to_json()
+    models.load("toy-sd").pipeline.save_pretrained(tmp_path / "sd15")
+    local = planner.plan("sd15", "esd", resolution=64).to_json()
+    assert local["columns"] == planner.plan("toy-sd", "esd", resolution=64).to_json()["columns"] != published["columns"]

@@ -174,6 +174,62 @@ def test_compact_delta_scales_with_the_selected_entries(dtype):
     assert all(torch.equal(v, original[k]) for k, v in net.state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_delta_of_whole_parameters_holds_no_index(dtype):
+    """A parameter given as None (the methods' saliency=False) trains exactly as the indices of every
+    entry do, without holding them, and comes out as a whole weight of the edit."""
+    model = models.load("toy-sd", dtype=dtype)
+    net = model.network
+    names = [n for n, p in net.named_parameters() if p.dim() == 2][:3]
+    every = {n: torch.arange(net.get_parameter(n).numel(), dtype=torch.int32) for n in names}
+    x = model.noise(2, torch.Generator().manual_seed(0))
+    cond = model.encode(["a red circle", "a blue square"])
+    trained = []
+    for masks in (every, dict.fromkeys(names)):
+        change = params.CompactDelta(net, masks)
+        optimizer = SalientAdamW(change.trainable, lr=1e-2, weight_decay=0.0)
+        optimizer.register_step_post_hook(lambda *_: change.sync())
+        for _ in range(2):
+            optimizer.zero_grad()
+            model.predict(x, torch.full((2,), 0.5), cond).square().mean().backward()
+            optimizer.step()
+        trained.append((change.current(), change.edit_parts(change.current()), dict(change.indices)))
+        change.restore()
+    (indexed, indexed_parts, _), (whole, (weights, entries), indices) = trained
+    assert all(torch.equal(indexed[n], whole[n]) for n in names)
+    assert not entries and all(i is None for i in indices.values())
+    assert all(weights[n].shape == net.get_parameter(n).shape and torch.equal(weights[n].reshape(-1), whole[n])
+               for n in names)
+    assert indexed_parts[1] == {} and all(torch.equal(indexed_parts[0][n], weights[n]) for n in names)
+
+
+@pytest.mark.parametrize("dtype, dense", [(torch.float32, 0.5), (torch.bfloat16, 1 / 3)])
+def test_an_edit_keeps_a_tensor_whole_where_its_entries_would_take_more_bytes(dtype, dense):
+    """Selected entries are stored as (int32 index, value) only while that is smaller than the tensor:
+    past `dense` of its entries the edit holds the whole weight, base values with the trained ones in."""
+    model = models.load("toy-sd", dtype=dtype)
+    net = model.network
+    name = next(n for n, p in net.named_parameters() if p.dim() == 2 and p.numel() >= 600)
+    n = net.get_parameter(name).numel()
+    original = net.get_parameter(name).detach().clone()
+    for share, kept_whole in ((dense - 0.05, False), (dense + 0.05, True)):
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:round(share * n)].sort().values
+        change = params.CompactDelta(net, {name: idx.to(torch.int32)})
+        with torch.no_grad():
+            change.values[name].add_(1.0)
+        values = change.current()
+        change.restore()
+        weights, entries = change.edit_parts(values)
+        assert (name in weights, name in entries) == (kept_whole, not kept_whole)
+        if kept_whole:
+            expected = original.reshape(-1).clone()
+            expected[idx] = values[name]
+            assert torch.equal(weights[name], expected.view(original.shape))
+        else:
+            assert torch.equal(entries[name][0], idx.to(torch.int32)) and torch.equal(entries[name][1], values[name])
+        assert torch.equal(net.get_parameter(name), original)
+
+
 @pytest.mark.parametrize("method, step", [("ant", "fingerprint"), ("ant", "SalientAdamW"),
                                           ("ant", "_training_loss"), ("fade", "fingerprint"),
                                           ("fade", "SalientAdamW"), ("fade", "fade_loss")])

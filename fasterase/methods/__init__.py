@@ -29,7 +29,7 @@ REGISTRY = {
     m.name: m
     for m in (
         Method("uce", "UCE: closed-form edit of the text key/value projections (no training)", uce.UCEConfig, uce.run,
-               uce.idle_options, lambda cfg: False),
+               uce.idle_options, lambda cfg: cfg.text_kv),  # text_kv (FLUX only) reads add_k / add_v in forwards
         Method("esd", "ESD: LoRA fine-tuning with negative guidance on the model's own trajectory",
                esd.ESDConfig, esd.run, esd.idle_options),
         Method("ant", "ANT: trajectory-aware loss, training only the concept's saliency map; several concepts: "

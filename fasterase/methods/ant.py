@@ -194,14 +194,15 @@ def _saliency_key(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig) -
     loss = {k: hp[k] for k in ("t_split", "lambda1", "lambda2", "lambda3")}
     key = {"model": fingerprint(net, [n for n, _ in net.named_parameters()]), "concept": concept.to_dict(),
            "entries": "base weights, plain names",  # maps from before (a carried LoRA's factors too) are not read
-           "loss": loss, "settings": settings, "taus": "U(t', 1], U(0, t']", "size": [model.height, model.width]}
+           "loss": loss, "settings": settings, "taus": "U(t', 1], U(0, t']", "setting": model.setting()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig,
                      progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """M* (Sec. 3.3) over every floating-point parameter of the network: {name: int32 indices}, and
-    a report. Cached by model weights, concept and settings."""
+    a report. Cached by model weights and setting (image size, noise schedule, text encoders), concept and
+    settings."""
     net = model.network
     key = _saliency_key(model, concept, hp, cfg)
     path = saliency.cache_dir() / f"{key}.safetensors"
@@ -254,14 +255,14 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
 def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -> Edit:
     net = model.network
     if cfg.checkpoint:  # the base fingerprint is known only once the saliency map chose the entries
-        loop.check_run(cfg.checkpoint, loop.identity("ant", [concept], cfg, None))
+        loop.check_run(cfg.checkpoint, loop.identity("ant", [concept], cfg, None, model.setting()))
     hp = cfg.resolved(concept)
     prompts = concept.prompts()
     model.encode(prompts + [""])
     if cfg.saliency:
         mask, report = concept_saliency(model, concept, hp, cfg, progress)
     else:
-        mask = {n: torch.arange(partitioned.numel(p), dtype=torch.int32) for n, p in base_parameters(net).items()}
+        mask = dict.fromkeys(base_parameters(net))  # None: every entry
         report = {}
     change = params.CompactDelta(net, mask)
     try:  # from here on any failure leaves the network as it came
@@ -272,18 +273,19 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
         net.train()
         stats = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed, cfg.checkpoint,
                            progress=progress, checkpoint_every=cfg.checkpoint_every, desc=f"ant {concept.name}",
-                           run=loop.identity("ant", [concept], cfg, base), max_skipped_steps=cfg.max_skipped_steps,
+                           run=loop.identity("ant", [concept], cfg, base, model.setting()),
+                           max_skipped_steps=cfg.max_skipped_steps,
                            zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, after_step=change.sync,
                            model=model)
         values = change.current()
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()
         change.restore()
-    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.weights}
+    weights, entries = change.edit_parts(values)
     return Edit(method="ant", model_kind=model.kind, concepts=[concept.to_dict()], config=asdict(cfg),
-                base_fingerprint=base, entries=entries,
+                base_fingerprint=base, weights=weights, entries=entries,
                 report={**report, **{f"resolved_{k}": v for k, v in hp.items()},
-                        "trained_entries": sum(i.numel() for i in change.indices.values()),
+                        "trained_entries": change.entries,
                         "trained_tensors": len(change.weights), **stats})
 
 
@@ -315,7 +317,7 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
     base = fingerprint(net, [f"{m}.weight" for m in modules])
     for k in range(len(concepts)):  # every concept's checkpoint file, before the first trains
         if cfg.checkpoint:
-            loop.check_run(f"{cfg.checkpoint}.{k}", loop.identity("ant", concepts, cfg, base))
+            loop.check_run(f"{cfg.checkpoint}.{k}", loop.identity("ant", concepts, cfg, base, model.setting()))
     deltas, stats = [], {}
     for k, concept in enumerate(concepts):
         hp = cfg.resolved(concept)
@@ -330,7 +332,7 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
             stats[concept.name] = loop.train(loss_fn, trainable, optimizer, hp["steps"], cfg.seed + k, checkpoint,
                                              progress=progress, checkpoint_every=cfg.checkpoint_every,
                                              desc=f"ant {concept.name} ({k + 1}/{len(concepts)})",
-                                             run=loop.identity("ant", concepts, cfg, base),
+                                             run=loop.identity("ant", concepts, cfg, base, model.setting()),
                                              max_skipped_steps=cfg.max_skipped_steps, zero=cfg.zero,
                                              deepspeed_config=cfg.deepspeed_config, model=model)
             deltas.append({m: params.lora_delta(net, m) for m in modules})

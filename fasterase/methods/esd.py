@@ -94,7 +94,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
     ranges.check_rank("ESD", cfg.rank, net, modules)  # before any work
     base = fingerprint(net, [f"{m}.weight" for m in modules])
     if cfg.checkpoint:
-        loop.check_run(cfg.checkpoint, loop.identity("esd", concepts, cfg, base))
+        loop.check_run(cfg.checkpoint, loop.identity("esd", concepts, cfg, base, model.setting()))
     prompts = [p for c in concepts for p in c.prompts()]
     model.encode(prompts + [""])  # fill the prompt cache once
     trainable = params.add_lora(net, modules, cfg.rank, cfg.seed)
@@ -117,7 +117,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: ESDConfig, progress: bool = 
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint,
                            progress=progress, checkpoint_every=cfg.checkpoint_every,
                            desc=f"esd {','.join(concepts.names)}",
-                           run=loop.identity("esd", concepts, cfg, base), max_skipped_steps=cfg.max_skipped_steps,
+                           run=loop.identity("esd", concepts, cfg, base, model.setting()),
+                           max_skipped_steps=cfg.max_skipped_steps,
                            zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, model=model)
         lora = params.lora_state(net, "unet" if model.kind == "sd" else "transformer")
     finally:  # the model leaves as it came; the caller applies the returned Edit

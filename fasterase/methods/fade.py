@@ -393,20 +393,21 @@ def _prepare(model: Denoiser, adversary: Adversary, cfg: FADEConfig, concepts: C
 def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool = True) -> Edit:
     cfg = resolved(cfg, concepts)
     net = model.network
+    model.check_known("FADE option neutral", cfg.neutral)
     prompts = prompt_pairs(concepts, cfg.neutral)
     model.encode([t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved + [""])
     if cfg.checkpoint:
         loop.check_checkpoint(cfg.checkpoint)  # before any work
     adversary = Adversary(model, prompts, len(concepts), cfg)
     # another run's checkpoint is refused here (its base model's by loop.train, before any step)
-    resume = loop.companion_in(cfg.checkpoint, loop.identity("fade", concepts, cfg, None)) if cfg.checkpoint else None
+    resume = (loop.companion_in(cfg.checkpoint, loop.identity("fade", concepts, cfg, None, model.setting()))
+              if cfg.checkpoint else None)
     if resume is not None and set(resume["mask"]) <= set(base_parameters(net)):
         adversary.load_state_dict(resume)  # D, the buffer and the salient entries of the interrupted run
         report = {"saliency_selected": saliency.selected(adversary.mask)} if cfg.saliency else {}
     else:
         report = _prepare(model, adversary, cfg, concepts, progress)
-    mask = adversary.mask if cfg.saliency else {n: torch.arange(partitioned.numel(p), dtype=torch.int32)
-                                                 for n, p in base_parameters(net).items()}
+    mask = adversary.mask if cfg.saliency else dict.fromkeys(base_parameters(net))  # None: every entry
     change = params.CompactDelta(net, mask)
     try:  # from here on any failure leaves the network as it came
         base = fingerprint(net, list(change.weights))
@@ -416,17 +417,17 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         net.train()
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
                            checkpoint_every=cfg.checkpoint_every, desc=f"fade {','.join(concepts.names)}",
-                           run=loop.identity("fade", concepts, cfg, base),
+                           run=loop.identity("fade", concepts, cfg, base, model.setting()),
                            max_skipped_steps=cfg.max_skipped_steps, companion=adversary, zero=cfg.zero,
                            deepspeed_config=cfg.deepspeed_config, after_step=change.sync, model=model)
         values = change.current()
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()
         change.restore()
-    entries = {n: (change.indices[n].to(torch.int32), values[n]) for n in change.weights}
+    weights, entries = change.edit_parts(values)
     return Edit(method="fade", model_kind=model.kind, concepts=[c.to_dict() for c in concepts], config=asdict(cfg),
-                base_fingerprint=base, entries=entries,
+                base_fingerprint=base, weights=weights, entries=entries,
                 report={**report, "d_pretrained_accuracy": adversary.pretrained,
-                        "trained_entries": sum(i.numel() for i in change.indices.values()),
+                        "trained_entries": change.entries,
                         "trained_tensors": len(change.weights), "d_accuracy": adversary.curve,
                         "stopped_early": stats["steps"] < cfg.steps, **stats})

@@ -8,6 +8,11 @@ prompt "a photo of a circle" is mapped, token by token, onto "a photo of a" foll
 guide's tokens, padding included.
 SD: every cross-attention to_k / to_v. FLUX: context_embedder and the pooled-text embedder
 (as the public UCE FLUX variant does) and, with text_kv=True, the joint blocks' add_k / add_v.
+Those read the text stream after earlier blocks mixed it with the image tokens and the time
+embedding, so (our choice; the paper's SD layers have no such inputs) they are read from one
+forward of each prompt on fixed noise at tau = 0.5 and the model's resolution: the solve fits the
+text at that noise level, an approximation for the others. Each block's inputs come from the
+unedited blocks before it (all are solved at once).
 """
 from __future__ import annotations
 
@@ -45,8 +50,11 @@ def idle_options(cfg: UCEConfig, given: set[str], model: Denoiser, concepts: Con
         idle.append("text_kv: it selects FLUX's joint-block add_k_proj / add_v_proj, and this is an SD model")
     if "preserve_scale" in given and not concepts.preserve:
         idle.append("preserve_scale: it weighs the preserved concepts, and none are preserved")
+    reads_images = model.kind == "flux" and cfg.text_kv  # add_k / add_v inputs: forwards at the model's size
     for option in ("resolution", "gradient_checkpointing", "micro_batch"):
-        if option in given:
+        if option in given and reads_images and option != "resolution":
+            idle.append(f"{option}: UCE keeps no graph (text_kv's forwards run without one)")
+        elif option in given and not reads_images:
             idle.append(f"{option}: UCE runs no image through the network (it reads the encoded prompts)")
     return idle
 
@@ -63,8 +71,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: UCEConfig, progress: bool = 
     guide = [p for c in concepts for p in c.anchor_prompts(augment=True)]
     preserve = concepts.preserve_prompts(concepts.concepts[0])
     names = [p.name for p in projections]
-    inputs = {k: model.kv_inputs(model.encode(prompts), names) if prompts else None
-              for k, prompts in (("erase", erase), ("guide", guide), ("preserve", preserve))}
+    inputs = {k: model.kv_inputs(model.encode(prompts), names, f"uce: {k} prompts' text stream" if progress else None)
+              if prompts else None for k, prompts in (("erase", erase), ("guide", guide), ("preserve", preserve))}
     # Group the projections that read the very same inputs: they share one solve.
     groups: dict[tuple, list] = {}
     for p in projections:

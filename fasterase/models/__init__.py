@@ -71,7 +71,13 @@ def not_a_model(name: str, path: Path, known: str) -> UserError:
         return UserError(f"model {name!r} is a diffusers folder's model_index.json; give the folder: {path.parent}")
     why = ("no such file or folder" if not path.exists() else "a file, not a folder" if not path.is_dir()
            else "no model_index.json in it")
-    return UserError(f"model {name!r} is neither {known} nor a local diffusers folder ({why}); {_accepted()}")
+    from .real_configs import NAMES
+
+    plan_only = (f"; {name!r} names the published configuration, which `fasterase plan` plans, but no weights "
+                 "come with fasterase: to erase, give the checkpoint's local diffusers folder"
+                 if name in NAMES else "")
+    return UserError(f"model {name!r} is neither {known} nor a local diffusers folder ({why}){plan_only}; "
+                     f"{_accepted()}")
 
 
 def _refusal(pipeline_class: str, parts: dict[str, tuple[str, dict]]) -> str | None:

@@ -7,6 +7,8 @@ t' is a tau: early steps are tau > t', late steps tau < t'.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..errors import UserError
 from .micro_batch import chunked
@@ -92,6 +95,32 @@ class Denoiser(ABC):
         what the registered name samples at (the toy world's 32x48)."""
         self.height, self.width = height, width
         self.sample_kwargs.update(height=height, width=width)
+
+    def setting(self) -> dict:
+        """What besides the touched weights decides what a run computes: the kind, the image size (px), the
+        noise schedule (the config of the sampler built from the pipeline's scheduler: prediction type, betas
+        or shift; whichever scheduler class the pipeline carries for sampling) and the text encoders
+        (text_fingerprint). Part of a run's identity (training.loop.identity) and of ANT's saliency-cache key,
+        so neither is taken up by a run of another setting."""
+        schedule = {k: v for k, v in self.sampler(1).config.items() if not k.startswith("_")}
+        return {"kind": self.kind, "size": [self.height, self.width],
+                "schedule": json.loads(json.dumps(schedule, default=str)), "text": self.text_fingerprint()}
+
+    def text_fingerprint(self) -> str:
+        """sha256 over the tokenizers' vocabulary sizes and the text encoders' tensor names, shapes and 4096
+        evenly spaced fp32 values of each: tells one checkpoint's encoders from another's (a fine-tune moves
+        nearly every value) in milliseconds, where hashing T5-XXL whole reads 19 GB of fp32 values."""
+        h = hashlib.sha256()
+        p = self.pipeline
+        for tokenizer in (getattr(p, "tokenizer", None), getattr(p, "tokenizer_2", None)):
+            if tokenizer is not None:
+                h.update(f"tokenizer:{type(tokenizer).__name__}:{len(tokenizer)};".encode())
+        for encoder in self.text_encoders:
+            for name, t in encoder.state_dict().items():
+                flat = t.detach().reshape(-1)
+                h.update(f"{name}:{tuple(t.shape)};".encode())
+                h.update(flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     # --- conditioning -------------------------------------------------------------------------
     @property
@@ -172,6 +201,19 @@ class Denoiser(ABC):
     def text_tokenizer(self):
         """The tokenizer of the token embeddings that encode() returns."""
         return self.pipeline.tokenizer
+
+    def check_known(self, what: str, text: str | None) -> None:
+        """UserError when the text tokenizer reads a word of `text` as its unknown token (the toy world's
+        word-level vocabulary; T5's for characters it lacks): the model would be trained on <unk>, not on
+        the word. `what` names the option in the message. CLIP's byte-level BPE knows every word."""
+        tokenizer = self.text_tokenizer
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if text is None or unk is None:
+            return
+        unknown = [w for w in text.split() if unk in tokenizer(w, add_special_tokens=False).input_ids]
+        if unknown:
+            raise UserError(f"{what} {text!r}: the model's tokenizer does not know {', '.join(map(repr, unknown))} "
+                            f"(it reads {tokenizer.unk_token}); use words the model knows")
 
     def word_rows(self, prompts: list[str], words: list[str]) -> list[list[int]]:
         """For each prompt, the rows of encode(prompts).embeds that hold one of `words`: where the
@@ -278,13 +320,14 @@ class Denoiser(ABC):
 
     kv_batch: int = 8  # prompts per hooked forward pass of kv_inputs
 
-    def kv_inputs(self, cond: Cond, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def kv_inputs(self, cond: Cond, names: list[str] | None = None, progress: str | None = None
+                  ) -> dict[str, torch.Tensor]:
         """What feeds each projection of cross_attention_kv() (or those `names`) for this conditioning.
 
         Those fed by the encoded prompt itself come from it (direct_kv_inputs: no network run, any
         resolution); the others (FLUX's joint-block add_k / add_v, behind time-modulated norms) from
         forward passes with hooks, `kv_batch` prompts at a time, on noise at tau = 0.5 at the model's
-        size.
+        size, counted on a progress bar named `progress` (None: no bar).
         """
         projections = [p for p in self.cross_attention_kv() if names is None or p.name in names]
         direct = self.direct_kv_inputs(cond)
@@ -298,7 +341,8 @@ class Denoiser(ABC):
                  for p in hooked]
         try:
             with torch.no_grad():
-                for start in range(0, len(cond), self.kv_batch):
+                for start in tqdm(range(0, len(cond), self.kv_batch), desc=progress, disable=progress is None,
+                                  leave=False):
                     part = cond[start:start + self.kv_batch]
                     self.predict(noise[start:start + self.kv_batch], torch.full((len(part),), 0.5), part)
         finally:

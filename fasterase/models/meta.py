@@ -110,13 +110,16 @@ class _Parts:
 
 
 def describe(model: str, dtype: torch.dtype | None = None) -> MetaModel:
-    """The MetaModel of a registered name, a real model's name (real_configs.NAMES) or a local diffusers
-    folder (without `dtype`, its weight files' headers are read for theirs, no weights loaded); anything
+    """The MetaModel of a registered name, a local diffusers folder or a real model's name (real_configs.NAMES;
+    a local folder of that name comes first, as erase loads it) (without `dtype`, its weight files' headers are read for theirs, no weights loaded); anything
     else, a pipeline no adapter handles, or a folder without its network's weights when no dtype is given
     is a UserError."""
     if model in BUILTINS:
         return _builtin(model)
-    path = real_configs.folder(model) if model in real_configs.NAMES else Path(model).expanduser()
+    path = Path(model).expanduser()
+    named = model in real_configs.NAMES and not (path / "model_index.json").is_file()
+    if named:  # a local folder of that name is what erase would load, so it is what is planned
+        path = real_configs.folder(model)
     if not (path / "model_index.json").is_file():
         raise not_a_model(model, path, f"a built-in name, nor one of {', '.join(real_configs.NAMES)},")
     cls, parts = _folder_parts(path)
@@ -133,7 +136,7 @@ def describe(model: str, dtype: torch.dtype | None = None) -> MetaModel:
         tokens = min(FLUX_TOKENS, length)
     net_cls, net_config = parts[network_name]
     sched_cls, sched_config = parts["scheduler"]
-    if dtype is None and model not in real_configs.NAMES:
+    if dtype is None and not named:
         dtype = folder_dtype(path, network_name)
     return MetaModel(cls, getattr(diffusers, net_cls), net_config,
                      getattr(diffusers, sched_cls).from_config(sched_config), parts["vae"][1], tokens, others, None,

@@ -2,8 +2,8 @@
 
 Step k draws all its randomness from a generator seeded by (seed, k), so a run stopped and
 resumed from its checkpoint ends with the same weights as one that never stopped. A checkpoint
-records the run's identity (method, concepts, config, base-weights fingerprint), so it is only
-ever resumed by the same run.
+records the run's identity (method, concepts, config, base-weights fingerprint, the model's image
+size, noise schedule and text encoders), so it is only ever resumed by the same run.
 """
 from __future__ import annotations
 
@@ -58,13 +58,15 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
 
 
-def identity(method: str, concepts, config, base_fingerprint: str) -> dict:
+def identity(method: str, concepts, config, base_fingerprint: str | None, setting: dict) -> dict:
     """What makes a run this run: a checkpoint of any other is refused. concepts: Concepts or
-    their dicts; config: the method's config (its checkpoint path and skip limit left out)."""
+    their dicts; config: the method's config (its checkpoint path and skip limit left out);
+    base_fingerprint: of the weights it trains (None: not known yet); setting: the model's
+    (Denoiser.setting(): image size, noise schedule, text encoders)."""
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     return {"method": method, "concepts": [c if isinstance(c, dict) else c.to_dict() for c in concepts],
             "config": {k: v for k, v in config.items() if k not in NOT_IDENTITY},
-            "base_fingerprint": base_fingerprint}
+            "base_fingerprint": base_fingerprint, "model": setting}
 
 
 def _differences(saved, current, name: str = "") -> list[str]:

@@ -108,17 +108,20 @@ class CompactDelta:
 
     `off()` puts the base values in (the frozen teacher), `restore()` leaves the network
     bit-identical to how it came. masks: {parameter name: sorted int32 indices into the flattened
-    parameter}, kept as int32. Per selected entry: 4 bytes of index, its base value, 4 of master and
+    parameter, or None for every entry (the methods' saliency=False: no index is held)}, kept as int32.
+    Per selected entry: 4 bytes of index (none for a whole parameter), its base value, 4 of master and
     4 of gradient (and the optimizer's states).
     """
 
     def __init__(self, network: torch.nn.Module, masks: dict[str, torch.Tensor]):
-        self.weights = {n: base_param(network, n) for n, idx in masks.items() if idx.numel()}
-        self.indices = {n: masks[n].to(w.device, torch.int32) for n, w in self.weights.items()}
+        self.weights = {n: base_param(network, n) for n, idx in masks.items() if idx is None or idx.numel()}
+        self.indices = {n: None if masks[n] is None else masks[n].to(w.device, torch.int32)
+                        for n, w in self.weights.items()}
         self.base = {}
         for n, w in self.weights.items():
             with partitioned.gathered([w]):
-                self.base[n] = w.detach().view(-1)[self.indices[n]].clone()
+                flat = w.detach().view(-1)
+                self.base[n] = (flat if self.indices[n] is None else flat[self.indices[n]]).clone()
         self.values = {n: torch.nn.Parameter(b.to(torch.float32, copy=True)) for n, b in self.base.items()}
         self.runs = {n: slice_run(w, self.indices[n]) for n, w in self.weights.items()}  # ZeRO-3: found once
         network.requires_grad_(False)
@@ -129,7 +132,8 @@ class CompactDelta:
 
     def _gather(self, name: str):
         def hook(w: torch.Tensor) -> None:
-            grad = w.grad.reshape(-1)[self.indices[name]].float()
+            grad = w.grad.reshape(-1) if self.indices[name] is None else w.grad.reshape(-1)[self.indices[name]]
+            grad = grad.float()
             master = self.values[name]
             master.grad = grad if master.grad is None else master.grad.add_(grad)
             w.grad = None
@@ -153,6 +157,32 @@ class CompactDelta:
         """The trained values of the selected entries, in their parameters' dtypes."""
         return {n: v.detach().to(self.weights[n].dtype).clone() for n, v in self.values.items()}
 
+    @property
+    def entries(self) -> int:
+        """How many entries train."""
+        return sum(v.numel() for v in self.values.values())
+
+    def edit_parts(self, values: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """`values` (current()) as an Edit's parts, after restore(): `entries` {name: (int32 indices,
+        values)} for a tensor whose selected entries' indices and values take fewer bytes than its values, and
+        `weights` {name: whole tensor in its shape, the base values with the trained ones put in} for the
+        others (every entry trained; or over a third of a bf16 tensor's entries, half an fp32's: an
+        ANT map can select that much, and the edit would be larger than the weights it changes)."""
+        weights, entries = {}, {}
+        for n, v in values.items():
+            w, idx = self.weights[n], self.indices[n]
+            if idx is not None and idx.numel() * (4 + v.element_size()) < partitioned.numel(w) * v.element_size():
+                entries[n] = (idx, v)
+                continue
+            if idx is None:
+                whole = v
+            else:
+                with partitioned.gathered([w]):
+                    whole = w.detach().reshape(-1).clone()
+                whole[idx] = v.to(whole.device)
+            weights[n] = whole.view(partitioned.shape(w))
+        return weights, entries
+
     @contextlib.contextmanager
     def off(self):
         """The frozen teacher: the selected entries at their base values, for the block's duration."""
@@ -172,11 +202,11 @@ class CompactDelta:
             w.grad = None
 
 
-def slice_run(weight: torch.Tensor, indices: torch.Tensor) -> tuple[int, int] | None:
+def slice_run(weight: torch.Tensor, indices: torch.Tensor | None) -> tuple[int, int] | None:
     """The run [a, b) of the sorted `indices` that falls in this process's ZeRO-3 slice of `weight`
-    (binary search: no per-entry mask), or None when ZeRO-3 does not partition it."""
+    (binary search: no per-entry mask), or None when ZeRO-3 does not partition it or indices is None."""
     part = getattr(weight, "ds_tensor", None)
-    if part is None:
+    if part is None or indices is None:
         return None
     lo = part.ds_numel * torch.distributed.get_rank(group=weight.ds_process_group)
     bounds = torch.tensor([lo, lo + part.ds_numel], dtype=indices.dtype, device=indices.device)
