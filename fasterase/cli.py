@@ -218,7 +218,7 @@ def cmd_eval(args) -> int:
                   f"{', '.join(own)}", file=sys.stderr)
     if toy or erased or not args.grid:  # evaluate refuses a model outside the toy world before any work
         repeats = 2 if args.repeats is None else args.repeats
-        report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid)
+        report = evaluate(model, erased=erased, seed=args.seed, repeats=repeats, grid=args.grid, progress=True)
     else:
         columns = len(Concept(**edit.concepts[0]).templates) if edit and not args.prompt else min(COLUMNS, len(prompts))
         if args.resolution is not None:
@@ -272,10 +272,10 @@ def cmd_demo(args) -> int:
     prompts = [f"a {c} {s}" for s in shapes.SHAPES for c in shapes.COLORS]
     for name in args.models:
         model = models.load(name)
-        before = evaluate(model, seed=args.seed, erased=["circle"], repeats=1)
+        before = evaluate(model, seed=args.seed, erased=["circle"], repeats=1, progress=True)
         before_images = model.generate(prompts, seed=args.seed)
         result = erase(model, "circle", method=args.method, progress=True)
-        after = evaluate(model, seed=args.seed, erased=["circle"], repeats=1)
+        after = evaluate(model, seed=args.seed, erased=["circle"], repeats=1, progress=True)
         grid = save_grid(torch.cat([before_images, model.generate(prompts, seed=args.seed)]),
                          grids[name], columns=len(prompts))
         print(f"\n== {name}: erase 'circle' with {args.method} ({result.report['wall_time_s']:.1f} s) ==")

@@ -72,18 +72,18 @@ class Concept:
         object.__setattr__(self, "name", " ".join(self.name.split()))
         if self.type not in CONCEPT_TYPES:
             raise UserError(f"unknown concept type {self.type!r}; valid: {', '.join(CONCEPT_TYPES)}")
-        for field, by_type in (("templates", TEMPLATES), ("pair_templates", PAIR_TEMPLATES)):
-            if getattr(self, field) is None:
-                object.__setattr__(self, field, by_type[self.type])
-        for field in ("synonyms", "templates", "attributes", "pair_templates"):  # one text is one item
-            value = getattr(self, field)
+        for option, by_type in (("templates", TEMPLATES), ("pair_templates", PAIR_TEMPLATES)):
+            if getattr(self, option) is None:
+                object.__setattr__(self, option, by_type[self.type])
+        for option in ("synonyms", "templates", "attributes", "pair_templates"):  # one text is one item
+            value = getattr(self, option)
             try:
                 items = (value,) if isinstance(value, str) else tuple(value)
             except TypeError:
                 items = (value,)
             if not all(isinstance(v, str) for v in items):
-                raise UserError(f"{field} of concept {self.name!r} must be texts, got {value!r}")
-            object.__setattr__(self, field, items)
+                raise UserError(f"{option} of concept {self.name!r} must be texts, got {value!r}")
+            object.__setattr__(self, option, items)
         if not self.templates:
             raise UserError(f"concept {self.name!r} has no prompt templates")
         for t in self.templates:

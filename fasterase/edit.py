@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from . import models
 from .errors import UserError
-from .files import check_outside, check_writable, set_default_mode
+from .files import check_outside, check_writable, full_disk_named, set_default_mode
 from .notices import dropped
 from .models import Denoiser, meta, partitioned
 
@@ -161,6 +161,8 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
     """The resolved folder an edit may be written to: a new path or an empty folder, or with overwrite
     one that holds a fasterase edit; never the folder of `model` (a path), one inside it or one
     containing it."""
+    if not str(path).strip():
+        raise UserError("the edit folder is empty text; name a folder (`.` for the current one, if it is empty)")
     path = Path(path).expanduser().resolve()
     folder = models.folder_of(model) if model is not None else None
     check_outside(path, folder, "edit folder")
@@ -181,12 +183,19 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
         if is_edit_folder(path):
             raise UserError(f"{path} holds an edit; choose another folder or pass overwrite=True (--overwrite) to "
                             "replace it")
-        raise UserError(f"{path} exists and holds no fasterase edit; choose a new or empty folder")
+        raise UserError(_not_only_an_edit(path))
     check_writable(path.parent, f"edit folder {path}")
     if not is_edit_folder(path):
-        raise UserError(f"{path} does not hold a fasterase edit and is not empty; only an edit folder is replaced: "
-                        "choose a new or empty folder")
+        raise UserError(_not_only_an_edit(path) + " (only a folder holding an edit alone is replaced)")
     return path
+
+
+def _not_only_an_edit(path: Path) -> str:
+    others = sorted(p.name for p in path.iterdir() if p.name not in (EDIT_FILE, LORA_FILE, PIPELINE_DIR))
+    if (path / EDIT_FILE).is_file() and others:
+        return (f"{path} holds an edit and other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), "
+                "which are never removed; move them, or choose a new or empty folder")
+    return f"{path} exists and holds no fasterase edit; choose a new or empty folder"
 
 
 @contextlib.contextmanager
@@ -388,7 +397,7 @@ class Edit:
             made_in, now = self.report.get("dtype"), str(dtype or net.dtype).removeprefix("torch.")
             if made_in and made_in != now:
                 raise UserError(f"this edit was made on the model in {made_in} and checks its base weights in it; "
-                                f"this model is in {now}: load it in {made_in} "
+                                f"here they were checked in {now}: load the model in {made_in} "
                                 f"(fasterase.load(model, edit, dtype={made_in!r}))")
             raise UserError("this edit was made for a different base model (the weights it edits differ; an edit "
                             "made over another edit applies only after that one)")
@@ -512,11 +521,12 @@ class Edit:
             for name, (idx, values) in self.entries.items():
                 weights[f"{name}{INDICES}"] = idx.detach().cpu().to(torch.int32).contiguous()
                 weights[f"{name}{VALUES}"] = values.detach().cpu().contiguous()
-            save_file(weights, str(tmp / EDIT_FILE), metadata={"fasterase": json.dumps(self.metadata)})
-            if self.lora:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.lora.items()}, str(tmp / LORA_FILE))
-            if pipeline is not None:
-                save_pipeline(pipeline, tmp / PIPELINE_DIR)
+            with full_disk_named(tmp.parent, f"edit {path}"):
+                save_file(weights, str(tmp / EDIT_FILE), metadata={"fasterase": json.dumps(self.metadata)})
+                if self.lora:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in self.lora.items()}, str(tmp / LORA_FILE))
+                if pipeline is not None:
+                    save_pipeline(pipeline, tmp / PIPELINE_DIR)
             set_default_mode(tmp)  # mkdtemp's 0700 and safetensors' 0600: the folder follows the umask
             if empty:
                 for entry in sorted(tmp.iterdir()):

@@ -2,7 +2,10 @@
 permissions the user's umask gives (the temporary files behind our atomic writes are made 0600)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,11 +27,31 @@ def check_writable(folder: Path, what: str) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=".fasterase-write-check.", dir=existing)
     except OSError as e:
-        raise UserError(f"{what}: cannot write in {existing} ({e.strerror}); choose a folder you can write to") from None
+        raise UserError(f"{what}: cannot write in {existing} (creating a file there failed: {e.strerror}); choose a "
+                        "folder you can write to") from None
     try:
         os.close(fd)
     finally:
         os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def full_disk_named(folder: Path, what: str):
+    """A write in `folder` that fails for want of room is a UserError saying so, with the room left there:
+    an OSError ENOSPC / EDQUOT, torch.save's "file write failed" RuntimeError and safetensors' error
+    carrying the OS's ENOSPC text, which all name no disk otherwise. The caller removes what it half-wrote."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        text = str(e)
+        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "file write failed" in text \
+            or "No space left on device" in text or "Disk quota exceeded" in text
+        if not full:
+            raise
+        free = shutil.disk_usage(folder).free / 1e9
+        raise UserError(f"{what}: could not be written in {folder}, the disk has no room for it ({text.strip()}; "
+                        f"{free:.2f} GB free there); nothing was left half-written: free space or choose another "
+                        "place") from None
 
 
 def check_outside(path: Path, model_folder: Path | None, what: str) -> None:

@@ -6,17 +6,22 @@ from fasterase import models
 from fasterase.training import loop
 
 
-def moved_entries(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], edit) -> int:
-    """How many entries an applied entry edit moved; asserts that every tensor it does not name is
-    bit-identical and that in the ones it names only its entries moved."""
+def moved_entries(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], edit,
+                  selected: dict[str, torch.Tensor] | None = None) -> int:
+    """How many entries an applied entry edit moved; asserts that every tensor outside `selected` is
+    bit-identical and that in the ones it names only the selected entries moved. selected: {name:
+    indices} of the trained entries, needed where the edit stores a tensor whole (so many entries
+    selected that indices would take more room); default, the edit's own entries."""
+    selected = selected if selected is not None else {k: i for k, (i, _) in edit.entries.items()}
+    assert set(edit.entries) | set(edit.weights) <= set(selected)
     moved = 0
     for k in before:
         changed = (before[k] != after[k]).reshape(-1)
-        if k not in edit.entries:
+        if k not in selected:
             assert not changed.any(), k  # bit-identical
             continue
         outside = torch.ones_like(changed)
-        outside[edit.entries[k][0].long()] = False
+        outside[selected[k].long()] = False
         assert not (changed & outside).any(), k  # only the edit's entries move
         moved += int(changed.sum())
     return moved

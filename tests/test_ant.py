@@ -242,12 +242,16 @@ def test_mask_storage_round_trip(tmp_path):
 def test_only_salient_entries_change(name):
     model = models.load(name)
     before = state(model)
-    edit = ant.run(model, fasterase.concepts.as_concepts([Concept("circle")]), ant.ANTConfig(**FAST), progress=False)
+    concept, cfg = Concept("circle"), ant.ANTConfig(**FAST)
+    edit = ant.run(model, fasterase.concepts.as_concepts([concept]), cfg, progress=False)
     assert all(torch.equal(before[k], v) for k, v in state(model).items())  # run() leaves the model as it was
     report = edit.report
     assert 0 < report["saliency_selected"] == report["trained_entries"] < report["saliency_candidates"]
+    mask, meta = ant.concept_saliency(model, concept, cfg.resolved(concept), cfg, progress=False)
+    assert meta["saliency_cached"] and set(edit.entries) | set(edit.weights) == {k for k, i in mask.items() if i.numel()}
+    assert edit.entries and edit.weights  # small tensors mostly selected are stored whole, the rest as entries
     edit.apply(model)
-    assert moved_entries(before, state(model), edit) > 0
+    assert moved_entries(before, state(model), edit, selected=mask) > 0
     edit.remove(model)
     assert all(torch.equal(before[k], v) for k, v in state(model).items())
 
@@ -434,12 +438,12 @@ def test_cli_erase_ant_saves_and_loads(name, tmp_path, capsys):
     code = main(["erase", "--model", name, "--concept", "circle", "--method", "ant", *sets, "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     edit = Edit.load(out)
-    assert edit.method == "ant" and edit.entries and not edit.weights
+    assert edit.method == "ant" and edit.entries
     model = models.load(name)
     before = state(model)
     fasterase.load(model.pipeline, out)
     changed = [k for k, v in state(model).items() if not torch.equal(before[k], v)]
-    assert changed and set(changed) <= set(edit.entries)
+    assert changed and set(changed) <= set(edit.entries) | set(edit.weights)
     assert json.loads(json.dumps(edit.report))["trained_entries"] > 0
 
 

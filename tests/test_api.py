@@ -106,6 +106,8 @@ def test_concept_validation():
     # the toy world's held-out "a picture of a {}": no method may train on it
     with pytest.raises(UserError, match="held-out prompt.*'a picture of a circle'"):
         fasterase.erase("toy-sd", Concept("circle", templates=("a picture of a {}",)), method="uce")
+    with pytest.raises(UserError, match=r"held-out .* a Concept given without templates takes the generic object ones"):
+        fasterase.erase("toy-sd", Concept("circle", anchor="square"), method="uce")
     with pytest.raises(UserError, match="more than one shape"):
         fasterase.erase("toy-sd", "circle square", method="uce")
     # a typed Concept with nothing else given is prompted as its bare name

@@ -115,6 +115,8 @@ def test_an_out_holding_an_edit_is_replaced_only_with_overwrite_and_an_empty_one
     code, _, err = run(capsys, *argv)
     one_line_error(code, err, "holds an edit", "--overwrite")
     assert run(capsys, *argv, "--overwrite")[0] == 0
+    code, _, err = run(capsys, *argv[:-1], "")  # "" is no folder (it resolved to the working folder)
+    one_line_error(code, err, "the edit folder is empty text")
 
 
 def test_erase_then_eval_edit(capsys, tmp_path):
@@ -126,6 +128,7 @@ def test_erase_then_eval_edit(capsys, tmp_path):
     code, stdout, err = run(capsys, "eval", "--edit", str(out), "--json", "--repeats", "1")
     assert code == 0, err
     report = json.loads(stdout)
+    assert f"scoring: 100%|██████████| {report['images']}/{report['images']}" in err  # a bar on stderr, not stdout
     assert report["model"] == "toy-flux" and report["erased"] == ["circle"]
     assert {"acc_e", "acc_e_heldout", "acc_g", "acc_s", "H", "color_s", "acc_e_scene", "acc_s_scene", "scenes",
             "concepts"} <= set(report) and "acc_e_pair" not in report
@@ -194,7 +197,7 @@ def test_out_of_memory_plans_one_concept_and_the_weights_when_loading(tmp_path, 
     import shlex
     from pathlib import Path
 
-    from fasterase import api, models
+    from fasterase import api
     from fasterase.methods import REGISTRY
 
     def out_of_memory(*args, **kwargs):

@@ -167,7 +167,8 @@ def test_overwrite_never_replaces_a_model_or_other_folder(capsys, tmp_path, mode
     (other / "a.txt").write_text("keep me")
     snapshot = {p: files(p) for p in (model_folder, other)}
     for out, needle in [(model_folder, "the model's own folder"), (model_folder.parent, "contains the model's folder"),
-                        (other, "does not hold a fasterase edit"), (tmp_path / "notes" / "a.txt", "is a file")]:
+                        (other, "holds no fasterase edit; choose a new or empty folder (only a folder holding an "
+                                "edit alone is replaced)"), (tmp_path / "notes" / "a.txt", "is a file")]:
         code, err = erase_cli(capsys, model_folder, out, "--overwrite")
         assert code == 2 and needle in err, err
     assert {p: files(p) for p in snapshot} == snapshot
@@ -412,7 +413,7 @@ def test_an_edit_loads_in_the_dtype_it_was_made_in(tmp_path):
     path = fasterase.erase("toy-sd", "circle", method="uce", dtype="bf16", progress=False).edit.save(tmp_path / "e")
     pipe = fasterase.load("toy-sd", path)
     assert pipe.unet.dtype == torch.bfloat16
-    with pytest.raises(UserError, match="made on the model in bfloat16.*load it in bfloat16"):
+    with pytest.raises(UserError, match="made on the model in bfloat16.*load the model in bfloat16"):
         fasterase.load("toy-sd", path, dtype="fp32")
 
 
@@ -589,11 +590,22 @@ def test_edit_folders_are_paths_with_the_user_expanded(tmp_path, monkeypatch):
         fasterase.load("toy-sd", None)
 
 
+def test_an_edit_folder_with_a_users_files_in_it_is_named_as_such(tmp_path):
+    """It said "holds no fasterase edit" of a folder that holds one, beside a user's notes."""
+    edit = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit
+    path = edit.save(tmp_path / "e")
+    (path / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"holds an edit and other files \(notes.txt\), which are never removed"):
+            edit.save(path, overwrite=overwrite)
+    assert (path / "notes.txt").read_text() == "keep me"
+
+
 def test_a_refused_load_leaves_a_pipeline_in_memory_in_its_dtype(tmp_path):
     """The pipeline was cast to the dtype asked for, then the edit refused: it stayed cast."""
     uce = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit.save(tmp_path / "u")
     pipe = models.load("toy-sd").pipeline
-    with pytest.raises(UserError, match="made on the model in float32 .* this model is in bfloat16"):
+    with pytest.raises(UserError, match="made on the model in float32 .* here they were checked in bfloat16"):
         fasterase.load(pipe, uce, dtype="bf16")
     assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
     with torch.no_grad():
@@ -609,3 +621,17 @@ def test_removing_one_of_two_equal_stacked_edits_keeps_the_other_recorded():
     second = fasterase.erase(model, "circle", method="uce", progress=False).edit
     second.remove(model)
     assert len(applied_edits(model.network)) == 1
+
+
+def test_a_full_disk_is_named_when_an_edit_is_saved(tmp_path, monkeypatch):
+    from fasterase import edit as edit_module
+
+    edit = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(edit_module, "save_file", full)
+    with pytest.raises(UserError, match=f"edit {tmp_path / 'e'}: could not be written in {tmp_path}, the disk has no"):
+        edit.save(tmp_path / "e")
+    assert list(tmp_path.iterdir()) == []

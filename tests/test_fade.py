@@ -137,10 +137,12 @@ def test_rollout_keeps_every_step_of_one_sampling_run(name):
 # --- training -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", MODELS)
-def test_only_salient_entries_change(name):
+def test_only_salient_entries_change(name, monkeypatch):
     model = models.load(name)
     before = state(model)
     cs = fasterase.api._resolve_concepts(model, "circle", None)
+    masks, make = [], params.CompactDelta.__init__
+    monkeypatch.setattr(params.CompactDelta, "__init__", lambda self, net, m: masks.append(m) or make(self, net, m))
     edit = fade.run(model, cs, fade.FADEConfig(**FAST), progress=False)
     assert all(torch.equal(before[k], v) for k, v in state(model).items())  # run() leaves the model as it was
     report = edit.report
@@ -148,7 +150,7 @@ def test_only_salient_entries_change(name):
     assert 0 < report["saliency_selected"] == report["trained_entries"] < report["saliency_candidates"]
     assert report["trained_entries"] <= 0.05 * report["saliency_candidates"] + 50  # the top share (ties kept)
     edit.apply(model)
-    assert moved_entries(before, state(model), edit) > 0
+    assert moved_entries(before, state(model), edit, selected=masks[0]) > 0
 
 
 def test_teacher_is_the_switched_off_edit(monkeypatch):

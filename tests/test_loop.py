@@ -395,3 +395,23 @@ def test_the_temporary_checkpoint_never_takes_a_users_file(tmp_path):
     loop.train(loss_fn(w), [w], o, 4, seed=0, checkpoint=ckpt, checkpoint_every=2, progress=False)
     assert precious.read_text() == "the user's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt", "run.ckpt.tmp"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter "
+                                                "failed writing file data/0: file write failed"),
+                                   OSError(28, "No space left on device")])
+def test_a_full_disk_is_named_and_leaves_no_checkpoint_half_written(tmp_path, monkeypatch, error):
+    """torch.save's own message names no disk; a full one is said to be full, with the room left."""
+    ckpt = tmp_path / "run.ckpt"
+    real = torch.save
+
+    def full(state, f, *a, **k):
+        real({"partial": torch.zeros(10)}, f)
+        raise error
+
+    monkeypatch.setattr(torch, "save", full)
+    w, o = make()
+    with pytest.raises(UserError, match=rf"checkpoint {ckpt}: could not be written in {tmp_path}, the disk has no room "
+                                        r"for it .* GB free there"):
+        loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, checkpoint_every=5, progress=False)
+    assert list(tmp_path.iterdir()) == []

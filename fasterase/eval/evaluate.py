@@ -74,7 +74,8 @@ def outside_toy(name: str) -> UserError:
                      f"`fasterase eval --grid FILE` without --erased or --repeats")
 
 
-def evaluate(model, erased=(), seed: int = 0, repeats: int = 2, grid: str | None = None) -> dict:
+def evaluate(model, erased=(), seed: int = 0, repeats: int = 2, grid: str | None = None,
+             progress: bool = False) -> dict:
     """Score a toy model with the detector (see metrics.py for every key): per shape and colour its
     accuracy on method templates, held-out templates and synonyms; `scenes`; and with `erased`
     (a string or list of concept names, commas separating several, as everywhere; scored by the
@@ -82,7 +83,7 @@ def evaluate(model, erased=(), seed: int = 0, repeats: int = 2, grid: str | None
     held-out and scene numbers. Each prompt is sampled `repeats` times, images seeded from `seed`.
 
     model: a Denoiser, a pipeline or a registered name ("toy-sd"); erased: a name, a Concept, or a
-    list of them (None: none).
+    list of them (None: none); progress: a bar on stderr counting the image batches drawn.
 
     Raises UserError for a model outside the toy world, repeats < 1, a bad grid path or an erased
     concept that names no toy shape or colour."""
@@ -99,7 +100,8 @@ def evaluate(model, erased=(), seed: int = 0, repeats: int = 2, grid: str | None
         raise UserError(f"erased must be concept names or Concepts (a string, a Concept or a list), got {erased!r}")
     erased = erased_concepts([n for e in given for n in split_names(e.name if isinstance(e, Concept) else e)])
     prompts = _items() * repeats
-    images = model.generate([p for p, *_ in prompts], seed=seed, batch_size=_batch_size(model))
+    images = model.generate([p for p, *_ in prompts], seed=seed, batch_size=_batch_size(model),
+                            progress="scoring" if progress else None)
     found = toy_detector.load().classify(images * 2 - 1)
     items = [Item(objects, kind, f) for (_, objects, kind), f in zip(prompts, found)]
     report = {"model": model.name or model.kind, "images": len(items), "seed": seed, "repeats": repeats,

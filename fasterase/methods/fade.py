@@ -21,6 +21,10 @@ Where this departs from the paper, and why:
   noise, and the preserved concepts' prompts): a step then costs 2 batch_size forward and backward
   passes (L_rem, guided) plus batch_size forward and backward and batch_size teacher forward passes
   (L_pres), instead of a sample_steps-long guided run per step.
+- Which side of T0 L_pres holds is our reading: eq. (1) sums t = 1..T0, in DDPM's indexing the low-noise
+  end, while Sec. 4.2's text and Algorithm 1 preserve the "early denoising trajectory" (coarse structure,
+  ANT's early steps) and let the later steps change. We follow the text: L_pres at tau > T0 (high noise),
+  L_rem's x_t at tau <= T0.
 - L_pres also holds the preserved concepts' prompts (ConceptSet.preserve; the toy world preserves
   the shapes not erased), at every noise level, half of each L_pres batch: P_-c at the early steps
   alone (the paper's eq.) left the late steps of every prompt free, and the adversarial game has a

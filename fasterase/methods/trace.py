@@ -51,11 +51,16 @@ The scorer D is FADE's concept discriminator (training/discriminator.py), traine
 on the original model's own generations (concept prompts against their neutral pairs), then
 frozen: never the evaluation's detector. scorer="none" drops L_score and L_int.
 
-Gradient isolation (Sec. 4.3): a concept's rows run with only its own LoRA requiring grad, so its
-loss leaves the other LoRAs' gradients zero; the clean terms run with each concept's rows, for
-its LoRA. At the end the LoRAs are joined along the rank into one adapter (an exact sum of their
-changes) that diffusers' load_lora_weights reads over the refined weights; the Edit holds both,
-and a saved pipeline has them merged.
+Gradient isolation (Sec. 4.3: "for concept w_i, we only update its own LoRA parameters"): each
+concept's terms (its rows, and the clean terms run beside them, for its LoRA) are built with only
+its own LoRA requiring grad and back-propagated, nested in the training loop's backward, with the
+same flags (_isolated). Every LoRA acts in the forward (a concept's rows see the whole edit); the
+other LoRAs are constants of its gradient, so its loss leaves theirs zero, also where backward runs
+the network again (micro_batch's chunks, gradient checkpointing's recompute, which then recomputes
+exactly what the forward saved). L_int's rows update the two LoRAs of their pair. At the end the
+LoRAs are joined along the rank into one adapter (an exact sum of their changes) that diffusers'
+load_lora_weights reads over the refined weights; the Edit holds both, and a saved pipeline has
+them merged.
 
 Where this departs from the paper, and why:
 - The trajectory terms compare the clean end that the edited model's state implies with the
@@ -77,9 +82,24 @@ Where this departs from the paper, and why:
   over the single-concept prompts' (the paper compares the two): erased, both should be absent.
 - e_u as a learned vector (an option the paper mentions) is not offered: the paper gives no
   objective for it. Nor is the negatively guided target: the concept is replaced.
-- t0 = 0.86 (43 of 50 DDIM steps, ANT's t' for objects), not the paper's unstated "post the
-  symmetry breaking point" value: on toy-sd the shape is decided before tau 0.7 (t0 = 0.5 and 0.7
-  erased nothing; bench/RESULTS.md).
+- No concept-prompt term above t0. The paper has one: Thm 3.5 sums the concept term over t = t0..T
+  (its T is pure noise: the steps before the switch), and Sec. 4.2 adds "for t > t_0 ... a
+  latent-space l2 loss between x_t and x_t^*". Above t0, x* is still the original model's own run of
+  the concept prompt (the target switches at t0), so that term keeps the concept prompts' early
+  trajectory where the original had it: it preserves, it does not erase. Here the concept terms
+  (L_traj, L_score) act at tau <= t0 only, and above t0 only L_drift, on clean prompts, holds the
+  early steps. Why: as a distance of states it has no gradient in this design (x_t comes from a
+  no-grad rollout, the gradient flows through one prediction); its one-prediction form, the drift
+  term on concept rows (eps_theta(x_t, p) against eps_orig(x_t, p) at tau > t0), would pull the
+  concept prompts' predictions back to the original's through the same LoRA factors that L_traj
+  moves (the LoRAs act at every step), for one more guided forward and backward and one teacher
+  forward per concept a step. Not measured: whether it would help.
+- t0 = 0.86, ANT's t' = 43 of 50 DDIM steps: the value of ANT's NSFW row (its Table 6; celebrities
+  40 and art styles 47, i.e. 0.80 and 0.94; the table has no objects row), not the paper's unstated
+  "post the symmetry breaking point" value: on toy-sd the shape is decided before tau 0.7 (t0 = 0.5
+  and 0.7 erased nothing; bench/RESULTS.md).
+- steps = 400 by default, not the paper's "1000-2000 steps on a batch size of 4": 400 was chosen on
+  the toy world (TRACEConfig).
 """
 from __future__ import annotations
 
@@ -107,6 +127,13 @@ CLEAN, PAIR = -1, -2  # buffer row kinds besides concept indices
 
 @dataclass
 class TRACEConfig:
+    """TRACE's options (module doc). steps defaults to 400 optimizer steps, fewer than the paper's
+    1000-2000 (at its batch size of 4, this one's default too): the default is sized for the toy world,
+    where it was chosen (bench/RESULTS.md, issue #17: on toy-sd the circle stayed in 12% of scenes
+    after 200 steps, 3% after 300, 1% after 400 with lambda_keep 3; on toy-flux the losses were flat
+    after about 100 steps), on 2 CPU cores, where a step costs a guided forward and backward per
+    concept and a buffer share of rollouts (module doc). On SD1.5 or FLUX, set steps to the paper's
+    1000-2000."""
     # phase 1
     refine: bool = True  # False: no closed-form refinement (Table 2's w/o attention refinement)
     eta: float = 1.0  # damping of eq. (1) in [0, 1]
@@ -127,7 +154,7 @@ class TRACEConfig:
     scorer: str = "discriminator"  # the concept scorer D: trained on the original's generations, or "none"
     d_pretrain_steps: int = 300
     d_batch: int = 64
-    steps: int = 400
+    steps: int = 400  # the paper: 1000-2000; see the class doc
     lr: float = 1e-3
     batch_size: int = 4
     rollouts: int = 8  # concept rows (and as many clean, and pair, rows) per buffer refresh
@@ -413,16 +440,59 @@ def _predict_x0(model: Denoiser, buf: dict, rows: torch.Tensor, steps: torch.Ten
 
 @contextlib.contextmanager
 def _grad_only(groups: list[list[torch.nn.Parameter]], keep: set[int]):
-    """Only the LoRAs of `keep` require grad inside: the graph built here reaches no other LoRA."""
+    """Only the LoRAs of `keep` require grad inside (each LoRA's flag as it was after): a graph built
+    here reaches no other LoRA."""
+    before = [[p.requires_grad for p in group] for group in groups]
     for k, group in enumerate(groups):
         for p in group:
             p.requires_grad_(k in keep)
     try:
         yield
     finally:
-        for group in groups:
-            for p in group:
-                p.requires_grad_(True)
+        for group, flags in zip(groups, before):
+            for p, flag in zip(group, flags):
+                p.requires_grad_(flag)
+
+
+class _Isolated(torch.autograd.Function):
+    """A loss built inside `scope` (a context manager factory), back-propagated inside it again (_isolated).
+    anchor: an empty leaf that requires grad, so that the outer graph reaches this node; held: [the loss
+    with its graph], in a list so that autograd does not take the loss for an input and back-propagate
+    it outside the scope."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, value: torch.Tensor, held: list, scope) -> torch.Tensor:
+        ctx.held, ctx.scope = held, scope
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.held:
+            raise RuntimeError("TRACE's isolated terms were back-propagated once already; their graph is freed")
+        loss = ctx.held.pop()
+        with ctx.scope():
+            torch.autograd.backward(loss, grad)
+        return None, None, None, None
+
+
+def _isolated(groups: list[list[torch.nn.Parameter]], keep: set[int], terms) -> torch.Tensor:
+    """terms() (a loss) with its gradient reaching the LoRAs of `keep` only, whatever the backward
+    recomputes. The graph is built with only those LoRAs requiring grad (_grad_only), and its
+    backward runs, nested in the training loop's, inside the same _grad_only: a pass that runs the
+    network again during backward (micro_batch's chunks, models/micro_batch.py; gradient
+    checkpointing's recompute) sees the flags the forward saw, so it builds no graph through the
+    other LoRAs and recomputes the tensors the forward saved. Costs nothing more than the plain
+    backward: the graph is the one built in the forward. Like micro_batch, the LoRAs' gradients
+    arrive through the nested backward only (into .grad): torch.autograd.grad() of the total loss
+    cannot ask for them. With `keep` every LoRA (one concept, separate=False) it is terms() itself."""
+    if keep >= set(range(len(groups))):
+        return terms()
+    scope = lambda: _grad_only(groups, keep)  # noqa: E731
+    with scope():
+        loss = terms()
+    if not loss.requires_grad:
+        return loss
+    return _Isolated.apply(torch.empty(0, requires_grad=True), loss.detach(), [loss], scope)
 
 
 def trace_loss(model: Denoiser, traj: Trajectories, groups: list[list[torch.nn.Parameter]], concepts: int,
@@ -466,16 +536,18 @@ def trace_loss(model: Denoiser, traj: Trajectories, groups: list[list[torch.nn.P
         total = torch.zeros(())
         owners = range(len(groups)) if len(groups) > 1 else [-1]  # one LoRA for all: every concept's rows
         for k in owners:
-            with _grad_only(groups, {max(k, 0)}):
-                total = total + concept_terms(k, g) + clean_terms(g)
+            total = total + _isolated(groups, {max(k, 0)}, lambda k=k: concept_terms(k, g) + clean_terms(g))
         if traj.pairs and traj.d is not None and cfg.integration and step % cfg.int_every == 0:
             buf = traj.buffer  # one pair of concepts per term: its rows update those two LoRAs only
             pair = buf["pair"][torch.randint(len(buf["pair"]), (1,), generator=g)][0]
             rows, steps = traj.draw(b, [PAIR], g, below=late, pair=pair)
-            with _grad_only(groups, set(pair.tolist()) if len(groups) > 1 else {0}):
+
+            def integration() -> torch.Tensor:
                 x0 = _predict_x0(model, buf, rows, steps, traj.cond(rows), cfg.guidance)
                 logits = traj.d(model.latent_image(x0))
-                integ = removal_loss(logits, pair[0].repeat(b)) + removal_loss(logits, pair[1].repeat(b))
+                return removal_loss(logits, pair[0].repeat(b)) + removal_loss(logits, pair[1].repeat(b))
+
+            integ = _isolated(groups, set(pair.tolist()) if len(groups) > 1 else {0}, integration)
             traj.last["int"] = integ.item()
             total = total + cfg.lambda_score * integ
         return total
@@ -490,6 +562,7 @@ def _pair_prompts(concepts: ConceptSet) -> list[tuple[str, tuple[int, int]]]:
 
 def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool = True) -> Edit:
     net = model.network
+    model.check_known("TRACE option neutral", cfg.neutral)
     lora_modules = [p.name for p in model.cross_attention_kv()]
     refined = [p.name for p in refined_projections(model)] if cfg.refine else []
     if cfg.finetune:
@@ -497,7 +570,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool 
     touched = sorted(set(f"{m}.weight" for m in refined + (lora_modules if cfg.finetune else [])))
     base = fingerprint(net, touched)
     if cfg.finetune and cfg.checkpoint:
-        loop.check_run(cfg.checkpoint, loop.identity("trace", concepts, cfg, base))
+        loop.check_run(cfg.checkpoint, loop.identity("trace", concepts, cfg, base, model.setting()))
     start = time.perf_counter()
     original = refine(model, concepts, cfg) if cfg.refine else {}
     report = {"refined_layers": len(refined), "refine_time_s": round(time.perf_counter() - start, 3)}
@@ -566,8 +639,9 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
         trainable = [p for group in groups for p in group]
         traj = Trajectories(model, prompts, pairs, len(concepts), cfg, teacher)
         saved = loop.check_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+        identity = loop.identity("trace", concepts, cfg, base, model.setting())
         if saved is not None and saved.is_file():
-            traj.load_state_dict(loop.companion_in(saved, loop.identity("trace", concepts, cfg, base)))
+            traj.load_state_dict(loop.companion_in(saved, identity))
         elif traj.d is not None:
             traj.train_scorer(progress)
         optimizer = engine.adamw(trainable, cfg.lr, cfg.zero)
@@ -576,8 +650,7 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
         try:
             stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
                                checkpoint_every=cfg.checkpoint_every, desc=f"trace {','.join(concepts.names)}",
-                               run=loop.identity("trace", concepts, cfg, base),
-                               max_skipped_steps=cfg.max_skipped_steps, companion=traj, zero=cfg.zero,
+                               run=identity, max_skipped_steps=cfg.max_skipped_steps, companion=traj, zero=cfg.zero,
                                deepspeed_config=cfg.deepspeed_config, model=model)
         finally:
             net.eval()

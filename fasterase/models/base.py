@@ -409,13 +409,16 @@ class Denoiser(ABC):
     default_guidance: float = 3.0
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], seed: int, batch_size: int = 256) -> torch.Tensor:
+    def generate(self, prompts: list[str], seed: int, batch_size: int = 256, progress: str | None = None
+                 ) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1], fp32 on the CPU, from the diffusers pipeline itself, seeded
-        per batch."""
+        per batch; the images counted on a progress bar named `progress` (None: no bar)."""
         self.pipeline.set_progress_bar_config(disable=True)
         out = []
-        for start in range(0, len(prompts), batch_size):
-            g = torch.Generator().manual_seed(seed + start)
-            chunk = prompts[start:start + batch_size]
-            out.append(self.pipeline(chunk, generator=g, output_type="pt", **self.sample_kwargs).images)
+        with tqdm(total=len(prompts), desc=progress, disable=progress is None, leave=False, unit="image") as bar:
+            for start in range(0, len(prompts), batch_size):
+                g = torch.Generator().manual_seed(seed + start)
+                chunk = prompts[start:start + batch_size]
+                out.append(self.pipeline(chunk, generator=g, output_type="pt", **self.sample_kwargs).images)
+                bar.update(len(chunk))
         return torch.cat(out).float().clamp(0, 1).cpu()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from ..concepts import TEMPLATES as GENERIC_TEMPLATES
 from ..concepts import Concept
 from ..errors import UserError
 from . import shapes
@@ -118,9 +119,14 @@ def check_not_heldout(concepts: list[Concept]) -> None:
         prompts = [_words(p) for p in c.prompts(augment=True) + c.anchor_prompts(augment=True)]
         hit = sorted({p for p in prompts if p in heldout})
         if hit:
+            fix = (f"a Concept given without templates takes the generic {c.type} ones (fasterase.concepts."
+                   f"TEMPLATES), which hold them: pass templates=fasterase.toy.concepts.concept({c.name!r}).templates "
+                   "(the world's method templates), or give the bare name"
+                   if tuple(c.templates) == GENERIC_TEMPLATES.get(c.type) else
+                   "give the bare name (the world's method templates) or templates other than "
+                   + ", ".join(repr(t) for t in shapes.HELDOUT_TEMPLATES))
             raise UserError(f"concept {c.name!r} would train on the toy world's held-out prompt(s) {hit[:3]}, which "
-                            f"only evaluation sees; give the bare name (the world's method templates) or templates "
-                            f"other than {', '.join(repr(t) for t in shapes.HELDOUT_TEMPLATES)}")
+                            f"only evaluation sees; {fix}")
         said = sorted(synonyms & {w for p in prompts for w in p.split()})
         if said:
             raise UserError(f"concept {c.name!r} would train on the synonym(s) {said}, which evaluation holds out to "

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..files import check_writable, set_default_mode
+from ..files import check_writable, full_disk_named, set_default_mode
 from . import engine as engines
 from .loss_scale import LossScale
 
@@ -213,7 +213,8 @@ def _write(path: Path, state: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(state, tmp)
+        with full_disk_named(path.parent, f"checkpoint {path}"):
+            torch.save(state, tmp)
         set_default_mode(Path(tmp))
         os.replace(tmp, path)
     except BaseException:

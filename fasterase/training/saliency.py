@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
+from ..files import full_disk_named
 from ..models.partitioned import release_leftovers
 
 
@@ -176,8 +177,9 @@ def save_mask(path: Path, mask: dict[str, torch.Tensor], meta: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous().cpu() for k, v in mask.items()}, tmp,
-                  metadata={"fasterase_saliency": json.dumps(meta)})
+        with full_disk_named(path.parent, f"saliency map cache {path} ($FASTERASE_CACHE)"):
+            save_file({k: v.contiguous().cpu() for k, v in mask.items()}, tmp,
+                      metadata={"fasterase_saliency": json.dumps(meta)})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
