@@ -14,8 +14,9 @@ from setuptools import find_packages, setup
 # nvcc flags of the CUDA kernels, shared with the compile test (tests/test_ops_dispatch.py). No FMA
 # contraction: the kernels then round like the torch reference they are tested against.
 NVCC_FLAGS = ["-O3", "-std=c++20", "--fmad=false"]
-# Built when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (a build machine): A100 and H100.
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Built when no GPU is visible and TORCH_CUDA_ARCH_LIST is unset (a build machine): A100 and H100/H200
+# machine code, and sm_90 PTX, which the driver compiles for a newer GPU (without it, one has no kernel image).
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def cuda_skip_reason() -> str | None:

@@ -2,14 +2,17 @@
 // CPU or (when built WITH_CUDA) CUDA kernel by device. Inputs are validated in fasterase/ops; the
 // checks here only guard against calling the extension directly with unusable tensors.
 #include <torch/extension.h>
+#include <torch/version.h>  // TORCH_VERSION_MAJOR/MINOR
 
 #include <algorithm>
+#include <cstdint>
 #include <numeric>
 #include <vector>
 
 #include "kernels.h"
 
 #ifdef WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -32,6 +35,66 @@ void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.is_contiguous(), "fasterase._C: ", name, " must be contiguous");
   TORCH_CHECK(t.device() == like.device(), "fasterase._C: ", name, " is on another device");
 }
+
+void check_fp32(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  check(t, like, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "fasterase._C: ", name, " must be fp32, got ", t.scalar_type());
+}
+
+// The closed form's GEMM is specified in fp32 (fasterase/ops/rank_update.py), so its result must not depend
+// on torch's switches for reduced-precision fp32 matmuls (torch.set_float32_matmul_precision,
+// torch.backends.{cuda,mkldnn}.matmul.fp32_precision): TF32 in cuBLAS/cuBLASLt, bf16 or TF32 in oneDNN
+// on CPUs that have them. at::NoTF32Guard is torch's own override for cuBLAS and is thread-local. oneDNN
+// has none, so its process-wide setting is made IEEE for the call and put back afterwards; only when it
+// is not IEEE already, so the usual call writes nothing (a matmul of another thread in that window
+// would run in IEEE fp32: more precise, never less). Torch before 2.10 has only the older switch,
+// float32_matmul_precision ("medium" lets oneDNN use bf16), handled the same way.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+class Fp32MatmulGuard {
+ public:
+  Fp32MatmulGuard() {
+    using at::Float32Backend;
+    using at::Float32Op;
+    using at::Float32Precision;
+    auto& ctx = at::globalContext();
+    saved_ = ctx.float32Precision(Float32Backend::MKLDNN, Float32Op::MATMUL);
+    Float32Precision effective = saved_;  // "none" defers to the backend's setting, then the generic one
+    if (effective == Float32Precision::NONE) effective = ctx.float32Precision(Float32Backend::MKLDNN, Float32Op::ALL);
+    if (effective == Float32Precision::NONE) effective = ctx.float32Precision(Float32Backend::GENERIC, Float32Op::ALL);
+    changed_ = effective != Float32Precision::NONE && effective != Float32Precision::IEEE;
+    if (changed_) ctx.setFloat32Precision(Float32Backend::MKLDNN, Float32Op::MATMUL, Float32Precision::IEEE);
+  }
+  ~Fp32MatmulGuard() {
+    if (changed_) at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, saved_);
+  }
+  Fp32MatmulGuard(const Fp32MatmulGuard&) = delete;
+  Fp32MatmulGuard& operator=(const Fp32MatmulGuard&) = delete;
+
+ private:
+  at::NoTF32Guard no_tf32_;
+  at::Float32Precision saved_;
+  bool changed_ = false;
+};
+#else
+class Fp32MatmulGuard {
+ public:
+  Fp32MatmulGuard() : saved_(at::globalContext().float32MatmulPrecision()) {
+    changed_ = saved_ != at::Float32MatmulPrecision::HIGHEST;
+    if (changed_) at::globalContext().setFloat32MatmulPrecision("highest");
+  }
+  ~Fp32MatmulGuard() {
+    if (changed_)
+      at::globalContext().setFloat32MatmulPrecision(saved_ == at::Float32MatmulPrecision::HIGH ? "high" : "medium");
+  }
+  Fp32MatmulGuard(const Fp32MatmulGuard&) = delete;
+  Fp32MatmulGuard& operator=(const Fp32MatmulGuard&) = delete;
+
+ private:
+  at::NoTF32Guard no_tf32_;
+  at::Float32MatmulPrecision saved_;
+  bool changed_ = false;
+};
+#endif
 
 template <typename T>
 T* ptr_or_null(const c10::optional<at::Tensor>& t) {
@@ -117,6 +180,7 @@ void masked_adamw_tasks_cuda(const std::vector<AdamWArgs>& args, const at::Tenso
   masked_adamw_cuda(reinterpret_cast<AdamWTask*>(table.data_ptr()), count, groups.data(),
                     static_cast<int64_t>(groups.size()), chunks, selected_only, found_inf.data_ptr<float>(),
                     ptr_or_null<const float>(qmap_m), ptr_or_null<const float>(qmap_v), stream_of(found_inf));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();  // each launch is checked in the .cu as well; this one covers the table copy too
 }
 #endif
 
@@ -177,12 +241,22 @@ void masked_adamw_multi(std::vector<at::Tensor> params, std::vector<at::Tensor> 
 void lowrank_update(std::vector<at::Tensor> weights, at::Tensor left, at::Tensor right) {
   TORCH_CHECK(!weights.empty(), "fasterase._C: no weights");
   const at::Tensor& w0 = weights[0];
+  TORCH_CHECK(w0.dim() == 2, "fasterase._C: weights must be 2-D (out x in), got ", w0.dim(), "-D");
   for (const auto& w : weights) {
     check(w, w0, "weight");
     TORCH_CHECK(w.sizes() == w0.sizes() && w.scalar_type() == w0.scalar_type(), "fasterase._C: one shape group per call");
   }
-  check(left, w0, "left");
-  check(right, w0, "right");
+  check_fp32(left, w0, "left");
+  check_fp32(right, w0, "right");
+  const int64_t num_weights = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(left.sizes() == right.sizes(), "fasterase._C: left ", left.sizes(), " and right ", right.sizes(),
+              " must have one shape");
+  TORCH_CHECK(left.dim() == 2 || (left.dim() == 3 && left.size(0) == num_weights), "fasterase._C: left/right must be "
+              "(k, in) shared or (", num_weights, ", k, in) per weight, got ", left.sizes());
+  TORCH_CHECK(left.size(-1) == w0.size(1), "fasterase._C: left/right are ", left.size(-1), " wide, the weights ",
+              w0.size(1));
+  TORCH_CHECK(left.size(-2) >= 1 && left.size(-2) <= kMaxRank, "fasterase._C: k = ", left.size(-2),
+              " rows of left/right; valid: 1 to ", kMaxRank);
   std::vector<void*> ptrs;
   for (auto& w : weights) ptrs.push_back(w.data_ptr());
   LowRankArgs a{};
@@ -199,7 +273,10 @@ void lowrank_update(std::vector<at::Tensor> weights, at::Tensor left, at::Tensor
     const c10::cuda::CUDAGuard guard(w0.device());
     at::Tensor table = pointer_table(weights, w0.device());
     a.weights = reinterpret_cast<void* const*>(table.data_ptr<int64_t>());
+    TORCH_CHECK(a.rows * a.num_weights <= INT32_MAX, "fasterase._C: ", a.num_weights, " weights of ", a.rows,
+                " rows exceed a CUDA grid (one block per row, at most 2^31 - 1)");
     lowrank_update_cuda(a, stream_of(w0));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
 #endif
     TORCH_CHECK(false, "fasterase._C was built without CUDA");
@@ -216,6 +293,21 @@ void shared_matmul(std::vector<at::Tensor> weights, at::Tensor transform, std::v
   TORCH_CHECK(!weights.empty(), "fasterase._C: no weights");
   TORCH_CHECK(addends.empty() || addends.size() == weights.size(), "fasterase._C: one addend per weight");
   const at::Tensor& w0 = weights[0];
+  TORCH_CHECK(w0.dim() == 2, "fasterase._C: weights must be 2-D (out x in), got ", w0.dim(), "-D");
+  for (const auto& w : weights) {
+    check(w, w0, "weight");
+    TORCH_CHECK(w.sizes() == w0.sizes() && w.scalar_type() == w0.scalar_type(),
+                "fasterase._C: one shape group per call");
+  }
+  check_fp32(transform, w0, "transform");
+  TORCH_CHECK(transform.dim() == 2 && transform.size(0) == w0.size(1) && transform.size(1) == w0.size(1),
+              "fasterase._C: transform must be (in, in) = (", w0.size(1), ", ", w0.size(1), "), got ",
+              transform.sizes());
+  for (const auto& a : addends) {
+    check_fp32(a, w0, "addend");
+    TORCH_CHECK(a.sizes() == w0.sizes(), "fasterase._C: addends must be ", w0.sizes(), ", got ", a.sizes());
+  }
+  const Fp32MatmulGuard fp32_matmul;
   if (w0.is_cuda()) {
     std::vector<at::Tensor> rows;
     for (const auto& w : weights) rows.push_back(w.to(at::kFloat));
@@ -234,7 +326,20 @@ void shared_matmul(std::vector<at::Tensor> weights, at::Tensor transform, std::v
 std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_noise_loss(
     at::Tensor pred_cond, c10::optional<at::Tensor> pred_uncond, at::Tensor teacher_cond,
     at::Tensor teacher_uncond, at::Tensor sign, at::Tensor weight, at::Tensor uncond_weight, double eta) {
-  for (auto* t : {&teacher_cond, &teacher_uncond, &sign, &weight, &uncond_weight}) check(*t, pred_cond, "tensor");
+  check(pred_cond, pred_cond, "pred_cond");
+  TORCH_CHECK(pred_cond.dim() >= 1, "fasterase._C: predictions need a leading batch dimension");
+  for (auto* t : {&teacher_cond, &teacher_uncond}) {
+    check(*t, pred_cond, "teacher");
+    TORCH_CHECK(t->sizes() == pred_cond.sizes(), "fasterase._C: teachers must have pred_cond's shape");
+  }
+  if (pred_uncond.has_value()) {
+    check(*pred_uncond, pred_cond, "pred_uncond");
+    TORCH_CHECK(pred_uncond->sizes() == pred_cond.sizes(), "fasterase._C: pred_uncond must have pred_cond's shape");
+  }
+  for (auto* t : {&sign, &weight, &uncond_weight}) {
+    check_fp32(*t, pred_cond, "per-sample tensor");
+    TORCH_CHECK(t->numel() == pred_cond.size(0), "fasterase._C: sign/weights need one entry per sample");
+  }
   at::Tensor grad_c = at::empty_like(pred_cond);
   at::Tensor grad_u = pred_uncond.has_value() ? at::empty_like(*pred_uncond) : pred_cond.new_empty({0});
   PairedLossArgs a{};
@@ -258,10 +363,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> paired_noise_loss(
 #ifdef WITH_CUDA
     const c10::cuda::CUDAGuard guard(pred_cond.device());
     at::Tensor loss = at::empty({}, pred_cond.options().dtype(at::kFloat));
-    at::Tensor partials = at::empty({a.batch * paired_noise_loss_cuda_chunks(a.per_sample)},
-                                    pred_cond.options().dtype(at::kFloat));
+    const int64_t blocks = a.batch * paired_noise_loss_cuda_chunks(a.per_sample);
+    TORCH_CHECK(blocks <= INT32_MAX, "fasterase._C: ", a.batch, " samples of ", a.per_sample,
+                " elements exceed a CUDA grid (one block per sample chunk, at most 2^31 - 1)");
+    at::Tensor partials = at::empty({blocks}, pred_cond.options().dtype(at::kFloat));
     a.partials = partials.data_ptr<float>();
     paired_noise_loss_cuda(a, loss.data_ptr<float>(), stream_of(pred_cond));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {loss, grad_c, grad_u};
 #endif
     TORCH_CHECK(false, "fasterase._C was built without CUDA");

@@ -43,6 +43,10 @@ struct AdamWGroup {
 
 constexpr int64_t kAdamWCheckChunk = 4096;
 
+// Most rows k of left/right per low-rank call: the CUDA kernel keeps a row's k dots in shared memory
+// (fasterase/ops/rank_update.py MAX_RANK).
+constexpr int64_t kMaxRank = 64;
+
 struct LowRankArgs {
   void* const* weights;    // num_weights pointers to (rows x cols) matrices of dtype
   const float* left;       // (k x cols), or (num_weights x k x cols) when per_weight
@@ -82,6 +86,7 @@ float paired_noise_loss_cpu(const PairedLossArgs& a);
 void masked_adamw_cuda(AdamWTask* tasks, int64_t count, const AdamWGroup* groups, int64_t num_groups,
                        int64_t check_chunks, bool selected_only, float* found_inf, const float* qmap_m,
                        const float* qmap_v, void* stream);
+// The CUDA launchers throw std::runtime_error, naming the kernel, when a launch fails.
 void lowrank_update_cuda(const LowRankArgs& a, void* stream);
 int64_t paired_noise_loss_cuda_chunks(int64_t per_sample);
 void paired_noise_loss_cuda(const PairedLossArgs& a, float* loss_out, void* stream);

@@ -1,7 +1,8 @@
 """Batched low-rank and shared-transform updates of many same-shape weights in one Triton launch.
 
 Weights are reached through a device table of data pointers, so separate module parameters are
-updated in place without stacking them first."""
+updated in place without stacking them first.  Grid axis 0 numbers a weight's tiles (up to 2^31 - 1)
+and axis 1 the weight; axis 1 stops at 65535, so larger groups are launched in slices of that many."""
 import torch
 import triton
 import triton.language as tl
@@ -9,6 +10,12 @@ import triton.language as tl
 from ._rounding import to_storage
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+def _slices(count):
+    """[start, stop) ranges of at most MAX_GRID_Y weights covering ``count``."""
+    return [(s, min(s + MAX_GRID_Y, count)) for s in range(0, count, MAX_GRID_Y)]
 
 
 def _pointer_table(tensors, device):
@@ -19,9 +26,9 @@ def _pointer_table(tensors, device):
 def _lowrank_kernel(table_ptr, left_ptr, right_ptr, rows, cols, k, PER_WEIGHT: tl.constexpr,
                     DTYPE: tl.constexpr, K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # fp32 products in IEEE precision (tl.dot would otherwise take TF32 on a GPU)
-    w = tl.program_id(0)
+    w = tl.program_id(1)
     w_ptr = tl.load(table_ptr + w).to(tl.pointer_type(DTYPE))
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kk = tl.arange(0, K_PAD)
     if PER_WEIGHT:
         left_ptr += w.to(tl.int64) * k * cols
@@ -50,18 +57,22 @@ def lowrank_update(weights, left, right):
     k = left.shape[-2]
     k_pad = max(16, triton.next_power_of_2(k))  # tl.dot needs every dimension >= 16
     table = _pointer_table(weights, weights[0].device)
-    _lowrank_kernel[(len(weights), triton.cdiv(rows, 16))](
-        table, left, right, rows, cols, k, PER_WEIGHT=left.dim() == 3,
-        DTYPE=_TL_DTYPES[weights[0].dtype], K_PAD=k_pad, BLOCK_R=16, BLOCK_C=32)
+    per_weight = left.dim() == 3
+    for start, stop in _slices(len(weights)):
+        _lowrank_kernel[(triton.cdiv(rows, 16), stop - start)](
+            table[start:stop], left[start:stop] if per_weight else left, right[start:stop] if per_weight else right,
+            rows, cols, k, PER_WEIGHT=per_weight, DTYPE=_TL_DTYPES[weights[0].dtype], K_PAD=k_pad, BLOCK_R=16,
+            BLOCK_C=32)
 
 
 @triton.jit
 def _shared_matmul_kernel(table_ptr, add_table_ptr, t_ptr, out_ptr, rows, cols, HAS_ADD: tl.constexpr,
                           DTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    w = tl.program_id(0)
+    w = tl.program_id(1)
     w_ptr = tl.load(table_ptr + w).to(tl.pointer_type(DTYPE))
-    r = tl.program_id(1) * BM + tl.arange(0, BM)
-    c = tl.program_id(2) * BN + tl.arange(0, BN)
+    col_tiles = tl.cdiv(cols, BN)
+    r = (tl.program_id(0) // col_tiles) * BM + tl.arange(0, BM)
+    c = (tl.program_id(0) % col_tiles) * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, cols, BK):
         kk = k0 + tl.arange(0, BK)
@@ -85,7 +96,9 @@ def shared_matmul(weights, transform, addends):
     scratch = torch.empty((len(weights), rows, cols), dtype=torch.float32, device=device)
     table = _pointer_table(weights, device)
     add_table = _pointer_table(addends, device) if addends else table
-    grid = (len(weights), triton.cdiv(rows, 32), triton.cdiv(cols, 32))
-    _shared_matmul_kernel[grid](table, add_table, transform, scratch, rows, cols, HAS_ADD=bool(addends),
-                                DTYPE=_TL_DTYPES[weights[0].dtype], BM=32, BN=32, BK=32)
+    tiles = triton.cdiv(rows, 32) * triton.cdiv(cols, 32)
+    for start, stop in _slices(len(weights)):
+        _shared_matmul_kernel[(tiles, stop - start)](
+            table[start:stop], add_table[start:stop], transform, scratch[start:stop], rows, cols,
+            HAS_ADD=bool(addends), DTYPE=_TL_DTYPES[weights[0].dtype], BM=32, BN=32, BK=32)
     torch._foreach_copy_(weights, list(scratch.unbind(0)))

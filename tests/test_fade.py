@@ -215,9 +215,9 @@ def test_removal_gradient_reaches_only_the_trained_entries(monkeypatch):
     edit = fade.run(model, cs, fade.FADEConfig(**{**FAST, "steps": 1}), progress=False)
     (change,) = changes
     assert grads and any(nonzero for nonzero, _ in grads.values())
-    assert set(change.values) == set(edit.entries)
+    assert set(change.values) == set(edit.entries) | set(edit.weights)
     # the optimizer holds the salient entries only, a gradient entry for each
-    assert grads == {id(v): (grads[id(v)][0], edit.entries[n][0].numel()) for n, v in change.values.items()}
+    assert grads == {id(v): (grads[id(v)][0], change.indices[n].numel()) for n, v in change.values.items()}
     assert all(not p.requires_grad for p in model.network.parameters())  # and leaves every weight frozen
 
 

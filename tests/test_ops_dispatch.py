@@ -139,8 +139,13 @@ def test_setup_builds_cuda_kernels_without_a_gpu(monkeypatch, tmp_path):
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     """Every .cu file compiles with the flags and architectures setup.py builds with."""
     setup_py = load_setup_py()
-    archs = [a.replace(".", "") for a in setup_py.DEFAULT_CUDA_ARCHS.split(";")]
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode = []
+    for arch in setup_py.DEFAULT_CUDA_ARCHS.split(";"):  # torch's notation: "9.0+PTX" adds the PTX of 9.0
+        a = arch.removesuffix("+PTX").replace(".", "")
+        gencode.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+        if arch.endswith("+PTX"):
+            gencode.append(f"-gencode=arch=compute_{a},code=compute_{a}")
+    assert any("code=compute_" in g for g in gencode), "no PTX: a GPU newer than the listed ones has no kernel image"
     for source in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         out = tmp_path / (os.path.basename(source) + ".o")
         result = subprocess.run(["nvcc", *setup_py.NVCC_FLAGS, *gencode, "-c", source, "-o", str(out)],

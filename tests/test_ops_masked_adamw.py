@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 from fasterase import ops  # noqa: E402
 from fasterase.ops.adamw import masked_adamw_reference  # noqa: E402
-from op_testing import GPU_BACKENDS, assert_close_to_reference, fast_backends, require_built  # noqa: E402
+from op_testing import GPU_BACKENDS, assert_update_close, fast_backends, require_built  # noqa: E402
 
 SIZES = [1, 255, 256, 257, 4097, 100_000]
 TRITON_SIZES = [1, 257, 1100]  # the interpreter is slow
@@ -18,14 +18,15 @@ DTYPES = [(p, s) for p in (torch.float32, torch.bfloat16) for s in (torch.float3
 HYPER = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
 
 
-def make_case(n, kind, density, pdt, sdt, device, seed):
+def make_case(n, kind, density, pdt, sdt, device, seed, gdt=None):
+    """Random inputs of one masked_adamw call; the gradient in ``gdt`` (default: the param's dtype)."""
     g = torch.Generator().manual_seed(seed)
     sel = torch.rand(n, generator=g) < density
     mask = None if kind == "none" else ops.pack_mask(sel) if kind == "bits" else ops.mask_to_indices(sel)
     length = int(sel.sum()) if kind == "idx" else n
     case = dict(
         param=torch.randn(n, generator=g).to(pdt),
-        grad=(torch.randn(n, generator=g) * 0.1).to(pdt),
+        grad=(torch.randn(n, generator=g) * 0.1).to(pdt if gdt is None else gdt),
         step=torch.tensor([float(torch.randint(0, 10, (1,), generator=g))]),
         mask=mask,
     )
@@ -83,8 +84,8 @@ def selected_positions(case, n):
     return sel
 
 
-def check_backend(backend, n, kind, density, pdt, sdt, device="cpu"):
-    case = make_case(n, kind, density, pdt, sdt, device, seed=n * 7 + int(density * 100))
+def check_backend(backend, n, kind, density, pdt, sdt, device="cpu", gdt=None):
+    case = make_case(n, kind, density, pdt, sdt, device, seed=n * 7 + int(density * 100), gdt=gdt)
     ref, out = clone(case), clone(case)
     run(ref, "reference")
     found = run(out, backend)
@@ -93,7 +94,7 @@ def check_backend(backend, n, kind, density, pdt, sdt, device="cpu"):
     # unselected params are bit-identical
     assert torch.equal(out["param"][~sel], case["param"][~sel])
     p64, m64, v64 = oracle(case)
-    assert_close_to_reference(out["param"], ref["param"], p64, f"{backend} param")
+    assert_update_close(out["param"], ref["param"], p64, case["param"], f"{backend} param")
     if sdt == torch.uint8:
         state_sel = slice(None) if kind == "idx" else sel
         for key, a in (("exp_avg", 0), ("exp_avg_sq", 1)):
@@ -108,8 +109,8 @@ def check_backend(backend, n, kind, density, pdt, sdt, device="cpu"):
         state_sel = torch.ones(out["exp_avg"].numel(), dtype=torch.bool) if kind == "idx" else sel
         assert torch.equal(out["exp_avg"][~state_sel], case["exp_avg"][~state_sel])
         assert torch.equal(out["exp_avg_sq"][~state_sel], case["exp_avg_sq"][~state_sel])
-        assert_close_to_reference(out["exp_avg"], ref["exp_avg"], m64, f"{backend} exp_avg")
-        assert_close_to_reference(out["exp_avg_sq"], ref["exp_avg_sq"], v64, f"{backend} exp_avg_sq")
+        assert_update_close(out["exp_avg"], ref["exp_avg"], m64, case["exp_avg"], f"{backend} exp_avg")
+        assert_update_close(out["exp_avg_sq"], ref["exp_avg_sq"], v64, case["exp_avg_sq"], f"{backend} exp_avg_sq")
 
 
 CPU_BACKENDS = fast_backends("cpu")
@@ -195,8 +196,102 @@ def test_dense_fp32_matches_torch_adamw():
     torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_update_tolerance_catches_a_dropped_or_truncated_update():
+    """The per-element tolerance the tests above use (op_testing.assert_update_close) on bf16 params, whose
+    AdamW steps are mostly below one bf16 step of the larger weights: a kernel that stores the old params,
+    or truncates the new fp32 values instead of rounding them to nearest even, must fail it; the
+    correctly rounded result passes. (The former max-scaled rule, 2 ref_err + eps max|oracle|, passed both.)"""
+    case = make_case(4097, "none", 1.0, torch.bfloat16, torch.float32, "cpu", seed=1)
+    ref, wide = clone(case), clone(case)
+    run(ref, "reference")
+    wide["param"] = wide["param"].float()  # the same fp32 arithmetic, kept in fp32 before it is stored
+    run(wide, "reference")
+    p64 = oracle(case)[0]
+    assert torch.equal(wide["param"].bfloat16(), ref["param"])
+    truncated = (wide["param"].view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16()
+    assert_update_close(ref["param"], ref["param"], p64, case["param"], "correct")
+    for name, broken in (("dropped", case["param"]), ("truncated", truncated)):
+        with pytest.raises(AssertionError, match="elements off"):
+            assert_update_close(broken, ref["param"], p64, case["param"], name)
+
+
+GRAD_MIXES = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("pdt,gdt", GRAD_MIXES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_param_and_grad_dtypes_match_reference(backend, pdt, gdt, sdt):
+    """fp32 params with bf16 gradients and the reverse (both accepted: fp32 master weights with bf16
+    gradients), every state dtype and mask kind, against the reference."""
+    sizes = [257] if backend == "triton" else [257, 4097]
+    for n in sizes:
+        for kind, density in (("none", 1.0), ("bits", 0.5), ("idx", 0.3)):
+            check_backend(backend, n, kind, density, pdt, sdt, gdt=gdt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16, torch.uint8], ids=str)
+@pytest.mark.parametrize("pdt,gdt", GRAD_MIXES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_mixed_param_and_grad_dtypes_match_reference(backend, pdt, gdt, sdt):
+    require_built(backend)
+    for kind, density in (("none", 1.0), ("bits", 0.5), ("idx", 0.3)):
+        check_backend(backend, 100_000, kind, density, pdt, sdt, device="cuda", gdt=gdt)
+
+
+BAD_INDICES = [
+    (torch.tensor([0, 5, 3], dtype=torch.int32), "sorted and duplicate-free"),
+    (torch.tensor([0, 4, 4, 7], dtype=torch.int32), "sorted and duplicate-free"),
+    (torch.tensor([-1, 2], dtype=torch.int32), "holds -1; valid indices of a param of 10 elements: 0 to 9"),
+    (torch.tensor([2, 10], dtype=torch.int32), "holds 10; valid"),
+    (torch.tensor([[1, 2]], dtype=torch.int32), "must be 1-D"),
+    (torch.tensor([1, 2], dtype=torch.int64), "mask has dtype torch.int64; valid: torch.uint8, torch.int32"),
+]
+
+
+@pytest.mark.parametrize("mask,match", BAD_INDICES)
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_bad_index_mask_is_refused_before_any_backend(backend, mask, match):
+    """The reference would wrap a negative index and the native kernels read past the param: every backend
+    refuses, and nothing is written."""
+    length = mask.numel()
+    p = torch.randn(10)
+    args = (p.clone(), torch.randn(10), torch.zeros(length), torch.zeros(length), torch.zeros(1))
+    with ops.use_backend(backend), pytest.raises((ValueError, TypeError), match=match):
+        ops.masked_adamw(*args, mask=mask, lr=1e-3)
+    assert torch.equal(args[0], p) and args[4].item() == 0
+    with ops.use_backend(backend), pytest.raises((ValueError, TypeError), match=match):
+        ops.masked_adamw_multi([args[0]], [args[1]], [args[2]], [args[3]], [args[4]], masks=[mask], lr=1e-3)
+
+
+def test_index_mask_is_checked_again_after_an_in_place_change():
+    """A mask found valid is not read again (a host synchronisation on a GPU) until it is modified."""
+    idx = torch.tensor([1, 4, 7], dtype=torch.int32)
+    args = (torch.randn(10), torch.randn(10), torch.zeros(3), torch.zeros(3), torch.zeros(1))
+    ops.masked_adamw(*args, mask=idx, lr=1e-3)
+    ops.masked_adamw(*args, mask=idx, lr=1e-3)
+    idx[2] = 12
+    with pytest.raises(ValueError, match="holds 12"):
+        ops.masked_adamw(*args, mask=idx, lr=1e-3)
+    # valid for a param of 10 says nothing about a smaller one
+    idx[2] = 7
+    ops.masked_adamw(*args, mask=idx, lr=1e-3)
+    with pytest.raises(ValueError, match="holds 7; valid indices of a param of 6"):
+        ops.masked_adamw(torch.randn(6), torch.randn(6), torch.zeros(3), torch.zeros(3), torch.zeros(1), mask=idx,
+                         lr=1e-3)
+
+
+def test_index_masks_of_more_than_2_31_elements_are_refused():
+    """int32 indices would wrap past 2^31 - 1 (an expanded tensor: no memory is allocated)."""
+    with pytest.raises(ValueError, match="at most 2\\^31 elements, not 2147483649; use a bitmask"):
+        ops.mask_to_indices(torch.ones(1, dtype=torch.bool).expand(2 ** 31 + 1))
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(grad=torch.zeros(9)), "grad has 9"),
+    (dict(grad=torch.zeros(10, dtype=torch.float16)), "grad has dtype torch.float16; valid: torch.float32, "
+                                                      "torch.bfloat16"),
     (dict(exp_avg=torch.zeros(10, dtype=torch.float16)), "exp_avg has dtype"),
     (dict(mask=torch.zeros(3, dtype=torch.uint8)), "bitmask has 3 bytes"),
     (dict(mask=torch.zeros(3, dtype=torch.int64)), "mask has dtype"),
@@ -317,8 +412,8 @@ def test_multi_matches_reference(backend, device, pdt, sdt):
                 case["mask"] is not None and case["mask"].dtype == torch.int32) else sel
             for key, o64 in (("exp_avg", m64), ("exp_avg_sq", v64)):
                 assert torch.equal(o[key][~state_sel], case[key][~state_sel])
-                assert_close_to_reference(o[key], r[key], o64, f"{backend} {key} {i}")
-        assert_close_to_reference(o["param"], r["param"], p64, f"{backend} param {i}")
+                assert_update_close(o[key], r[key], o64, case[key], f"{backend} {key} {i}")
+        assert_update_close(o["param"], r["param"], p64, case["param"], f"{backend} param {i}")
 
 
 @pytest.mark.parametrize("where", ["first", "last", "unselected", "preset"])

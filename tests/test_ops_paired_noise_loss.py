@@ -8,7 +8,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before fasterase.kernels is first imported
 
 from fasterase import ops  # noqa: E402
-from op_testing import GPU_BACKENDS, assert_close_to_reference, fast_backends, require_built  # noqa: E402
+from op_testing import (GPU_BACKENDS, assert_close_to_reference, assert_update_close, fast_backends,  # noqa: E402
+                        require_built)
 
 CPU_BACKENDS = fast_backends("cpu")
 # (batch, per-sample shape): totals 1, 255, 256, 257, 4097 and ~1e5 elements
@@ -16,17 +17,19 @@ SHAPES = [(1, (1,)), (1, (255,)), (2, (2, 8, 8)), (1, (257,)), (17, (241,)), (4,
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def make(batch, shape, dtype, with_uncond, device, seed):
+def make(batch, shape, dtype, with_uncond, device, seed, dtypes=None):
+    """Random inputs; ``dtypes`` (pred_cond, pred_uncond, teachers) overrides the one ``dtype`` of all four."""
     g = torch.Generator().manual_seed(seed)
-    t = [torch.randn(batch, *shape, generator=g).to(device=device, dtype=dtype) for _ in range(4)]
+    pc, pu, te = dtypes if dtypes is not None else (dtype, dtype, dtype)
+    t = [torch.randn(batch, *shape, generator=g).to(device=device, dtype=d) for d in (pc, pu, te, te)]
     sign = (torch.randint(0, 2, (batch,), generator=g) * 2 - 1).float().to(device)
     weight = torch.rand(batch, generator=g).to(device)
     uncond_weight = torch.rand(batch, generator=g).to(device)
     return (t[0], t[1] if with_uncond else None, t[2], t[3], sign, weight, uncond_weight, 0.8)
 
 
-def check(backend, batch, shape, dtype, with_uncond, device="cpu"):
-    args = make(batch, shape, dtype, with_uncond, device, seed=batch * 100 + shape[-1])
+def check(backend, batch, shape, dtype, with_uncond, device="cpu", dtypes=None):
+    args = make(batch, shape, dtype, with_uncond, device, seed=batch * 100 + shape[-1], dtypes=dtypes)
     with ops.use_backend("reference"):
         ref = torch.ops.fasterase.paired_noise_loss(*args)
     with ops.use_backend(backend):
@@ -40,7 +43,10 @@ def check(backend, batch, shape, dtype, with_uncond, device="cpu"):
             assert o.numel() == 0
             continue
         assert o.dtype == r.dtype and o.shape == r.shape
-        assert_close_to_reference(o, r, x, f"{backend} {name} {dtype}")
+        if name == "loss":  # a sum: the max-error rule (its summation order is the backend's own)
+            assert_close_to_reference(o, r, x, f"{backend} {name} {dtype}")
+        else:  # element-wise: held per element, to one rounding of its dtype
+            assert_update_close(o.cpu(), r.cpu(), x.cpu(), name=f"{backend} {name} {dtypes or dtype}")
 
 
 @pytest.mark.parametrize("with_uncond", [True, False])
@@ -51,11 +57,61 @@ def test_cpp_matches_reference(batch, shape, dtype, with_uncond):
     check("cpp", batch, shape, dtype, with_uncond)
 
 
+@pytest.mark.parametrize("with_uncond", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("batch,shape", SHAPES[:5])
+@pytest.mark.parametrize("batch,shape", SHAPES[:5] + [(2, (4100,))])  # the last: 3 chunks of 2048 per sample
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not installed")
-def test_triton_interpreted_matches_reference(batch, shape, dtype):
-    check("triton", batch, shape, dtype, with_uncond=True)
+def test_triton_interpreted_matches_reference(batch, shape, dtype, with_uncond):
+    check("triton", batch, shape, dtype, with_uncond)
+
+
+# every accepted mix: each prediction its own dtype, the two teachers one dtype (tested refused otherwise)
+MIXES = [(pc, pu, te) for pc in DTYPES for pu in DTYPES for te in DTYPES if not pc == pu == te]
+
+
+@pytest.mark.parametrize("pc,pu,te", MIXES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_mixed_dtypes_match_reference(backend, pc, pu, te):
+    shape = (2, (3, 7)) if backend == "triton" else (3, (5, 700))
+    check(backend, *shape, None, True, dtypes=(pc, pu, te))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pc,pu,te", MIXES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_mixed_dtypes_match_reference(backend, pc, pu, te):
+    require_built(backend)
+    check(backend, 3, (5, 700), None, True, device="cuda", dtypes=(pc, pu, te))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_mixed_teacher_dtypes_are_refused_alike(backend):
+    """One rule for every backend: the native kernels take one teacher dtype, so a mix is refused before
+    any backend runs, naming both dtypes."""
+    pc, tc = torch.zeros(2, 3), torch.zeros(2, 3)
+    with ops.use_backend(backend), pytest.raises(TypeError, match=r"teacher_cond \(torch.float32\) and "
+                                                               r"teacher_uncond \(torch.bfloat16\) must share"):
+        ops.paired_noise_loss(pc, None, tc, tc.bfloat16(), 1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_strided_predictions_give_contiguous_gradients(backend):
+    """The op called directly with predictions laid out transposed in memory (the same values) beside
+    contiguous teachers: backends that read flat buffers make them contiguous first, and every backend
+    returns contiguous gradients of the same values."""
+    args = make(3, (5, 6), torch.float32, True, "cpu", seed=9)
+    strided = list(args)
+    for i in (0, 1):
+        strided[i] = args[i].transpose(1, 2).contiguous().transpose(1, 2)
+        assert torch.equal(strided[i], args[i]) and not strided[i].is_contiguous()
+    with ops.use_backend("reference"):
+        ref = torch.ops.fasterase.paired_noise_loss(*args)
+    with ops.use_backend(backend):
+        out = torch.ops.fasterase.paired_noise_loss(*strided)
+    for o, r in zip(out[1:], ref[1:]):
+        assert o.is_contiguous() and o.shape == r.shape
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=0)
 
 
 @pytest.mark.gpu

@@ -8,13 +8,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before fasterase.kernels is first imported
 
 from fasterase import ops  # noqa: E402
-from op_testing import GPU_BACKENDS, assert_close_to_reference, fast_backends, require_built  # noqa: E402
+from fasterase.ops import _dispatch  # noqa: E402
+from op_testing import (GPU_BACKENDS, assert_update_close, fast_backends, require_built,  # noqa: E402
+                        unit_roundoff_bound)
 
 CPU_BACKENDS = fast_backends("cpu")
 WDTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rows, cols) shape groups: sizes 1, 255, 256, 257, 4097 and ~1e5 elements
 SHAPES = [(1, 1), (15, 17), (16, 16), (1, 257), (17, 241), (320, 320)]
 TRITON_SHAPES = [(1, 1), (15, 17), (17, 241)]
+
+
+def lowrank_error_bound(w, left, right):
+    """A-priori bound on the fp32 error of W + (W L^T) R at each element, whatever the summation order: each
+    entry is a sum of cols * k products and W, so gamma_(cols + k + 1) (|W| + (|W| |L|^T) |R|) (Higham 3.5)."""
+    k, cols = left.shape
+    w, left, right = w.double().abs(), left.double().abs(), right.double().abs()
+    return unit_roundoff_bound(cols + k + 1) * (w + (w @ left.t()) @ right)
+
+
+def shared_matmul_error_bound(w, transform, addend):
+    """The same for W @ T + A: gamma_(cols + 1) (|W| |T| + |A|)."""
+    product = w.double().abs() @ transform.double().abs()
+    return unit_roundoff_bound(w.shape[1] + 1) * (product + (addend.double().abs() if addend is not None else 0))
 
 
 def weights_for(shape, dtype, count, device, seed):
@@ -37,8 +53,10 @@ def check_lowrank(backend, shape, dtype, k, per_weight, device="cpu"):
         torch.ops.fasterase.lowrank_update(ref, left, right)
     with ops.use_backend(backend):
         torch.ops.fasterase.lowrank_update(out, left, right)
-    for o, r, x in zip(out, ref, oracle):
-        assert_close_to_reference(o, r, x, f"{backend} lowrank {shape} {dtype}")
+    for i, (o, r, x, w) in enumerate(zip(out, ref, oracle, base)):
+        bound = lowrank_error_bound(w, left[i] if per_weight else left, right[i] if per_weight else right)
+        assert_update_close(o.cpu(), r.cpu(), x.cpu(), w.cpu(), f"{backend} lowrank {shape} {dtype}",
+                            compute_bound=bound.cpu())
 
 
 def check_shared_matmul(backend, shape, dtype, with_addends, device="cpu"):
@@ -53,8 +71,10 @@ def check_shared_matmul(backend, shape, dtype, with_addends, device="cpu"):
         torch.ops.fasterase.shared_matmul(ref, transform, addends)
     with ops.use_backend(backend):
         torch.ops.fasterase.shared_matmul(out, transform, addends)
-    for o, r, x in zip(out, ref, oracle):
-        assert_close_to_reference(o, r, x, f"{backend} shared_matmul {shape} {dtype}")
+    for i, (o, r, x, w) in enumerate(zip(out, ref, oracle, base)):
+        bound = shared_matmul_error_bound(w, transform, addends[i] if addends else None)
+        assert_update_close(o.cpu(), r.cpu(), x.cpu(), w.cpu(), f"{backend} shared_matmul {shape} {dtype}",
+                            compute_bound=bound.cpu())
 
 
 @pytest.mark.parametrize("per_weight", [False, True])
@@ -80,6 +100,27 @@ def test_cpp_shared_matmul_matches_reference(shape, dtype, with_addends):
 def test_triton_interpreted_matches_reference(shape, dtype):
     check_lowrank("triton", shape, dtype, k=3, per_weight=True)
     check_shared_matmul("triton", shape, dtype, with_addends=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not installed")
+def test_triton_interpreted_several_row_blocks_shared_factors(dtype):
+    """Rows beyond one block of either kernel (BLOCK_R = 16, BM = 32) and a partial last one, columns beyond
+    one tile, left/right shared by every weight (PER_WEIGHT=False), and the closed form without addends."""
+    check_lowrank("triton", (45, 40), dtype, k=2, per_weight=False)
+    check_shared_matmul("triton", (45, 40), dtype, with_addends=False)
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not installed")
+def test_triton_launches_large_groups_in_grid_slices(monkeypatch):
+    """A group of more weights than grid axis 1 holds (65535) is launched in slices; with the slice size
+    made 2, three weights take two launches, each reaching its own weights' tables, factors and addends."""
+    from fasterase.kernels import rank_update as triton_rank_update
+
+    monkeypatch.setattr(triton_rank_update, "MAX_GRID_Y", 2)
+    check_lowrank("triton", (15, 17), torch.float32, k=2, per_weight=True)
+    check_lowrank("triton", (15, 17), torch.bfloat16, k=1, per_weight=False)
+    check_shared_matmul("triton", (15, 17), torch.float32, with_addends=True)
 
 
 @pytest.mark.gpu
@@ -166,6 +207,8 @@ def test_closed_form_is_uce(backend, n):
     (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(4), torch.ones(4)), "width"),
     (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(3), torch.zeros(3)), "non-zero norm"),
     (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(2, 3), torch.ones(2, 3)), "linearly independent"),
+    (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(0, 3), torch.ones(0, 3)), "1 to 64 embedding rows"),
+    (lambda: ops.rank_one_update([torch.zeros(2, 3)], torch.ones(65, 3), torch.ones(65, 3)), "got 65"),
     (lambda: ops.closed_form_update([torch.zeros(2, 3)], torch.ones(1, 3)), "exactly one of"),
     (lambda: ops.closed_form_update([torch.zeros(2, 3)], torch.ones(1, 3), torch.ones(1, 3), lam=0.0), "lam"),
 ])
@@ -180,3 +223,67 @@ def test_fake_impls():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fasterase.shared_matmul.default, ([torch.randn(4, 5)], torch.randn(5, 5), []),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fasterase._C not built")
+@pytest.mark.parametrize("left,right,match", [
+    (torch.zeros(65, 4), torch.zeros(65, 4), "k = 65 rows of left/right; valid: 1 to 64"),
+    (torch.zeros(0, 4), torch.zeros(0, 4), "k = 0 rows"),
+    (torch.zeros(2, 5), torch.zeros(2, 5), "are 5 wide, the weights 4"),
+    (torch.zeros(2, 4), torch.zeros(3, 4), "must have one shape"),
+    (torch.zeros(3, 2, 4), torch.zeros(3, 2, 4), r"\(2, k, in\) per weight"),
+    (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64), "left must be fp32"),
+    (torch.zeros(4, 2).t(), torch.zeros(2, 4), "left must be contiguous"),
+])
+def test_native_lowrank_refuses_bad_factors(left, right, match):
+    """fasterase._C called directly (the ops build valid factors): a k its CUDA kernel cannot hold, or factors
+    of the wrong shape, dtype or layout, are refused before any memory is read."""
+    with pytest.raises(RuntimeError, match=match):
+        _dispatch.native().lowrank_update([torch.zeros(3, 4), torch.zeros(3, 4)], left, right)
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="fasterase._C not built")
+def test_native_shared_matmul_refuses_bad_shapes():
+    native = _dispatch.native()
+    with pytest.raises(RuntimeError, match=r"transform must be \(in, in\)"):
+        native.shared_matmul([torch.zeros(3, 4)], torch.zeros(5, 5), [])
+    with pytest.raises(RuntimeError, match="addends must be"):
+        native.shared_matmul([torch.zeros(3, 4)], torch.eye(4), [torch.zeros(4, 3)])
+    with pytest.raises(RuntimeError, match="one shape group"):
+        native.shared_matmul([torch.zeros(3, 4), torch.zeros(2, 4)], torch.eye(4), [])
+
+
+def test_closed_form_values_must_be_on_the_weights_device():
+    w = torch.randn(4, 6)
+    with pytest.raises(ValueError, match=r"values\[0\] is on meta, weights\[0\] on cpu"):
+        ops.closed_form_update([w], torch.randn(2, 6), values=[torch.empty(2, 4, device="meta")])
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.closed_form_update([w], torch.randn(2, 6), values=[torch.zeros(2, 4, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("backend,device", [(b, "cpu") for b in CPU_BACKENDS if b == "cpp"] + [
+    pytest.param(b, "cuda", marks=pytest.mark.gpu, id=f"{b}-cuda") for b in GPU_BACKENDS])
+def test_closed_form_ignores_reduced_precision_matmul_settings(backend, device):
+    """torch.set_float32_matmul_precision("medium") lets fp32 matmuls run in TF32 (cuBLAS) or bf16 (oneDNN on
+    CPUs with avx512_bf16, as CI's): the closed form, specified in fp32, gives the same bits either way."""
+    if device == "cuda":
+        require_built(backend)
+    g = torch.Generator().manual_seed(7)
+    # oneDNN takes bf16 only from about 256 x 256 x 256 up
+    base = [torch.randn(300, 256, generator=g).to(device) for _ in range(2)]
+    sources, targets = torch.randn(5, 256, generator=g), torch.randn(5, 256, generator=g)
+    values = [torch.randn(5, 300, generator=g).to(device) for _ in range(2)]
+    results = []
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            ws, vs = [w.clone() for w in base], [w.clone() for w in base]
+            with ops.use_backend(backend):
+                ops.closed_form_update(ws, sources, targets)
+                ops.closed_form_update(vs, sources, values=values)
+            results.append(ws + vs)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

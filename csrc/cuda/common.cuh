@@ -2,12 +2,26 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "../kernels.h"
 
 namespace fasterase {
 namespace cuda {
+
+// What C10_CUDA_KERNEL_LAUNCH_CHECK() does, without torch (these files compile standalone, kernels.h):
+// a launch that failed (bad configuration, no kernel image for this GPU) is reported at once, naming
+// the kernel, instead of leaving the outputs unwritten. binding.cpp runs torch's own check after each launcher.
+inline void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("fasterase: CUDA launch of ") + kernel + " failed: " +
+                             cudaGetErrorString(err));
+}
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }

@@ -235,6 +235,7 @@ void launch_update(const AdamWGroup& grp, const AdamWTask* tasks, const float* f
     const int64_t needed = (grp.blocks + kWarps - 1) / kWarps;
     const unsigned grid = static_cast<unsigned>(std::min(needed, resident_grid(kernel, kWarps * 32)));
     kernel<<<grid, kWarps * 32, 0, s>>>(t, count, grp.blocks, found, qmap_m, qmap_v);
+    check_launch("masked_adamw update_kernel");
   };
   switch (grp.state_dtype) {
     case kF32: run(update_kernel<P, G, float, false>); break;
@@ -256,8 +257,10 @@ void masked_adamw_cuda(AdamWTask* tasks, int64_t count, const AdamWGroup* groups
   if (check_chunks > 0) {
     const unsigned grid = static_cast<unsigned>(std::min(check_chunks, resident_grid(check_kernel, kCheckThreads)));
     check_kernel<<<grid, kCheckThreads, 0, s>>>(tasks, n, check_chunks, selected_only, found_inf);
+    check_launch("masked_adamw check_kernel");
   }
   step_kernel<<<static_cast<unsigned>((count + 127) / 128), 128, 0, s>>>(tasks, n, found_inf);
+  check_launch("masked_adamw step_kernel");
   for (int64_t k = 0; k < num_groups; ++k) {
     const AdamWGroup& grp = groups[k];
     if (grp.blocks == 0) continue;

@@ -1,6 +1,6 @@
-// CUDA paired noise loss: one 256-thread block per (chunk, sample) writes both gradients and a
-// loss partial; one block sums the partials in fp64 in a fixed order (deterministic): each thread a
-// strided share, then a fixed tree.
+// CUDA paired noise loss: one 256-thread block per (sample, chunk), on a 1-D grid (2^31 - 1 blocks;
+// gridDim.y would stop at 65535 samples), writes both gradients and a loss partial; one block sums the
+// partials in fp64 in a fixed order (deterministic): each thread a strided share, then a fixed tree.
 #include <cuda_runtime.h>
 
 #include "common.cuh"
@@ -14,8 +14,8 @@ constexpr int64_t kChunk = 4096;
 template <typename P, typename T, typename U>
 __global__ void paired_kernel(PairedLossArgs a, int64_t chunks) {
   __shared__ float red[8];
-  const int64_t b = blockIdx.y, n = a.per_sample;
-  const int64_t e0 = blockIdx.x * kChunk, e1 = min(e0 + kChunk, n);
+  const int64_t b = blockIdx.x / chunks, chunk = blockIdx.x % chunks, n = a.per_sample;
+  const int64_t e0 = chunk * kChunk, e1 = min(e0 + kChunk, n);
   const float scale = a.sign[b] * a.eta;
   const float two_over_n = static_cast<float>(2.0 / static_cast<double>(n));
   const float coef_c = two_over_n * a.weight[b], coef_u = two_over_n * a.uncond_weight[b];
@@ -40,7 +40,7 @@ __global__ void paired_kernel(PairedLossArgs a, int64_t chunks) {
   }
   sum_c = block_sum(sum_c, red);
   sum_u = block_sum(sum_u, red);
-  if (threadIdx.x == 0) a.partials[b * chunks + blockIdx.x] = a.weight[b] * sum_c + (pu ? a.uncond_weight[b] * sum_u : 0.f);
+  if (threadIdx.x == 0) a.partials[blockIdx.x] = a.weight[b] * sum_c + (pu ? a.uncond_weight[b] * sum_u : 0.f);
 }
 
 constexpr int kFinishThreads = 256;
@@ -61,8 +61,11 @@ __global__ void finish_kernel(const float* partials, int64_t count, int64_t n, f
 template <typename P, typename T, typename U>
 void launch(const PairedLossArgs& a, float* loss, cudaStream_t s) {
   const int64_t chunks = paired_noise_loss_cuda_chunks(a.per_sample);
-  paired_kernel<P, T, U><<<dim3(static_cast<unsigned>(chunks), static_cast<unsigned>(a.batch)), 256, 0, s>>>(a, chunks);
+  // chunks * batch <= 2^31 - 1: binding.cpp checks
+  paired_kernel<P, T, U><<<static_cast<unsigned>(chunks * a.batch), 256, 0, s>>>(a, chunks);
+  check_launch("paired_kernel");
   finish_kernel<<<1, kFinishThreads, 0, s>>>(a.partials, chunks * a.batch, a.per_sample, loss);
+  check_launch("finish_kernel");
 }
 
 template <typename P, typename T>
@@ -91,7 +94,9 @@ int64_t paired_noise_loss_cuda_chunks(int64_t per_sample) { return (per_sample +
 void paired_noise_loss_cuda(const PairedLossArgs& a, float* loss, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.batch == 0 || a.per_sample == 0) {
-    cudaMemsetAsync(loss, 0, sizeof(float), s);
+    const cudaError_t err = cudaMemsetAsync(loss, 0, sizeof(float), s);
+    if (err != cudaSuccess)
+      throw std::runtime_error(std::string("fasterase: zeroing the loss failed: ") + cudaGetErrorString(err));
     return;
   }
   switch (a.pred_dtype) {

@@ -34,7 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _dispatch
-from .quant import BLOCK, dequantize_blockwise, dynamic_map, num_blocks, quantize_codes, unpack_mask
+from .quant import BLOCK, check_indices, dequantize_blockwise, dynamic_map, num_blocks, quantize_codes, unpack_mask
 
 OP = "masked_adamw"
 OP_MULTI = "masked_adamw_multi"
@@ -229,11 +229,14 @@ def _check_tensor(param, grad, exp_avg, exp_avg_sq, mask, absmax, device):
     length = n
     if mask is not None:
         _check_flat("mask", mask, device, (torch.uint8, torch.int32))
+        if mask.dim() != 1:
+            raise ValueError(f"mask must be 1-D (flat), got shape {tuple(mask.shape)}")
         if mask.dtype == torch.uint8:
             if mask.numel() != (n + 7) // 8:
                 raise ValueError(f"bitmask has {mask.numel()} bytes, expected ceil({n}/8) = {(n + 7) // 8}")
             mask_bits = mask
         else:
+            check_indices(mask, n)
             mask_idx, length = mask, mask.numel()
     for name, state in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
         _check_flat(name, state, device, _STATE_DTYPES)
@@ -285,9 +288,10 @@ def masked_adamw(
 
     param/grad: contiguous, same numel, fp32 or bf16.  exp_avg/exp_avg_sq: fp32, bf16 or uint8
     (8-bit, then ``absmax=(absmax_m, absmax_v)`` fp32 of ceil(L/256) entries is required), with
-    L = param.numel(), or L = mask.numel() for an index mask.  mask: None (all), uint8 bitmask or
-    sorted int32 indices.  step: one-element fp32 count of steps taken.  found_inf: one-element
-    fp32 flag shared across calls to skip a whole optimizer step (allocated when None).
+    L = param.numel(), or L = mask.numel() for an index mask.  mask: None (all), 1-D uint8 bitmask or
+    1-D sorted, duplicate-free int32 indices within [0, param.numel()) (checked once per mask:
+    quant.check_indices).  step: one-element fp32 count of steps taken.  found_inf: one-element fp32
+    flag shared across calls to skip a whole optimizer step (allocated when None).
     """
     device = param.device
     mask_bits, mask_idx, absmax_m, absmax_v = _check_tensor(param, grad, exp_avg, exp_avg_sq, mask, absmax, device)

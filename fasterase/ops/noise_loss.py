@@ -23,6 +23,9 @@ def _paired_op(
     eta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = _dispatch.select(OP, pred_cond.device)
+    if backend != "reference":  # the kernels read and write flat, contiguous buffers (no-op when they are)
+        pred_cond, teacher_cond, teacher_uncond = (t.contiguous() for t in (pred_cond, teacher_cond, teacher_uncond))
+        pred_uncond = None if pred_uncond is None else pred_uncond.contiguous()
     args = (pred_cond, pred_uncond, teacher_cond, teacher_uncond, sign, weight, uncond_weight, eta)
     if backend == "reference":
         return paired_noise_loss_reference(*args)
@@ -34,8 +37,10 @@ def _paired_op(
 
 @_paired_op.register_fake
 def _(pred_cond, pred_uncond, teacher_cond, teacher_uncond, sign, weight, uncond_weight, eta):
-    grad_u = torch.empty_like(pred_uncond) if pred_uncond is not None else pred_cond.new_empty(0)
-    return pred_cond.new_empty((), dtype=torch.float32), torch.empty_like(pred_cond), grad_u
+    # contiguous whatever the predictions' layout, as every backend returns them
+    grad_c = pred_cond.new_empty(pred_cond.shape)
+    grad_u = pred_uncond.new_empty(pred_uncond.shape) if pred_uncond is not None else pred_cond.new_empty(0)
+    return pred_cond.new_empty((), dtype=torch.float32), grad_c, grad_u
 
 
 def paired_noise_loss_reference(pred_cond, pred_uncond, teacher_cond, teacher_uncond, sign, weight,
@@ -117,8 +122,9 @@ def paired_noise_loss(
     """Weighted paired MSE of trainable predictions against frozen-teacher targets (scalar fp32, autograd).
 
     pred_cond / pred_uncond: the trainable model's conditional / unconditional predictions (B, ...),
-    fp32/bf16/fp16; pred_uncond may be None (ESD trains the conditional branch only).
-    teacher_cond / teacher_uncond: the frozen model's predictions, same shape (no gradient flows).
+    fp32/bf16/fp16, each its own; pred_uncond may be None (ESD trains the conditional branch only).
+    teacher_cond / teacher_uncond: the frozen model's predictions, same shape and one dtype (of the three)
+    for both, which may differ from the predictions' (no gradient flows).
     sign: per-sample +1 (keep: ANT's early preservation, t > t') or -1 (reverse: ESD / ANT's late
     erasure, t < t'); a float applies to all samples.  eta: guidance scale.
     weight / uncond_weight: per-sample weights of the conditional and unconditional terms; each
@@ -139,6 +145,11 @@ def paired_noise_loss(
             raise ValueError(f"{name} has shape {tuple(t.shape)}, pred_cond has {tuple(pred_cond.shape)}")
         if t.device != pred_cond.device:
             raise ValueError(f"{name} is on {t.device}, pred_cond on {pred_cond.device}")
+    if teacher_uncond.dtype != teacher_cond.dtype:
+        # one frozen model gives both; the native kernels take one teacher dtype (a fourth dtype dimension
+        # of CUDA instantiations would buy nothing), so every backend refuses a mix alike
+        raise TypeError(f"teacher_cond ({teacher_cond.dtype}) and teacher_uncond ({teacher_uncond.dtype}) must "
+                        f"share a dtype (any of {', '.join(map(str, _DTYPES))})")
     if pred_cond.dim() < 1:
         raise ValueError("predictions need a leading batch dimension")
     b = pred_cond.shape[0]

@@ -10,13 +10,16 @@ codes takes the lower one.  ``absmax`` of a block is the largest magnitude in it
 
 Masks: a *bitmask* is uint8 with ceil(n / 8) bytes, element i selected when bit (i % 8) of
 byte i // 8 is set (LSB first, numpy ``packbits(bitorder="little")``); an *index mask* is a
-sorted, duplicate-free int32 tensor of selected flat indices.
+sorted, duplicate-free int32 tensor of selected flat indices (so it addresses at most 2^31 elements).
 """
 from __future__ import annotations
 
 import torch
 
 BLOCK = 256
+MAX_INDEXED = 2 ** 31  # elements an int32 index mask can address
+# attribute of an index mask found valid: (its version counter then, the smallest param size it fits)
+_VALID = "_fasterase_valid_below"
 
 _maps: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
@@ -96,4 +99,47 @@ def mask_to_indices(selected: torch.Tensor) -> torch.Tensor:
     """Bool tensor (read flat) -> sorted int32 index mask."""
     if selected.dtype != torch.bool:
         raise TypeError(f"mask_to_indices expects a bool tensor, got {selected.dtype}")
-    return selected.reshape(-1).nonzero().view(-1).to(torch.int32)
+    if selected.numel() > MAX_INDEXED:  # int32 would wrap the indices past 2^31 - 1
+        raise ValueError(f"an index mask holds int32 indices, which address at most 2^31 elements, not "
+                         f"{selected.numel()}; use a bitmask (pack_mask) for a tensor this large")
+    indices = selected.reshape(-1).nonzero().view(-1).to(torch.int32)
+    _remember_valid(indices, selected.numel())  # sorted, unique and in range by construction
+    return indices
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter: never remembered, checked each time
+        return None
+
+
+def _remember_valid(indices: torch.Tensor, bound: int) -> None:
+    version = _version(indices)
+    if version is not None:
+        setattr(indices, _VALID, (version, bound))
+
+
+def check_indices(indices: torch.Tensor, n: int) -> None:
+    """Raise ValueError unless the int32 index mask is sorted, duplicate-free and within [0, n).
+
+    The reference would wrap a negative index and the native kernels would read and write past the
+    param, so this is checked before any backend runs.  Checking reads the indices, a host
+    synchronisation on a GPU, so a mask found valid is remembered with its version counter and not read
+    again until it is modified in place: masks are fixed for a training run, so an optimizer step pays
+    this once per mask, not once per step (masks from mask_to_indices are valid by construction).
+    """
+    if indices.numel() == 0:
+        return
+    seen = getattr(indices, _VALID, None)
+    if seen is not None and seen[0] == _version(indices) and seen[1] <= n:
+        return
+    first, last, unordered = torch.stack([indices[0].long(), indices[-1].long(),
+                                          (indices[1:] <= indices[:-1]).sum()]).tolist()  # one synchronisation
+    if unordered:
+        raise ValueError(f"index mask must be sorted and duplicate-free (strictly increasing); {unordered} "
+                         "entries are not above the one before")
+    if first < 0 or last >= n:
+        raise ValueError(f"index mask holds {first if first < 0 else last}; valid indices of a param of {n} "
+                         f"elements: 0 to {n - 1}")
+    _remember_valid(indices, last + 1)

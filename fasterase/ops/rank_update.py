@@ -119,7 +119,7 @@ def rank_one_update(
     e_w_j exactly onto W e_u_j, where the plain sum of k eq.-1 updates would not (each e_w_j
     also moves under the others' updates unless the rows are orthogonal). For k = 1 it is eq. 1.
 
-    Raises ValueError for mismatched shapes, more than MAX_RANK rows, or e_w rows that are not
+    Raises ValueError for mismatched shapes, no rows or more than MAX_RANK, or e_w rows that are not
     linearly independent (G singular: two rows the same concept twice); TypeError for a dtype.
     """
     weights = _validate_weights(weights)
@@ -133,8 +133,8 @@ def rank_one_update(
         u2, w2 = u.float().reshape(-1, u.shape[-1]), w_.float().reshape(-1, w_.shape[-1])
         if u2.shape != w2.shape:
             raise ValueError(f"e_u {tuple(u.shape)} and e_w {tuple(w_.shape)} differ in shape")
-        if u2.shape[0] > MAX_RANK:
-            raise ValueError(f"at most {MAX_RANK} embedding rows per call, got {u2.shape[0]}")
+        if not 1 <= u2.shape[0] <= MAX_RANK:
+            raise ValueError(f"1 to {MAX_RANK} embedding rows per call, got {u2.shape[0]}")
         if not bool(((w2 * w2).sum(dim=1) > 0).all()):
             raise ValueError("every e_w row needs a non-zero norm")
         w64 = w2.double()
@@ -234,14 +234,19 @@ def closed_form_update(
         r = _erase_projection(sources, lam, row_weights)  # lam M^-1 = I - C^T R
         eye = torch.eye(r.shape[1], dtype=torch.float64, device=r.device)
         transform = (eye - sources.double().t() @ r).float().contiguous()
-        project = r.float()
         values = list(values)
         if len(values) != len(weights):
             raise ValueError(f"got {len(values)} values for {len(weights)} weights")
         for i, (v, w) in enumerate(zip(values, weights)):
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                raise TypeError(f"values[{i}] must be a floating-point tensor")
             if v.shape != (r.shape[0], w.shape[0]):
                 raise ValueError(f"values[{i}] must be (n={r.shape[0]}, out={w.shape[0]}), got {tuple(v.shape)}")
-        extra = [(v.float().t() @ project.to(v.device)).contiguous() for v in values]
+            if v.device != w.device:  # its addend is read by the weight's kernel, on the weight's device
+                raise ValueError(f"values[{i}] is on {v.device}, weights[{i}] on {w.device}")
+        # V^T (D C M^-1) in fp64 like the solve (n terms per entry: cheap), so no fp32 matmul setting
+        # (TF32, oneDNN bf16) touches it
+        extra = [(v.double().t() @ r.to(v.device)).float().contiguous() for v in values]
     for i, w in enumerate(weights):
         if w.shape[1] != transform.shape[0]:
             raise ValueError(f"weights[{i}] has input width {w.shape[1]}, embeddings have {transform.shape[0]}")
