@@ -213,7 +213,7 @@ def cmd_eval(args) -> int:
         own = [c["name"] for c in edit.concepts]
         if toy and not erased:  # scored by the toy shapes or colours its concepts name ("red circle": the circle)
             erased = [n for n in own if shapes_named(n) or colors_named(n)]
-        elif erased and sorted(erased) != sorted(own):
+        elif erased and sorted(" ".join(n.lower().split()) for n in erased) != sorted(n.lower() for n in own):
             print(f"fasterase eval: note: scoring --erased {', '.join(erased)} as erased; the edit erased "
                   f"{', '.join(own)}", file=sys.stderr)
     if toy or erased or not args.grid:  # evaluate refuses a model outside the toy world before any work

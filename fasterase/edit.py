@@ -210,6 +210,22 @@ def _damaged_named(file: Path):
                         "save the edit again") from None
 
 
+def _damaged_fields(meta: dict) -> list[str]:
+    """What in an edit's metadata is missing or not of the type Edit.save writes."""
+    kinds = {"has_lora": bool, "method": str, "model_kind": str, "concepts": list, "config": dict,
+             "base_fingerprint": str, "fasterase_version": str}
+    wrong = [f"no {k}" if k not in meta else f"{k} is {type(meta[k]).__name__}, not {t.__name__}"
+             for k, t in kinds.items() if not isinstance(meta.get(k), t)]
+    if not isinstance(meta.get("report", {}), dict):
+        wrong.append(f"report is {type(meta['report']).__name__}, not dict")
+    if isinstance(meta.get("concepts"), list) and not all(isinstance(c, dict) and isinstance(c.get("name"), str)
+                                                         for c in meta["concepts"]):
+        wrong.append("a concept is not a record with a name")
+    if isinstance(meta.get("model_kind"), str) and meta["model_kind"] not in ("sd", "flux"):
+        wrong.append(f"model_kind {meta['model_kind']!r} is neither sd nor flux")
+    return wrong
+
+
 def is_edit_folder(path: Path) -> bool:
     """A folder with an edit.safetensors carrying fasterase metadata and nothing an edit does not write."""
     if not path.is_dir() or not (path / EDIT_FILE).is_file():
@@ -567,22 +583,25 @@ class Edit:
             meta = json.loads(header["fasterase"])
         except json.JSONDecodeError as exc:
             raise UserError(f"{file}: its fasterase metadata is damaged ({exc}); save the edit again") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise UserError(f"{file} is edit format {found}, this fasterase reads format {FORMAT}")
-        missing = [k for k in ("has_lora", "method", "model_kind", "concepts", "config", "base_fingerprint",
-                               "fasterase_version") if k not in meta]
-        if missing:
-            raise UserError(f"{file}: its fasterase metadata is damaged (no {', '.join(missing)}); save the edit again")
+        if not isinstance(meta, dict):
+            raise UserError(f"{file}: its fasterase metadata is damaged (not a JSON object); save the edit again")
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{file} is edit format {meta.get('format')}, this fasterase reads format {FORMAT}")
+        wrong = _damaged_fields(meta)
+        if wrong:
+            raise UserError(f"{file}: its fasterase metadata is damaged ({'; '.join(wrong)}); save the edit again")
         lora = {}
         if meta["has_lora"]:
             with _damaged_named(path / LORA_FILE):
                 lora = load_file(str(path / LORA_FILE))
         with _damaged_named(file):
             weights = load_file(str(file))
-        unpaired = [k for k in weights if k.endswith(INDICES) and k[:-len(INDICES)] + VALUES not in weights]
+        pairs = ((INDICES, VALUES), (VALUES, INDICES))
+        unpaired = [(k, other) for k in weights for mine, other in pairs
+                    if k.endswith(mine) and k[:-len(mine)] + other not in weights]
         if unpaired:
-            raise UserError(f"{file} is damaged: {unpaired[0]} has no {VALUES} beside it; save the edit again")
+            raise UserError(f"{file} is damaged: {unpaired[0][0]} has no {unpaired[0][1]} beside it; save the edit "
+                            "again")
         entries = {k[:-len(INDICES)]: (weights.pop(k), weights.pop(k[:-len(INDICES)] + VALUES))
                    for k in list(weights) if k.endswith(INDICES)}
         return cls(method=meta["method"], model_kind=meta["model_kind"], concepts=meta["concepts"],

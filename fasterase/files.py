@@ -35,23 +35,32 @@ def check_writable(folder: Path, what: str) -> None:
         os.unlink(tmp)
 
 
+# Below this much room left where a write failed, the disk is taken to have been filled by it: torch.save
+# and safetensors name no disk (torch 2.13: "basic_ios::clear: iostream error", "unexpected pos"; safetensors'
+# SafetensorError, which is no OSError), and the half-written file is still there when this looks.
+FULL_BELOW = 16 * 2**20
+
+
 @contextlib.contextmanager
 def full_disk_named(folder: Path, what: str):
     """A write in `folder` that fails for want of room is a UserError saying so, with the room left there:
-    an OSError ENOSPC / EDQUOT, torch.save's "file write failed" RuntimeError and safetensors' error
-    carrying the OS's ENOSPC text, which all name no disk otherwise. The caller removes what it half-wrote."""
+    an OSError ENOSPC / EDQUOT, or any error of the writer while under FULL_BELOW bytes are free there. Other
+    errors pass unchanged. The caller removes what it half-wrote."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
-        text = str(e)
-        full = (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "file write failed" in text \
-            or "No space left on device" in text or "Disk quota exceeded" in text
-        if not full:
+    except Exception as e:
+        if isinstance(e, UserError):
             raise
-        free = shutil.disk_usage(folder).free / 1e9
-        raise UserError(f"{what}: could not be written in {folder}, the disk has no room for it ({text.strip()}; "
-                        f"{free:.2f} GB free there); nothing was left half-written: free space or choose another "
-                        "place") from None
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            raise e from None
+        no_room = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not (no_room or free < FULL_BELOW):
+            raise
+        raise UserError(f"{what}: could not be written in {folder}, the disk has no room for it ({free / 1e9:.3f} GB "
+                        f"free there; the writer said: {str(e).strip()[:200]}); nothing was left half-written: free "
+                        "space or choose another place") from None
 
 
 def check_outside(path: Path, model_folder: Path | None, what: str) -> None:

@@ -77,6 +77,7 @@ import dataclasses
 import math
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -87,7 +88,7 @@ from . import api
 from .concepts import Concept, ConceptSet, as_concepts
 from .errors import UserError
 from .methods import REGISTRY, esd, fade, get, trace
-from .models import meta
+from .models import meta, real_configs
 from .ops.quant import num_blocks
 from .optim import SalientAdamW
 from .toy import components
@@ -869,6 +870,8 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
     if salient_share is not None and not cfg.saliency:
         raise UserError("--salient-share sizes ANT's saliency map, and saliency=false trains every entry without one")
     described = meta.describe(model, DTYPES.get(dtype))
+    if model in real_configs.NAMES and (Path(model) / "model_index.json").is_file():
+        model = str(Path(model).resolve())  # a local folder of the name is planned (as erase loads it): say so
     if dtype is None:
         dtype = "bf16" if described.dtype is None else next(k for k, v in DTYPES.items() if v == described.dtype)
     if resolution is not None:

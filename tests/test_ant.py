@@ -503,3 +503,14 @@ def test_a_checkpoint_of_another_run_is_refused_before_the_saliency_map(tmp_path
     monkeypatch.setattr(params, "add_lora", lambda *a, **k: pytest.fail("training began"))
     with pytest.raises(UserError, match=r"belongs to another run: its run.method \('esd' there, 'ant' here\)"):
         ant.run(model, cs, ant.ANTConfig(checkpoint=str(ckpt)), progress=False)
+
+
+def test_an_unusable_saliency_cache_is_refused_before_the_maps(tmp_path, monkeypatch):
+    """FASTERASE_CACHE naming a file was found only when the computed map was saved (minutes on a real model)."""
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("FASTERASE_CACHE", str(tmp_path / "file"))
+    monkeypatch.setattr(ant, "trajectory_loss", lambda *a, **k: pytest.fail("a map was computed"))
+    model = models.load("toy-sd")
+    concept, cfg = Concept("circle"), ant.ANTConfig(**FAST)
+    with pytest.raises(UserError, match=r"saliency map cache .* is a file, not a folder; set FASTERASE_CACHE"):
+        ant.concept_saliency(model, concept, cfg.resolved(concept), cfg, progress=False)

@@ -257,11 +257,11 @@ def test_eval_says_when_erased_is_not_the_edits_concepts(capsys, tmp_path, monke
     scored = []
     monkeypatch.setattr(eval_module, "evaluate", lambda model, erased, **k: scored.append(erased) or {"concepts": {}})
     monkeypatch.setattr(eval_module, "format_table", lambda report: "")
-    for erased, note in (("square", True), ("circle", False)):
+    for erased, note in (("square", True), ("circle", False), (" Circle", False)):
         code, _, err = run(capsys, "eval", "--edit", str(tmp_path / "e"), "--erased", erased)
         assert code == 0, err
         assert ("note: scoring --erased square as erased; the edit erased circle" in err) == note
-    assert scored == [["square"], ["circle"]]
+    assert scored == [["square"], ["circle"], ["Circle"]]
 
 
 def _must_not(monkeypatch, target, name, what):

@@ -230,9 +230,16 @@ def test_a_damaged_edit_folder_is_named(tmp_path, damage):
 
 @pytest.mark.parametrize("metadata, needle", [
     ("{not json", "its fasterase metadata is damaged"),
-    ('{"format": %d}', "its fasterase metadata is damaged \\(no has_lora, method"),
-    ("[1, 2]", "is edit format None"),
-    (None, "has no :values beside it"),
+    ('{"format": %d}', "its fasterase metadata is damaged \\(no has_lora; no method"),
+    ("[1, 2]", "its fasterase metadata is damaged \\(not a JSON object"),
+    ('{"format": %d, "has_lora": false, "method": "ant", "model_kind": "sd", "concepts": "circle", "config": null, '
+     '"base_fingerprint": "x", "fasterase_version": "0", "report": "x"}',
+     "concepts is str, not list; config is NoneType, not dict; report is str, not dict"),
+    ('{"format": %d, "has_lora": false, "method": "ant", "model_kind": "sdxl", "concepts": [{"nme": "c"}], '
+     '"config": {}, "base_fingerprint": "x", "fasterase_version": "0"}',
+     "a concept is not a record with a name; model_kind 'sdxl' is neither sd nor flux"),
+    (None, "down.weight:indices has no :values beside it"),
+    ("values alone", "down.weight:values has no :indices beside it"),
 ])
 def test_damaged_metadata_or_entries_are_named(tmp_path, metadata, needle):
     """Metadata that is not the JSON an edit writes, or an entry's indices without its values, was a
@@ -244,10 +251,11 @@ def test_damaged_metadata_or_entries_are_named(tmp_path, metadata, needle):
     path = tmp_path / "e"
     path.mkdir()
     tensors = {"w": torch.zeros(2)}
-    if metadata is None:
+    if metadata is None or metadata == "values alone":
+        tensors = ({"down.weight:indices": torch.zeros(2, dtype=torch.int32)} if metadata is None
+                   else {"down.weight:values": torch.zeros(2)})
         metadata = json.dumps({"format": FORMAT, "has_lora": False, "method": "ant", "model_kind": "sd",
                                "concepts": [], "config": {}, "base_fingerprint": "x", "fasterase_version": "0"})
-        tensors = {"down.weight:indices": torch.zeros(2, dtype=torch.int32)}
     save_file(tensors, str(path / "edit.safetensors"),
               metadata={"fasterase": metadata % FORMAT if "%d" in metadata else metadata})
     with pytest.raises(UserError, match=needle):

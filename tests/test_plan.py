@@ -506,4 +506,5 @@ def test_a_local_folder_named_like_a_published_config_is_planned_as_erase_loads_
     published = planner.plan("sd15", "esd", resolution=64).to_json()
     models.load("toy-sd").pipeline.save_pretrained(tmp_path / "sd15")
     local = planner.plan("sd15", "esd", resolution=64).to_json()
+    assert local["model"] == str(tmp_path / "sd15") and published["model"] == "sd15"  # the plan says which
     assert local["columns"] == planner.plan("toy-sd", "esd", resolution=64).to_json()["columns"] != published["columns"]

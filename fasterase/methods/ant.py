@@ -211,7 +211,7 @@ def concept_saliency(model: Denoiser, concept: Concept, hp: dict, cfg: ANTConfig
     settings."""
     net = model.network
     key = _saliency_key(model, concept, hp, cfg)
-    path = saliency.cache_dir() / f"{key}.safetensors"
+    path = saliency.check_cache() / f"{key}.safetensors"
     if path.is_file():
         mask, meta = saliency.load_mask(path)
         return mask, {**meta, "saliency_cached": True, "saliency_cache": str(path)}

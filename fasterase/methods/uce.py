@@ -51,8 +51,8 @@ def idle_options(cfg: UCEConfig, given: set[str], model: Denoiser, concepts: Con
     if "preserve_scale" in given and not concepts.preserve:
         idle.append("preserve_scale: it weighs the preserved concepts, and none are preserved")
     reads_images = model.kind == "flux" and cfg.text_kv  # add_k / add_v inputs: forwards at the model's size
-    for option in ("resolution", "gradient_checkpointing", "micro_batch"):
-        if option in given and reads_images and option != "resolution":
+    for option in ("resolution", "gradient_checkpointing", "micro_batch"):  # text_kv's forwards: micro-batched
+        if option == "gradient_checkpointing" and option in given and reads_images:
             idle.append(f"{option}: UCE keeps no graph (text_kv's forwards run without one)")
         elif option in given and not reads_images:
             idle.append(f"{option}: UCE runs no image through the network (it reads the encoded prompts)")

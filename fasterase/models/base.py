@@ -97,13 +97,15 @@ class Denoiser(ABC):
         self.sample_kwargs.update(height=height, width=width)
 
     def setting(self) -> dict:
-        """What besides the touched weights decides what a run computes: the kind, the image size (px), the
+        """What besides the touched weights decides what a run computes: the kind, the network's dtype, the
+        image size (px), the
         noise schedule (the config of the sampler built from the pipeline's scheduler: prediction type, betas
         or shift; whichever scheduler class the pipeline carries for sampling) and the text encoders
         (text_fingerprint). Part of a run's identity (training.loop.identity) and of ANT's saliency-cache key,
         so neither is taken up by a run of another setting."""
         schedule = {k: v for k, v in self.sampler(1).config.items() if not k.startswith("_")}
-        return {"kind": self.kind, "size": [self.height, self.width],
+        return {"kind": self.kind, "dtype": str(self.network.dtype).removeprefix("torch."),
+                "size": [self.height, self.width],
                 "schedule": json.loads(json.dumps(schedule, default=str)), "text": self.text_fingerprint()}
 
     def text_fingerprint(self) -> str:
@@ -118,8 +120,9 @@ class Denoiser(ABC):
         for encoder in self.text_encoders:
             for name, t in encoder.state_dict().items():
                 flat = t.detach().reshape(-1)
-                h.update(f"{name}:{tuple(t.shape)};".encode())
-                h.update(flat[::max(1, flat.numel() // 4096)][:4096].float().cpu().numpy().tobytes())
+                picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 4096)).long()
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+                h.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
         return h.hexdigest()
 
     # --- conditioning -------------------------------------------------------------------------

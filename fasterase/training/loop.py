@@ -128,11 +128,23 @@ def companion_in(path: str | os.PathLike, run: dict) -> dict | None:
         return None
     state = read_checkpoint(ckpt)
     saved = state.get("run") or {}
+    run = _recorded(saved, run)
     differ = [d for k, v in run.items() if v is not None for d in _differences(saved.get(k), v, f"run.{k}")]
-    if differ:
-        raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} differ from this "
-                        "run's; use another checkpoint file, or delete this one to start afresh")
+    _refuse_other(ckpt, differ)
     return state.get("companion")
+
+
+def _recorded(saved: dict, run: dict) -> dict:
+    """`run` without what the saved run does not record: a checkpoint of fasterase before 2026-12-03 has no
+    model setting, and resumes with it unchecked."""
+    return {k: v for k, v in run.items() if k != "model" or "model" in saved}
+
+
+def _refuse_other(ckpt: Path, differ: list[str]) -> None:
+    if differ:
+        raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} "
+                        f"differ{'s' if len(differ) == 1 else ''} from this run's; use another checkpoint file, or "
+                        "delete this one to start afresh")
 
 
 def train(loss_fn: Callable[[int, torch.Generator], torch.Tensor], params: list[torch.nn.Parameter],
@@ -193,12 +205,12 @@ def _resumable(ckpt: Path, this: dict) -> dict | None:
     if not ckpt.exists():
         return None
     state = read_checkpoint(ckpt)
+    if isinstance(state.get("run"), dict) and isinstance(this["run"], dict):
+        this = {**this, "run": _recorded(state["run"], this["run"])}
     differ = _differences({k: state.get(k) for k in this}, this)
     named = {d.split(" ", 1)[0] for d in differ}
     differ = [d for d in differ if f"run.config.{d.split(' ', 1)[0]}" not in named]  # seed, steps: once
-    if differ:
-        raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} differ from this "
-                        "run's; use another checkpoint file, or delete this one to start afresh")
+    _refuse_other(ckpt, differ)
     return state
 
 

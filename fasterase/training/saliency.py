@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from ..files import full_disk_named
+from ..files import check_writable, full_disk_named, set_default_mode
 from ..models.partitioned import release_leftovers
 
 
@@ -171,6 +171,18 @@ def cache_dir() -> Path:
     return Path(root) / "saliency"
 
 
+def check_cache() -> Path:
+    """cache_dir(), checked before any map is computed (minutes on a real model): a folder, or one that can
+    be made, that can be written in; UserError otherwise."""
+    folder = cache_dir()
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"saliency map cache {folder} ($FASTERASE_CACHE): {blocker} is a file, not a folder; set "
+                        "FASTERASE_CACHE to a folder")
+    check_writable(folder, f"saliency map cache {folder} ($FASTERASE_CACHE)")
+    return folder
+
+
 def save_mask(path: Path, mask: dict[str, torch.Tensor], meta: dict) -> None:
     """M* as int32 indices in safetensors, written to a temporary file and renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +192,7 @@ def save_mask(path: Path, mask: dict[str, torch.Tensor], meta: dict) -> None:
         with full_disk_named(path.parent, f"saliency map cache {path} ($FASTERASE_CACHE)"):
             save_file({k: v.contiguous().cpu() for k, v in mask.items()}, tmp,
                       metadata={"fasterase_saliency": json.dumps(meta)})
+        set_default_mode(Path(tmp))  # mkstemp's 0600: the file follows the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
