@@ -98,10 +98,9 @@ class Denoiser(ABC):
 
     def setting(self) -> dict:
         """What besides the touched weights decides what a run computes: the kind, the network's dtype, the
-        image size (px), the
-        noise schedule (the config of the sampler built from the pipeline's scheduler: prediction type, betas
-        or shift; whichever scheduler class the pipeline carries for sampling) and the text encoders
-        (text_fingerprint). Part of a run's identity (training.loop.identity) and of ANT's saliency-cache key,
+        image size (px), the noise schedule (the config of the sampler built from the pipeline's scheduler:
+        prediction type, betas or shift; whichever scheduler class the pipeline carries for sampling) and the
+        text encoders (text_fingerprint). Part of a run's identity (training.loop.identity) and of ANT's saliency-cache key,
         so neither is taken up by a run of another setting."""
         schedule = {k: v for k, v in self.sampler(1).config.items() if not k.startswith("_")}
         return {"kind": self.kind, "dtype": str(self.network.dtype).removeprefix("torch."),
