@@ -39,11 +39,15 @@ METHODS = {
     "trace": {"steps": 2, "batch_size": 2, "rollouts": 2, "refresh_every": 2, "sample_steps": 8,
               "d_pretrain_steps": 30, "d_batch": 16},
 }
+# what each run erases, with which method and options: the methods' runs erase circle; TRACE's two-concept run
+# trains one LoRA per concept, each isolated from the other's terms by a backward nested in the engine's
+RUNS = {**{m: (m, "circle", options) for m, options in METHODS.items()},
+        "trace, two concepts": ("trace", ["circle", "square"], {**METHODS["trace"], "preserve": ["triangle"]})}
 RESUME_STEPS = 4
 # fp32-state runs compared with the plain engine: every method under ZeRO-2 and ZeRO-3 (CompactDelta masters,
 # LoRAs, FADE's and TRACE's companions beside the engine, their rollouts through the partitioned network;
 # ANT's ZeRO-3 run is _fresh_saliency_under_zero3's, FADE's the two processes' of main_two)
-FP32_STAGES = {"esd": (2, 3), "ant": (2,), "fade": (2,), "trace": (2, 3)}
+FP32_STAGES = {"esd": (2, 3), "ant": (2,), "fade": (2,), "trace": (2, 3), "trace, two concepts": (2, 3)}
 SPLIT_EVERY_PARAMETER = '{"zero_optimization": {"stage3_param_persistence_threshold": 0}}'
 ZERO3_RTOL = 2.5e-4  # of the edit's change: 4x what another summation order alone moves it (see above)
 
@@ -98,11 +102,12 @@ def _network_state(network) -> dict:
             "parameter dicts": sorted({type(m._parameters).__name__ for m in network.modules()})}
 
 
-def _erase(method: str, zero: int, **extra):
+def _erase(run: str, zero: int, **extra):
     import fasterase
 
-    return fasterase.erase("toy-sd", "circle", method=method, zero=zero, progress=False,
-                           **{**METHODS[method], **extra}).edit
+    method, concepts, options = RUNS[run]
+    return fasterase.erase("toy-sd", concepts, method=method, zero=zero, progress=False,
+                           **{**options, **extra}).edit
 
 
 def _resume(method: str, zero: int, ckpt: str, checkpoint_every: int = 50, **extra) -> dict:
