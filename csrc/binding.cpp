@@ -44,36 +44,46 @@ void check_fp32(const at::Tensor& t, const at::Tensor& like, const char* name) {
 // The closed form's GEMM is specified in fp32 (fasterase/ops/rank_update.py), so its result must not depend
 // on torch's switches for reduced-precision fp32 matmuls (torch.set_float32_matmul_precision,
 // torch.backends.{cuda,mkldnn}.matmul.fp32_precision): TF32 in cuBLAS/cuBLASLt, bf16 or TF32 in oneDNN
-// on CPUs that have them. at::NoTF32Guard is torch's own override for cuBLAS and is thread-local. oneDNN
-// has none, so its process-wide setting is made IEEE for the call and put back afterwards; only when it
-// is not IEEE already, so the usual call writes nothing (a matmul of another thread in that window
-// would run in IEEE fp32: more precise, never less). Torch before 2.10 has only the older switch,
-// float32_matmul_precision ("medium" lets oneDNN use bf16), handled the same way.
+// on CPUs that have them. at::NoTF32Guard is torch's own override, thread-local, but only the cuBLAS path
+// reads it (cuBLASLt's reads the CUDA backend's precision). So each backend's process-wide setting is
+// made IEEE for the call and put back afterwards; only when it is not IEEE already, so the usual call
+// writes nothing (a matmul of another thread in that window would run in IEEE fp32: more precise, never
+// less). Torch before 2.10 has only the older switch, float32_matmul_precision ("medium" lets oneDNN use
+// bf16), handled the same way.
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
-class Fp32MatmulGuard {
+class IeeeMatmul {  // one backend's fp32 matmul precision IEEE for this object's life
  public:
-  Fp32MatmulGuard() {
+  explicit IeeeMatmul(at::Float32Backend backend) : backend_(backend) {
     using at::Float32Backend;
     using at::Float32Op;
     using at::Float32Precision;
     auto& ctx = at::globalContext();
-    saved_ = ctx.float32Precision(Float32Backend::MKLDNN, Float32Op::MATMUL);
+    saved_ = ctx.float32Precision(backend, Float32Op::MATMUL);
     Float32Precision effective = saved_;  // "none" defers to the backend's setting, then the generic one
-    if (effective == Float32Precision::NONE) effective = ctx.float32Precision(Float32Backend::MKLDNN, Float32Op::ALL);
+    if (effective == Float32Precision::NONE) effective = ctx.float32Precision(backend, Float32Op::ALL);
     if (effective == Float32Precision::NONE) effective = ctx.float32Precision(Float32Backend::GENERIC, Float32Op::ALL);
     changed_ = effective != Float32Precision::NONE && effective != Float32Precision::IEEE;
-    if (changed_) ctx.setFloat32Precision(Float32Backend::MKLDNN, Float32Op::MATMUL, Float32Precision::IEEE);
+    if (changed_) ctx.setFloat32Precision(backend, Float32Op::MATMUL, Float32Precision::IEEE);
   }
-  ~Fp32MatmulGuard() {
-    if (changed_) at::globalContext().setFloat32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL, saved_);
+  ~IeeeMatmul() {
+    if (changed_) at::globalContext().setFloat32Precision(backend_, at::Float32Op::MATMUL, saved_);
   }
-  Fp32MatmulGuard(const Fp32MatmulGuard&) = delete;
-  Fp32MatmulGuard& operator=(const Fp32MatmulGuard&) = delete;
+  IeeeMatmul(const IeeeMatmul&) = delete;
+  IeeeMatmul& operator=(const IeeeMatmul&) = delete;
+
+ private:
+  at::Float32Backend backend_;
+  at::Float32Precision saved_;
+  bool changed_ = false;
+};
+
+class Fp32MatmulGuard {
+ public:
+  Fp32MatmulGuard() : mkldnn_(at::Float32Backend::MKLDNN), cuda_(at::Float32Backend::CUDA) {}
 
  private:
   at::NoTF32Guard no_tf32_;
-  at::Float32Precision saved_;
-  bool changed_ = false;
+  IeeeMatmul mkldnn_, cuda_;
 };
 #else
 class Fp32MatmulGuard {
@@ -307,6 +317,7 @@ void shared_matmul(std::vector<at::Tensor> weights, at::Tensor transform, std::v
     check_fp32(a, w0, "addend");
     TORCH_CHECK(a.sizes() == w0.sizes(), "fasterase._C: addends must be ", w0.sizes(), ", got ", a.sizes());
   }
+  if (w0.numel() == 0) return;  // nothing to write; the stacked product's split would give one piece, not one a weight
   const Fp32MatmulGuard fp32_matmul;
   if (w0.is_cuda()) {
     std::vector<at::Tensor> rows;

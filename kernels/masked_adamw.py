@@ -1,5 +1,7 @@
 """Masked AdamW in Triton: a check kernel over the selected gradients, then one program per
-256-entry state block (the 8-bit absmax block), so the block's new scale is a register reduction."""
+256-entry state block (the 8-bit absmax block), so the block's new scale is a register reduction.
+Launched with enable_fp_fusion=False: each multiply and add rounds on its own, as in the reference
+and the CUDA build (--fmad=false); Triton would contract them into FMAs."""
 import torch
 import triton
 import triton.language as tl
@@ -106,7 +108,7 @@ def masked_adamw(param, grad, exp_avg, exp_avg_sq, step, found_inf, mask_bits, m
     bits = mask_bits if has_bits else dummy
     if length:
         _check_kernel[(triton.cdiv(length, CHECK_BLOCK),)](
-            grad, found_inf, idx, bits, length, HAS_IDX=has_idx, HAS_BITS=has_bits, CHECK=CHECK_BLOCK)
+            grad, found_inf, idx, bits, length, HAS_IDX=has_idx, HAS_BITS=has_bits, CHECK=CHECK_BLOCK, enable_fp_fusion=False)
     step.add_((found_inf == 0).to(step.dtype))
     # bias corrections from the device-side step, in fp64 like the reference's Python floats
     t = step.double()
@@ -123,4 +125,4 @@ def masked_adamw(param, grad, exp_avg, exp_avg_sq, step, found_inf, mask_bits, m
         absmax_m if eight_bit else dummy, absmax_v if eight_bit else dummy,
         qmap_m if eight_bit else dummy, qmap_v if eight_bit else dummy, length,
         beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-        HAS_IDX=has_idx, HAS_BITS=has_bits, EIGHT_BIT=eight_bit, BLOCK=BLOCK)
+        HAS_IDX=has_idx, HAS_BITS=has_bits, EIGHT_BIT=eight_bit, BLOCK=BLOCK, enable_fp_fusion=False)

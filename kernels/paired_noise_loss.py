@@ -1,6 +1,8 @@
 """Paired noise loss in Triton: one program per (sample, chunk) writes both gradients and a loss
 partial; the partials are summed in fp64 in a fixed order (deterministic).  The programs are numbered
-on grid axis 0 alone (up to 2^31 - 1; axes 1 and 2 stop at 65535 chunks or samples)."""
+on grid axis 0 alone (up to 2^31 - 1; axes 1 and 2 stop at 65535 chunks or samples). Launched with
+enable_fp_fusion=False: each multiply and add rounds on its own, as in the reference and the CUDA build
+(--fmad=false)."""
 import torch
 import triton
 import triton.language as tl
@@ -52,5 +54,5 @@ def paired_noise_loss(pred_cond, pred_uncond, teacher_cond, teacher_uncond, sign
     _paired_kernel[(batch * chunks,)](
         pred_cond, pred_uncond if has_u else pred_cond, teacher_cond, teacher_uncond, sign, weight,
         uncond_weight, grad_c, grad_u if has_u else grad_c, partials, n, chunks, float(eta), 2.0 / n,
-        HAS_UNCOND=has_u, CHUNK=CHUNK)
+        HAS_UNCOND=has_u, CHUNK=CHUNK, enable_fp_fusion=False)
     return (partials.double().sum() / n).float(), grad_c, grad_u

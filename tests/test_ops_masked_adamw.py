@@ -490,6 +490,28 @@ def test_multi_bad_input_names_what_is_valid():
         ops.masked_adamw_multi(p, z, z, z, [torch.zeros(1)], lr=-1.0)
 
 
+def test_tensors_a_step_writes_must_not_share_memory():
+    """An alias (one step count for two tensors, one param twice, a state overlapping a param) would race
+    in the CUDA kernels, which write every tensor in parallel: refused by name before any backend runs.
+    Disjoint views of one buffer are separate tensors, as a flat partition's are."""
+    flat, step = torch.zeros(20), torch.zeros(1)
+    a, b = torch.zeros(10), torch.zeros(10)
+    with pytest.raises(ValueError, match=r"steps\[0\] and steps\[1\] share memory"):
+        ops.masked_adamw_multi([a, b], [a.clone(), b.clone()], [a.clone(), b.clone()], [a.clone(), b.clone()],
+                               [step, step], lr=1e-3)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        ops.masked_adamw_multi([a, a], [a.clone()] * 2, [a.clone(), b.clone()], [a.clone(), b.clone()],
+                               [torch.zeros(1), torch.zeros(1)], lr=1e-3)
+    with pytest.raises(ValueError, match="exp_avg and param share memory|param and exp_avg share memory"):
+        ops.masked_adamw(flat[:10], torch.ones(10), flat[5:15], torch.zeros(10), step, lr=1e-3)
+    assert step.item() == 0 and not flat.any()
+    halves = [flat[:10], flat[10:]]
+    ops.masked_adamw_multi(halves, [torch.ones(10)] * 2, [torch.zeros(10), torch.zeros(10)],
+                           [torch.zeros(10), torch.zeros(10)], [torch.zeros(1), torch.zeros(1)], lr=1e-3,
+                           weight_decay=0.0)
+    assert torch.allclose(flat, torch.full((20,), -1e-3))
+
+
 def test_multi_torch_compile_fake_impl():
     n = [300, 17]
     torch.library.opcheck(torch.ops.fasterase.masked_adamw_multi.default, (

@@ -125,6 +125,14 @@ def test_gpu_backends_match_reference(backend, batch, shape, dtype, with_uncond)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_take_more_samples_than_a_grid_axis_holds(backend):
+    """70000 samples (grid axes 1 and 2 stop at 65535): every sample's gradients and loss term."""
+    require_built(backend)
+    check(backend, 70000, (16,), torch.float32, True, device="cuda")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_backends_launch_on_the_tensors_gpu(backend):

@@ -134,6 +134,43 @@ def test_gpu_backends_match_reference(backend, shape, dtype):
     check_shared_matmul(backend, shape, dtype, with_addends=True, device="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_groups_of_more_weights_than_a_grid_axis_holds(backend):
+    """70000 weights of one shape (grid axes 1 and 2 stop at 65535): every weight updated, the last ones
+    included. The reference's formula evaluated batched (fp32 and the fp64 oracle), the weights views of
+    one buffer."""
+    require_built(backend)
+    count, k, shape = 70000, 2, (1, 8)
+    g = torch.Generator().manual_seed(70000)
+    base = torch.randn(count, *shape, generator=g)
+    left = torch.randn(count, k, shape[1], generator=g) / shape[1] ** 0.5
+    right = torch.randn(count, k, shape[1], generator=g) / shape[1] ** 0.5
+    out = base.cuda()
+    with ops.use_backend(backend):
+        torch.ops.fasterase.lowrank_update(list(out.unbind(0)), left.cuda(), right.cuda())
+    ref = base + (base @ left.transpose(1, 2)) @ right
+    b, lo, r = base.double(), left.double(), right.double()
+    oracle = b + (b @ lo.transpose(1, 2)) @ r
+    bound = unit_roundoff_bound(shape[1] + k + 1) * (b.abs() + (b.abs() @ lo.abs().transpose(1, 2)) @ r.abs())
+    assert_update_close(out.cpu(), ref, oracle, base, f"{backend} lowrank {count} weights", compute_bound=bound)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS
+                         + [pytest.param(b, marks=pytest.mark.gpu, id=f"{b}-cuda") for b in GPU_BACKENDS])
+def test_weights_without_rows_are_left_as_they_are(backend):
+    """Two (0, 8) weights in one shape group: nothing to write, and no backend fails on the empty group."""
+    device = "cuda" if backend in GPU_BACKENDS and torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        require_built(backend)
+    weights = [torch.empty(0, 8, device=device) for _ in range(2)]
+    sources = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with ops.use_backend(backend):
+        ops.closed_form_update(weights, sources.to(device), sources.flip(0).to(device))
+        ops.rank_one_update(weights, sources[0].to(device), sources[1].to(device))
+    assert all(w.shape == (0, 8) for w in weights)
+
+
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_rank_one_update_is_trace_eq1(backend):
     """dW = eta (W e_u - W e_w) e_w^T / ||e_w||^2, all shape groups in one call; rank k the joint solve."""
@@ -264,8 +301,9 @@ def test_closed_form_values_must_be_on_the_weights_device():
 @pytest.mark.parametrize("backend,device", [(b, "cpu") for b in CPU_BACKENDS if b == "cpp"] + [
     pytest.param(b, "cuda", marks=pytest.mark.gpu, id=f"{b}-cuda") for b in GPU_BACKENDS])
 def test_closed_form_ignores_reduced_precision_matmul_settings(backend, device):
-    """torch.set_float32_matmul_precision("medium") lets fp32 matmuls run in TF32 (cuBLAS) or bf16 (oneDNN on
-    CPUs with avx512_bf16, as CI's): the closed form, specified in fp32, gives the same bits either way."""
+    """torch.set_float32_matmul_precision("medium") lets fp32 matmuls run in TF32 (cuBLAS, and cuBLASLt, which
+    ignores torch's thread-local TF32 override) or bf16 (oneDNN on CPUs with avx512_bf16, as CI's): the
+    closed form, specified in fp32, gives the same bits either way, and leaves the settings as they were."""
     if device == "cuda":
         require_built(backend)
     g = torch.Generator().manual_seed(7)
@@ -273,17 +311,26 @@ def test_closed_form_ignores_reduced_precision_matmul_settings(backend, device):
     base = [torch.randn(300, 256, generator=g).to(device) for _ in range(2)]
     sources, targets = torch.randn(5, 256, generator=g), torch.randn(5, 256, generator=g)
     values = [torch.randn(5, 300, generator=g).to(device) for _ in range(2)]
+    settings = [("highest", None), ("medium", None)] + ([("medium", "cublaslt")] if device == "cuda" else [])
     results = []
     before = torch.get_float32_matmul_precision()
+    library = torch.backends.cuda.preferred_blas_library() if device == "cuda" else None
     try:
-        for precision in ("highest", "medium"):
+        for precision, blas in settings:
             torch.set_float32_matmul_precision(precision)
+            if blas:
+                torch.backends.cuda.preferred_blas_library(blas)
+            set_to = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
             ws, vs = [w.clone() for w in base], [w.clone() for w in base]
             with ops.use_backend(backend):
                 ops.closed_form_update(ws, sources, targets)
                 ops.closed_form_update(vs, sources, values=values)
+            assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == set_to
             results.append(ws + vs)
     finally:
         torch.set_float32_matmul_precision(before)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+        if library is not None:
+            torch.backends.cuda.preferred_blas_library(library)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
