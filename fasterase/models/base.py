@@ -119,7 +119,8 @@ class Denoiser(ABC):
         for encoder in self.text_encoders:
             for name, t in encoder.state_dict().items():
                 flat = t.detach().reshape(-1)
-                picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 4096)).long()
+                count = min(flat.numel(), 4096)  # in integers: fp32 positions past 2^24 round up past the end
+                picks = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
                 h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
                 h.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
         return h.hexdigest()
