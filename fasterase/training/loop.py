@@ -70,10 +70,13 @@ def identity(method: str, concepts, config, base_fingerprint: str | None, settin
 
 
 def _differences(saved, current, name: str = "") -> list[str]:
-    """What differs between two nested dicts: dotted names, with the saved and the current value."""
+    """What differs between two nested dicts: dotted names, with the saved and the current value; more than
+    eight of one dict's plain values (another model's noise schedule) as their count and the first."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        return [d for k in sorted(set(saved) | set(current), key=str)
-                for d in _differences(saved.get(k), current.get(k), f"{name}.{k}" if name else str(k))]
+        keys = sorted(set(saved) | set(current), key=str)
+        found = [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{name}.{k}" if name else str(k))]
+        plain = not any(isinstance(d.get(k), dict) for d in (saved, current) for k in keys)
+        return [f"{len(found)} entries of {name}, e.g. {found[0]}"] if name and plain and len(found) > 8 else found
     short = [r if len(r) <= 40 else r[:37] + "..." for r in (repr(saved), repr(current))]
     return [] if saved == current else [f"{name} ({short[0]} there, {short[1]} here)"]
 
