@@ -1,7 +1,7 @@
 """Masked AdamW in Triton: a check kernel over the selected gradients, then one program per
 256-entry state block (the 8-bit absmax block), so the block's new scale is a register reduction.
-Launched with enable_fp_fusion=False: each multiply and add rounds on its own, as in the reference
-and the CUDA build (--fmad=false); Triton would contract them into FMAs."""
+The update kernel is launched with enable_fp_fusion=False: each multiply and add rounds on its own, as
+in the reference and the CUDA build (--fmad=false); Triton would contract them into FMAs."""
 import torch
 import triton
 import triton.language as tl
@@ -108,7 +108,7 @@ def masked_adamw(param, grad, exp_avg, exp_avg_sq, step, found_inf, mask_bits, m
     bits = mask_bits if has_bits else dummy
     if length:
         _check_kernel[(triton.cdiv(length, CHECK_BLOCK),)](
-            grad, found_inf, idx, bits, length, HAS_IDX=has_idx, HAS_BITS=has_bits, CHECK=CHECK_BLOCK, enable_fp_fusion=False)
+            grad, found_inf, idx, bits, length, HAS_IDX=has_idx, HAS_BITS=has_bits, CHECK=CHECK_BLOCK)
     step.add_((found_inf == 0).to(step.dtype))
     # bias corrections from the device-side step, in fp64 like the reference's Python floats
     t = step.double()

@@ -15,7 +15,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 ln -sfn ../kernels fasterase/kernels  # what `pip install -e .` maps (setup.py package_dir)
 start=$SECONDS
 failed=()
-# sm_90 only (the lent machines are H100 / H200): each architecture of setup.py's 8.0;9.0+PTX compiles every kernel again
+# sm_90 only (the lent machines are H100 / H200): each architecture of setup.py's 8.0;9.0+PTX
+# compiles every kernel again
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1
 rc=$?
 echo "build: rc $rc in $((SECONDS - start)) s" | tee -a "$OUT/gpu.txt"
