@@ -133,8 +133,12 @@ def test_a_checkpoint_is_refused_for_another_resolution_or_noise_schedule(tmp_pa
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     with pytest.raises(UserError, match="another run: its run.model.schedule.prediction_type"):
         esd.run(models.load(pipe), cs, cfg, progress=False)
-    with pytest.raises(UserError, match=r"another run: its run.base_fingerprint .*run.model.dtype \('float32' there, "
-                                        r"'bfloat16' here\)"):
+    with pytest.raises(UserError, match=r"another run: its run.model.kind \('sd' there, 'flux' here\); "
+                                        r"\d+ more that follow from it differ"):
+        esd.run(models.load("toy-flux"), fasterase.api._resolve_concepts(models.load("toy-flux"), ["circle"], None),
+                cfg, progress=False)
+    with pytest.raises(UserError, match=r"another run: its run.model.dtype \('float32' there, 'bfloat16' here\); "
+                                        r"run.base_fingerprint"):  # the setting first, the hashes after it
         esd.run(models.load("toy-sd", dtype="bf16"), cs, cfg, progress=False)
     esd.run(models.load("toy-sd"), cs, cfg, progress=False)  # the same run resumes (here: finished)
     state = torch.load(ckpt, weights_only=True)

@@ -505,6 +505,10 @@ def test_tensors_a_step_writes_must_not_share_memory():
     with pytest.raises(ValueError, match="exp_avg and param share memory|param and exp_avg share memory"):
         ops.masked_adamw(flat[:10], torch.ones(10), flat[5:15], torch.zeros(10), step, lr=1e-3)
     assert step.item() == 0 and not flat.any()
+    codes = torch.full((1024,), 127, dtype=torch.uint8)  # a bitmask read while the codes are written
+    with pytest.raises(ValueError, match="mask and exp_avg share memory"):
+        ops.masked_adamw(torch.zeros(1024), torch.ones(1024), codes, torch.zeros(1024, dtype=torch.uint8), step,
+                         lr=1e-3, mask=codes[:128], absmax=(torch.zeros(4), torch.zeros(4)))
     halves = [flat[:10], flat[10:]]
     ops.masked_adamw_multi(halves, [torch.ones(10)] * 2, [torch.zeros(10), torch.zeros(10)],
                            [torch.zeros(10), torch.zeros(10)], [torch.zeros(1), torch.zeros(1)], lr=1e-3,

@@ -171,6 +171,19 @@ def test_weights_without_rows_are_left_as_they_are(backend):
     assert all(w.shape == (0, 8) for w in weights)
 
 
+def test_weights_that_share_memory_and_empty_embeddings_are_refused():
+    """One weight twice would be updated twice by the reference and once, racing, by the native kernels."""
+    w, buf = torch.randn(4, 6), torch.randn(48)
+    e = torch.randn(6)
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
+        ops.rank_one_update([w, w], e, e.flip(0))
+    with pytest.raises(ValueError, match=r"weights\[0\] and weights\[1\] share memory"):
+        ops.closed_form_update([buf[:24].view(4, 6), buf[12:36].view(4, 6)], torch.randn(2, 6), torch.randn(2, 6))
+    ops.closed_form_update([buf[:24].view(4, 6), buf[24:].view(4, 6)], torch.randn(2, 6), torch.randn(2, 6))
+    with pytest.raises(ValueError, match="width of at least 1"):
+        ops.rank_one_update([torch.randn(5, 0)], torch.randn(1, 0), torch.randn(1, 0))
+
+
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_rank_one_update_is_trace_eq1(backend):
     """dW = eta (W e_u - W e_w) e_w^T / ||e_w||^2, all shape groups in one call; rank k the joint solve."""

@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _dispatch
+from ._overlap import check_disjoint
 from .quant import BLOCK, check_indices, dequantize_blockwise, dynamic_map, num_blocks, quantize_codes, unpack_mask
 
 OP = "masked_adamw"
@@ -259,20 +260,6 @@ def _check_tensor(param, grad, exp_avg, exp_avg_sq, mask, absmax, device):
     return mask_bits, mask_idx, absmax_m, absmax_v
 
 
-def _check_disjoint(written: list[tuple[str, Optional[torch.Tensor]]]) -> None:
-    """The tensors a step writes must not share memory: the kernels write them in parallel (CUDA: one
-    thread a tensor adds to its step count), so where the reference would apply two updates one after
-    the other, an alias would race."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
-                   for name, t in written if t is not None and t.numel())
-    reach, holder = 0, None
-    for start, end, name in spans:
-        if start < reach:
-            raise ValueError(f"{holder} and {name} share memory; every tensor a step writes needs its own")
-        if end > reach:
-            reach, holder = end, name
-
-
 def _check_scalars(step, found_inf, device, lr, beta1, beta2, eps, weight_decay):
     for name, t in (("step", step), ("found_inf", found_inf)):
         _check_flat(name, t, device, (torch.float32,))
@@ -316,8 +303,8 @@ def masked_adamw(
         found_inf = torch.zeros(1, dtype=torch.float32, device=device)
     beta1, beta2 = betas
     _check_scalars(step, found_inf, device, lr, beta1, beta2, eps, weight_decay)
-    _check_disjoint([("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("step", step),
-                     ("found_inf", found_inf), ("absmax_m", absmax_m), ("absmax_v", absmax_v)])
+    check_disjoint([("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("step", step),
+                    ("found_inf", found_inf), ("absmax_m", absmax_m), ("absmax_v", absmax_v), ("mask", mask)])
     torch.ops.fasterase.masked_adamw(param, grad, exp_avg, exp_avg_sq, step, found_inf, mask_bits, mask_idx,
                                      absmax_m, absmax_v, qmap_m, qmap_v, float(lr), float(beta1),
                                      float(beta2), float(eps), float(weight_decay))
@@ -394,9 +381,10 @@ def masked_adamw_multi(
         am.append(m)
         av.append(v)
         eight_bit |= m is not None
-    _check_disjoint([("found_inf", found_inf)] + [
+    check_disjoint([("found_inf", found_inf)] + [
         (f"{name}[{k}]", t) for name, ts in (("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                                             ("steps", steps), ("absmax_m", am), ("absmax_v", av))
+                                             ("steps", steps), ("absmax_m", am), ("absmax_v", av),
+                                             ("masks", masks or []))
         for k, t in enumerate(ts)])
     qmap_m = dynamic_map(True, device) if eight_bit else None
     qmap_v = dynamic_map(False, device) if eight_bit else None

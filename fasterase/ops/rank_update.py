@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _dispatch
+from ._overlap import check_disjoint
 
 _W_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_RANK = 64  # rows of left/right per call (the CUDA kernel keeps the dots in shared memory)
@@ -92,6 +93,7 @@ def _validate_weights(weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             raise ValueError(f"weights[{i}] must be contiguous")
         if w.device != weights[0].device:
             raise ValueError(f"weights[{i}] is on {w.device}, weights[0] on {weights[0].device}")
+    check_disjoint([(f"weights[{i}]", w) for i, w in enumerate(weights)])
     return weights
 
 
@@ -130,6 +132,8 @@ def rank_one_update(
         raise ValueError(f"got {len(e_u)} e_u and {len(e_w)} e_w for {len(weights)} weights")
 
     def factors(u: torch.Tensor, w_: torch.Tensor):
+        if u.shape[-1] == 0 or w_.shape[-1] == 0:
+            raise ValueError("e_u and e_w need a width of at least 1, got 0")
         u2, w2 = u.float().reshape(-1, u.shape[-1]), w_.float().reshape(-1, w_.shape[-1])
         if u2.shape != w2.shape:
             raise ValueError(f"e_u {tuple(u.shape)} and e_w {tuple(w_.shape)} differ in shape")

@@ -77,7 +77,8 @@ def _differences(saved, current, name: str = "") -> list[str]:
         found = [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{name}.{k}" if name else str(k))]
         plain = not any(isinstance(d.get(k), dict) for d in (saved, current) for k in keys)
         return [f"{len(found)} entries of {name}, e.g. {found[0]}"] if name and plain and len(found) > 8 else found
-    short = [r if len(r) <= 40 else r[:37] + "..." for r in (repr(saved), repr(current))]
+    short = [repr(v) if len(repr(v)) <= 40 else repr(v[:33] + "...") if isinstance(v, str) else repr(v)[:37] + "..."
+             for v in (saved, current)]
     return [] if saved == current else [f"{name} ({short[0]} there, {short[1]} here)"]
 
 
@@ -144,6 +145,12 @@ def _recorded(saved: dict, run: dict) -> dict:
 
 
 def _refuse_other(ckpt: Path, differ: list[str]) -> None:
+    """UserError naming what differs: another kind of model alone (the rest follows from it), else the
+    settings first and the fingerprints (hashes) last."""
+    kind = [d for d in differ if d.startswith("run.model.kind ")]
+    if kind and len(differ) > 1:
+        differ = kind + [f"{len(differ) - 1} more that follow from it"]
+    differ = sorted(differ, key=lambda d: d.startswith(("run.base_fingerprint ", "run.model.text ")))
     if differ:
         raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} "
                         f"differ{'s' if len(differ) == 1 else ''} from this run's; use another checkpoint file, or "
