@@ -243,3 +243,17 @@ def test_a_cast_prints_no_empty_keep_in_fp32_warning(capfd):
         assert "should be kept in float32: []" not in capfd.readouterr().err
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+@pytest.mark.parametrize("name,encoder", [("toy-sd", "text_encoder"), ("toy-flux", "text_encoder_2")])
+def test_non_finite_embeddings_are_refused_naming_the_dtype(name, encoder):
+    """An fp16 text encoder whose activations pass 65504 (T5-XXL's do) gives inf embeddings: every
+    method would train on them or write them into weights, so encode() refuses them."""
+    model = models.load(name, dtype=torch.float16)
+    norm = [m for n, m in getattr(model.pipeline, encoder).named_modules() if n.endswith("final_layer_norm")][-1]
+    with torch.no_grad():
+        norm.weight.fill_(6e4)  # the token embeddings' last layer: its outputs overflow fp16
+    with pytest.raises(UserError, match=r"non-finite \(NaN or inf\) embeddings in float16 for the prompt "
+                                        r"'a red circle' and 1 more; load the model in bfloat16 or float32"):
+        model.encode(["a red circle", "a blue star"])
+    assert model._cache == {}  # nothing half-cached

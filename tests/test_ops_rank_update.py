@@ -267,6 +267,37 @@ def test_bad_input_is_explained(call, match):
         call()
 
 
+def _with(t: torch.Tensor, row: int, value: float) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[row] = value
+    return t
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_inputs_are_refused_before_any_weight_changes(bad):
+    """One NaN or inf in what an in-place update reads would reach every weight it writes."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 7, generator=g)
+    c, cs, d = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g), torch.rand(3, generator=g) + 0.5
+    v = torch.randn(3, 5, generator=g)
+    x = float(bad)
+    calls = {
+        "e_u": lambda ws: ops.rank_one_update(ws, _with(c[0], 4, x), c[1]),
+        "e_w": lambda ws: ops.rank_one_update(ws, [c[:2]], [_with(c[1:], 2, x)]),
+        "eta": lambda ws: ops.rank_one_update(ws, c[0], c[1], eta=x),
+        "sources": lambda ws: ops.closed_form_update(ws, _with(c, 8, x), cs),
+        "targets": lambda ws: ops.closed_form_update(ws, c, _with(cs, 0, x)),
+        "row_weights": lambda ws: ops.closed_form_update(ws, c, cs, row_weights=_with(d, 1, x)),
+        "values\\[0\\]": lambda ws: ops.closed_form_update(ws, c, values=[_with(v, 14, x)]),
+        "lam": lambda ws: ops.closed_form_update(ws, c, cs, lam=x),
+    }
+    for name, call in calls.items():
+        ws = [w.clone()]
+        with pytest.raises(ValueError, match=f"^{name} (has non-finite|must be finite)"):
+            call(ws)
+        assert torch.equal(ws[0], w), name
+
+
 def test_fake_impls():
     torch.library.opcheck(torch.ops.fasterase.lowrank_update.default,
                           ([torch.randn(4, 5)], torch.randn(2, 5), torch.randn(2, 5)),

@@ -189,6 +189,13 @@ class Denoiser(ABC):
         if missing:
             with self._encoders_on_device():
                 cond = self._encode(missing)
+            bad = [p for i, p in enumerate(missing) if not bool(torch.isfinite(cond.embeds[i]).all())
+                   or (cond.pooled is not None and not bool(torch.isfinite(cond.pooled[i]).all()))]
+            if bad:  # T5 overflows fp16: its activations pass 65504
+                raise UserError(f"the text encoders gave non-finite (NaN or inf) embeddings in "
+                                f"{str(self.network.dtype).removeprefix('torch.')} for the prompt {bad[0]!r}"
+                                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; load the model in "
+                                f"bfloat16 or float32 (dtype= in the API, --dtype on the CLI)")
             for i, p in enumerate(missing):
                 self._cache[p] = (cond.embeds[i], None if cond.pooled is None else cond.pooled[i])
         rows = [self._cache[p] for p in prompts]

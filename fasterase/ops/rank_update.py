@@ -15,6 +15,7 @@ Both compute in fp32 and round the result to W's dtype.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Optional, Sequence
 
@@ -105,6 +106,12 @@ def _groups(weights: list[torch.Tensor], key) -> dict:
 
 
 @torch.no_grad()
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    """The updates write every weight in place: one NaN or inf in what they read would reach them all."""
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} has non-finite entries (NaN or inf); the update needs finite inputs")
+
+
 def rank_one_update(
     weights: Sequence[torch.Tensor],
     e_u: torch.Tensor | Sequence[torch.Tensor],
@@ -121,10 +128,12 @@ def rank_one_update(
     e_w_j exactly onto W e_u_j, where the plain sum of k eq.-1 updates would not (each e_w_j
     also moves under the others' updates unless the rows are orthogonal). For k = 1 it is eq. 1.
 
-    Raises ValueError for mismatched shapes, no rows or more than MAX_RANK, or e_w rows that are not
-    linearly independent (G singular: two rows the same concept twice); TypeError for a dtype.
+    Raises ValueError for mismatched shapes, no rows or more than MAX_RANK, NaN or inf in eta or the
+    embeddings, or e_w rows that are not linearly independent (G singular: two rows the same concept twice); TypeError for a dtype.
     """
     weights = _validate_weights(weights)
+    if not math.isfinite(eta):
+        raise ValueError(f"eta must be finite, got {eta}")
     per_weight = not isinstance(e_u, torch.Tensor)
     if per_weight != (not isinstance(e_w, torch.Tensor)):
         raise TypeError("e_u and e_w must both be tensors or both be sequences (one per weight)")
@@ -137,6 +146,8 @@ def rank_one_update(
         u2, w2 = u.float().reshape(-1, u.shape[-1]), w_.float().reshape(-1, w_.shape[-1])
         if u2.shape != w2.shape:
             raise ValueError(f"e_u {tuple(u.shape)} and e_w {tuple(w_.shape)} differ in shape")
+        _check_finite("e_u", u2)
+        _check_finite("e_w", w2)
         if not 1 <= u2.shape[0] <= MAX_RANK:
             raise ValueError(f"1 to {MAX_RANK} embedding rows per call, got {u2.shape[0]}")
         if not bool(((w2 * w2).sum(dim=1) > 0).all()):
@@ -175,13 +186,15 @@ def _erase_projection(sources: torch.Tensor, lam: float, row_weights: Optional[t
     """
     if sources.dim() != 2:
         raise ValueError(f"sources must be (n, in), got {tuple(sources.shape)}")
-    if lam <= 0:
-        raise ValueError(f"lam must be > 0 (it keeps the system invertible), got {lam}")
+    if not (lam > 0 and math.isfinite(lam)):
+        raise ValueError(f"lam must be finite and > 0 (it keeps the system invertible), got {lam}")
     c = sources.double()
     n, width = c.shape
     d = torch.ones(n, dtype=torch.float64, device=c.device) if row_weights is None else row_weights.double()
     if d.shape != (n,):
         raise ValueError(f"row_weights must have shape ({n},), got {tuple(d.shape)}")
+    _check_finite("sources", c)
+    _check_finite("row_weights", d)
     if n < width:
         small = lam * torch.eye(n, dtype=torch.float64, device=c.device) + (c @ c.t()) * d[None, :]
         return d[:, None] * torch.linalg.solve(small, c)
@@ -203,6 +216,7 @@ def closed_form_transform(
     """
     if targets.shape != sources.shape:
         raise ValueError(f"targets {tuple(targets.shape)} must match sources {tuple(sources.shape)}")
+    _check_finite("targets", targets)
     r = _erase_projection(sources, lam, row_weights)
     eye = torch.eye(r.shape[1], dtype=torch.float64, device=r.device)
     return (eye + (targets.double() - sources.double()).t() @ r).float().contiguous()
@@ -226,7 +240,8 @@ def closed_form_update(
       values: one (n, out) tensor per weight, its v_i (MACE fusing per-concept LoRAs: v_i = W_i' c_i);
         then W <- W @ (lam M^-1) + V^T (D C M^-1).
     M is solved once (fp64, as an n x n system when n < in) and shared by every weight; one launch per
-    weight shape.
+    weight shape. Raises ValueError for mismatched shapes, lam not finite and > 0, or NaN or inf in what
+    it reads (checked before any weight is written).
     """
     weights = _validate_weights(weights)
     if (targets is None) == (values is None):
@@ -248,6 +263,7 @@ def closed_form_update(
                 raise ValueError(f"values[{i}] must be (n={r.shape[0]}, out={w.shape[0]}), got {tuple(v.shape)}")
             if v.device != w.device:  # its addend is read by the weight's kernel, on the weight's device
                 raise ValueError(f"values[{i}] is on {v.device}, weights[{i}] on {w.device}")
+            _check_finite(f"values[{i}]", v)
         # V^T (D C M^-1) in fp64 like the solve (n terms per entry: cheap), so no fp32 matmul setting
         # (TF32, oneDNN bf16) touches it
         extra = [(v.double().t() @ r.to(v.device)).float().contiguous() for v in values]
