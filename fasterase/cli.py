@@ -88,6 +88,10 @@ def _quiet_libraries() -> None:
 
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
+    import torch
+
+    if not torch.cuda.is_available():  # what DeepSpeed would pick, without its warning that it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def cmd_methods(args) -> int:

@@ -42,8 +42,8 @@ from safetensors.torch import load_file, save_file
 from . import models
 from .errors import UserError
 from .files import check_outside, check_writable, full_disk_named, set_default_mode
-from .notices import dropped
 from .models import Denoiser, meta, partitioned
+from .notices import dropped, second_adapter
 
 EDIT_FILE = "edit.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -195,7 +195,11 @@ def _not_only_an_edit(path: Path) -> str:
     if (path / EDIT_FILE).is_file() and others:
         return (f"{path} holds an edit and other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), "
                 "which are never removed; move them, or choose a new or empty folder")
-    return f"{path} exists and holds no fasterase edit; choose a new or empty folder"
+    held = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    leftover = [n for n in others if n.startswith(f".{path.name}.")]  # save()'s hidden folder, after a kill
+    why = (f"; {leftover[0]} is what a save that was killed leaves: remove it, and the folder is empty again"
+           if leftover else "")
+    return f"{path} exists and holds no fasterase edit (it holds {held}){why}; choose a new or empty folder"
 
 
 @contextlib.contextmanager
@@ -224,6 +228,25 @@ def _damaged_fields(meta: dict) -> list[str]:
     if isinstance(meta.get("model_kind"), str) and meta["model_kind"] not in ("sd", "flux"):
         wrong.append(f"model_kind {meta['model_kind']!r} is neither sd nor flux")
     return wrong
+
+
+def _a_kind(kind: str) -> str:
+    """"an SD" / "a FLUX": a model kind as a message names it."""
+    return {"sd": "an SD", "flux": "a FLUX"}.get(kind, f"a {kind}")
+
+
+def _unpaired_factor(lora: dict[str, torch.Tensor]) -> str | None:
+    """The first key of a diffusers-format LoRA state dict that is not a lora_A (r, in, ...) beside a lora_B
+    (out, r, ...) of the same module and rank, or None."""
+    for key, factor in lora.items():
+        partner = lora.get(key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else
+                           key.replace(".lora_B.", ".lora_A."))
+        if partner is None or ".lora_A." not in key and ".lora_B." not in key or min(factor.dim(), partner.dim()) < 2:
+            return key
+        a, b = (factor, partner) if ".lora_A." in key else (partner, factor)
+        if a.shape[0] != b.shape[1]:
+            return key
+    return None
 
 
 def is_edit_folder(path: Path) -> bool:
@@ -267,11 +290,17 @@ def save_pipeline(model, path: str | os.PathLike) -> None:
                     state[f"{prefix}{name}.{key[len('base_layer.'):]}"] = value
             state[f"{prefix}{name}.weight"] = _fused_weight(layer)
 
+    from transformers.utils import logging as transformers_logging
+
+    bar = transformers_logging.is_progress_bar_enabled()  # its "Writing model shards" bar, for a text encoder
     handle = model.network.register_state_dict_post_hook(fuse)
+    transformers_logging.disable_progress_bar()
     try:
         model.pipeline.save_pretrained(str(path))
     finally:
         handle.remove()
+        if bar:
+            transformers_logging.enable_progress_bar()
     component = next(n for n, c in model.pipeline.components.items() if c is model.network)
     config = Path(path) / component / "config.json"  # the fused edits, named for a later refusal
     config.write_text(json.dumps({**json.loads(config.read_text()), FUSED: applied_edits(model.network)},
@@ -303,7 +332,7 @@ class Edit:
         kinds = [text.format(len(v)) for text, v in (("{} weights", self.weights), ("entries of {} weights", self.entries),
                                                        ("{} LoRA tensors", self.lora)) if v]
         names = ", ".join(c["name"] for c in self.concepts)
-        return f"Edit({self.method} of {names or 'nothing'} on a {self.model_kind} model: {', '.join(kinds) or 'empty'})"
+        return f"Edit({self.method} of {names or 'nothing'} on {_a_kind(self.model_kind)} model: {', '.join(kinds) or 'empty'})"
 
     # --- what it touches ------------------------------------------------------------------------
     def touched(self) -> list[str]:
@@ -361,6 +390,11 @@ class Edit:
                 return adapter
         return None
 
+    def _made_on(self) -> str:
+        """"; it was made on MODEL" where the report names the model, for a refusal's message."""
+        made_on = self.report.get("model")
+        return f"; it was made on {made_on}" if made_on else ""
+
     def check_kind_of(self, model: str | os.PathLike) -> None:
         """Before a name or folder loads: UserError when its configs say it is another kind of model than
         this edit's (a FLUX folder's weights would load, tens of GB, only to be refused)."""
@@ -368,15 +402,22 @@ class Edit:
             return
         kind = meta.describe(str(model), torch.float32).kind
         if kind != self.model_kind:
-            raise UserError(f"this edit is for a {self.model_kind} model, and {model} is a {kind} model")
+            raise UserError(f"this edit is for {_a_kind(self.model_kind)} model, and {model} is {_a_kind(kind)} model"
+                            f"{self._made_on()}")
 
     def check_fits(self, model: Denoiser, dtype: torch.dtype | None = None) -> None:
         """Raise UserError unless this edit was made for `model`'s base weights and is not on it already;
         with `dtype`, for the weights as they will be once the model is cast to it."""
         if model.kind != self.model_kind:
-            raise UserError(f"this edit is for a {self.model_kind} model, not a {model.kind} model")
+            raise UserError(f"this edit is for {_a_kind(self.model_kind)} model, not {_a_kind(model.kind)} model"
+                            f"{self._made_on()}")
         net = model.network
         held = self._held_as(net)
+        if held and (self.weights or self.entries) and not self._holds_values(net):
+            raise UserError(f"this edit's LoRA is on the model (adapter {held!r}) but the weights it also changes "
+                            f"({EDIT_FILE}) are not: load those into the network too (README: TRACE in plain "
+                            f"diffusers), or take the adapter off (pipe.delete_adapters({held!r})) and apply the "
+                            f"whole edit")
         if held:
             raise UserError(f"this edit is already applied to the model (LoRA adapter {held!r} holds its "
                             "weights); applying it twice is refused")
@@ -392,6 +433,14 @@ class Edit:
             if p.shape != value.shape:
                 raise UserError(f"this edit's {name!r} has shape {tuple(value.shape)}, "
                                 f"the model's has {tuple(p.shape)}")
+        for key, factor in self.lora.items():  # "unet.<module>.lora_A.weight": A (r, in, *kernel), B (out, r, 1, ..)
+            p = base_param(net, lora_base_names({key: factor})[0])
+            want = ((factor.shape[0], *p.shape[1:]) if ".lora_A." in key
+                    else (p.shape[0], factor.shape[1], *[1] * (p.dim() - 2)))
+            if factor.dim() != p.dim() or tuple(factor.shape) != want:
+                raise UserError(f"this edit's LoRA factor {key!r} has shape {tuple(factor.shape)}, which does not fit "
+                                f"the model's {tuple(p.shape)} weight (a LoRA factor of it is {want}, r its rank); "
+                                f"the edit folder is damaged or was made on another architecture")
         for name, (idx, values) in self.entries.items():
             p = base_param(net, name)
             if idx.shape != values.shape or idx.dim() != 1 or (idx.numel() and int(idx.max()) >= p.numel()):
@@ -408,6 +457,10 @@ class Edit:
                                 "pipeline the model was loaded from); applying it twice is refused")
             if others:
                 named = "; ".join(f"{e['method']} of {', '.join(e['concepts'])}" for e in others)
+                if all(e in getattr(net, "config", {}).get(FUSED, []) for e in others):
+                    raise UserError(f"another edit ({named}) is fused into the weights of the saved pipeline this "
+                                    f"model was loaded from; apply this edit to the model it was made for"
+                                    f"{self._made_on()}")
                 raise UserError(f"another edit already changed these weights ({named}); remove it first, or apply "
                                 "this edit to the model it was made for")
             made_in, now = self.report.get("dtype"), str(dtype or net.dtype).removeprefix("torch.")
@@ -449,7 +502,7 @@ class Edit:
             if self.lora:
                 active = net.active_adapters() if getattr(net, "peft_config", {}) else []
                 # the edit holds no text-encoder factors, and diffusers says so for each text encoder
-                with dropped("diffusers.loaders.lora_base", "found with the prefix='text_encoder"):
+                with dropped("diffusers.loaders.lora_base", "found with the prefix='text_encoder"), second_adapter():
                     model.pipeline.load_lora_weights({k: v.clone() for k, v in self.lora.items()},
                                                      adapter_name=self.adapter)
                 net.set_adapter(active + [self.adapter])  # loading activates only the new adapter
@@ -546,8 +599,8 @@ class Edit:
             set_default_mode(tmp)  # mkdtemp's 0700 and safetensors' 0600: the folder follows the umask
             if empty:
                 for entry in sorted(tmp.iterdir()):
+                    moved.append(path / entry.name)  # first: an interrupt after the move finds it listed
                     os.replace(entry, path / entry.name)
-                    moved.append(path / entry.name)
                 tmp.rmdir()
             else:
                 if path.exists():
@@ -555,7 +608,7 @@ class Edit:
                 os.replace(tmp, path)
         except BaseException:
             for entry in moved:  # the empty folder is left empty
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
             if old.exists() and not path.exists():
                 os.replace(old, path)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -572,8 +625,13 @@ class Edit:
         if path.name == EDIT_FILE and path.is_file():
             raise UserError(f"{path} is an edit's file; give its folder, {path.parent}")
         file = path / EDIT_FILE
+        if not path.exists():
+            raise UserError(f"edit folder {path}: no such folder")
         if not file.is_file():
-            raise UserError(f"{path} is not a fasterase edit (no {EDIT_FILE} in it)")
+            why = "a file, not a folder" if not path.is_dir() else f"no {EDIT_FILE} in it"
+            looks = "; it is a diffusers model folder, which --model / the model argument takes" if (
+                path / "model_index.json").is_file() else ""
+            raise UserError(f"{path} is not a fasterase edit ({why}){looks}")
         with _damaged_named(file):
             with safe_open(str(file), "pt") as f:
                 header = f.metadata() or {}
@@ -602,6 +660,10 @@ class Edit:
         if unpaired:
             raise UserError(f"{file} is damaged: {unpaired[0][0]} has no {unpaired[0][1]} beside it; save the edit "
                             "again")
+        bad = _unpaired_factor(lora)
+        if bad:
+            raise UserError(f"{path / LORA_FILE} is damaged: {bad} has no factor of its rank beside it (each "
+                            "lora_A with its lora_B); save the edit again")
         entries = {k[:-len(INDICES)]: (weights.pop(k), weights.pop(k[:-len(INDICES)] + VALUES))
                    for k in list(weights) if k.endswith(INDICES)}
         return cls(method=meta["method"], model_kind=meta["model_kind"], concepts=meta["concepts"],

@@ -188,7 +188,7 @@ def test_lora_edit_loads_through_diffusers(name, tmp_path):
 def test_edit_must_fit_the_model(tmp_path):
     edit = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit
     edit.save(tmp_path / "e")
-    with pytest.raises(ValueError, match="sd model, not a flux"):
+    with pytest.raises(ValueError, match="for an SD model, not a FLUX model; it was made on toy-sd"):
         fasterase.load("toy-flux", tmp_path / "e")
     other = models.load("toy-sd")
     with torch.no_grad():

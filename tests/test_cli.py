@@ -70,7 +70,7 @@ def one_line_error(code, err, *needles):
     (["eval", "--model", "toy-sd", "--erased", "hexagon"], ["hexagon", "name no toy shape or colour", "circle"]),
     (["eval", "--model", "toy-sd", "--erased", "circle,"], ["empty"]),
     (["eval", "--model", "no/such/folder"], ["neither a built-in name nor a local diffusers folder (no such file or folder)"]),
-    (["eval", "--edit", "no/such/folder"], ["not a fasterase edit"]),
+    (["eval", "--edit", "no/such/folder"], ["edit folder no/such/folder: no such folder"]),
     (["eval", "--model", "toy-sd", "--repeats", "0"], ["repeats", ">= 1"]),
     (["frobnicate"], ["invalid choice"]),
     (["erase", "--model", "toy-sd", "--concept", "red", "--concept-type", "object", "--method", "esd", "--out", "X"],

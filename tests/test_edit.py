@@ -2,6 +2,7 @@
 saving the edited pipeline with its LoRA fused."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -88,8 +89,8 @@ def test_an_entries_edit_from_disk_applies_to_a_model_on_the_gpu(tmp_path):
 def test_an_edit_and_a_result_print_as_a_summary_not_their_tensors():
     result = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
     n = len(result.edit.lora)
-    assert repr(result.edit) == f"Edit(esd of circle on a sd model: {n} LoRA tensors)"
-    assert repr(result) == f"EraseResult(edit=Edit(esd of circle on a sd model: {n} LoRA tensors))"
+    assert repr(result.edit) == f"Edit(esd of circle on an SD model: {n} LoRA tensors)"
+    assert repr(result) == f"EraseResult(edit=Edit(esd of circle on an SD model: {n} LoRA tensors))"
 
 
 def test_a_fingerprint_names_the_base_values_in_a_dtype():
@@ -167,8 +168,8 @@ def test_overwrite_never_replaces_a_model_or_other_folder(capsys, tmp_path, mode
     (other / "a.txt").write_text("keep me")
     snapshot = {p: files(p) for p in (model_folder, other)}
     for out, needle in [(model_folder, "the model's own folder"), (model_folder.parent, "contains the model's folder"),
-                        (other, "holds no fasterase edit; choose a new or empty folder (only a folder holding an "
-                                "edit alone is replaced)"), (tmp_path / "notes" / "a.txt", "is a file")]:
+                        (other, "holds no fasterase edit (it holds a.txt); choose a new or empty folder (only a folder "
+                                "holding an edit alone is replaced)"), (tmp_path / "notes" / "a.txt", "is a file")]:
         code, err = erase_cli(capsys, model_folder, out, "--overwrite")
         assert code == 2 and needle in err, err
     assert {p: files(p) for p in snapshot} == snapshot
@@ -266,10 +267,11 @@ def test_an_edit_for_another_kind_of_model_is_refused_before_the_folder_loads(tm
     path = fasterase.erase("toy-sd", "circle", method="uce", progress=False).edit.save(tmp_path / "e")
     models.load("toy-flux").pipeline.save_pretrained(tmp_path / "flux")
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the folder's weights were loaded"))
-    with pytest.raises(UserError, match=f"this edit is for a sd model, and {tmp_path / 'flux'} is a flux model"):
+    with pytest.raises(UserError, match=f"this edit is for an SD model, and {tmp_path / 'flux'} is a FLUX model; it "
+                                        "was made on toy-sd"):
         fasterase.load(tmp_path / "flux", path)
     assert main(["eval", "--model", str(tmp_path / "flux"), "--edit", str(path), "--grid", str(tmp_path / "g.png")]) == 2
-    assert "is a flux model" in capsys.readouterr().err
+    assert "is a FLUX model" in capsys.readouterr().err
 
 
 def test_an_edit_of_another_architecture_names_a_layer_the_model_lacks(tmp_path):
@@ -458,6 +460,12 @@ def test_stacking_refusals_name_the_edit_in_the_way(tmp_path):
     path = result.edit.save(tmp_path / "e", pipeline=result.model)
     with pytest.raises(UserError, match="already in the model's weights"):
         Edit.load(path).apply(models.load(str(path / "pipeline")))
+    uce = fasterase.erase("toy-sd", "circle", method="uce", progress=False)
+    fused = uce.edit.save(tmp_path / "u", pipeline=uce.model) / "pipeline"
+    with pytest.raises(UserError, match=r"another edit \(uce of circle\) is fused into the weights of the saved "
+                                        r"pipeline this model was loaded from; apply this edit to the model it was "
+                                        r"made for; it was made on toy-sd"):
+        second.apply(models.load(str(fused)))
     other = models.load("toy-sd")
     with torch.no_grad():
         other.network.get_parameter(next(iter(second.weights))).add_(1.0)
@@ -643,3 +651,90 @@ def test_a_full_disk_is_named_when_an_edit_is_saved(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=f"edit {tmp_path / 'e'}: could not be written in {tmp_path}, the disk has no"):
         edit.save(tmp_path / "e")
     assert list(tmp_path.iterdir()) == []
+
+
+def _rewrite_lora(path, change):
+    from safetensors.torch import load_file, save_file
+
+    file = path / "pytorch_lora_weights.safetensors"
+    lora = load_file(str(file))
+    change(lora)
+    save_file(lora, str(file))
+
+
+@pytest.mark.parametrize("damage", ["rank", "unpaired"])
+def test_lora_factors_that_do_not_pair_are_named(tmp_path, damage):
+    """A lora_A of another rank than its lora_B was peft's size-mismatch traceback (exit 1)."""
+    path = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "e")
+    key = "unet.conv_in.lora_A.weight"
+    _rewrite_lora(path, lambda lora: lora.update({key: lora[key][:-1].clone()}) if damage == "rank"
+                  else lora.pop(key.replace("lora_A", "lora_B")))
+    with pytest.raises(UserError, match="pytorch_lora_weights.safetensors is damaged: unet.conv_in.lora_[AB].weight "
+                                        "has no factor of its rank beside it"):
+        Edit.load(path)
+
+
+def test_a_lora_factor_that_does_not_fit_the_model_is_named_before_anything_changes(tmp_path):
+    path = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "e")
+    key = "unet.conv_in.lora_A.weight"  # (r, 4, 3, 3): one more input channel than conv_in has
+    _rewrite_lora(path, lambda lora: lora.update({key: torch.cat([lora[key], lora[key][:, :1]], dim=1)}))
+    model = models.load("toy-sd")
+    before = state(model)
+    with pytest.raises(UserError, match=r"LoRA factor 'unet.conv_in.lora_A.weight' has shape \(4, 5, 3, 3\), which "
+                                        r"does not fit the model's \(32, 4, 3, 3\) weight \(a LoRA factor of it is "
+                                        r"\(4, 4, 3, 3\)"):
+        fasterase.load(model, path)
+    assert same(state(model), before) and not getattr(model.network, "peft_config", {})
+
+
+def test_a_trace_edit_whose_lora_alone_diffusers_loaded_is_named_as_half_applied(tmp_path):
+    """It was called "already applied" while its refined weights were not on the model."""
+    result = fasterase.erase("toy-sd", "circle", method="trace", progress=False, steps=2, batch_size=1, rollouts=2,
+                             sample_steps=4, t0=0.6, scorer="none")
+    path = result.edit.save(tmp_path / "e")
+    pipe = models.load("toy-sd").pipeline
+    pipe.load_lora_weights(str(path))
+    with pytest.raises(UserError, match=r"LoRA is on the model \(adapter 'default_0'\) but the weights it also "
+                                        r"changes \(edit.safetensors\) are not"):
+        fasterase.load(pipe, path)
+    whole = models.load("toy-sd").pipeline  # the README's order: the refined weights, then the LoRA
+    from safetensors.torch import load_file
+
+    whole.unet.load_state_dict(load_file(str(path / "edit.safetensors")), strict=False)
+    whole.load_lora_weights(str(path))
+    with pytest.raises(UserError, match="already applied"):
+        fasterase.load(whole, path)
+
+
+def test_a_folder_saved_with_a_lora_still_loaded_is_refused_before_it_loads(tmp_path):
+    """diffusers left the wrapped layers' own weights on the meta device: a traceback (exit 1)."""
+    path = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "e")
+    pipe = models.load("toy-sd").pipeline
+    pipe.load_lora_weights(str(path))
+    pipe.save_pretrained(tmp_path / "saved")
+    with pytest.raises(UserError, match=r"unet/diffusion_pytorch_model.safetensors holds LoRA-wrapped layers "
+                                        r"\('conv_in.base_layer.bias' and \d+ more\).*pipe.fuse_lora\(\)"):
+        models.load(str(tmp_path / "saved"))
+
+
+def test_the_hidden_folder_a_killed_save_leaves_is_named(capsys, tmp_path, model_folder, monkeypatch):
+    """A folder that looked empty (`ls`) was refused as holding no edit, naming nothing."""
+    monkeypatch.setattr(fasterase, "erase", lambda *a, **k: pytest.fail("trained before checking --out"))
+    out = tmp_path / "k"
+    (out / ".k.i3hbddbt").mkdir(parents=True)  # save() fills an empty folder through one like it
+    for extra in [(), ("--overwrite",)]:
+        code, err = erase_cli(capsys, model_folder, out, *extra)
+        assert code == 2 and ("holds no fasterase edit (it holds .k.i3hbddbt); .k.i3hbddbt is what a save that was "
+                              "killed leaves: remove it, and the folder is empty again") in err, err
+    assert files(out) == [".k.i3hbddbt"]
+
+
+def test_adding_an_edit_beside_a_lora_edit_and_saving_its_pipeline_print_nothing(tmp_path, capfd):
+    """peft warned that a second adapter is unusual, and transformers drew a bar for the text encoder's save."""
+    first = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = fasterase.erase(first.model, "square", method="esd", progress=False, **FAST_ESD)
+        second.edit.save(tmp_path / "e", pipeline=second.model)
+    assert capfd.readouterr().err == ""

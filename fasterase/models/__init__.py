@@ -71,6 +71,10 @@ def not_a_model(name: str, path: Path, known: str) -> UserError:
         return UserError(f"model {name!r} is a diffusers folder's model_index.json; give the folder: {path.parent}")
     why = ("no such file or folder" if not path.exists() else "a file, not a folder" if not path.is_dir()
            else "no model_index.json in it")
+    if (path / "edit.safetensors").is_file():  # edit.EDIT_FILE (models do not import edit)
+        why += "; it is a fasterase edit folder, which --edit / fasterase.load(model, edit) takes"
+        if (path / "pipeline" / "model_index.json").is_file():
+            why += f", and its edited pipeline is the model folder {path / 'pipeline'}"
     from .real_configs import NAMES
 
     plan_only = (f"; {name!r} names the published configuration, which `fasterase plan` plans, but no weights "
@@ -183,7 +187,13 @@ def _check_weights(path: Path, parts: dict[str, tuple[str, dict]]) -> None:
             raise UserError(f"model folder {path}: the {name}'s weights are in shards, but the index that maps them "
                             f"(*.safetensors.index.json) is not in {folder}")
         for file in sorted(f for f in files if f.endswith(".safetensors") and f.count(".") == 1):
-            _safetensors_header(folder / file)  # the header alone: a damaged file named before loading
+            keys = _safetensors_header(folder / file)  # the header alone: a damaged file named before loading
+            wrapped = [k for k in keys if re.search(r"\.(base_layer|lora_[AB]|lora_magnitude_vector)\.", k)]
+            if wrapped:  # diffusers would leave the layers' own weights unloaded (meta) or random
+                raise UserError(f"model folder {path}: {folder / file} holds LoRA-wrapped layers ({wrapped[0]!r} and "
+                                f"{len(wrapped) - 1} more), not the {name}'s own weights: the pipeline was saved with a "
+                                f"LoRA still loaded; save it again after pipe.fuse_lora() and "
+                                f"pipe.unload_lora_weights(), or load the base folder and apply the LoRA to it")
 
 
 def _wrap(pipeline, owner: Builtin | None = None) -> Denoiser:

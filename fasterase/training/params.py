@@ -15,6 +15,7 @@ from peft.utils import get_peft_model_state_dict
 
 from ..edit import ADAPTER, base_param, check_lora_layers
 from ..models import partitioned
+from ..notices import second_adapter
 
 
 # The layers a LoRA can cover (peft, and diffusers' load_lora_weights): every weight layer of SD
@@ -46,7 +47,8 @@ def add_lora(network: torch.nn.Module, modules: list[str], rank: int, init_seed:
         raise RuntimeError(f"the network already carries a {adapter!r} adapter; remove that edit first")
     active = network.active_adapters() if getattr(network, "peft_config", {}) else []
     # LoRA init draws from the global generator; under ZeRO-3 peft reads only the covered weights' shapes
-    with torch.random.fork_rng(), partitioned.shaped([network.get_submodule(m).weight for m in modules]):
+    with torch.random.fork_rng(), partitioned.shaped([network.get_submodule(m).weight for m in modules]), \
+            second_adapter():
         torch.manual_seed(init_seed)
         network.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=modules, init_lora_weights=True),
                             adapter_name=adapter)
