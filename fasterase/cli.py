@@ -90,7 +90,7 @@ def _quiet_libraries() -> None:
     tlog.set_verbosity_error()
     import torch
 
-    if not torch.cuda.is_available():  # what DeepSpeed would pick, without its warning that it found no GPU
+    if not torch.cuda.is_available():  # DeepSpeed's fallback (fasterase runs on CUDA or the CPU), chosen: no warning
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 

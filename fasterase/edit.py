@@ -191,15 +191,19 @@ def target_folder(path: str | os.PathLike, overwrite: bool = False, model: str |
 
 
 def _not_only_an_edit(path: Path) -> str:
-    others = sorted(p.name for p in path.iterdir() if p.name not in (EDIT_FILE, LORA_FILE, PIPELINE_DIR))
+    names = sorted(p.name for p in path.iterdir())
+    others = [n for n in names if n not in (EDIT_FILE, LORA_FILE, PIPELINE_DIR)]
     if (path / EDIT_FILE).is_file() and others:
-        return (f"{path} holds an edit and other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), "
-                "which are never removed; move them, or choose a new or empty folder")
-    held = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-    leftover = [n for n in others if n.startswith(f".{path.name}.")]  # save()'s hidden folder, after a kill
-    why = (f"; {leftover[0]} is what a save that was killed leaves: remove it, and the folder is empty again"
-           if leftover else "")
-    return f"{path} exists and holds no fasterase edit (it holds {held}){why}; choose a new or empty folder"
+        return (f"{path} holds an edit and other files ({_listed(others)}), which are never removed; move them, or "
+                "choose a new or empty folder")
+    leftover = [n for n in names if n.startswith(f".{path.name}.")]  # save()'s hidden folder, after a kill
+    why = (f"; {leftover[0]} is what a save that was killed leaves: remove it"
+           + (", and the folder is empty again" if names == leftover else "") if leftover else "")
+    return f"{path} exists and holds no fasterase edit (it holds {_listed(names)}){why}; choose a new or empty folder"
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 @contextlib.contextmanager
@@ -236,16 +240,15 @@ def _a_kind(kind: str) -> str:
 
 
 def _unpaired_factor(lora: dict[str, torch.Tensor]) -> str | None:
-    """The first key of a diffusers-format LoRA state dict that is not a lora_A (r, in, ...) beside a lora_B
-    (out, r, ...) of the same module and rank, or None."""
-    for key, factor in lora.items():
-        partner = lora.get(key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else
-                           key.replace(".lora_B.", ".lora_A."))
-        if partner is None or ".lora_A." not in key and ".lora_B." not in key or min(factor.dim(), partner.dim()) < 2:
-            return key
-        a, b = (factor, partner) if ".lora_A." in key else (partner, factor)
-        if a.shape[0] != b.shape[1]:
-            return key
+    """What keeps a diffusers-format LoRA state dict from being pairs of lora_A (r, in, ...) and lora_B
+    (out, r, ...) of one rank per module, or None."""
+    for key in lora:
+        if ".lora_A." not in key and ".lora_B." not in key:
+            return f"{key} is neither a lora_A nor a lora_B factor"
+        a = lora.get(key.replace(".lora_B.", ".lora_A."))
+        b = lora.get(key.replace(".lora_A.", ".lora_B."))
+        if a is None or b is None or a.dim() < 2 or b.dim() < 2 or a.shape[0] != b.shape[1]:
+            return f"{key} has no factor of its rank beside it (each lora_A with its lora_B)"
     return None
 
 
@@ -290,17 +293,11 @@ def save_pipeline(model, path: str | os.PathLike) -> None:
                     state[f"{prefix}{name}.{key[len('base_layer.'):]}"] = value
             state[f"{prefix}{name}.weight"] = _fused_weight(layer)
 
-    from transformers.utils import logging as transformers_logging
-
-    bar = transformers_logging.is_progress_bar_enabled()  # its "Writing model shards" bar, for a text encoder
     handle = model.network.register_state_dict_post_hook(fuse)
-    transformers_logging.disable_progress_bar()
     try:
         model.pipeline.save_pretrained(str(path))
     finally:
         handle.remove()
-        if bar:
-            transformers_logging.enable_progress_bar()
     component = next(n for n, c in model.pipeline.components.items() if c is model.network)
     config = Path(path) / component / "config.json"  # the fused edits, named for a later refusal
     config.write_text(json.dumps({**json.loads(config.read_text()), FUSED: applied_edits(model.network)},
@@ -332,7 +329,8 @@ class Edit:
         kinds = [text.format(len(v)) for text, v in (("{} weights", self.weights), ("entries of {} weights", self.entries),
                                                        ("{} LoRA tensors", self.lora)) if v]
         names = ", ".join(c["name"] for c in self.concepts)
-        return f"Edit({self.method} of {names or 'nothing'} on {_a_kind(self.model_kind)} model: {', '.join(kinds) or 'empty'})"
+        return (f"Edit({self.method} of {names or 'nothing'} on {_a_kind(self.model_kind)} model: "
+                f"{', '.join(kinds) or 'empty'})")
 
     # --- what it touches ------------------------------------------------------------------------
     def touched(self) -> list[str]:
@@ -413,11 +411,12 @@ class Edit:
                             f"{self._made_on()}")
         net = model.network
         held = self._held_as(net)
-        if held and (self.weights or self.entries) and not self._holds_values(net):
+        if held and (self.weights or self.entries) and self._record() not in applied_edits(net) \
+                and not self._holds_values(net):
             raise UserError(f"this edit's LoRA is on the model (adapter {held!r}) but the weights it also changes "
-                            f"({EDIT_FILE}) are not: load those into the network too (README: TRACE in plain "
-                            f"diffusers), or take the adapter off (pipe.delete_adapters({held!r})) and apply the "
-                            f"whole edit")
+                            f"({EDIT_FILE}) are not; take the adapter off (pipe.delete_adapters({held!r})), then "
+                            f"apply the whole edit, or load {EDIT_FILE} into the network before load_lora_weights "
+                            f"(a LoRA-wrapped network ignores its keys)")
         if held:
             raise UserError(f"this edit is already applied to the model (LoRA adapter {held!r} holds its "
                             "weights); applying it twice is refused")
@@ -662,8 +661,7 @@ class Edit:
                             "again")
         bad = _unpaired_factor(lora)
         if bad:
-            raise UserError(f"{path / LORA_FILE} is damaged: {bad} has no factor of its rank beside it (each "
-                            "lora_A with its lora_B); save the edit again")
+            raise UserError(f"{path / LORA_FILE} is damaged: {bad}; save the edit again")
         entries = {k[:-len(INDICES)]: (weights.pop(k), weights.pop(k[:-len(INDICES)] + VALUES))
                    for k in list(weights) if k.endswith(INDICES)}
         return cls(method=meta["method"], model_kind=meta["model_kind"], concepts=meta["concepts"],

@@ -28,7 +28,7 @@ def dropped(logger: str, text: str):
 @contextlib.contextmanager
 def second_adapter():
     """Within the block, peft's warning on every LoRA adapter added beside others ("Already found a
-    `peft_config` attribute ... multiple adapters"): fasterase stacks adapters on purpose."""
+    `peft_config` attribute ... multiple adapters") is dropped: fasterase stacks adapters on purpose."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=re.escape("Already found a `peft_config` attribute"))
         yield

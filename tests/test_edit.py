@@ -2,6 +2,7 @@
 saving the edited pipeline with its LoRA fused."""
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -662,29 +663,50 @@ def _rewrite_lora(path, change):
     save_file(lora, str(file))
 
 
-@pytest.mark.parametrize("damage", ["rank", "unpaired"])
-def test_lora_factors_that_do_not_pair_are_named(tmp_path, damage):
+KEY_A = "unet.conv_in.lora_A.weight"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda lora: lora.update({KEY_A: lora[KEY_A][:-1].clone()}), "unet.conv_in.lora_[AB].weight has no factor of its rank"),
+    (lambda lora: lora.pop(KEY_A.replace("lora_A", "lora_B")), "unet.conv_in.lora_A.weight has no factor of its rank"),
+    (lambda lora: lora.update({KEY_A: lora[KEY_A].flatten()}), "unet.conv_in.lora_[AB].weight has no factor of its rank"),
+    (lambda lora: lora.update({"unet.conv_in.alpha": torch.ones(1)}), "unet.conv_in.alpha is neither a lora_A nor"),
+])
+def test_lora_factors_that_do_not_pair_are_named(tmp_path, damage, needle):
     """A lora_A of another rank than its lora_B was peft's size-mismatch traceback (exit 1)."""
     path = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "e")
-    key = "unet.conv_in.lora_A.weight"
-    _rewrite_lora(path, lambda lora: lora.update({key: lora[key][:-1].clone()}) if damage == "rank"
-                  else lora.pop(key.replace("lora_A", "lora_B")))
-    with pytest.raises(UserError, match="pytorch_lora_weights.safetensors is damaged: unet.conv_in.lora_[AB].weight "
-                                        "has no factor of its rank beside it"):
+    _rewrite_lora(path, damage)
+    with pytest.raises(UserError, match=f"pytorch_lora_weights.safetensors is damaged: {needle}"):
         Edit.load(path)
 
 
-def test_a_lora_factor_that_does_not_fit_the_model_is_named_before_anything_changes(tmp_path):
+@pytest.mark.parametrize("factor, shape, want", [("A", "(4, 5, 3, 3)", "(4, 4, 3, 3)"),
+                                                  ("B", "(33, 4, 1, 1)", "(32, 4, 1, 1)")])
+def test_a_lora_factor_that_does_not_fit_the_model_is_named_before_anything_changes(tmp_path, factor, shape, want):
+    """conv_in is (32, 4, 3, 3): A (r, 4, 3, 3) given one more input channel, or B (32, r, 1, 1) one more output."""
     path = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD).edit.save(tmp_path / "e")
-    key = "unet.conv_in.lora_A.weight"  # (r, 4, 3, 3): one more input channel than conv_in has
-    _rewrite_lora(path, lambda lora: lora.update({key: torch.cat([lora[key], lora[key][:, :1]], dim=1)}))
+    key = f"unet.conv_in.lora_{factor}.weight"
+    dim = 1 if factor == "A" else 0
+    _rewrite_lora(path, lambda lora: lora.update({key: torch.cat([lora[key], lora[key].narrow(dim, 0, 1)], dim)}))
     model = models.load("toy-sd")
     before = state(model)
-    with pytest.raises(UserError, match=r"LoRA factor 'unet.conv_in.lora_A.weight' has shape \(4, 5, 3, 3\), which "
-                                        r"does not fit the model's \(32, 4, 3, 3\) weight \(a LoRA factor of it is "
-                                        r"\(4, 4, 3, 3\)"):
+    with pytest.raises(UserError, match=rf"LoRA factor '{key}' has shape {re.escape(shape)}, which does not fit the "
+                                        rf"model's \(32, 4, 3, 3\) weight \(a LoRA factor of it is {re.escape(want)}"):
         fasterase.load(model, path)
     assert same(state(model), before) and not getattr(model.network, "peft_config", {})
+
+
+def test_an_edit_given_as_the_model_and_a_model_given_as_the_edit_are_named(capsys, tmp_path, model_folder):
+    result = fasterase.erase("toy-sd", "circle", method="uce", progress=False)
+    path = result.edit.save(tmp_path / "e", pipeline=result.model)
+    assert main(["eval", "--model", str(path)]) == 2
+    assert (f"it is a fasterase edit folder, which --edit / fasterase.load(model, edit) takes, and its edited "
+            f"pipeline is the model folder {path / 'pipeline'}") in capsys.readouterr().err
+    assert main(["eval", "--edit", str(model_folder)]) == 2
+    assert (f"{model_folder} is not a fasterase edit (no edit.safetensors in it); it is a diffusers model folder, "
+            "which --model / the model argument takes") in capsys.readouterr().err
+    with pytest.raises(UserError, match="edit folder .*nothing: no such folder"):
+        Edit.load(tmp_path / "nothing")
 
 
 def test_a_trace_edit_whose_lora_alone_diffusers_loaded_is_named_as_half_applied(tmp_path):
@@ -697,6 +719,9 @@ def test_a_trace_edit_whose_lora_alone_diffusers_loaded_is_named_as_half_applied
     with pytest.raises(UserError, match=r"LoRA is on the model \(adapter 'default_0'\) but the weights it also "
                                         r"changes \(edit.safetensors\) are not"):
         fasterase.load(pipe, path)
+    after = fasterase.erase(result.model, "square", method="uce", progress=False)  # changes the refined weights
+    with pytest.raises(UserError, match="already applied"):  # the edit is whole on it: not half-applied
+        result.edit.apply(after.model)
     whole = models.load("toy-sd").pipeline  # the README's order: the refined weights, then the LoRA
     from safetensors.torch import load_file
 
@@ -725,16 +750,22 @@ def test_the_hidden_folder_a_killed_save_leaves_is_named(capsys, tmp_path, model
     for extra in [(), ("--overwrite",)]:
         code, err = erase_cli(capsys, model_folder, out, *extra)
         assert code == 2 and ("holds no fasterase edit (it holds .k.i3hbddbt); .k.i3hbddbt is what a save that was "
-                              "killed leaves: remove it, and the folder is empty again") in err, err
-    assert files(out) == [".k.i3hbddbt"]
+                              "killed leaves: remove it, and the folder is empty again; choose") in err, err
+    (out / "notes.txt").write_text("keep me")
+    code, err = erase_cli(capsys, model_folder, out)
+    assert code == 2 and ("(it holds .k.i3hbddbt, notes.txt); .k.i3hbddbt is what a save that was killed leaves: "
+                          "remove it; choose") in err, err
+    assert files(out) == [".k.i3hbddbt", "notes.txt"]
+    lora_only = tmp_path / "lora"  # a LoRA that diffusers saved, no edit: the message named nothing it holds
+    lora_only.mkdir()
+    (lora_only / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    code, err = erase_cli(capsys, model_folder, lora_only)
+    assert code == 2 and "holds no fasterase edit (it holds pytorch_lora_weights.safetensors); choose" in err, err
 
 
-def test_adding_an_edit_beside_a_lora_edit_and_saving_its_pipeline_print_nothing(tmp_path, capfd):
-    """peft warned that a second adapter is unusual, and transformers drew a bar for the text encoder's save."""
+def test_adding_an_edit_beside_a_lora_edit_warns_nothing():
+    """peft warned that a second adapter is unusual, in training and in apply."""
     first = fasterase.erase("toy-sd", "circle", method="esd", progress=False, **FAST_ESD)
-    capfd.readouterr()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second = fasterase.erase(first.model, "square", method="esd", progress=False, **FAST_ESD)
-        second.edit.save(tmp_path / "e", pipeline=second.model)
-    assert capfd.readouterr().err == ""
+        fasterase.erase(first.model, "square", method="esd", progress=False, **FAST_ESD)

@@ -257,3 +257,9 @@ def test_non_finite_embeddings_are_refused_naming_the_dtype(name, encoder):
                                         r"'a red circle' and 1 more; load the model in bfloat16 or float32"):
         model.encode(["a red circle", "a blue star"])
     assert model._cache == {}  # nothing half-cached
+    model.pipeline.to(dtype=torch.float32)  # finite weights no longer overflow: NaN weights do, in any dtype
+    with torch.no_grad():
+        norm.weight[0] = float("nan")
+    with pytest.raises(UserError, match=r"in float32 for the prompt 'a red circle'; the text encoders' weights may be "
+                                        r"damaged"):
+        model.encode(["a red circle"])

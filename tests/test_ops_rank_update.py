@@ -275,27 +275,39 @@ def _with(t: torch.Tensor, row: int, value: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
 def test_non_finite_inputs_are_refused_before_any_weight_changes(bad):
-    """One NaN or inf in what an in-place update reads would reach every weight it writes."""
+    """One NaN or inf in what an in-place update reads would reach every weight it writes; a bad input for
+    the second weight (another shape group) was found after the first was written."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(5, 7, generator=g)
+    base = [torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)]
     c, cs, d = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g), torch.rand(3, generator=g) + 0.5
-    v = torch.randn(3, 5, generator=g)
+    v = [torch.randn(3, 5, generator=g), torch.randn(3, 3, generator=g)]
     x = float(bad)
     calls = {
         "e_u": lambda ws: ops.rank_one_update(ws, _with(c[0], 4, x), c[1]),
-        "e_w": lambda ws: ops.rank_one_update(ws, [c[:2]], [_with(c[1:], 2, x)]),
+        "e_w\\[1\\]": lambda ws: ops.rank_one_update(ws, [c[:2], c[:2]], [c[1:], _with(c[1:], 2, x)]),
+        "e_u\\[1\\]": lambda ws: ops.rank_one_update(ws, [c[0], _with(c[0], 6, x)], [c[1], c[1]]),
         "eta": lambda ws: ops.rank_one_update(ws, c[0], c[1], eta=x),
         "sources": lambda ws: ops.closed_form_update(ws, _with(c, 8, x), cs),
         "targets": lambda ws: ops.closed_form_update(ws, c, _with(cs, 0, x)),
         "row_weights": lambda ws: ops.closed_form_update(ws, c, cs, row_weights=_with(d, 1, x)),
-        "values\\[0\\]": lambda ws: ops.closed_form_update(ws, c, values=[_with(v, 14, x)]),
+        "values\\[1\\]": lambda ws: ops.closed_form_update(ws, c, values=[v[0], _with(v[1], 4, x)]),
         "lam": lambda ws: ops.closed_form_update(ws, c, cs, lam=x),
     }
     for name, call in calls.items():
-        ws = [w.clone()]
+        ws = [w.clone() for w in base]
         with pytest.raises(ValueError, match=f"^{name} (has non-finite|must be finite)"):
             call(ws)
-        assert torch.equal(ws[0], w), name
+        assert all(torch.equal(w, b) for w, b in zip(ws, base)), name
+
+
+def test_a_bad_embedding_width_for_a_later_weight_changes_no_weight():
+    ws = [torch.randn(5, 7), torch.randn(3, 4)]
+    before = [w.clone() for w in ws]
+    with pytest.raises(ValueError, match="a weight has input width 4"):
+        ops.rank_one_update(ws, torch.randn(7), torch.randn(7))
+    with pytest.raises(ValueError, match=r"per-weight embeddings for width 4 must all be \(k, 4\)"):
+        ops.rank_one_update(ws, [torch.randn(7), torch.randn(3)], [torch.randn(7), torch.randn(3)])
+    assert all(torch.equal(w, b) for w, b in zip(ws, before))
 
 
 def test_fake_impls():

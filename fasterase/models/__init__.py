@@ -190,10 +190,11 @@ def _check_weights(path: Path, parts: dict[str, tuple[str, dict]]) -> None:
             keys = _safetensors_header(folder / file)  # the header alone: a damaged file named before loading
             wrapped = [k for k in keys if re.search(r"\.(base_layer|lora_[AB]|lora_magnitude_vector)\.", k)]
             if wrapped:  # diffusers would leave the layers' own weights unloaded (meta) or random
-                raise UserError(f"model folder {path}: {folder / file} holds LoRA-wrapped layers ({wrapped[0]!r} and "
-                                f"{len(wrapped) - 1} more), not the {name}'s own weights: the pipeline was saved with a "
-                                f"LoRA still loaded; save it again after pipe.fuse_lora() and "
-                                f"pipe.unload_lora_weights(), or load the base folder and apply the LoRA to it")
+                more = f" and {len(wrapped) - 1} more" if len(wrapped) > 1 else ""
+                raise UserError(f"model folder {path}: {folder / file} holds LoRA-wrapped layers ({wrapped[0]!r}"
+                                f"{more}), not the {name}'s own weights: the pipeline was saved with a LoRA still "
+                                f"loaded; save it again after pipe.fuse_lora() and pipe.unload_lora_weights(), or "
+                                f"load the base folder and apply the LoRA to it")
 
 
 def _wrap(pipeline, owner: Builtin | None = None) -> Denoiser:

@@ -189,19 +189,28 @@ class Denoiser(ABC):
         if missing:
             with self._encoders_on_device():
                 cond = self._encode(missing)
-            values = cond.embeds.device.type != "meta"  # the planner's encoders hold no values
-            bad = [p for i, p in enumerate(missing) if values and (not bool(torch.isfinite(cond.embeds[i]).all())
-                   or (cond.pooled is not None and not bool(torch.isfinite(cond.pooled[i]).all())))]
-            if bad:  # T5 overflows fp16: its activations pass 65504
-                raise UserError(f"the text encoders gave non-finite (NaN or inf) embeddings in "
-                                f"{str(self.network.dtype).removeprefix('torch.')} for the prompt {bad[0]!r}"
-                                f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; load the model in "
-                                f"bfloat16 or float32 (dtype= in the API, --dtype on the CLI)")
+            if cond.embeds.device.type != "meta":  # the planner's encoders hold no values
+                self._check_finite(missing, cond)
             for i, p in enumerate(missing):
                 self._cache[p] = (cond.embeds[i], None if cond.pooled is None else cond.pooled[i])
         rows = [self._cache[p] for p in prompts]
         pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
         return Cond(torch.stack([r[0] for r in rows]), pooled)
+
+    def _check_finite(self, prompts: list[str], cond: Cond) -> None:
+        """UserError naming the prompts whose embeddings hold NaN or inf: every method would train on them
+        or write them into weights."""
+        finite = torch.isfinite(cond.embeds).flatten(1).all(1)
+        if cond.pooled is not None:
+            finite &= torch.isfinite(cond.pooled).flatten(1).all(1)
+        bad = [p for p, ok in zip(prompts, finite.tolist()) if not ok]
+        if not bad:
+            return
+        dtype = str(self.network.dtype).removeprefix("torch.")
+        why = ("load the model in bfloat16 or float32 (dtype= in the API, --dtype on the CLI): T5 overflows fp16"
+               if dtype == "float16" else "the text encoders' weights may be damaged")
+        raise UserError(f"the text encoders gave non-finite (NaN or inf) embeddings in {dtype} for the prompt "
+                        f"{bad[0]!r}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; {why}")
 
     @property
     def uncond(self) -> Cond:

@@ -105,13 +105,13 @@ def _groups(weights: list[torch.Tensor], key) -> dict:
     return groups
 
 
-@torch.no_grad()
 def _check_finite(name: str, t: torch.Tensor) -> None:
     """The updates write every weight in place: one NaN or inf in what they read would reach them all."""
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} has non-finite entries (NaN or inf); the update needs finite inputs")
 
 
+@torch.no_grad()
 def rank_one_update(
     weights: Sequence[torch.Tensor],
     e_u: torch.Tensor | Sequence[torch.Tensor],
@@ -129,7 +129,8 @@ def rank_one_update(
     also moves under the others' updates unless the rows are orthogonal). For k = 1 it is eq. 1.
 
     Raises ValueError for mismatched shapes, no rows or more than MAX_RANK, NaN or inf in eta or the
-    embeddings, or e_w rows that are not linearly independent (G singular: two rows the same concept twice); TypeError for a dtype.
+    embeddings, or e_w rows that are not linearly independent (G singular: two rows the same concept
+    twice), all before any weight is written; TypeError for a dtype.
     """
     weights = _validate_weights(weights)
     if not math.isfinite(eta):
@@ -140,14 +141,14 @@ def rank_one_update(
     if per_weight and (len(e_u) != len(weights) or len(e_w) != len(weights)):
         raise ValueError(f"got {len(e_u)} e_u and {len(e_w)} e_w for {len(weights)} weights")
 
-    def factors(u: torch.Tensor, w_: torch.Tensor):
+    def factors(u: torch.Tensor, w_: torch.Tensor, which: str = ""):
         if u.shape[-1] == 0 or w_.shape[-1] == 0:
             raise ValueError("e_u and e_w need a width of at least 1, got 0")
         u2, w2 = u.float().reshape(-1, u.shape[-1]), w_.float().reshape(-1, w_.shape[-1])
         if u2.shape != w2.shape:
             raise ValueError(f"e_u {tuple(u.shape)} and e_w {tuple(w_.shape)} differ in shape")
-        _check_finite("e_u", u2)
-        _check_finite("e_w", w2)
+        _check_finite(f"e_u{which}", u2)
+        _check_finite(f"e_w{which}", w2)
         if not 1 <= u2.shape[0] <= MAX_RANK:
             raise ValueError(f"1 to {MAX_RANK} embedding rows per call, got {u2.shape[0]}")
         if not bool(((w2 * w2).sum(dim=1) > 0).all()):
@@ -161,11 +162,12 @@ def rank_one_update(
         return u2 - w2, (eta * torch.linalg.solve(gram, w64)).float()
 
     shared = {} if per_weight else {e_u.shape[-1]: factors(e_u, e_w)}
+    launches = []  # every input checked before the first weight is written
     for idx in _groups(weights, lambda w: (w.shape, w.dtype)).values():
         ws = [weights[i] for i in idx]
         width = ws[0].shape[1]
         if per_weight:
-            pairs = [factors(e_u[i], e_w[i]) for i in idx]
+            pairs = [factors(e_u[i], e_w[i], f"[{i}]") for i in idx]
             if any(l.shape[1] != width for l, _ in pairs) or len({l.shape[0] for l, _ in pairs}) != 1:
                 raise ValueError(f"per-weight embeddings for width {width} must all be (k, {width}) with one k")
             left = torch.stack([l for l, _ in pairs]).to(ws[0].device)
@@ -174,7 +176,9 @@ def rank_one_update(
             if width not in shared:
                 raise ValueError(f"embeddings have width {e_u.shape[-1]}, a weight has input width {width}")
             left, right = (t.to(ws[0].device) for t in shared[width])
-        torch.ops.fasterase.lowrank_update(ws, left.contiguous(), right.contiguous())
+        launches.append((ws, left.contiguous(), right.contiguous()))
+    for ws, left, right in launches:
+        torch.ops.fasterase.lowrank_update(ws, left, right)
 
 
 def _erase_projection(sources: torch.Tensor, lam: float, row_weights: Optional[torch.Tensor]) -> torch.Tensor:
