@@ -14,9 +14,12 @@ One concept: only the entries of the concept saliency map M* train (Sec. 3.3: gr
 over prompts x seeds, each thresholded, intersected; cached), with SalientAdamW, so every other
 weight stays bit-identical. Several concepts (Sec. 3.4): one LoRA per concept on the projections
 that read text, trained with the same loss, then all fused into those projections by the
-closed form of eq. (7) over the concept words' token rows (and the preserved concepts' words'
-rows as prior preservation), as the paper and MACE do: the begin token, template words and padding
-are shared by every prompt, and fitting them too gave identical rows conflicting targets.
+closed form of eq. (7): every token row of concept i's augmented prompts (begin token, template
+words, padding included) is fit to what W + dW_i gives it, every token row of the preserved
+concepts' prompts to what W gives it (prior preservation), as MACE's fusion code does (its prior is
+a cache of MS-COCO captions; ours the preserved prompts, none if nothing is preserved). Fitting
+only the concept words' rows, an earlier version, left the rows every prompt shares (the begin
+token, "a") free: they moved by about 130% and no two-shape scene survived (bench/RESULTS.md).
 
 Training prompts are the concept's own ("a photo of a circle"); the augmented ones ("a photo of
 a red circle") only pick M*, as in the paper (Fig. 5). Reversing the condition direction of an
@@ -305,14 +308,11 @@ def _fusion_projections(model: Denoiser):
     return projections[:2] if model.kind == "flux" else projections
 
 
-def _word_rows(model: Denoiser, prompts: list[str], words: list[str]) -> dict[str, torch.Tensor]:
-    """Eq. (7)'s embeddings: what feeds each fused projection on the tokens of `words` in each
-    prompt. The pooled-text embedder reads one row per prompt, the prompt's pooled embedding,
-    which is then the row of the prompt's concept."""
+def _token_rows(model: Denoiser, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Eq. (7)'s embeddings: every token row that feeds each fused projection for `prompts`, (rows, in)
+    in fp32. The pooled-text embedder (FLUX) reads one row per prompt, the prompt's pooled embedding."""
     inputs = model.kv_inputs(model.encode(prompts), [p.name for p in _fusion_projections(model)])
-    rows = model.word_rows(prompts, words)
-    return {name: (x if x.dim() == 2 else torch.cat([x[i, r] for i, r in enumerate(rows)])).float()
-            for name, x in inputs.items()}
+    return {name: x.reshape(-1, x.shape[-1]).float() for name, x in inputs.items()}
 
 
 def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool) -> Edit:
@@ -345,10 +345,10 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
         finally:
             net.eval()
             remove_adapter(net)
-    # eq. (7): W* e = (W + dW_i) e on concept i's word tokens, W* e = W e on the preserved words' tokens
-    erase_in = [_word_rows(model, c.prompts(augment=True), [c.name]) for c in concepts]
+    # eq. (7): W* e = (W + dW_i) e on concept i's prompts' token rows, W* e = W e on the preserved prompts'
+    erase_in = [_token_rows(model, c.prompts(augment=True)) for c in concepts]
     preserve = concepts.preserve_prompts(concepts.concepts[0])
-    keep_in = _word_rows(model, preserve, list(concepts.preserve)) if preserve else None
+    keep_in = _token_rows(model, preserve) if preserve else None
     weights = {}
     for p in projections:
         keep = keep_in[p.name] if keep_in is not None else None
