@@ -545,15 +545,19 @@ def test_fp16_on_the_cpu_is_warned_of_once_where_the_model_runs_so(recwarn, caps
     assert len(caught) == 1 and caught[0].filename == __file__  # the user's call
 
 
-def test_cli_warns_in_one_line(capsys, tmp_path):
+def test_cli_warns_in_one_line(capsys, tmp_path, monkeypatch):
     assert cli.main(["erase", "--model", "toy-sd", "--dtype", "fp16", "--concept", "circle", "--method", "uce",
                      "--out", str(tmp_path / "edit")]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert err == ["fasterase erase: warning: the model runs in fp16 on the CPU, where torch's fp16 matrix products "
                    "are hundreds of times slower than bf16's; choose bf16 or fp32 (dtype=, --dtype)"]
+    # the scoring itself is left out: 392 toy images in fp16 take 4-6 minutes on some CPUs (AMD EPYC, 2 cores)
+    scored = []
+    monkeypatch.setattr("fasterase.eval.evaluate", lambda model, **kw: scored.append(model.network.dtype) or {})
     assert cli.main(["eval", "--edit", str(tmp_path / "edit"), "--json", "--repeats", "1"]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(err) == 1 and err[0].endswith("make it in bf16 or fp32 (erase --dtype) to evaluate it on the CPU")
+    assert scored == [torch.float16]  # evaluated in the dtype the edit was made in
 
 
 def test_numpy_integers_are_resolutions_too():
