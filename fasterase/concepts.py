@@ -158,10 +158,13 @@ class ConceptSet:
         return [" ".join(t.format(u, v).split()) for t in a.pair_templates
                 for p, q in ((a, b), (b, a)) for u in slots(p) for v in slots(q)]
 
-    def preserve_prompts(self, like: Concept) -> list[str]:
-        """The preserved concepts' prompts, with the templates and augmentation of `like`."""
-        return [p for name in self.preserve for p in Concept(name, templates=like.templates,
-                                                               attributes=like.attributes).prompts(augment=True)]
+    def preserve_prompts(self, *like: Concept) -> list[str]:
+        """The preserved concepts' prompts, each once, in the templates and augmentation of each of `like`
+        (default: every erased concept, so that a method's prior is one set whatever order the concepts
+        are given in, and covers each concept's own captions)."""
+        return list(dict.fromkeys(p for c in like or self.concepts for name in self.preserve
+                                  for p in Concept(name, templates=c.templates,
+                                                   attributes=c.attributes).prompts(augment=True)))
 
 
 def split_names(text: str) -> list[str]:

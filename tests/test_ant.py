@@ -418,7 +418,7 @@ def test_fusion_solves_over_every_token_row(name, monkeypatch):
         inputs = model.kv_inputs(model.encode(concept.prompts(augment=True)))[projection.name]
         assert inputs.dim() == 3 and inputs.shape[1] > 1
         torch.testing.assert_close(rows, inputs.reshape(-1, inputs.shape[-1]).float())
-    preserve = concepts.preserve_prompts(concepts.concepts[0])
+    preserve = concepts.preserve_prompts()
     inputs = model.kv_inputs(model.encode(preserve))[projection.name]
     torch.testing.assert_close(keep, inputs.reshape(-1, inputs.shape[-1]).float())
     if name == "toy-flux":  # the pooled-text embedder: one row per prompt

@@ -129,6 +129,19 @@ def test_unknown_word_check_ignores_special_tokens():
     fasterase.erase(model, "circle", method="uce", progress=False)
 
 
+def test_uce_prior_does_not_depend_on_the_concepts_order():
+    """The preserved prompts took the first concept's templates: with two concepts' own templates, the
+    edit changed when they were given the other way round."""
+    from fasterase.toy.concepts import TEMPLATES
+    a = Concept("circle", templates=TEMPLATES[:2], attributes=("red",))
+    b = Concept("square", templates=TEMPLATES[2:4])
+    forward, backward = (fasterase.erase("toy-sd", cs, method="uce", copy=True, progress=False).edit.weights
+                         for cs in ([a, b], [b, a]))
+    assert forward.keys() == backward.keys()
+    for k in forward:
+        torch.testing.assert_close(forward[k], backward[k], rtol=1e-4, atol=1e-5)
+
+
 def test_evaluate_takes_names_and_checks_its_arguments():
     from fasterase.eval import evaluate
     with pytest.raises(UserError, match="repeats"):  # a registered name is a model, None no erased concept

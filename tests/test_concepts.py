@@ -73,6 +73,18 @@ def test_commas_separate_concepts():
             as_concepts(bad)
 
 
+def test_preserved_prompts_cover_every_concept_in_any_order():
+    """They were built in the first concept's templates alone: the prior changed with the order the concepts came in."""
+    a = Concept("circle", templates=("a {}", "a photo of a {}"), attributes=("red",))
+    b = Concept("square", templates=("a {}", "a drawing of a {}"))
+    forward, backward = (as_concepts(list(cs), preserve="star").preserve_prompts() for cs in ((a, b), (b, a)))
+    assert sorted(forward) == sorted(backward) == ["a drawing of a star", "a photo of a red star", "a photo of a star",
+                                                   "a red star", "a star"]  # each once
+    shared = as_concepts([a, Concept("square", templates=a.templates, attributes=a.attributes)], preserve="star")
+    assert shared.preserve_prompts() == shared.preserve_prompts(a) == ["a star", "a photo of a star", "a red star",
+                                                                       "a photo of a red star"]
+
+
 def test_a_preserved_concept_is_never_one_an_erased_concept_names():
     with pytest.raises(UserError, match="both erased and preserved"):
         as_concepts("red circle", preserve="circle")

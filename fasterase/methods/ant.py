@@ -347,7 +347,7 @@ def _multi(model: Denoiser, concepts: ConceptSet, cfg: ANTConfig, progress: bool
             remove_adapter(net)
     # eq. (7): W* e = (W + dW_i) e on concept i's prompts' token rows, W* e = W e on the preserved prompts'
     erase_in = [_token_rows(model, c.prompts(augment=True)) for c in concepts]
-    preserve = concepts.preserve_prompts(concepts.concepts[0])
+    preserve = concepts.preserve_prompts()
     keep_in = _token_rows(model, preserve) if preserve else None
     weights = {}
     for p in projections:

@@ -69,7 +69,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: UCEConfig, progress: bool = 
         projections = projections[:2]
     erase = [p for c in concepts for p in c.prompts(augment=True)]
     guide = [p for c in concepts for p in c.anchor_prompts(augment=True)]
-    preserve = concepts.preserve_prompts(concepts.concepts[0])
+    preserve = concepts.preserve_prompts()
     names = [p.name for p in projections]
     inputs = {k: model.kv_inputs(model.encode(prompts), names, f"uce: {k} prompts' text stream" if progress else None)
               if prompts else None for k, prompts in (("erase", erase), ("guide", guide), ("preserve", preserve))}

@@ -35,5 +35,5 @@ def prompt_pairs(concepts: ConceptSet, neutral: str | None) -> PromptPairs:
         concept += [(p, k) for p in prompts]
         for i in range(len(prompts)):  # prompt i with the i-th word in turn, same template and attribute
             paired.append(dataclasses.replace(c, anchor=words[i % len(words)]).anchor_prompts(augment=True)[i])
-    preserved = list(dict.fromkeys(concepts.preserve_prompts(concepts.concepts[0])))
+    preserved = concepts.preserve_prompts()
     return PromptPairs(concept, paired, preserved)
