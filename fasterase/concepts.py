@@ -153,10 +153,7 @@ class ConceptSet:
     def pair_prompts(self, first: int, second: int) -> list[str]:
         """Prompts naming concepts `first` and `second` together: the first's pair templates filled
         with both names in both orders, each with every pairing of the two concepts' attributes."""
-        a, b = self.concepts[first], self.concepts[second]
-        slots = lambda c: [c.name] + [f"{x} {c.name}" for x in c.attributes]  # noqa: E731
-        return [" ".join(t.format(u, v).split()) for t in a.pair_templates
-                for p, q in ((a, b), (b, a)) for u in slots(p) for v in slots(q)]
+        return _pair_prompts(self.concepts[first], self.concepts[second])
 
     def preserve_prompts(self, *like: Concept) -> list[str]:
         """The preserved concepts' prompts, each once, in the templates and augmentation of each of `like`
@@ -165,6 +162,25 @@ class ConceptSet:
         return list(dict.fromkeys(p for c in like or self.concepts for name in self.preserve
                                   for p in Concept(name, templates=c.templates,
                                                    attributes=c.attributes).prompts(augment=True)))
+
+    def preserve_scene_prompts(self) -> list[str]:
+        """Prompts naming two preserved concepts together, each once: every preserved name with the
+        next one (the last with the first), in both orders, in each erased concept's pair templates, the
+        names alone (no attributes), so that their number grows with the names, not with their square
+        or the attributes'. None with fewer than two preserved."""
+        out = []
+        for c in self.concepts:
+            kept = [Concept(n, templates=c.templates, pair_templates=c.pair_templates)
+                    for n in self.preserve]
+            out += [p for i in range(len(kept) if len(kept) > 1 else 0)
+                    for p in _pair_prompts(kept[i], kept[(i + 1) % len(kept)])]
+        return list(dict.fromkeys(out))
+
+
+def _pair_prompts(a: Concept, b: Concept) -> list[str]:
+    slots = lambda c: [c.name] + [f"{x} {c.name}" for x in c.attributes]  # noqa: E731
+    return [" ".join(t.format(u, v).split()) for t in a.pair_templates
+            for p, q in ((a, b), (b, a)) for u in slots(p) for v in slots(q)]
 
 
 def split_names(text: str) -> list[str]:

@@ -606,7 +606,8 @@ def _uce(p: _Planner, cfg, gpus: int):
     sum: ops.rank_update.closed_form_transform), fp32 copies of the group's weights; and the edited weights in
     the model's dtype, kept for the edit."""
     c = p.concepts.concepts[0]
-    sets = [c.prompts(augment=True), c.anchor_prompts(augment=True), p.concepts.preserve_prompts(c)]
+    sets = [c.prompts(augment=True), c.anchor_prompts(augment=True),
+            p.concepts.preserve_prompts() + p.concepts.preserve_scene_prompts()]
     projections = p.den.cross_attention_kv()
     edited = projections[:2] if p.den.kind == "flux" and not cfg.text_kv else projections
     den = p.den

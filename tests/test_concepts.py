@@ -85,6 +85,19 @@ def test_preserved_prompts_cover_every_concept_in_any_order():
                                                                        "a photo of a red star"]
 
 
+def test_preserved_scene_prompts_pair_each_kept_name_with_the_next():
+    cs = as_concepts(Concept("dog", pair_templates=("a {} and a {}",), attributes=("big",)),
+                     preserve=["horse", "cow", "cat", "pig"])
+    scenes = cs.preserve_scene_prompts()
+    assert sorted(scenes) == sorted(["a horse and a cow", "a cow and a horse", "a cow and a cat", "a cat and a cow",
+                                     "a cat and a pig", "a pig and a cat", "a pig and a horse", "a horse and a pig"])
+    assert not {"a horse and a cat", "a cow and a pig"} & set(scenes)  # not every pair: linear in the names
+    two = as_concepts("dog", preserve=["horse", "cow"]).preserve_scene_prompts()
+    assert len(two) == len(set(two)) == 2 * len(Concept("dog").pair_templates)  # the pair once, both orders
+    assert as_concepts("dog", preserve="horse").preserve_scene_prompts() == []
+    assert as_concepts("dog").preserve_scene_prompts() == []
+
+
 def test_a_preserved_concept_is_never_one_an_erased_concept_names():
     with pytest.raises(UserError, match="both erased and preserved"):
         as_concepts("red circle", preserve="circle")

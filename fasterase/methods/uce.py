@@ -3,7 +3,11 @@
 Every projection that reads text is re-solved so that each erased concept's prompts give the
 outputs its guide prompts gave (the anchor's, or the empty prompt's), while the preserved
 concepts' outputs stay, all over the concept's augmented prompts, under the regulariser
-lam |W' - W|^2 (UCE Sec. 3, erasure with preservation). Token positions are aligned: the
+lam |W' - W|^2 (UCE Sec. 3, erasure with preservation). The preserved prompts also name two
+preserved concepts together (ConceptSet.preserve_scene_prompts; our addition, the paper preserves
+each concept alone): with one-object prompts only, erasing circle and square lost a kept shape in
+34% (toy-sd) and 37% (toy-flux) of the scenes of two kept shapes; a larger preserve_scale mended
+toy-sd at the cost of erasure and made toy-flux worse (bench/RESULTS.md). Token positions are aligned: the
 prompt "a photo of a circle" is mapped, token by token, onto "a photo of a" followed by the
 guide's tokens, padding included.
 SD: every cross-attention to_k / to_v. FLUX: context_embedder and the pooled-text embedder
@@ -69,7 +73,7 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: UCEConfig, progress: bool = 
         projections = projections[:2]
     erase = [p for c in concepts for p in c.prompts(augment=True)]
     guide = [p for c in concepts for p in c.anchor_prompts(augment=True)]
-    preserve = concepts.preserve_prompts()
+    preserve = concepts.preserve_prompts() + concepts.preserve_scene_prompts()
     names = [p.name for p in projections]
     inputs = {k: model.kv_inputs(model.encode(prompts), names, f"uce: {k} prompts' text stream" if progress else None)
               if prompts else None for k, prompts in (("erase", erase), ("guide", guide), ("preserve", preserve))}
