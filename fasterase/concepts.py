@@ -170,8 +170,7 @@ class ConceptSet:
         or the attributes'. None with fewer than two preserved."""
         out = []
         for c in self.concepts:
-            kept = [Concept(n, templates=c.templates, pair_templates=c.pair_templates)
-                    for n in self.preserve]
+            kept = [Concept(n, templates=c.templates, pair_templates=c.pair_templates) for n in self.preserve]
             out += [p for i in range(len(kept) if len(kept) > 1 else 0)
                     for p in _pair_prompts(kept[i], kept[(i + 1) % len(kept)])]
         return list(dict.fromkeys(out))

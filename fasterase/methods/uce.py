@@ -3,13 +3,13 @@
 Every projection that reads text is re-solved so that each erased concept's prompts give the
 outputs its guide prompts gave (the anchor's, or the empty prompt's), while the preserved
 concepts' outputs stay, all over the concept's augmented prompts, under the regulariser
-lam |W' - W|^2 (UCE Sec. 3, erasure with preservation). The preserved prompts also name two
-preserved concepts together (ConceptSet.preserve_scene_prompts; our addition, the paper preserves
-each concept alone): with one-object prompts only, erasing circle and square lost a kept shape in
-34% (toy-sd) and 37% (toy-flux) of the scenes of two kept shapes; a larger preserve_scale mended
-toy-sd at the cost of erasure and made toy-flux worse (bench/RESULTS.md). Token positions are aligned: the
+lam |W' - W|^2 (UCE Sec. 3, erasure with preservation). Token positions are aligned: the
 prompt "a photo of a circle" is mapped, token by token, onto "a photo of a" followed by the
 guide's tokens, padding included.
+The preserved prompts also name two preserved concepts together (ConceptSet.preserve_scene_prompts;
+our addition, the paper preserves each concept alone): with one-object prompts only, erasing circle
+and square lost a kept shape in 34% (toy-sd) and 37% (toy-flux) of the scenes of two kept shapes; a
+larger preserve_scale mended toy-sd at the cost of erasure and made toy-flux worse (bench/RESULTS.md).
 SD: every cross-attention to_k / to_v. FLUX: context_embedder and the pooled-text embedder
 (as the public UCE FLUX variant does) and, with text_kv=True, the joint blocks' add_k / add_v.
 Those read the text stream after earlier blocks mixed it with the image tokens and the time
