@@ -47,6 +47,23 @@ def test_import_is_quiet_and_leaves_log_levels(tmp_path):
     assert "kernels-community" not in run.stderr and "torchvision" not in run.stderr, run.stderr
 
 
+def test_the_repository_root_on_sys_path_leaves_the_pypi_kernels_package_alone():
+    """transformers >= 5.25 imports the PyPI package "kernels"; with the repository's root on sys.path
+    (`python -m pytest` there) our kernels/ folder stood in its place, and every diffusers import failed.
+    Without that package, the bare name still finds the folder (transformers < 5.25 then reads no version)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import importlib.metadata, os, fasterase.kernels as ours\n"
+            "try:\n    importlib.metadata.version('kernels')\nexcept importlib.metadata.PackageNotFoundError:\n"
+            "    installed = False\nelse:\n    installed = True\n"
+            "import kernels\n"
+            "assert installed == (os.path.dirname(kernels.__file__) != os.path.dirname(ours.__file__))\n"
+            "from transformers.integrations import hub_kernels\n"
+            "print(ours.masked_adamw.__module__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["fasterase.kernels.masked_adamw"]
+
+
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("method,options", [("uce", {}), ("esd", FAST_ESD)])
 def test_erase_in_place_and_report(name, method, options, capfd):
