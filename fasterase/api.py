@@ -111,8 +111,10 @@ def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
                 raise UserError(f"{kind} {name!r}: the word(s) {', '.join(map(repr, unknown))} tokenize to nothing "
                                 f"this model's {what.split(' (')[0]} knows (each would be its unknown token); "
                                 f"name what the model was trained on")
-    for c in concepts:
-        prompts = c.prompts(augment=True) + c.anchor_prompts(augment=True) + concepts.preserve_prompts(c)
+    for k, c in enumerate(concepts):
+        prompts = (c.prompts(augment=True) + c.anchor_prompts(augment=True) + concepts.preserve_prompts(c)
+                   + concepts.preserve_scene_prompts(c)
+                   + [p for j in range(len(concepts)) if j != k for p in concepts.pair_prompts(k, j)])
         for tokenizer, limit, what in _token_limits(model):
             # words alone: CLIP's unknown token is its end token, which every encoded prompt ends with
             words = tokenizer(prompts, add_special_tokens=False).input_ids
@@ -120,13 +122,14 @@ def _check_prompts(model: models.Denoiser, concepts: ConceptSet) -> None:
                 if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in plain:
                     unknown = [w for w in prompt.split()
                                if tokenizer.unk_token_id in tokenizer(w, add_special_tokens=False).input_ids]
-                    raise UserError(f"prompt {prompt!r} of concept {c.name!r} (its templates, attributes, anchor or "
-                                    f"preserved names) holds {', '.join(map(repr, unknown))}, which this model's "
-                                    f"{what.split(' (')[0]} does not know (it would train as the unknown token)")
+                    raise UserError(f"prompt {prompt!r} of concept {c.name!r} (its templates, pair templates, "
+                                    f"attributes, anchor or preserved names) holds {', '.join(map(repr, unknown))}, "
+                                    f"which this model's {what.split(' (')[0]} does not know (it would train as the "
+                                    f"unknown token)")
                 if len(ids) > limit:
                     raise UserError(f"prompt {prompt!r} of concept {c.name!r} is {len(ids)} tokens, and this model's "
                                     f"{what} holds {limit}: truncated, it would lose the concept. Shorten the "
-                                    f"concept's name, templates or attributes")
+                                    f"concept's name, templates, pair templates or attributes, or the preserved names")
 
 
 # Each option type: what it is called, which values it takes (a bool is no number, a number is finite; numpy

@@ -132,6 +132,10 @@ class ConceptSet:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise UserError(f"duplicate concept(s) {dup}; each concept may appear once")
+        kept = [n.lower() for n in self.preserve]
+        dup = sorted({n for n in kept if kept.count(n) > 1})
+        if dup:
+            raise UserError(f"duplicate preserved concept(s) {dup}; each may appear once")
         erased = [set(n.split()) for n in names]
         # "circle" with "red circle" erased is one of its prompts; "red circle" with "circle" erased holds it
         kept = {p: set(p.lower().split()) for p in self.preserve}
@@ -163,14 +167,16 @@ class ConceptSet:
                                   for p in Concept(name, templates=c.templates,
                                                    attributes=c.attributes).prompts(augment=True)))
 
-    def preserve_scene_prompts(self) -> list[str]:
-        """Prompts naming two preserved concepts together, each once: every preserved name with the
-        next one (the last with the first), in both orders, in each erased concept's pair templates, the
-        names alone (no attributes), so that their number grows with the names, not with their square
-        or the attributes'. None with fewer than two preserved."""
+    def preserve_scene_prompts(self, *like: Concept) -> list[str]:
+        """Prompts naming two preserved concepts together, each once: in alphabetical order, every
+        preserved name with the next one (the last with the first), in both orders, in the pair templates
+        of each of `like` (default: every erased concept), the names alone (no attributes), so that their
+        number grows with the names and pair templates, not with the names' square or the attributes',
+        and does not depend on the order the names are given in. None with fewer than two preserved."""
         out = []
-        for c in self.concepts:
-            kept = [Concept(n, templates=c.templates, pair_templates=c.pair_templates) for n in self.preserve]
+        for c in like or self.concepts:
+            kept = [Concept(n, templates=c.templates, pair_templates=c.pair_templates)
+                    for n in sorted(self.preserve, key=str.lower)]
             out += [p for i in range(len(kept) if len(kept) > 1 else 0)
                     for p in _pair_prompts(kept[i], kept[(i + 1) % len(kept)])]
         return list(dict.fromkeys(out))

@@ -137,6 +137,22 @@ def test_concept_validation():
         fasterase.erase("toy-sd", Concept("circle", templates=("a {}",), attributes=("purple",)), method="uce")
 
 
+def test_pair_templates_are_checked_like_templates(monkeypatch):
+    """UCE's prior names two preserved concepts in the concept's pair templates (TRACE pairs erased ones):
+    a word the tokenizer does not know there, or a pair prompt past its limit, trained unnoticed."""
+    _no_run(monkeypatch, "uce")
+    for pair, match in ((("a {} beside a {}",), "'a square beside a star' of concept 'circle' .* holds 'beside'"),
+                        (("{}{}",), "holds 'squarestar'"),
+                        (("a photo of a photo of a photo of a photo of a {} and a {}",),
+                         r"is 19 tokens, .* holds 16")):
+        concept = Concept("circle", templates=("a {}",), pair_templates=pair)
+        with pytest.raises(UserError, match=match):
+            fasterase.erase("toy-sd", concept, method="uce", preserve=["square", "star"])
+    with pytest.raises(UserError, match="'a circle beside a square' of concept 'circle' .* holds 'beside'"):
+        fasterase.erase("toy-sd", [Concept("circle", templates=("a {}",), pair_templates=("a {} beside a {}",)),
+                                   Concept("square", templates=("a {}",))], method="uce", preserve=[])
+
+
 def test_unknown_word_check_ignores_special_tokens():
     """CLIP's unknown token is its end token (<|endoftext|>): only the words are checked for it."""
     model = models.load("toy-sd")  # a fresh pipeline: changing its tokenizer touches no other test

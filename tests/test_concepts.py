@@ -53,6 +53,8 @@ def test_concept_sets():
         as_concepts(["circle", "Circle"])
     with pytest.raises(ValueError, match="both erased and preserved"):
         as_concepts(["circle"], preserve=["circle"])
+    with pytest.raises(UserError, match=r"duplicate preserved concept\(s\) \['star'\]"):
+        as_concepts(["circle"], preserve=["star", "Star"])
     with pytest.raises(ValueError, match="empty"):
         ConceptSet(())
     with pytest.raises(UserError, match="a list"):
@@ -92,6 +94,8 @@ def test_preserved_scene_prompts_pair_each_kept_name_with_the_next():
     assert sorted(scenes) == sorted(["a horse and a cow", "a cow and a horse", "a cow and a cat", "a cat and a cow",
                                      "a cat and a pig", "a pig and a cat", "a pig and a horse", "a horse and a pig"])
     assert not {"a horse and a cat", "a cow and a pig"} & set(scenes)  # not every pair: linear in the names
+    reordered = as_concepts(cs.concepts[0], preserve=["pig", "horse", "cat", "cow"]).preserve_scene_prompts()
+    assert reordered == scenes  # the pairs do not depend on the order the names come in
     two = as_concepts("dog", preserve=["horse", "cow"]).preserve_scene_prompts()
     assert len(two) == len(set(two)) == 2 * len(Concept("dog").pair_templates)  # the pair once, both orders
     assert as_concepts("dog", preserve="horse").preserve_scene_prompts() == []
