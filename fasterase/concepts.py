@@ -132,8 +132,8 @@ class ConceptSet:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise UserError(f"duplicate concept(s) {dup}; each concept may appear once")
-        kept = [n.lower() for n in self.preserve]
-        dup = sorted({n for n in kept if kept.count(n) > 1})
+        preserved = [n.lower() for n in self.preserve]
+        dup = sorted({n for n in preserved if preserved.count(n) > 1})
         if dup:
             raise UserError(f"duplicate preserved concept(s) {dup}; each may appear once")
         erased = [set(n.split()) for n in names]
@@ -173,12 +173,13 @@ class ConceptSet:
         of each of `like` (default: every erased concept), the names alone (no attributes), so that their
         number grows with the names and pair templates, not with the names' square or the attributes',
         and does not depend on the order the names are given in. None with fewer than two preserved."""
+        if len(self.preserve) < 2:
+            return []
         out = []
         for c in like or self.concepts:
             kept = [Concept(n, templates=c.templates, pair_templates=c.pair_templates)
                     for n in sorted(self.preserve, key=str.lower)]
-            out += [p for i in range(len(kept) if len(kept) > 1 else 0)
-                    for p in _pair_prompts(kept[i], kept[(i + 1) % len(kept)])]
+            out += [p for a, b in zip(kept, kept[1:] + kept[:1]) for p in _pair_prompts(a, b)]
         return list(dict.fromkeys(out))
 
 
