@@ -162,7 +162,8 @@ def _options(method: registry.Method, options: dict):
 
 def _given(options: dict, preserve, resolution, gradient_checkpointing: bool, micro_batch) -> set[str]:
     """The names of what the user set: the method's options and erase's own."""
-    erase_own = {"preserve": preserve is not None, "resolution": resolution is not None,
+    # preserving nothing (preserve=[]) asks nothing of a method
+    erase_own = {"preserve": bool(preserve), "resolution": resolution is not None,
                  "gradient_checkpointing": gradient_checkpointing, "micro_batch": micro_batch is not None}
     return set(options) | {name for name, given in erase_own.items() if given}
 
@@ -274,8 +275,8 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     model: a diffusers pipeline, a local diffusers folder, or "toy-sd" / "toy-flux".
     concepts: a string, a Concept, or a list of them; commas in a string separate concepts
     ("circle, square" is two). preserve: concept names to keep drawable, named the same way (the
-    toy world preserves the shapes no erased concept names by default). options: the method's config fields
-    (each method's config dataclass in fasterase/methods/<name>.py; an unknown one is refused, naming
+    toy world preserves the shapes no erased concept names by default; [] preserves none). options: the
+    method's config fields (each method's config dataclass in fasterase/methods/<name>.py; an unknown one is refused, naming
     the valid ones). copy=True edits a copy and leaves the
     given pipeline untouched; otherwise it is edited in place. device: "cpu", "cuda", "cuda:N"
     (default: a name or folder loads on the GPU if there is one, else the CPU; a pipeline stays

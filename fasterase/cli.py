@@ -138,12 +138,17 @@ def cmd_erase(args) -> int:
             settings.setdefault("zero", 2)
         device = device or _launched_device(int(local_rank))
         rank = int(os.environ.get("RANK", 0))
+    preserve = args.preserve
+    if preserve is not None and any(not p.strip() for p in preserve):  # --preserve "": keep nothing in particular
+        if len(preserve) > 1:
+            raise UserError(f"--preserve \"\" (preserve nothing) cannot be given with names: {preserve}")
+        preserve = []
     concepts = args.concept
     if args.concept_type:
         from .concepts import Concept, split_names
 
         concepts = [Concept(name, type=args.concept_type) for text in args.concept for name in split_names(text)]
-    result = erase(args.model, concepts, method=args.method, preserve=args.preserve, device=device,
+    result = erase(args.model, concepts, method=args.method, preserve=preserve, device=device,
                    dtype=args.dtype, resolution=args.resolution, gradient_checkpointing=args.gradient_checkpointing,
                    micro_batch=args.micro_batch, progress=rank == 0, **settings)
     if rank != 0:  # every process ends with the same edit; one writes it
@@ -312,7 +317,9 @@ def parser() -> argparse.ArgumentParser:
                         "object, a colour a style): picks its prompt templates (\"a painting by "
                         "{}\" for a style) and the method's per-type defaults (ESD trains esd-x for a style or "
                         "celebrity)")
-    e.add_argument("--preserve", action="append", help="concepts to keep, named like --concept")
+    e.add_argument("--preserve", action="append",
+                   help="concepts to keep, named like --concept (default: none, or in the toy world every shape or "
+                        "colour not erased); --preserve \"\" keeps none")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="a method option (repeatable)")
     e.add_argument("--out", required=True, help="folder to write the edit to")
     e.add_argument("--overwrite", action="store_true",

@@ -83,6 +83,8 @@ def one_line_error(code, err, *needles):
     (["eval", "--model", "toy-sd", "--grid", ""], ["must be a .png"]),
     (["erase", "--model", "toy-sd", "--concept", "circle", "--preserve", "disk", "--method", "uce", "--out", "X"],
      ["'disk'", "erased"]),
+    (["erase", "--model", "toy-sd", "--concept", "circle", "--preserve", "", "--preserve", "square", "--method", "uce",
+      "--out", "X"], ["preserve nothing", "cannot be given with names"]),
     (["erase", "--model", "toy-sd", "--concept", "circle,square", "--method", "ant", "--set", "checkpoint=ck",
       "--out", "ck.0"], ["could be one of the checkpoint files"]),
 ])
@@ -232,6 +234,22 @@ def test_several_concepts_one_rule(capsys, tmp_path):
     code, stdout, err = run(capsys, "eval", "--edit", str(tmp_path / "a"), "--json", "--repeats", "1")
     assert code == 0, err
     assert json.loads(stdout)["erased"] == ["circle", "square"]
+
+
+def test_preserve_empty_keeps_nothing_and_is_no_option_a_method_must_use(capsys, tmp_path):
+    """--preserve "" is preserve=[]: UCE's prior then holds no kept shape (the edit differs from the
+    default's), and ESD, which keeps nothing by name, takes it rather than refusing a preserve set."""
+    for argv, out in (([], "default"), (["--preserve", ""], "none")):
+        code, _, err = run(capsys, "erase", "--model", "toy-sd", "--concept", "circle", "--method", "uce", *argv,
+                           "--out", str(tmp_path / out))
+        assert code == 0, err
+    default, none = (Edit.load(tmp_path / out) for out in ("default", "none"))
+    assert default.report["preserve"] == ["square", "triangle", "cross", "star"] and none.report["preserve"] == []
+    assert any(not torch.equal(default.weights[k], none.weights[k]) for k in default.weights)
+    code, _, err = run(capsys, "erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd", "--preserve", "",
+                       "--set", "steps=1", "--set", "sample_steps=2", "--out", str(tmp_path / "esd"))
+    assert code == 0, err
+    assert Edit.load(tmp_path / "esd").report["preserve"] == []
 
 
 def test_red_circle_is_erased_and_scored(capsys, tmp_path):
