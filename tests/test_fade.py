@@ -265,14 +265,17 @@ def test_ablations_change_what_they_say(monkeypatch):
 
 
 def test_a_checkpoint_of_another_run_is_refused_before_any_work(tmp_path, monkeypatch):
-    """Another method's (or another concept set's) checkpoint is named as such before D or the buffer is
-    touched, not read as this run's."""
+    """Another method's (or another concept set's, or another preserve set's: D and the loss read the
+    preserved prompts) checkpoint is named as such before D or the buffer is touched, not read as this run's."""
     model = models.load("toy-sd")
     cs = fasterase.api._resolve_concepts(model, ["circle"], None)
     ckpt = tmp_path / "other.ckpt"
     other = fasterase.api._resolve_concepts(model, ["circle", "square"], None)
-    for method, concepts, needle in (("trace", cs, "run.method"), ("fade", other, "run.concepts")):
-        run = loop.identity(method, concepts, fade.FADEConfig(), "x", model.setting())
+    kept = fasterase.api._resolve_concepts(model, ["circle"], ["square"]).preserve
+    for method, concepts, preserve, needle in (("trace", cs, cs.preserve, "run.method"),
+                                               ("fade", other, other.preserve, "run.concepts"),
+                                               ("fade", cs, kept, r".*run.preserve \(\['square'\] there")):
+        run = loop.identity(method, concepts, fade.FADEConfig(**FAST), "x", model.setting(), preserve)
         torch.save({"fasterase_checkpoint": loop.FORMAT, "run": run, "companion": {"d": {}}}, ckpt)
         monkeypatch.setattr(fade.Adversary, "refresh", lambda *a: pytest.fail("the run started"))
         with pytest.raises(UserError, match=f"belongs to another run: its {needle}"):

@@ -360,6 +360,18 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, device):
     assert resumed.report["scorer_accuracy"] == full.report["scorer_accuracy"]
 
 
+def test_a_checkpoint_of_another_preserve_set_is_refused(tmp_path, monkeypatch):
+    """The preserved names are TRACE's targets and clean prompts: a checkpoint trained toward another
+    preserve set is refused before any work, not resumed as this run's."""
+    model, cs, cfg = models.load("toy-sd"), concepts("circle"), trace.TRACEConfig(**FAST)
+    ckpt = tmp_path / "trace.ckpt"
+    run = loop.identity("trace", cs, cfg, "x", model.setting(), ["triangle"])
+    torch.save({"fasterase_checkpoint": loop.FORMAT, "run": run}, ckpt)
+    monkeypatch.setattr(trace, "refine", lambda *a: pytest.fail("the run started"))
+    with pytest.raises(UserError, match=r"belongs to another run: .*run.preserve \(\['triangle'\] there, \['square'\]"):
+        trace.run(model, cs, dataclasses.replace(cfg, checkpoint=str(ckpt)), progress=False)
+
+
 def test_erase_through_the_api_on_flux():
     result = fasterase.erase("toy-flux", "circle", method="trace", progress=False, **FAST)
     assert result.report["loras"] == 1 and result.report["refined_layers"] == 1

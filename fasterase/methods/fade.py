@@ -404,8 +404,10 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         loop.check_checkpoint(cfg.checkpoint)  # before any work
     adversary = Adversary(model, prompts, len(concepts), cfg)
     # another run's checkpoint is refused here (its base model's by loop.train, before any step)
-    resume = (loop.companion_in(cfg.checkpoint, loop.identity("fade", concepts, cfg, None, model.setting()))
-              if cfg.checkpoint else None)
+    def identity(base):  # this run's, as its checkpoint holds it; base None: the base is not read yet
+        return loop.identity("fade", concepts, cfg, base, model.setting(), concepts.preserve)
+
+    resume = loop.companion_in(cfg.checkpoint, identity(None)) if cfg.checkpoint else None
     if resume is not None and set(resume["mask"]) <= set(base_parameters(net)):
         adversary.load_state_dict(resume)  # D, the buffer and the salient entries of the interrupted run
         report = {"saliency_selected": saliency.selected(adversary.mask)} if cfg.saliency else {}
@@ -421,9 +423,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         net.train()
         stats = loop.train(loss_fn, trainable, optimizer, cfg.steps, cfg.seed, cfg.checkpoint, progress=progress,
                            checkpoint_every=cfg.checkpoint_every, desc=f"fade {','.join(concepts.names)}",
-                           run=loop.identity("fade", concepts, cfg, base, model.setting()),
-                           max_skipped_steps=cfg.max_skipped_steps, companion=adversary, zero=cfg.zero,
-                           deepspeed_config=cfg.deepspeed_config, after_step=change.sync, model=model)
+                           run=identity(base), max_skipped_steps=cfg.max_skipped_steps, companion=adversary,
+                           zero=cfg.zero, deepspeed_config=cfg.deepspeed_config, after_step=change.sync, model=model)
         values = change.current()
     finally:  # the model leaves as it came; the caller applies the returned Edit
         net.eval()

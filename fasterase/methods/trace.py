@@ -570,7 +570,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, progress: bool 
     touched = sorted(set(f"{m}.weight" for m in refined + (lora_modules if cfg.finetune else [])))
     base = fingerprint(net, touched)
     if cfg.finetune and cfg.checkpoint:
-        loop.check_run(cfg.checkpoint, loop.identity("trace", concepts, cfg, base, model.setting()))
+        loop.check_run(cfg.checkpoint,
+                       loop.identity("trace", concepts, cfg, base, model.setting(), concepts.preserve))
     start = time.perf_counter()
     original = refine(model, concepts, cfg) if cfg.refine else {}
     report = {"refined_layers": len(refined), "refine_time_s": round(time.perf_counter() - start, 3)}
@@ -639,7 +640,7 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
         trainable = [p for group in groups for p in group]
         traj = Trajectories(model, prompts, pairs, len(concepts), cfg, teacher)
         saved = loop.check_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
-        identity = loop.identity("trace", concepts, cfg, base, model.setting())
+        identity = loop.identity("trace", concepts, cfg, base, model.setting(), concepts.preserve)
         if saved is not None and saved.is_file():
             traj.load_state_dict(loop.companion_in(saved, identity))
         elif traj.d is not None:

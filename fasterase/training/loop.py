@@ -58,15 +58,17 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
 
 
-def identity(method: str, concepts, config, base_fingerprint: str | None, setting: dict) -> dict:
+def identity(method: str, concepts, config, base_fingerprint: str | None, setting: dict, preserve=None) -> dict:
     """What makes a run this run: a checkpoint of any other is refused. concepts: Concepts or
     their dicts; config: the method's config (its checkpoint path and skip limit left out);
     base_fingerprint: of the weights it trains (None: not known yet); setting: the model's
-    (Denoiser.setting(): image size, noise schedule, text encoders)."""
+    (Denoiser.setting(): image size, noise schedule, text encoders); preserve: the preserved names,
+    given by a method whose training prompts hold them (FADE, TRACE)."""
     config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    return {"method": method, "concepts": [c if isinstance(c, dict) else c.to_dict() for c in concepts],
-            "config": {k: v for k, v in config.items() if k not in NOT_IDENTITY},
-            "base_fingerprint": base_fingerprint, "model": setting}
+    run = {"method": method, "concepts": [c if isinstance(c, dict) else c.to_dict() for c in concepts],
+           "config": {k: v for k, v in config.items() if k not in NOT_IDENTITY},
+           "base_fingerprint": base_fingerprint, "model": setting}
+    return run if preserve is None else {**run, "preserve": list(preserve)}
 
 
 def _differences(saved, current, name: str = "") -> list[str]:
