@@ -32,7 +32,7 @@ from . import models
 from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.load
 from .concepts import ConceptSet, as_concepts
 from .edit import Edit, base_param, check_lora_layers
-from .errors import UserError
+from .errors import UserError, out_of_memory
 from .files import check_outside
 from .models import meta
 from .training import engine, loop
@@ -60,6 +60,9 @@ def _is_toy(model: models.Denoiser) -> bool:
 def _resolve_concepts(model: models.Denoiser, concepts, preserve) -> ConceptSet:
     """Concepts as given; in the toy world bare names get the world's templates, and the shapes
     (or colours) no erased concept names are preserved unless the caller says what to preserve."""
+    if isinstance(preserve, str) and not preserve.strip():
+        raise UserError(f"preserve={preserve!r} names no concept: give the names to keep drawable, or preserve=[] "
+                        "to preserve none")
     if not _is_toy(model):
         return as_concepts(concepts, preserve or ())
     from .toy import concepts as toy_concepts
@@ -258,7 +261,9 @@ def _memory_hint(command: typing.Callable[[], str], what: str):
     """An out-of-memory error leaves with the planner's command for the run (made then) added to its message."""
     try:
         yield
-    except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError from torch 2.5 on is this class
+    except RuntimeError as exc:
+        if not out_of_memory(exc):
+            raise
         text = command()
         placeholder = (" (FOLDER: a diffusers folder of this pipeline, e.g. from pipe.save_pretrained(FOLDER))"
                        if " --model FOLDER " in text else "")

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from .concepts import CONCEPT_TYPES
-from .errors import UserError
+from .errors import UserError, out_of_memory
 
 
 class UsageError(UserError):
@@ -447,9 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command}: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except RuntimeError as exc:  # out of memory: torch's account of it, and the planner's command for the run
-        import torch
-
-        if not isinstance(exc, torch.cuda.OutOfMemoryError):
+        if not out_of_memory(exc):
             raise
         print(f"{command}: error: {exc}", *getattr(exc, "__notes__", ()), sep="\n", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The one exception type for a mistake in what the user asked for.
+"""The one exception type for a mistake in what the user asked for, and how an out-of-memory error is told.
 
 Raised for bad input (an unknown option, a concept the tokenizer cannot hold, a folder that may
 not be overwritten, a pipeline no adapter handles). The CLI reports it as one line with exit
@@ -10,3 +10,13 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input: the message names the problem and what is valid."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """torch ran out of memory: a CUDA allocation (torch.cuda.OutOfMemoryError) or a CPU one, which torch
+    raises as a plain RuntimeError naming its DefaultCPUAllocator (one that the kernel's OOM killer ends
+    is not seen at all)."""
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        type(exc) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(exc))

@@ -198,14 +198,14 @@ class Meter:
 
     def __init__(self, den, trainable: list[torch.nn.Parameter]):
         self.den, self.trainable = den, trainable
-        self.latent = tuple(den.noise(1).shape[1:])
+        self.latent = den.latent_shape(1)[1:]
         self.d = None
         self._cache: dict[tuple, tuple[int, int]] = {}
         den.encode([PROMPT, ""])  # cached before measuring: the prompt cache is counted on its own
 
     def discriminator(self) -> ConceptDiscriminator:
         if self.d is None:
-            channels = self.den.latent_image(self.den.noise(1)).shape[1]
+            channels = self.den.latent_channels()
             with torch.device("meta"):
                 self.d = ConceptDiscriminator(channels, 1)
         return self.d
@@ -558,7 +558,7 @@ class _Planner:
 
     def buffer(self, steps: int, rows: int, copies: int) -> int:
         """`copies` fp32 stacks of `steps` x `rows` latents (rollout buffers)."""
-        return copies * steps * rows * math.prod(self.den.noise(1).shape[1:]) * 4
+        return copies * steps * rows * math.prod(self.den.latent_shape(1)[1:]) * 4
 
     def discriminator(self, meter: Meter, per_entry: int) -> int:
         return per_entry * sum(p.numel() for p in meter.discriminator().parameters())
@@ -884,7 +884,13 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
                     p.concepts)
     with tqdm(desc=f"planning {method} on {model}", unit=" plans", disable=not progress, leave=False) as bar:
         p.progress = bar
-        result = _plan(p, method, cfg, gpus, gpu_mem, share)
+        try:
+            result = _plan(p, method, cfg, gpus, gpu_mem, share)
+        except RuntimeError as exc:  # torch's size check on meta: a tensor past 2**63 bytes, on no machine
+            if "Storage size calculation overflowed" not in str(exc):
+                raise
+            raise UserError(f"{p.den.height}x{p.den.width} px is too large to plan: a tensor of the run would "
+                            "exceed 2**63 bytes") from None
         if not result.fits:
             bar.set_description_str(f"planning {method} on {model}, searching options that fit")
             result.fitted = _memory_fit(p, m, cfg, result, share)

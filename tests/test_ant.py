@@ -10,7 +10,7 @@ from fasterase.cli import main
 from fasterase.concepts import Concept
 from fasterase.edit import Edit
 from fasterase.errors import UserError
-from fasterase.methods import ant
+from fasterase.methods import ant, esd
 from fasterase.training import params, saliency, sampling
 from fasterase.training.closed_form import fuse_lora_deltas
 from fasterase.training.losses import trajectory_aware_loss
@@ -495,11 +495,12 @@ def test_a_checkpoint_of_another_run_is_refused_before_the_saliency_map(tmp_path
     cs = fasterase.api._resolve_concepts(model, concepts, None)
     ckpt = tmp_path / "esd.ckpt"
     for k in ("", ".0", ".1"):
-        torch.save({"fasterase_checkpoint": loop.FORMAT, "run": loop.identity("esd", cs, ant.ANTConfig(), "x", model.setting())},
+        torch.save({"fasterase_checkpoint": loop.FORMAT, "run": loop.identity("esd", cs, esd.ESDConfig(), "x", model.setting())},
                    f"{ckpt}{k}")
     monkeypatch.setattr(ant, "concept_saliency", lambda *a, **k: pytest.fail("the saliency map was computed"))
     monkeypatch.setattr(params, "add_lora", lambda *a, **k: pytest.fail("training began"))
-    with pytest.raises(UserError, match=r"belongs to another run: its run.method \('esd' there, 'ant' here\)"):
+    with pytest.raises(UserError, match=r"belongs to another run: its run.method \('esd' there, 'ant' here\); "
+                                        r"\d+ more that follow from it differ from this run's; use another"):
         ant.run(model, cs, ant.ANTConfig(checkpoint=str(ckpt)), progress=False)
 
 

@@ -341,6 +341,7 @@ def _no_run(monkeypatch, method):
     ("ant", {"split": 0}, "must be true or false"),
     ("esd", {"copy": "no"}, "copy must be true or false, got 'no'"),
     ("esd", {"progress": None}, "progress must be true or false"),
+    ("uce", {"preserve": " "}, r"preserve=' ' names no concept: .*or preserve=\[\] to preserve none"),
 ])
 def test_option_types(monkeypatch, method, options, needle):
     _no_run(monkeypatch, method)

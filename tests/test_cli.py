@@ -192,6 +192,17 @@ def test_out_of_memory_names_the_plan_of_the_run(capsys, tmp_path, monkeypatch):
     assert code == 0 and "esd on toy-sd at 32x48 px, concept type style" in out and "micro-batch 2" in out
 
 
+def test_out_of_memory_on_the_cpu_names_the_plan_of_the_run(capsys, tmp_path):
+    """torch's CPU allocator failing (a 1e8 px ESD run's 40 PB noise) is told like a GPU's: its message and
+    the plan command, exit 1, no traceback, nothing written."""
+    code, _, err = run(capsys, "erase", "--model", "toy-sd", "--concept", "circle", "--method", "esd",
+                       "--resolution", "100000000", "--out", str(tmp_path / "e"))
+    lines = err.strip().splitlines()[-2:]  # after the progress bar's
+    assert code == 1 and "Traceback" not in err and not (tmp_path / "e").exists()
+    assert lines[0].startswith("fasterase erase: error: ") and "can't allocate memory" in lines[0]
+    assert lines[1].startswith("`fasterase plan --model toy-sd --method esd --resolution 100000000` gives")
+
+
 def test_out_of_memory_plans_one_concept_and_the_weights_when_loading(tmp_path, monkeypatch, capsys):
     """Several concepts: the options idle for one are left out, so the planner takes the command; a Path
     option is text; out of memory while a folder's weights load: the plan of the weights."""

@@ -380,6 +380,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, device):
     ({"rollouts": 0}, "rollouts"),
     ({"neutral": "a, b"}, "neutral"),
     ({"steps": 0}, "steps"),
+    ({"d_pretrain_steps": 0}, "d_pretrain_steps must be >= 1"),
     ({"t0": 0.95}, "no sampler step on one side"),
 ])
 def test_bad_options(options, needle):

@@ -428,3 +428,30 @@ def test_a_full_disk_is_named_and_leaves_no_checkpoint_half_written(tmp_path, mo
     with pytest.raises(RuntimeError, match="a writer's bug"):
         loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, checkpoint_every=5, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method, owner, name, options, what", [
+    ("ant", None, "trajectory_loss", {}, "ANT's saliency map"),
+    ("fade", "Adversary", "train_d", {"rollouts": 2, "sample_steps": 4}, "FADE's D pretraining and saliency map"),
+    ("trace", None, "train_step", {"rollouts": 1, "d_batch": 4}, "TRACE's concept scorer training"),
+])
+def test_an_interrupt_before_training_says_nothing_was_saved(tmp_path, monkeypatch, capsys, method, owner, name,
+                                                              options, what):
+    """Ctrl-C (or SIGTERM, which the CLI raises as one) while a method prepares names the phase and that the
+    same call starts again: the checkpoint holds training steps, and none was taken."""
+    import importlib
+
+    import fasterase
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module = importlib.import_module(f"fasterase.methods.{method}")
+    monkeypatch.setattr(getattr(module, owner) if owner else module, name, interrupt)
+    monkeypatch.setenv("FASTERASE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):
+        fasterase.erase("toy-sd", "circle", method=method, checkpoint=str(tmp_path / "c.pt"), progress=False,
+                        **options)
+    assert (f"interrupted during {what}, before the first training step: nothing was saved; the same call starts "
+            "again") in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()

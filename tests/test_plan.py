@@ -489,9 +489,17 @@ def test_plan_takes_the_resolutions_erase_takes(model, resolution, valid):
             check(resolution)
 
 
-if __name__ == "__main__":
-    model_name, method_name, side, settings, rows = sys.argv[1:]
-    print(json.dumps(_measure(model_name, method_name, int(side), json.loads(settings), json.loads(rows))))
+
+def test_a_huge_resolution_is_planned_without_allocating():
+    """The planner takes the latents' shape, not a tensor of it: 1e7 x 1e7 px (a 25 TB noise tensor) is
+    planned, with activations that grow with the pixels (four times the pixels: about four times the bytes);
+    a size whose tensors could not exist anywhere is one line."""
+    peaks = [planner.plan("toy-sd", "esd", resolution=side, gpu_mem=1e30).peak for side in (10**7, 2 * 10**7)]
+    assert [column for column, _ in peaks] == ["step", "step"] and peaks[0][1] > 1e17
+    assert 3.9 < peaks[1][1] / peaks[0][1] < 4.1
+    with pytest.raises(UserError, match="200000000x200000000 px is too large to plan: a tensor of the run would "
+                                        r"exceed 2\*\*63 bytes"):
+        planner.plan("toy-sd", "esd", resolution=2 * 10**8)
 
 
 
@@ -508,3 +516,8 @@ def test_a_local_folder_named_like_a_published_config_is_planned_as_erase_loads_
     local = planner.plan("sd15", "esd", resolution=64).to_json()
     assert local["model"] == str(tmp_path / "sd15") and published["model"] == "sd15"  # the plan says which
     assert local["columns"] == planner.plan("toy-sd", "esd", resolution=64).to_json()["columns"] != published["columns"]
+
+
+if __name__ == "__main__":
+    model_name, method_name, side, settings, rows = sys.argv[1:]
+    print(json.dumps(_measure(model_name, method_name, int(side), json.loads(settings), json.loads(rows))))

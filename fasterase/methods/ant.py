@@ -269,7 +269,8 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
     prompts = concept.prompts()
     model.encode(prompts + [""])
     if cfg.saliency:
-        mask, report = concept_saliency(model, concept, hp, cfg, progress)
+        with loop.before_training("ANT's saliency map"):
+            mask, report = concept_saliency(model, concept, hp, cfg, progress)
     else:
         mask = dict.fromkeys(base_parameters(net))  # None: every entry
         report = {}

@@ -145,7 +145,7 @@ class FADEConfig:
         ranges.check("FADE", "stop_delta", self.stop_delta, 0, 0.5)
         for k in ("d_steps", "d_batch", "saliency_samples", "rollouts", "refresh_every", "stop_patience"):
             ranges.check("FADE", k, getattr(self, k), 1, ranges.MAX_BATCH, integer=True)
-        ranges.check("FADE", "d_pretrain_steps", self.d_pretrain_steps, 0, integer=True)
+        ranges.check("FADE", "d_pretrain_steps", self.d_pretrain_steps, 1, integer=True)
         if not isinstance(self.saliency, bool):
             raise UserError(f"FADE option saliency must be true or false, got {self.saliency!r}")
 
@@ -179,7 +179,7 @@ class Adversary:
         self.model, self.prompts, self.cfg = model, prompts, cfg
         self.texts = [t for t, _ in prompts.concept] + prompts.neutral + prompts.preserved  # buffer text ids
         self.text_ids = {t: i for i, t in reversed(list(enumerate(self.texts)))}
-        channels = model.latent_image(model.noise(1, torch.Generator().manual_seed(0))).shape[1]
+        channels = model.latent_channels()
         with torch.random.fork_rng():  # D's init draws from the global generator
             torch.manual_seed(cfg.seed)
             self.d = ConceptDiscriminator(channels, concepts).to(model.network.device)
@@ -412,7 +412,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         adversary.load_state_dict(resume)  # D, the buffer and the salient entries of the interrupted run
         report = {"saliency_selected": saliency.selected(adversary.mask)} if cfg.saliency else {}
     else:
-        report = _prepare(model, adversary, cfg, concepts, progress)
+        with loop.before_training("FADE's D pretraining and saliency map"):
+            report = _prepare(model, adversary, cfg, concepts, progress)
     mask = adversary.mask if cfg.saliency else dict.fromkeys(base_parameters(net))  # None: every entry
     change = params.CompactDelta(net, mask)
     try:  # from here on any failure leaves the network as it came

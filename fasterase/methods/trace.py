@@ -315,7 +315,7 @@ class Trajectories:
         self.switch = next((i for i, t in enumerate(grid) if t <= cfg.t0), cfg.sample_steps) if cfg.trajectory else 0
         self.d = None
         if cfg.scorer == "discriminator":
-            channels = model.latent_image(model.noise(1, torch.Generator().manual_seed(0))).shape[1]
+            channels = model.latent_channels()
             with torch.random.fork_rng():
                 torch.manual_seed(cfg.seed)
                 self.d = ConceptDiscriminator(channels, concepts).to(model.network.device)
@@ -644,7 +644,8 @@ def _finetune(model: Denoiser, concepts: ConceptSet, cfg: TRACEConfig, modules: 
         if saved is not None and saved.is_file():
             traj.load_state_dict(loop.companion_in(saved, identity))
         elif traj.d is not None:
-            traj.train_scorer(progress)
+            with loop.before_training("TRACE's concept scorer training"):
+                traj.train_scorer(progress)
         optimizer = engine.adamw(trainable, cfg.lr, cfg.zero)
         loss_fn = trace_loss(model, traj, groups, len(concepts), cfg, teacher)
         net.train()

@@ -313,8 +313,17 @@ class Denoiser(ABC):
         """predict() on one batch."""
 
     @abstractmethod
+    def latent_shape(self, batch: int) -> tuple[int, ...]:
+        """The shape of the latents predict() takes, at the current size (no tensor is made)."""
+
+    @abstractmethod
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal latents of the shape predict() takes."""
+        """Standard normal latents of latent_shape(batch), drawn on the CPU (the same for a seed on any
+        device) and moved to the network's device."""
+
+    def latent_channels(self) -> int:
+        """Channels of latent_image(): what a latent-space discriminator (FADE, TRACE) reads."""
+        return self.latent_image(torch.empty(self.latent_shape(1), device="meta")).shape[1]
 
     @abstractmethod
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

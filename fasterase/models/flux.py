@@ -63,6 +63,9 @@ class FluxDenoiser(Denoiser):
             return self.predict(x, tau, cond, guidance=guidance)
         return super().guided(x, tau, cond, guidance)
 
+    def latent_shape(self, batch):
+        return batch, self.lat_h // 2 * (self.lat_w // 2), self.channels * 4
+
     def noise(self, batch, generator=None):
         n = torch.randn(batch, self.channels, self.lat_h, self.lat_w, generator=generator)
         return FluxPipeline._pack_latents(n, batch, self.channels, self.lat_h, self.lat_w).to(self.network.device)

@@ -37,10 +37,12 @@ class UNetDenoiser(Denoiser):
         unet = self.network
         return unet(x.to(unet.dtype), self.timestep(tau).to(x.device), cond.embeds.to(unet.dtype)).sample.float()
 
-    def noise(self, batch, generator=None):
+    def latent_shape(self, batch):
         f = self.pipeline.vae_scale_factor
-        shape = (batch, self.network.config.in_channels, self.height // f, self.width // f)
-        return torch.randn(shape, generator=generator).to(self.network.device)
+        return batch, self.network.config.in_channels, self.height // f, self.width // f
+
+    def noise(self, batch, generator=None):
+        return torch.randn(self.latent_shape(batch), generator=generator).to(self.network.device)
 
     def add_noise(self, x0, noise, tau):
         a = self.alphas_cumprod.to(x0.device)[self.timestep(tau)].view(-1, *[1] * (x0.dim() - 1))

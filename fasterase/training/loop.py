@@ -58,6 +58,19 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0]))
 
 
+@contextlib.contextmanager
+def before_training(what: str):
+    """An interrupt while a method prepares (`what`: D pretraining, a saliency map) says that nothing is
+    saved yet: the checkpoint holds training steps, so the same call starts the preparation again."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # one process of a launched run says it
+            tqdm.write(f"interrupted during {what}, before the first training step: nothing was saved; the same "
+                       "call starts again", file=sys.stderr)
+        raise
+
+
 def identity(method: str, concepts, config, base_fingerprint: str | None, setting: dict, preserve=None) -> dict:
     """What makes a run this run: a checkpoint of any other is refused. concepts: Concepts or
     their dicts; config: the method's config (its checkpoint path and skip limit left out);
@@ -147,11 +160,11 @@ def _recorded(saved: dict, run: dict) -> dict:
 
 
 def _refuse_other(ckpt: Path, differ: list[str]) -> None:
-    """UserError naming what differs: another kind of model alone (the rest follows from it), else the
-    settings first and the fingerprints (hashes) last."""
-    kind = [d for d in differ if d.startswith("run.model.kind ")]
-    if kind and len(differ) > 1:
-        differ = kind + [f"{len(differ) - 1} more that follow from it"]
+    """UserError naming what differs: another kind of model or another method alone (the rest, its settings
+    or config fields, follows from it), else the settings first and the fingerprints (hashes) last."""
+    lead = next(([d] for root in ("run.model.kind ", "run.method ") for d in differ if d.startswith(root)), [])
+    if lead and len(differ) > 1:
+        differ = lead + [f"{len(differ) - 1} more that follow from it"]
     differ = sorted(differ, key=lambda d: d.startswith(("run.base_fingerprint ", "run.model.text ")))
     if differ:
         raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} "
