@@ -193,6 +193,23 @@ def test_checkpoint_records_the_run_identity(tmp_path):
                run=ident(checkpoint="elsewhere.ckpt", max_skipped_steps=0))
 
 
+def test_another_method_or_kind_counts_what_follows_from_it_and_names_the_rest(tmp_path):
+    """Another method's config fields and another kind of model's settings follow from it and are counted;
+    other concepts do not, and are named beside it."""
+    ckpt = tmp_path / "run.ckpt"
+    w, o = make()
+    loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=ident())
+    ant = loop.identity("ant", [{"name": "square"}], {"lr": 1e-4, "rank": 1}, "f00d", SETTING)
+    flux = loop.identity("esd", [{"name": "square"}], ident()["config"], "f00d",
+                         {**SETTING, "kind": "flux", "size": [64, 64]})
+    for other, told in [(ant, r"run.method \('esd' there, 'ant' here\); \d+ more that follow from it; run.concepts"),
+                        (flux, r"run.model.kind \('sd' there, 'flux' here\); 1 more that follows from it; "
+                               r"run.concepts")]:
+        w, o = make()
+        with pytest.raises(UserError, match=f"another run: its {told}"):
+            loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=other)
+
+
 def test_another_runs_checkpoint_is_refused_before_the_engine_starts(tmp_path, monkeypatch):
     """A plain run's checkpoint named by a ZeRO run (another config) is refused before DeepSpeed starts."""
     ckpt = tmp_path / "run.ckpt"
@@ -455,3 +472,30 @@ def test_an_interrupt_before_training_says_nothing_was_saved(tmp_path, monkeypat
     assert (f"interrupted during {what}, before the first training step: nothing was saved; the same call starts "
             "again") in capsys.readouterr().err
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_an_interrupt_before_training_resumes_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """ANT maps its salient entries again before it resumes an earlier call's checkpoint: an interrupt there
+    keeps that checkpoint and says that the same call resumes from it."""
+    import fasterase
+    from fasterase.methods import ant
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    ckpt = tmp_path / "c.pt"
+    options = {"steps": 4, "batch_size": 2, "sample_steps": 4, "saliency_prompts": 2, "saliency_seeds": 1}
+    real, calls = ant.ant_loss, []
+    monkeypatch.setattr(ant, "ant_loss", lambda *a: interrupt() if calls.append(1) or len(calls) == 3 else real(*a))
+    monkeypatch.setenv("FASTERASE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KeyboardInterrupt):  # after two steps
+        fasterase.erase("toy-sd", "circle", method="ant", checkpoint=str(ckpt), progress=False, **options)
+    saved = ckpt.read_bytes()
+    monkeypatch.setattr(ant, "trajectory_loss", interrupt)
+    monkeypatch.setenv("FASTERASE_CACHE", str(tmp_path / "another cache"))  # the map is made again, not read
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        fasterase.erase("toy-sd", "circle", method="ant", checkpoint=str(ckpt), progress=False, **options)
+    assert (f"interrupted during ANT's saliency map, before training resumes: checkpoint {ckpt} is kept, and the "
+            "same call resumes from it") in capsys.readouterr().err
+    assert ckpt.read_bytes() == saved

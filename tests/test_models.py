@@ -51,6 +51,20 @@ def test_predict_shape(model):
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+def test_flux_position_ids_are_the_pipelines_at_each_size():
+    """FluxDenoiser makes its image position ids on the device they are used on (the planner's meta), as
+    FluxPipeline._prepare_latent_image_ids makes them on the CPU, and anew after a size change."""
+    from diffusers import FluxPipeline
+
+    den = models.load("toy-flux")
+    for height, width in ((32, 48), (80, 24)):
+        den.set_resolution((height, width))
+        m = den.size_multiple  # px per token
+        want = FluxPipeline._prepare_latent_image_ids(1, height // m, width // m, "cpu", torch.float32)
+        assert torch.equal(den.image_ids("cpu"), want)
+        assert den.image_ids("meta").shape == want.shape and den.image_ids("meta").is_meta
+
+
 def test_tau_convention(model):
     """tau = 1 is (almost) pure noise, tau = 0 is (almost) the clean latent."""
     g = torch.Generator().manual_seed(0)

@@ -486,16 +486,20 @@ def test_plan_takes_the_resolutions_erase_takes(model, resolution, valid):
 
 
 
-def test_a_huge_resolution_is_planned_without_allocating():
-    """The planner takes the latents' shape, not a tensor of it: 1e7 x 1e7 px (a 25 TB noise tensor) is
-    planned, with activations that grow with the pixels (four times the pixels: about four times the bytes);
-    a size whose tensors could not exist anywhere is one line."""
-    peaks = [planner.plan("toy-sd", "esd", resolution=side, gpu_mem=1e30).peak for side in (10**7, 2 * 10**7)]
+@pytest.mark.parametrize("model", ["toy-sd", "toy-flux"])
+def test_a_huge_resolution_is_planned_without_allocating(model):
+    """The planner takes the latents' shape, not a tensor of it, and FLUX's position ids are made on the
+    meta device: 1e7 x 1e7 px (a 25 TB noise tensor; 5 TB of FLUX position ids) is planned, with activations
+    that grow with the pixels (four times the pixels: about four times the bytes); a size whose tensors could
+    not exist anywhere is one line, as is one whose latents alone could not (erase's own rule)."""
+    peaks = [planner.plan(model, "esd", resolution=side, gpu_mem=1e30).peak for side in (10**7, 2 * 10**7)]
     assert [column for column, _ in peaks] == ["step", "step"] and peaks[0][1] > 1e17
     assert 3.9 < peaks[1][1] / peaks[0][1] < 4.1
     with pytest.raises(UserError, match="200000000x200000000 px is too large to plan: a tensor of the run would "
                                         r"exceed 2\*\*63 bytes"):
-        planner.plan("toy-sd", "esd", resolution=2 * 10**8)
+        planner.plan(model, "esd", resolution=2 * 10**8)
+    with pytest.raises(UserError, match=r"too large: one image's latents would exceed 2\*\*63 bytes"):
+        planner.plan(model, "esd", resolution=9999999999999999999992)
 
 
 

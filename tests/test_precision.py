@@ -481,7 +481,9 @@ def test_encode_cache_follows_a_cast_or_moved_pipeline(name, monkeypatch):
 
 
 @pytest.mark.parametrize("resolution, needle", [(30, "multiples of"), ((32, 48, 8), "multiples of"),
-                                                (-32, "multiples of"), (True, "multiples of")])
+                                                (-32, "multiples of"), (True, "multiples of"),
+                                                (10**10, r"10000000000x10000000000 px is too large: one image's "
+                                                         r"latents would exceed 2\*\*63 bytes")])
 def test_bad_resolution(resolution, needle):
     with pytest.raises(UserError, match=needle):
         fasterase.erase("toy-sd", "circle", method="esd", resolution=resolution)
@@ -558,6 +560,14 @@ def test_cli_warns_in_one_line(capsys, tmp_path, monkeypatch):
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(err) == 1 and err[0].endswith("make it in bf16 or fp32 (erase --dtype) to evaluate it on the CPU")
     assert scored == [torch.float16]  # evaluated in the dtype the edit was made in
+
+
+def test_a_refused_resolution_leaves_the_size_as_it_was():
+    den = models.load("toy-flux")
+    was = den.height, den.width, den.latent_shape(1)
+    with pytest.raises(UserError, match="too large"):
+        den.set_resolution(2**40)
+    assert (den.height, den.width, den.latent_shape(1)) == was
 
 
 def test_numpy_integers_are_resolutions_too():

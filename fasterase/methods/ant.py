@@ -269,7 +269,7 @@ def _single(model: Denoiser, concept: Concept, cfg: ANTConfig, progress: bool) -
     prompts = concept.prompts()
     model.encode(prompts + [""])
     if cfg.saliency:
-        with loop.before_training("ANT's saliency map"):
+        with loop.before_training("ANT's saliency map", cfg.checkpoint):
             mask, report = concept_saliency(model, concept, hp, cfg, progress)
     else:
         mask = dict.fromkeys(base_parameters(net))  # None: every entry

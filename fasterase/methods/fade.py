@@ -412,7 +412,8 @@ def run(model: Denoiser, concepts: ConceptSet, cfg: FADEConfig, progress: bool =
         adversary.load_state_dict(resume)  # D, the buffer and the salient entries of the interrupted run
         report = {"saliency_selected": saliency.selected(adversary.mask)} if cfg.saliency else {}
     else:
-        with loop.before_training("FADE's D pretraining and saliency map"):
+        what = "FADE's D pretraining and saliency map" if cfg.saliency else "FADE's D pretraining"
+        with loop.before_training(what, cfg.checkpoint):
             report = _prepare(model, adversary, cfg, concepts, progress)
     mask = adversary.mask if cfg.saliency else dict.fromkeys(base_parameters(net))  # None: every entry
     change = params.CompactDelta(net, mask)

@@ -80,7 +80,8 @@ class Denoiser(ABC):
 
     def set_resolution(self, resolution) -> None:
         """set_size from a user's `resolution`: an int (square) or (height, width), in px, positive
-        multiples of size_multiple (UserError otherwise)."""
+        multiples of size_multiple, whose fp32 latents fit in 2**63 bytes (UserError otherwise, and the
+        size is left as it was)."""
         whole = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)  # noqa: E731  numpy's too
         size = ((resolution, resolution) if whole(resolution)
                 else tuple(resolution) if isinstance(resolution, (tuple, list)) else ())
@@ -88,7 +89,12 @@ class Denoiser(ABC):
         if len(size) != 2 or not all(whole(v) and v > 0 and v % m == 0 for v in size):
             raise UserError(f"resolution {resolution!r} is not valid for this model: give an int or (height, width) "
                             f"in px, positive multiples of {m}")
+        was = self.height, self.width
         self.set_size(*map(int, size))
+        if math.prod(self.latent_shape(1)) * 4 >= 2**63:  # no tensor of it can be made, on any machine
+            self.set_size(*was)
+            raise UserError(f"resolution {size[0]}x{size[1]} px is too large: one image's latents would exceed "
+                            "2**63 bytes")
 
     def set_size(self, height: int, width: int) -> None:
         """The image size (px) of training noise, rollouts and generate(): the model's default, or

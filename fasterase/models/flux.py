@@ -27,8 +27,19 @@ class FluxDenoiser(Denoiser):
         scale = self.pipeline.vae_scale_factor
         # latent grid before packing (2x2 patches per token)
         self.lat_h, self.lat_w = 2 * (height // (scale * 2)), 2 * (width // (scale * 2))
-        self.img_ids = FluxPipeline._prepare_latent_image_ids(1, self.lat_h // 2, self.lat_w // 2, "cpu",
-                                                              torch.float32)
+
+    def image_ids(self, device) -> torch.Tensor:
+        """The position ids (0, row, column) of the packed tokens, (tokens, 3) float32, as the pipeline's
+        _prepare_latent_image_ids makes them, but made on `device`: on the planner's meta device no
+        memory is taken at any size."""
+        key = (self.lat_h, self.lat_w, torch.device(device))
+        if getattr(self, "_image_ids", (None,))[0] != key:
+            rows, cols = self.lat_h // 2, self.lat_w // 2
+            ids = torch.zeros(rows, cols, 3, device=device)
+            ids[..., 1] = torch.arange(rows, device=device, dtype=torch.float32)[:, None]
+            ids[..., 2] = torch.arange(cols, device=device, dtype=torch.float32)[None, :]
+            self._image_ids = key, ids.reshape(rows * cols, 3)
+        return self._image_ids[1]
 
     @property
     def network(self):
@@ -56,7 +67,7 @@ class FluxDenoiser(Denoiser):
         txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=dev)
         return net(hidden_states=x.to(dt), timestep=tau.to(dev, dt), guidance=g,
                    pooled_projections=cond.pooled.to(dt), encoder_hidden_states=cond.embeds.to(dt),
-                   txt_ids=txt_ids, img_ids=self.img_ids.to(dev)).sample.float()
+                   txt_ids=txt_ids, img_ids=self.image_ids(dev)).sample.float()
 
     def guided(self, x, tau, cond, guidance):
         if self.guidance_embeds:  # guidance-distilled: one pass with the scale as input

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 import time
@@ -59,15 +60,20 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
 
 
 @contextlib.contextmanager
-def before_training(what: str):
-    """An interrupt while a method prepares (`what`: D pretraining, a saliency map) says that nothing is
-    saved yet: the checkpoint holds training steps, so the same call starts the preparation again."""
+def before_training(what: str, checkpoint: str | os.PathLike | None = None):
+    """An interrupt while a method prepares (`what`: D pretraining, a saliency map) says what the same call
+    does next: the checkpoint holds training steps, so with none saved it starts the preparation again, and
+    with the `checkpoint` of an earlier call (ANT prepares before it resumes) it resumes from that."""
     try:
         yield
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # one process of a launched run says it
-            tqdm.write(f"interrupted during {what}, before the first training step: nothing was saved; the same "
-                       "call starts again", file=sys.stderr)
+            if checkpoint is not None and Path(checkpoint).expanduser().is_file():
+                told = (f"before training resumes: checkpoint {checkpoint} is kept, and the same call resumes "
+                        "from it")
+            else:
+                told = "before the first training step: nothing was saved; the same call starts again"
+            tqdm.write(f"interrupted during {what}, {told}", file=sys.stderr)
         raise
 
 
@@ -159,13 +165,31 @@ def _recorded(saved: dict, run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "model" or "model" in saved}
 
 
+# what follows from another kind of model (its settings; the weights it trains) and from another method
+# (its config; the weights it trains; whether preserved names are part of its run)
+_FOLLOWS = {"run.model.kind": ("run.model", "run.base_fingerprint"),
+            "run.method": ("run.config", "run.preserve", "run.base_fingerprint")}
+
+
+def _field(difference: str) -> str:
+    """The dotted name a _differences() line is of ("run.config.lr (...)", "9 entries of run.config, e.g. ...")."""
+    return re.sub(r"^\d+ entries of ", "", difference).split(" ")[0].rstrip(",")
+
+
 def _refuse_other(ckpt: Path, differ: list[str]) -> None:
-    """UserError naming what differs: another kind of model or another method alone (the rest, its settings
-    or config fields, follows from it), else the settings first and the fingerprints (hashes) last."""
-    lead = next(([d] for root in ("run.model.kind ", "run.method ") for d in differ if d.startswith(root)), [])
-    if lead and len(differ) > 1:
-        differ = lead + [f"{len(differ) - 1} more that follow from it"]
-    differ = sorted(differ, key=lambda d: d.startswith(("run.base_fingerprint ", "run.model.text ")))
+    """UserError naming what differs: another kind of model or another method, with what follows from it
+    counted, not listed; the rest (other concepts) named, the settings first and the fingerprints (hashes)
+    last."""
+    lead = [d for d in differ if _field(d) in _FOLLOWS]
+    follows = [f for d in lead for f in _FOLLOWS[_field(d)]]
+    folded = [d for d in differ if d not in lead and any(_field(d) == f or _field(d).startswith(f + ".")
+                                                         for f in follows)]
+    rest = sorted((d for d in differ if d not in lead and d not in folded),
+                  key=lambda d: _field(d) in ("run.base_fingerprint", "run.model.text"))
+    if folded:
+        count = sum(int(m[1]) if (m := re.match(r"(\d+) entries of ", d)) else 1 for d in folded)
+        lead.append(f"{count} more that follow{'s' if count == 1 else ''} from {'it' if len(lead) == 1 else 'them'}")
+    differ = lead + rest
     if differ:
         raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} "
                         f"differ{'s' if len(differ) == 1 else ''} from this run's; use another checkpoint file, or "
