@@ -32,7 +32,7 @@ from . import models
 from . import toy  # noqa: F401  registers "toy-sd" and "toy-flux" with models.load
 from .concepts import ConceptSet, as_concepts
 from .edit import Edit, base_param, check_lora_layers
-from .errors import UserError, out_of_memory
+from .errors import UserError, out_of_memory, past_any_memory
 from .files import check_outside
 from .models import meta
 from .training import engine, loop
@@ -257,11 +257,15 @@ def _reads_as_json(text: str) -> bool:
 
 
 @contextlib.contextmanager
-def _memory_hint(command: typing.Callable[[], str], what: str):
-    """An out-of-memory error leaves with the planner's command for the run (made then) added to its message."""
+def _memory_hint(command: typing.Callable[[], str], what: str, den: models.Denoiser | None = None):
+    """An out-of-memory error leaves with the planner's command for the run (made then) added to its message;
+    with the run's `den`, a tensor past 2**63 bytes is a UserError naming its image size, as plan says it."""
     try:
         yield
     except RuntimeError as exc:
+        if den is not None and past_any_memory(exc):
+            raise UserError(f"{den.height}x{den.width} px is too large to run: a tensor of the run would exceed "
+                            "2**63 bytes") from None
         if not out_of_memory(exc):
             raise
         text = command()
@@ -367,7 +371,7 @@ def erase(model, concepts, method: str, *, preserve=None, copy: bool = False, pr
     den.micro_batch = micro_batch
     partition = engine.partitioned(den.network, where, cfg.deepspeed_config) if zero3 else contextlib.nullcontext()
     try:
-        with _memory_hint(command, what), partition, den.text_encoders_offloaded():
+        with _memory_hint(command, what, den), partition, den.text_encoders_offloaded():
             edit = m.run(den, cs, cfg, progress=progress)  # leaves den unchanged, also when it fails
     finally:
         den.micro_batch = None

@@ -20,3 +20,9 @@ def out_of_memory(exc: BaseException) -> bool:
 
     return isinstance(exc, torch.cuda.OutOfMemoryError) or (
         type(exc) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(exc))
+
+
+def past_any_memory(exc: BaseException) -> bool:
+    """torch's size check failed: a tensor past 2**63 bytes, which no machine holds (the planner meets it on
+    the meta device, erase when it draws the noise)."""
+    return type(exc) is RuntimeError and "Storage size calculation overflowed" in str(exc)

@@ -86,7 +86,7 @@ from tqdm import tqdm
 
 from . import api
 from .concepts import Concept, ConceptSet, as_concepts
-from .errors import UserError
+from .errors import UserError, past_any_memory
 from .methods import REGISTRY, esd, fade, get, trace
 from .models import meta, real_configs
 from .ops.quant import num_blocks
@@ -886,8 +886,8 @@ def plan(model: str, method: str, options: dict | None = None, *, resolution: in
         p.progress = bar
         try:
             result = _plan(p, method, cfg, gpus, gpu_mem, share)
-        except RuntimeError as exc:  # torch's size check on meta: a tensor past 2**63 bytes, on no machine
-            if "Storage size calculation overflowed" not in str(exc):
+        except RuntimeError as exc:
+            if not past_any_memory(exc):
                 raise
             raise UserError(f"{p.den.height}x{p.den.width} px is too large to plan: a tensor of the run would "
                             "exceed 2**63 bytes") from None

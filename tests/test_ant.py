@@ -325,6 +325,8 @@ def test_saliency_prompts_are_encoded_at_once(monkeypatch):
 
 
 def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """The interrupted call computes its saliency map, the resuming one reads it from the cache (the file's
+    order of tensors, not the network's): the same run, resumed."""
     cs = fasterase.concepts.as_concepts([Concept("circle")])
     opts = {**FAST, "steps": 4}
     full = ant.run(models.load("toy-sd"), cs, ant.ANTConfig(**opts), progress=False)
@@ -339,6 +341,7 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(ant, "ant_loss", interrupted)
+    monkeypatch.setenv("FASTERASE_CACHE", str(tmp_path / "another cache"))  # the map made afresh, then cached
     model = models.load("toy-sd")
     before = state(model)
     with pytest.raises(KeyboardInterrupt):

@@ -208,6 +208,14 @@ def test_another_method_or_kind_counts_what_follows_from_it_and_names_the_rest(t
         w, o = make()
         with pytest.raises(UserError, match=f"another run: its {told}"):
             loop.train(loss_fn(w), [w], o, 10, seed=1, checkpoint=ckpt, progress=False, run=other)
+    # its steps differ within more than eight config fields (summarised): told once, with the config, as are
+    # the trainable tensors' shapes
+    config = {"lr": 1e-4, "steps": 20, "seed": 1, **{f"k{i}": i for i in range(10)}}
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(UserError, match=r"another run: its run.method \('esd' there, 'ant' here\); 13 more that follow "
+                                        r"from it differ from"):
+        loop.train(loss_fn(w), [w], torch.optim.SGD([w], lr=0.1), 20, seed=1, checkpoint=ckpt, progress=False,
+                   run=loop.identity("ant", [{"name": "circle"}], config, "f00d", SETTING))
 
 
 def test_another_runs_checkpoint_is_refused_before_the_engine_starts(tmp_path, monkeypatch):

@@ -483,7 +483,9 @@ def test_encode_cache_follows_a_cast_or_moved_pipeline(name, monkeypatch):
 @pytest.mark.parametrize("resolution, needle", [(30, "multiples of"), ((32, 48, 8), "multiples of"),
                                                 (-32, "multiples of"), (True, "multiples of"),
                                                 (10**10, r"10000000000x10000000000 px is too large: one image's "
-                                                         r"latents would exceed 2\*\*63 bytes")])
+                                                         r"latents would exceed 2\*\*63 bytes"),
+                                                (2**31, r"2147483648x2147483648 px is too large to run: a tensor of the "
+                                                        r"run would exceed 2\*\*63 bytes")])
 def test_bad_resolution(resolution, needle):
     with pytest.raises(UserError, match=needle):
         fasterase.erase("toy-sd", "circle", method="esd", resolution=resolution)

@@ -19,6 +19,7 @@ class FluxDenoiser(Denoiser):
         self.channels = self.network.config.in_channels // 4
         self.max_sequence_length = min(512, pipeline.tokenizer_2.model_max_length)
         self.guidance_embeds = bool(self.network.config.guidance_embeds)
+        self._image_ids = None, None  # (size and device, ids): image_ids()
         size = pipeline.vae.config.sample_size  # FLUX.1 defaults to 1024 px
         self.set_size(size, size)
 
@@ -33,9 +34,9 @@ class FluxDenoiser(Denoiser):
         _prepare_latent_image_ids makes them, but made on `device`: on the planner's meta device no
         memory is taken at any size."""
         key = (self.lat_h, self.lat_w, torch.device(device))
-        if getattr(self, "_image_ids", (None,))[0] != key:
+        if self._image_ids[0] != key:
             rows, cols = self.lat_h // 2, self.lat_w // 2
-            ids = torch.zeros(rows, cols, 3, device=device)
+            ids = torch.zeros(rows, cols, 3, device=device, dtype=torch.float32)
             ids[..., 1] = torch.arange(rows, device=device, dtype=torch.float32)[:, None]
             ids[..., 2] = torch.arange(cols, device=device, dtype=torch.float32)[None, :]
             self._image_ids = key, ids.reshape(rows * cols, 3)

@@ -165,10 +165,10 @@ def _recorded(saved: dict, run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "model" or "model" in saved}
 
 
-# what follows from another kind of model (its settings; the weights it trains) and from another method
-# (its config; the weights it trains; whether preserved names are part of its run)
-_FOLLOWS = {"run.model.kind": ("run.model", "run.base_fingerprint"),
-            "run.method": ("run.config", "run.preserve", "run.base_fingerprint")}
+# what follows from another kind of model (its settings; the weights it trains and their shapes) and from
+# another method (its config; the weights it trains and their shapes; whether preserved names are part of its run)
+_FOLLOWS = {"run.model.kind": ("run.model", "run.base_fingerprint", "parameters"),
+            "run.method": ("run.config", "run.preserve", "run.base_fingerprint", "parameters")}
 
 
 def _field(difference: str) -> str:
@@ -257,8 +257,8 @@ def _resumable(ckpt: Path, this: dict) -> dict | None:
     if isinstance(state.get("run"), dict) and isinstance(this["run"], dict):
         this = {**this, "run": _recorded(state["run"], this["run"])}
     differ = _differences({k: state.get(k) for k in this}, this)
-    named = {d.split(" ", 1)[0] for d in differ}
-    differ = [d for d in differ if f"run.config.{d.split(' ', 1)[0]}" not in named]  # seed, steps: once
+    named = {_field(d) for d in differ}  # seed, steps: once, as the run's config field (or its summary)
+    differ = [d for d in differ if not (_field(d) in ("seed", "steps") and {f"run.config.{_field(d)}", "run.config"} & named)]
     _refuse_other(ckpt, differ)
     return state
 

@@ -13,7 +13,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from ..edit import ADAPTER, base_param, check_lora_layers
+from ..edit import ADAPTER, base_param, base_parameters, check_lora_layers
 from ..models import partitioned
 from ..notices import second_adapter
 
@@ -116,7 +116,11 @@ class CompactDelta:
     """
 
     def __init__(self, network: torch.nn.Module, masks: dict[str, torch.Tensor]):
-        self.weights = {n: base_param(network, n) for n, idx in masks.items() if idx is None or idx.numel()}
+        # in the network's order, whatever the masks' (a cached saliency map's is its file's): the trainable
+        # tensors, and so a checkpoint of them, are the same for a map computed or read
+        order = {n: i for i, n in enumerate(base_parameters(network))}
+        names = sorted(masks, key=lambda n: order.get(n, len(order)))
+        self.weights = {n: base_param(network, n) for n in names if masks[n] is None or masks[n].numel()}
         self.indices = {n: None if masks[n] is None else masks[n].to(w.device, torch.int32)
                         for n, w in self.weights.items()}
         self.base = {}
