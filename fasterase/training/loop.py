@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -90,17 +89,25 @@ def identity(method: str, concepts, config, base_fingerprint: str | None, settin
     return run if preserve is None else {**run, "preserve": list(preserve)}
 
 
-def _differences(saved, current, name: str = "") -> list[str]:
+class Difference(NamedTuple):
+    field: str  # the dotted name
+    text: str  # as told: the name with the saved and the current value, or a summary of a dict's
+    count: int  # the values it stands for
+
+
+def _differences(saved, current, name: str = "") -> list[Difference]:
     """What differs between two nested dicts: dotted names, with the saved and the current value; more than
     eight of one dict's plain values (another model's noise schedule) as their count and the first."""
     if isinstance(saved, dict) and isinstance(current, dict):
         keys = sorted(set(saved) | set(current), key=str)
         found = [d for k in keys for d in _differences(saved.get(k), current.get(k), f"{name}.{k}" if name else str(k))]
         plain = not any(isinstance(d.get(k), dict) for d in (saved, current) for k in keys)
-        return [f"{len(found)} entries of {name}, e.g. {found[0]}"] if name and plain and len(found) > 8 else found
+        if name and plain and len(found) > 8:
+            return [Difference(name, f"{len(found)} entries of {name}, e.g. {found[0].text}", len(found))]
+        return found
     short = [repr(v) if len(repr(v)) <= 40 else repr(v[:33] + "...") if isinstance(v, str) else repr(v)[:37] + "..."
              for v in (saved, current)]
-    return [] if saved == current else [f"{name} ({short[0]} there, {short[1]} here)"]
+    return [] if saved == current else [Difference(name, f"{name} ({short[0]} there, {short[1]} here)", 1)]
 
 
 def check_checkpoint(path: str | os.PathLike) -> Path:
@@ -171,28 +178,23 @@ _FOLLOWS = {"run.model.kind": ("run.model", "run.base_fingerprint", "parameters"
             "run.method": ("run.config", "run.preserve", "run.base_fingerprint", "parameters")}
 
 
-def _field(difference: str) -> str:
-    """The dotted name a _differences() line is of ("run.config.lr (...)", "9 entries of run.config, e.g. ...")."""
-    return re.sub(r"^\d+ entries of ", "", difference).split(" ")[0].rstrip(",")
-
-
-def _refuse_other(ckpt: Path, differ: list[str]) -> None:
+def _refuse_other(ckpt: Path, differ: list[Difference]) -> None:
     """UserError naming what differs: another kind of model or another method, with what follows from it
     counted, not listed; the rest (other concepts) named, the settings first and the fingerprints (hashes)
     last."""
-    lead = [d for d in differ if _field(d) in _FOLLOWS]
-    follows = [f for d in lead for f in _FOLLOWS[_field(d)]]
-    folded = [d for d in differ if d not in lead and any(_field(d) == f or _field(d).startswith(f + ".")
-                                                         for f in follows)]
+    lead = [d for d in differ if d.field in _FOLLOWS]
+    follows = [f for d in lead for f in _FOLLOWS[d.field]]
+    folded = [d for d in differ if d not in lead and any(d.field == f or d.field.startswith(f + ".") for f in follows)]
     rest = sorted((d for d in differ if d not in lead and d not in folded),
-                  key=lambda d: _field(d) in ("run.base_fingerprint", "run.model.text"))
+                  key=lambda d: d.field in ("run.base_fingerprint", "run.model.text"))
+    told = [d.text for d in lead]
     if folded:
-        count = sum(int(m[1]) if (m := re.match(r"(\d+) entries of ", d)) else 1 for d in folded)
-        lead.append(f"{count} more that follow{'s' if count == 1 else ''} from {'it' if len(lead) == 1 else 'them'}")
-    differ = lead + rest
-    if differ:
-        raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(differ)} "
-                        f"differ{'s' if len(differ) == 1 else ''} from this run's; use another checkpoint file, or "
+        count = sum(d.count for d in folded)
+        told.append(f"{count} more that follow{'s' if count == 1 else ''} from {'it' if len(lead) == 1 else 'them'}")
+    told += [d.text for d in rest]
+    if told:
+        raise UserError(f"checkpoint {ckpt} belongs to another run: its {'; '.join(told)} "
+                        f"differ{'s' if len(told) == 1 else ''} from this run's; use another checkpoint file, or "
                         "delete this one to start afresh")
 
 
@@ -257,8 +259,9 @@ def _resumable(ckpt: Path, this: dict) -> dict | None:
     if isinstance(state.get("run"), dict) and isinstance(this["run"], dict):
         this = {**this, "run": _recorded(state["run"], this["run"])}
     differ = _differences({k: state.get(k) for k in this}, this)
-    named = {_field(d) for d in differ}  # seed, steps: once, as the run's config field (or its summary)
-    differ = [d for d in differ if not (_field(d) in ("seed", "steps") and {f"run.config.{_field(d)}", "run.config"} & named)]
+    named = {d.field for d in differ}  # seed, steps: once, as the run's config field (or within its summary)
+    differ = [d for d in differ
+              if d.field not in ("seed", "steps") or not {f"run.config.{d.field}", "run.config"} & named]
     _refuse_other(ckpt, differ)
     return state
 
